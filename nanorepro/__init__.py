@@ -1,0 +1,7 @@
+"""nanorepro: re-run nanoGPT's Shakespeare experiments and judge them against the published numbers.
+
+Importing the package is cheap and never imports torch: the Chameleon hub kernel (1 GB RAM,
+no GPU) imports the light modules only (config, metrics, plots, report, chameleon, runner).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,123 @@
+"""`nanorepro <command>`: thin argument parsing over the modules, imported lazily.
+
+Every command that fails on bad input prints one line, `nanorepro: error: ... (fix: ...)`, and
+exits with 2; `--debug` shows the traceback instead. Light commands (report, plots, reserve)
+never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+
+def _prepare(args: argparse.Namespace, extra: list[str]) -> None:
+    from . import data
+
+    encodings = ("char", "gpt2") if args.encoding == "all" else (args.encoding,)
+    for meta in data.prepare(input_path=args.input, name=args.name, encodings=encodings,
+                             data_root=args.data_root, cache_dir=args.cache_dir):
+        print(data.summary(meta))
+
+
+def _train(args: argparse.Namespace, extra: list[str]) -> None:
+    from . import config, train
+
+    overrides = config.parse_overrides(extra)
+    if args.out_dir:
+        overrides["out_dir"] = args.out_dir
+    cfg = config.resolve(args.preset, overrides)
+    if args.seeds > 1:
+        train.train_seeds(cfg, args.seeds, preset=args.preset)
+    else:
+        train.train(cfg, preset=args.preset)
+
+
+def _sample(args: argparse.Namespace, extra: list[str]) -> None:
+    from . import sample
+
+    if extra:
+        raise UserError(f"unknown arguments {' '.join(extra)}", "see `nanorepro sample --help`")
+    prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
+    texts = sample.sample(run_dir=args.run, model=args.model, prompt=prompt, num_samples=args.num_samples,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          seed=args.seed, device=args.device, data_root=args.data_root)
+    out = "\n---------------\n".join(texts)
+    if args.out:
+        Path(args.out).write_text(out + "\n", encoding="utf-8")
+    print(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanorepro", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"nanorepro {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="download Tiny Shakespeare (or read --input) and write token files")
+    s.add_argument("--input", help="a local UTF-8 text file instead of the download (or $NANOREPRO_INPUT)")
+    s.add_argument("--name", default="shakespeare", help="dataset name; folders are <data-root>/<name>_<encoding>")
+    s.add_argument("--encoding", default="all", help="char, gpt2 or all")
+    s.add_argument("--data-root", default="data")
+    s.add_argument("--cache-dir", default=None, help="download cache (default ~/.cache/nanorepro or $NANOREPRO_CACHE)")
+    s.set_defaults(func=_prepare)
+
+    from .config import PRESETS
+
+    s = sub.add_parser("train", help="train or fine-tune; any config field as --field=value",
+                       epilog="Override any field with --field=value; list them with --help-fields.")
+    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--out-dir", default=None, help="run folder (resumed if it holds a checkpoint)")
+    s.add_argument("--seeds", type=int, default=1, help="run N seeds (seed, seed+1, ...) into <out-dir>/seed-<s>")
+    s.add_argument("--help-fields", action="store_true", help="list every config field and exit")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("sample", help="generate text from a run folder or a pretrained GPT-2")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a run folder with ckpt.pt")
+    src.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face folder")
+    s.add_argument("--prompt", default="\n")
+    s.add_argument("--prompt-file", default=None)
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--max-new-tokens", type=int, default=500)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=200)
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--data-root", default=None, help="where the run's dataset lives (default: the run's config)")
+    s.add_argument("--out", default=None, help="also write the samples to this file")
+    s.set_defaults(func=_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "help_fields", False):
+        from .config import describe_fields
+
+        print(describe_fields())
+        return 0
+    if extra and args.command not in ("train",):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args.func(args, extra)
+    except UserError as e:
+        if args.debug or os.environ.get("NANOREPRO_DEBUG"):
+            raise
+        print(f"nanorepro: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nanorepro: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The one config type: nanoGPT's training knobs as a dataclass, its presets, overrides and checks.
+
+Field names follow nanoGPT's `train.py` so its configs and command lines read the same here.
+No torch import: the hub kernel validates configs before sending work to a node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+@dataclass
+class Config:
+    """Everything a run needs; written resolved to `config.json` before step 0."""
+
+    # where things live
+    out_dir: str = "runs/default"
+    data_root: str = "data"
+    dataset: str = "shakespeare_char"  # a folder under data_root made by `nanorepro prepare`
+    # model (ignored fields are taken from the checkpoint when init_from is a GPT-2)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int | None = None  # None: read from the dataset's meta.json
+    dropout: float = 0.0
+    bias: bool = False
+    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF folder
+    # optimisation
+    batch_size: int = 12
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 5000
+    learning_rate: float = 6e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    decay_lr: bool = True  # False: constant learning rate
+    warmup_iters: int = 100
+    lr_decay_iters: int = 5000
+    min_lr: float = 6e-5
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 200
+    log_interval: int = 10
+    eval_only: bool = False
+    always_save_checkpoint: bool = True  # False: save only when val loss improves (nanoGPT)
+    # system
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = False
+    seed: int = 1337
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "Config":
+        return from_dict(json.loads(Path(path).read_text()))
+
+    @property
+    def tokens_per_iter(self) -> int:
+        return self.gradient_accumulation_steps * self.batch_size * self.block_size
+
+
+# Presets reproduce nanoGPT's configs field for field; comments name the source.
+PRESETS: dict[str, dict[str, Any]] = {
+    # config/train_shakespeare_char.py: the "baby GPT", ~3 min on one A100, best val 1.4697
+    "shakespeare-char": dict(
+        out_dir="runs/shakespeare-char", dataset="shakespeare_char",
+        eval_interval=250, eval_iters=200, log_interval=10, always_save_checkpoint=False,
+        gradient_accumulation_steps=1, batch_size=64, block_size=256,
+        n_layer=6, n_head=6, n_embd=384, dropout=0.2,
+        learning_rate=1e-3, max_iters=5000, lr_decay_iters=5000, min_lr=1e-4,
+        beta2=0.99, warmup_iters=100, compile=True,
+    ),
+    # nanoGPT README's CPU command line on top of train_shakespeare_char.py: val ~1.88
+    "shakespeare-char-cpu": dict(
+        out_dir="runs/shakespeare-char-cpu", dataset="shakespeare_char",
+        eval_interval=250, eval_iters=20, log_interval=1, always_save_checkpoint=False,
+        gradient_accumulation_steps=1, batch_size=12, block_size=64,
+        n_layer=4, n_head=4, n_embd=128, dropout=0.0,
+        learning_rate=1e-3, max_iters=2000, lr_decay_iters=2000, min_lr=1e-4,
+        beta2=0.99, warmup_iters=100, device="cpu", compile=False,
+    ),
+    # config/finetune_shakespeare.py: gpt2-xl, 20 iterations at a constant 3e-5
+    "finetune-shakespeare": dict(
+        out_dir="runs/finetune-shakespeare", dataset="shakespeare_gpt2",
+        eval_interval=5, eval_iters=40, log_interval=1, always_save_checkpoint=False,
+        init_from="gpt2-xl", batch_size=1, gradient_accumulation_steps=32,
+        max_iters=20, learning_rate=3e-5, decay_lr=False,
+    ),
+    # the same recipe scaled to a laptop: gpt2 (124M), short context, a few iterations
+    "finetune-shakespeare-cpu": dict(
+        out_dir="runs/finetune-shakespeare-cpu", dataset="shakespeare_gpt2",
+        eval_interval=5, eval_iters=4, log_interval=1, always_save_checkpoint=False,
+        init_from="gpt2", batch_size=1, gradient_accumulation_steps=4, block_size=128,
+        max_iters=10, learning_rate=3e-5, decay_lr=False, device="cpu",
+    ),
+    # seconds on any CPU: for tests and smoke runs
+    "tiny": dict(
+        out_dir="runs/tiny", dataset="shakespeare_char",
+        eval_interval=10, eval_iters=2, log_interval=1, always_save_checkpoint=True,
+        batch_size=4, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+        learning_rate=1e-3, max_iters=20, lr_decay_iters=20, min_lr=1e-4,
+        warmup_iters=2, device="cpu",
+    ),
+}
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a value (often a command-line string) to the type of field `name`, or refuse."""
+    types_ = _field_types()
+    if name not in types_:
+        close = [k for k in types_ if name.replace("-", "_") == k or name in k]
+        hint = f"did you mean {close[0]!r}?" if close else "see `nanorepro train --help-fields`"
+        raise UserError(f"unknown config field {name!r}", hint)
+    tp = types_[name]
+    allowed = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        if type(None) in allowed:
+            return None
+        raise UserError(f"{name} cannot be None", f"give a {tp.__name__} value")
+    for t in (t for t in allowed if t is not type(None)):
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+        elif t is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                try:
+                    return int(value)
+                except ValueError:
+                    pass
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif t is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif t is str:
+            if isinstance(value, str):
+                return value
+    want = " or ".join(t.__name__ for t in allowed if t is not type(None))
+    raise UserError(f"{name}={value!r} is not a valid {want}", f"give {name} a {want} value")
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse values no run can use, naming the field and the fix."""
+    positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                "eval_interval", "eval_iters", "log_interval", "learning_rate"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"{name} must be > 0, got {getattr(cfg, name)}", f"set {name} to a positive value")
+    for name in ["max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "seed"]:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)}", f"set {name} to 0 or more")
+    if cfg.vocab_size is not None and cfg.vocab_size <= 0:
+        raise UserError(f"vocab_size must be > 0, got {cfg.vocab_size}", "leave vocab_size unset to read it from the data")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}", "use e.g. dropout=0.2")
+    if not (0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0):
+        raise UserError("beta1 and beta2 must be in [0, 1)", "use e.g. beta1=0.9 beta2=0.99")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}", "pick n_embd a multiple of n_head")
+    if cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}", "lower min_lr")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"unknown dtype {cfg.dtype!r}", "use auto, float32, bfloat16 or float16")
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise UserError(f"unknown device {dev!r}", "use auto, cpu, cuda, cuda:N or mps")
+    if cfg.init_from not in ("scratch",) + PRETRAINED and not Path(cfg.init_from).is_dir():
+        raise UserError(f"init_from={cfg.init_from!r} is neither 'scratch', a GPT-2 name {PRETRAINED}, nor a local folder",
+                        "give one of those or the path of a Hugging Face model folder")
+    return cfg
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Build a Config from plain values (JSON, notebook parameters), coercing and checking each."""
+    return validate(Config(**{k: coerce(k, v) for k, v in values.items()}))
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn `key=value`, `--key=value` or `--key value` words into typed overrides."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        word = args[i].lstrip("-") if args[i].startswith("--") else args[i]
+        if "=" in word:
+            key, value = word.split("=", 1)
+        elif args[i].startswith("--") and i + 1 < len(args):
+            key, value = word, args[i + 1]
+            i += 1
+        else:
+            raise UserError(f"cannot read option {args[i]!r}", "write overrides as --field=value, e.g. --max_iters=100")
+        key = key.replace("-", "_")
+        out[key] = coerce(key, value)
+        i += 1
+    return out
+
+
+def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the preset, then overrides; checked as a whole."""
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}", f"use one of: {', '.join(PRESETS)}")
+    values = dict(PRESETS.get(preset, {}) if preset else {})
+    values.update(overrides or {})
+    return from_dict(values)
+
+
+def describe_fields() -> str:
+    """One line per field with its type and default: `nanorepro train --help-fields`."""
+    types_ = _field_types()
+    lines = []
+    for f in dataclasses.fields(Config):
+        tp = types_[f.name]
+        name = tp.__name__ if isinstance(tp, type) else str(tp)
+        lines.append(f"  {f.name:<28} {name:<12} default {f.default!r}")
+    return "\n".join(lines)

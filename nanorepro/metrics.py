@@ -1,0 +1,83 @@
+"""The one metrics format: JSON lines in `<run>/metrics.jsonl`, read by plots and reports.
+
+Records, one per line, each with a `kind`:
+- `meta`  (first line): run name, preset, started, nanorepro version, the resolved config.
+- `train`: iter, loss, lr, tokens_per_s, ms_per_iter, elapsed_s.
+- `eval` : iter, train_loss, val_loss, lr, elapsed_s, best_val_loss.
+- `stage`: name, status (finished | not_run | failed), reason, elapsed_s, plus stage-specific values.
+- `end`  : iter, best_val_loss, elapsed_s, status.
+No torch here: the hub kernel reads these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def append(path: Path, record: dict[str, Any]) -> None:
+    """Add one record and flush it to disk, so a killed run keeps every line it reported."""
+    line = json.dumps(record, allow_nan=True) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    """All records; a torn last line (a run killed mid-write) is skipped with a warning."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}: line {n} is not valid JSON (a torn write?); skipped it", stacklevel=2)
+    return records
+
+
+def rewrite(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Replace the file atomically (write a temp file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, allow_nan=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def truncate_after(path: Path, iter_num: int) -> None:
+    """Drop records past `iter_num` (and any end record): a resumed run re-logs them exactly once."""
+    keep = [r for r in read(path) if r.get("kind") != "end" and r.get("iter", -1) < iter_num
+            or r.get("kind") == "meta"]
+    rewrite(path, keep)
+
+
+def of_kind(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("kind") == kind]
+
+
+def meta(records: list[dict[str, Any]]) -> dict[str, Any]:
+    found = of_kind(records, "meta")
+    return found[0] if found else {}
+
+
+def best_val_loss(records: list[dict[str, Any]]) -> float | None:
+    vals = [r["val_loss"] for r in of_kind(records, "eval") if r.get("val_loss") is not None]
+    return min(vals) if vals else None
+
+
+def finished(records: list[dict[str, Any]]) -> bool:
+    return any(r.get("kind") == "end" and r.get("status") == "finished" for r in records)
