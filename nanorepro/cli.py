@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import UserError
+from .errors import ModelUnavailable, UserError
 
 
 def _prepare(args: argparse.Namespace, extra: list[str]) -> None:
@@ -49,8 +49,18 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> None:
                           seed=args.seed, device=args.device, data_root=args.data_root)
     out = "\n---------------\n".join(texts)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(out + "\n", encoding="utf-8")
-    print(out)
+        print(f"wrote {len(texts)} sample(s) to {args.out}")
+    else:
+        print(out)
+
+
+def _run_notebooks(args: argparse.Namespace, extra: list[str]) -> None:
+    from . import notebooks
+
+    params = notebooks.parse_params(args.param, args.params_file)
+    notebooks.run_notebooks(params, only=args.only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-root", default=None, help="where the run's dataset lives (default: the run's config)")
     s.add_argument("--out", default=None, help="also write the samples to this file")
     s.set_defaults(func=_sample)
+
+    s = sub.add_parser("run-notebooks", help="run notebooks/ in order with papermill (the main job)")
+    s.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="a notebook parameter, e.g. -p char_max_iters 200 (repeatable)")
+    s.add_argument("-f", "--params-file", default=None, help="YAML or JSON file of notebook parameters")
+    s.add_argument("--only", nargs="*", default=None, help="run only notebooks whose names start with these")
+    s.set_defaults(func=_run_notebooks)
     return p
 
 
@@ -112,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or os.environ.get("NANOREPRO_DEBUG"):
             raise
         print(f"nanorepro: error: {e}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(e, ModelUnavailable) else 2
     except KeyboardInterrupt:
         print("nanorepro: interrupted", file=sys.stderr)
         return 130

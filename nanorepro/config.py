@@ -188,7 +188,7 @@ def validate(cfg: Config) -> Config:
         raise UserError("beta1 and beta2 must be in [0, 1)", "use e.g. beta1=0.9 beta2=0.99")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}", "pick n_embd a multiple of n_head")
-    if cfg.min_lr > cfg.learning_rate:
+    if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:
         raise UserError(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}", "lower min_lr")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"unknown dtype {cfg.dtype!r}", "use auto, float32, bfloat16 or float16")

@@ -8,3 +8,8 @@ class UserError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem} (fix: {fix})" if fix else problem)
+
+
+class ModelUnavailable(UserError):
+    """Pretrained weights that cannot be had here (no network, not cached). The CLI exits with 3 so
+    a pipeline can record the stage as not run and go on."""

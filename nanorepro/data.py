@@ -1,0 +1,374 @@
+"""Data: download + verify Tiny Shakespeare, encode text (char or GPT-2 BPE) into token files, batches.
+
+`prepare` writes `<data_root>/<name>_<encoding>/{train.bin, val.bin, meta.json}` exactly as nanoGPT's
+data/shakespeare_char and data/shakespeare prepare.py do (first 90% of the characters train, the rest
+val; uint16 ids), with the vocabulary as JSON instead of a pickle. meta.json is written last: a folder
+with a meta.json is complete. Only `Batches` needs torch, and imports it when used; tiktoken is
+imported only for the gpt2 encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import UserError
+
+CANONICAL_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+ENCODINGS = ("char", "gpt2")
+GPT2_VOCAB_SIZE = 50257  # the true size; nanoGPT's model pads it to 50304 for speed
+MAX_CHAR_VOCAB = 65535  # ids are stored as uint16
+MIN_SPLIT_TOKENS = 2  # a split needs at least one (input, target) pair
+TRAIN_FRACTION = 0.9
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_CHUNK = 1 << 16
+
+
+def default_cache_dir() -> Path:
+    """$NANOREPRO_CACHE, else ~/.cache/nanorepro."""
+    env = os.environ.get("NANOREPRO_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nanorepro"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (the CLI prints errors as one line)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fetch_shakespeare(cache_dir: str | Path | None = None, url: str = CANONICAL_URL,
+                      sha256: str = SHAKESPEARE_SHA256, timeout: float = 60) -> Path:
+    """Return the path of a verified Tiny Shakespeare in the cache, downloading it if needed.
+
+    The cached copy is re-hashed on every call; a download goes to a temp file that replaces the
+    cached one only after its sha256 matches, so a failed download never leaves a file that passes.
+    """
+    from tqdm import tqdm
+
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    dest = cache / "tinyshakespeare" / "input.txt"
+    if dest.is_file():
+        if _sha256_file(dest) == sha256:
+            return dest
+        print(f"cached {dest} does not match sha256 {sha256[:12]}..., downloading it again")
+    fix = "check the network (or the URL), or pass --input / set NANOREPRO_INPUT to a local copy"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".input.txt.", suffix=".part")
+    except OSError as e:
+        raise UserError(f"cannot write the download cache {cache}: {_one_line(e)}",
+                        "set NANOREPRO_CACHE or --cache-dir to a writable folder") from e
+    tmp = Path(tmp_name)
+    try:
+        h, got = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                      desc=f"download {Path(url).name}") as bar:
+                while chunk := resp.read(_CHUNK):
+                    out.write(chunk)
+                    h.update(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+        if total is not None and got != total:
+            raise UserError(f"download of {url} was cut short: {got:,} of {total:,} bytes", fix)
+        if h.hexdigest() != sha256:
+            raise UserError(f"download of {url} has sha256 {h.hexdigest()}, expected {sha256} "
+                            f"({got:,} bytes; corrupted or not the expected file)", fix)
+        os.replace(tmp, dest)
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        # URLError/HTTPError/timeouts are OSErrors; a connection closed early is IncompleteRead
+        raise UserError(f"could not download {url}: {_one_line(e)}", fix) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def gpt2_encoding():
+    """tiktoken's `gpt2` encoding, or a UserError saying how to make its files available."""
+    try:
+        import tiktoken
+    except ImportError as e:
+        raise UserError("the gpt2 encoding needs tiktoken, which is not installed",
+                        "pip install 'nanorepro[train]' (or tiktoken==0.14.0)") from e
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except (OSError, ValueError, ImportError) as e:  # requests' errors are OSErrors; ValueError: bad hash
+        raise UserError(f"tiktoken could not get the GPT-2 BPE files ({type(e).__name__}: {_one_line(e)})",
+                        "connect to the network once, or set TIKTOKEN_CACHE_DIR to a folder holding "
+                        "vocab.bpe and encoder.json named by the sha1 of their URLs") from e
+
+
+def _read_text(path: Path) -> tuple[str, str]:
+    """(text, sha256 of the file's bytes) of a UTF-8 file, with one clear error for each bad case."""
+    if not path.exists():
+        raise UserError(f"input file {path} does not exist", "pass an existing UTF-8 text file to --input")
+    if not path.is_file():
+        raise UserError(f"input {path} is not a file", "pass a UTF-8 text file to --input")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read input file {path}: {_one_line(e)}", "check its permissions") from e
+    if not raw:
+        raise UserError(f"input file {path} is empty", "pass a text file with some text in it")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"input file {path} is not UTF-8 text (byte {e.start}: {e.reason})",
+                        "convert it to UTF-8, e.g. `iconv -t UTF-8 in.txt > out.txt`") from e
+    return text, hashlib.sha256(raw).hexdigest()
+
+
+def _encode_char(text: str) -> tuple[np.ndarray, list[str]]:
+    """All of `text` as ids into its sorted character set (nanoGPT's shakespeare_char vocabulary)."""
+    codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    chars, ids = np.unique(codepoints, return_inverse=True)
+    if len(chars) > MAX_CHAR_VOCAB:
+        raise UserError(f"the text has {len(chars):,} distinct characters; the char encoding stores ids as "
+                        f"uint16 and allows at most {MAX_CHAR_VOCAB:,}", "use --encoding gpt2 for this text")
+    return ids.astype(np.uint16), [chr(c) for c in chars]
+
+
+def _split_point(text: str) -> int:
+    return int(len(text) * TRAIN_FRACTION)
+
+
+def _encode(text: str, encoding: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(train ids, val ids, encoding-specific meta): the text is split 90/10 by characters first."""
+    n = _split_point(text)
+    if encoding == "char":
+        ids, itos = _encode_char(text)
+        return ids[:n], ids[n:], {"vocab_size": len(itos), "itos": itos}
+    enc = gpt2_encoding()
+    train = np.array(enc.encode_ordinary(text[:n]), dtype=np.uint16)
+    val = np.array(enc.encode_ordinary(text[n:]), dtype=np.uint16)
+    return train, val, {"vocab_size": GPT2_VOCAB_SIZE}
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a temp file in the same folder, then rename, so readers never see half a file."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _bins_match(out: Path, meta: dict) -> bool:
+    try:
+        return all((out / f"{s}.bin").stat().st_size == 2 * int(meta[f"{s}_tokens"]) for s in ("train", "val"))
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+
+
+def _reusable(out: Path, sha: str, encoding: str) -> dict | None:
+    """The folder's meta if it already holds this source in this encoding, complete; else None."""
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(meta, dict) and meta.get("source_sha256") == sha and meta.get("encoding") == encoding \
+            and _bins_match(out, meta):
+        return meta
+    return None
+
+
+def _check_args(name: str, encodings: Iterable[str]) -> tuple[str, ...]:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise UserError(f"bad dataset name {name!r}",
+                        "use letters, digits, '.', '_' or '-' (it becomes the folder <name>_<encoding>)")
+    encodings = (encodings,) if isinstance(encodings, str) else tuple(encodings)
+    if not encodings:
+        raise UserError("no encoding given", f"use one of: {', '.join(ENCODINGS)} or all")
+    for enc in encodings:
+        if enc not in ENCODINGS:
+            raise UserError(f"unknown encoding {enc!r}", f"use one of: {', '.join(ENCODINGS)} or all")
+    return tuple(dict.fromkeys(encodings))
+
+
+def prepare(input_path: str | Path | None = None, name: str = "shakespeare",
+            encodings: tuple[str, ...] = ENCODINGS, data_root: str | Path = "data",
+            cache_dir: str | Path | None = None, url: str = CANONICAL_URL) -> list[dict]:
+    """Encode a text into `<data_root>/<name>_<encoding>/` for each encoding; return their metas.
+
+    The text is `input_path`, else $NANOREPRO_INPUT, else Tiny Shakespeare downloaded (and verified)
+    from `url` into the cache. A folder already holding the same source (by sha256) in the same
+    encoding is reused as it is.
+    """
+    encodings = _check_args(name, encodings)
+    input_path = input_path or os.environ.get("NANOREPRO_INPUT") or None
+    if input_path:
+        path = Path(input_path).expanduser()
+        text, sha = _read_text(path)
+        source = str(path.resolve())
+    else:
+        path = fetch_shakespeare(cache_dir, url=url)
+        text, sha = _read_text(path)
+        source = url
+
+    metas = []
+    for encoding in encodings:
+        out = Path(data_root) / f"{name}_{encoding}"
+        meta = _reusable(out, sha, encoding)
+        if meta is not None:
+            print(f"reusing {out}: it already holds this source (sha256 {sha[:12]}...) as {encoding}")
+        else:
+            meta = _write_dataset(out, text, name, encoding, source, sha)
+        metas.append({**meta, "data_dir": str(out)})
+    return metas
+
+
+def _write_dataset(out: Path, text: str, name: str, encoding: str, source: str, sha: str) -> dict:
+    train, val, extra = _encode(text, encoding)
+    for split, ids in (("train", train), ("val", val)):
+        if len(ids) < MIN_SPLIT_TOKENS:
+            raise UserError(f"the text is too short: {len(text):,} characters give {len(ids)} {split} "
+                            f"token(s) with the {encoding} encoding (need at least {MIN_SPLIT_TOKENS})",
+                            "use a longer text file")
+    meta = {"name": name, "encoding": encoding, "vocab_size": extra["vocab_size"],
+            **({"itos": extra["itos"]} if "itos" in extra else {}),
+            "train_tokens": int(len(train)), "val_tokens": int(len(val)), "dtype": "uint16",
+            "source": source, "source_sha256": sha,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # the folder stops being "complete" before any bin changes, so a crash can't pair old meta with new bins
+        (out / "meta.json").unlink(missing_ok=True)
+        _write_atomic(out / "train.bin", train.tofile)
+        _write_atomic(out / "val.bin", val.tofile)
+        payload = (json.dumps(meta, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+        _write_atomic(out / "meta.json", lambda f: f.write(payload))
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {_one_line(e)}", "check that --data-root is writable and has space") from e
+    return meta
+
+
+def summary(meta: dict) -> str:
+    """One human line, e.g. `shakespeare_char: char, vocab 65, train 1,003,854 tokens, ...`."""
+    folder = f"{meta['name']}_{meta['encoding']}"
+    return (f"{folder}: {meta['encoding']}, vocab {meta['vocab_size']:,}, train {meta['train_tokens']:,} tokens, "
+            f"val {meta['val_tokens']:,} tokens -> {meta.get('data_dir', folder)}")
+
+
+_META_KEYS = ("name", "encoding", "vocab_size", "train_tokens", "val_tokens", "dtype")
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    """meta.json of a prepared folder, plus `data_dir` (where it was read; not stored in the file)."""
+    path = Path(data_dir) / "meta.json"
+    fix = "run `nanorepro prepare` (see --data-root/--name) to make it"
+    if not path.is_file():
+        raise UserError(f"{data_dir} is not a prepared dataset (no meta.json)", fix)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {_one_line(e)}", "re-run `nanorepro prepare`") from e
+    missing = [k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing or meta["encoding"] not in ENCODINGS or (meta["encoding"] == "char" and "itos" not in meta):
+        raise UserError(f"{path} is not a nanorepro meta.json (missing or bad: {', '.join(missing) or 'encoding'})",
+                        "re-run `nanorepro prepare`")
+    return {**meta, "data_dir": str(data_dir)}
+
+
+class Codec:
+    """Text <-> ids for a prepared dataset's encoding."""
+
+    def __init__(self, encoding: str, vocab_size: int, itos: list[str] | None = None):
+        if encoding not in ENCODINGS:
+            raise UserError(f"unknown encoding {encoding!r}", f"use one of: {', '.join(ENCODINGS)}")
+        self.encoding, self.vocab_size, self.itos = encoding, int(vocab_size), itos
+        if encoding == "char":
+            if not itos:
+                raise UserError("a char codec needs its vocabulary (itos)", "re-run `nanorepro prepare`")
+            self._stoi = {c: i for i, c in enumerate(itos)}
+        else:
+            self._enc = gpt2_encoding()
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Codec":
+        return cls(meta["encoding"], meta["vocab_size"], meta.get("itos"))
+
+    def encode(self, text: str) -> list[int]:
+        if self.encoding == "gpt2":
+            return self._enc.encode(text, allowed_special={"<|endoftext|>"})  # as nanoGPT's sample.py
+        unknown = sorted(set(text) - self._stoi.keys())
+        if unknown:
+            raise UserError(f"characters not in the dataset's vocabulary: {''.join(unknown)[:40]!r}",
+                            "use only characters that occur in the training text")
+        return [self._stoi[c] for c in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        if self.encoding == "gpt2":
+            return self._enc.decode(ids)
+        return "".join(self.itos[i] for i in ids)
+
+
+class Batches:
+    """Random (x, y) training batches from a prepared folder, as nanoGPT's get_batch.
+
+    Each split's memmap is opened once (nanoGPT reopens it per batch to dodge a memory leak of
+    long-lived memmaps; slicing copies out of it here, so nothing accumulates).
+    """
+
+    def __init__(self, data_dir: str | Path, block_size: int, batch_size: int, device: str = "cpu"):
+        self.meta = load_meta(data_dir)
+        if int(block_size) < 1 or int(batch_size) < 1:
+            raise UserError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}",
+                            "set positive block_size and batch_size")
+        self.block_size, self.batch_size, self.device = int(block_size), int(batch_size), str(device)
+        self._data: dict[str, np.memmap] = {}
+        for split in ("train", "val"):
+            path = Path(data_dir) / f"{split}.bin"
+            expected = int(self.meta[f"{split}_tokens"])
+            size = path.stat().st_size if path.is_file() else None
+            if size != 2 * expected:
+                found = "is missing" if size is None else f"has {size:,} bytes ({size // 2:,} tokens)"
+                raise UserError(f"{path} {found}, but meta.json says {expected:,} (truncated or changed)",
+                                "re-run `nanorepro prepare` to rewrite the dataset")
+            if self.block_size >= expected:
+                raise UserError(f"block_size {self.block_size} is not shorter than the {split} split "
+                                f"({expected:,} tokens)", "use a smaller block_size or a longer text")
+            self._data[split] = np.memmap(path, dtype=np.uint16, mode="r")
+        self._offsets = np.arange(self.block_size + 1)
+
+    def get(self, split: str, generator=None):
+        """(x, y), int64 of shape (batch_size, block_size); y is x shifted by one token."""
+        import torch
+
+        if split not in self._data:
+            raise UserError(f"unknown split {split!r}", "use 'train' or 'val'")
+        data = self._data[split]
+        ix = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=generator)
+        # one fancy-index read of all rows (block_size + 1 long) instead of 2*batch_size slices
+        rows = torch.from_numpy(data[ix.numpy()[:, None] + self._offsets].astype(np.int64))
+        x, y = rows[:, :-1], rows[:, 1:]
+        if self.device.startswith("cuda"):
+            # pinned host memory lets the copy overlap with compute
+            return (x.contiguous().pin_memory().to(self.device, non_blocking=True),
+                    y.contiguous().pin_memory().to(self.device, non_blocking=True))
+        return x.contiguous().to(self.device), y.contiguous().to(self.device)

@@ -1,0 +1,382 @@
+"""The GPT-2 network as nanoGPT builds it, in one file: model, pretrained loading, generation.
+
+Module and parameter names follow GPT-2's (transformer.h.N.attn.c_attn, ...) so Hugging Face
+weights map one to one and checkpoints read the same as nanoGPT's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import socket
+import threading
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from .config import PRETRAINED, Config
+from .errors import UserError
+
+# (n_layer, n_head, n_embd) of the published checkpoints; all have vocab 50257, context 1024, biases.
+GPT2_SHAPES: dict[str, tuple[int, int, int]] = {
+    "gpt2": (12, 12, 768),  # 124M
+    "gpt2-medium": (24, 16, 1024),  # 350M
+    "gpt2-large": (36, 20, 1280),  # 774M
+    "gpt2-xl": (48, 25, 1600),  # 1558M
+}
+assert tuple(GPT2_SHAPES) == PRETRAINED
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout")
+A100_BF16_PEAK_FLOPS = 312e12
+OFFLINE_FIX = "connect to the internet once, or pass a local Hugging Face folder (init_from=PATH or --model PATH)"
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where each position sees only itself and earlier positions."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size): heads attend independently
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: widen 4x, GELU (tanh form, as GPT-2 was trained), project back."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2: token + learned position embeddings, n_layer blocks, final LayerNorm, tied output head."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise UserError("the model needs vocab_size, which is not set",
+                            "set vocab_size, or resolve it from the dataset's meta.json before building the model")
+        if cfg.n_embd % cfg.n_head:
+            raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}", "pick n_embd a multiple of n_head")
+        self.config = dataclasses.replace(cfg)  # a copy: crop_block_size changes it
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017): one matrix embeds tokens and scores them, as in GPT-2.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections that write into the residual stream, so its variance
+        # does not grow with depth: two such writes per block.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; like nanoGPT, position embeddings are left out by default.
+
+        Token embeddings stay in: they are the output head's weights too.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def describe(self) -> str:
+        """nanoGPT's start-up line, e.g. 'number of parameters: 10.65M'."""
+        return f"number of parameters: {self.get_num_params() / 1e6:.2f}M"
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits, loss).
+
+        With targets: logits for every position (B, T, vocab) and the mean cross-entropy
+        (targets of -1 are ignored). Without: logits of the last position only (B, 1, vocab),
+        all that sampling needs, and loss None.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise UserError(f"a sequence of {T} tokens is longer than the model's block_size={self.config.block_size}",
+                            f"feed at most the last {self.config.block_size} tokens")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Use a shorter context than the model was built with (e.g. 1024 for GPT-2) by dropping position rows."""
+        if block_size > self.config.block_size:
+            raise UserError(f"block_size={block_size} is larger than this model's context of {self.config.block_size}",
+                            f"use block_size <= {self.config.block_size}")
+        if block_size <= 0:
+            raise UserError(f"block_size must be > 0, got {block_size}", "use a positive block_size")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
+                             device_type: str) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices and embeddings only; biases and LayerNorm gains are not decayed."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # The fused CUDA kernel does the whole update in one launch; only ask for it where it exists.
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+
+    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float = A100_BF16_PEAK_FLOPS) -> float:
+        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (default: A100 bf16 dense).
+
+        FLOPs per token as in the PaLM paper (appendix B): 6N for the matmuls of forward + backward,
+        plus 12*L*H*Q*T for attention over a full block.
+        """
+        N = self.get_num_params()
+        L, H, Q, T = self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head, self.config.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T); the context is cropped to block_size.
+
+        Call model.eval() first (dropout stays as the caller set it). Pass a seeded
+        torch.Generator on idx's device for reproducible samples.
+        """
+        if temperature <= 0:
+            raise UserError(f"temperature must be > 0, got {temperature}", "use e.g. temperature=0.8, or top_k=1 for greedy decoding")
+        if top_k is not None and top_k < 1:
+            raise UserError(f"top_k must be >= 1, got {top_k}", "use e.g. top_k=200, or leave it unset")
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]
+            logits, _ = self(context)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained GPT-2 through Hugging Face transformers
+
+# HF's GPT-2 uses Conv1D, which stores weights as (in, out); nn.Linear wants (out, in).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _is_true(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = _is_true(os.environ.get("HF_HUB_OFFLINE")) or _is_true(os.environ.get("TRANSFORMERS_OFFLINE"))
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    """Can a TCP connection to url's host be opened within timeout? (DNS included, hence the thread.)
+
+    huggingface_hub retries a refused connection for ~23 s; this answers in milliseconds
+    for a closed port and in `timeout` seconds for a black hole.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(ok)
+
+
+def _uses_proxy() -> bool:
+    # Behind a proxy a direct probe says nothing; let huggingface_hub try.
+    return any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"))
+
+
+def _check_hf_config(hf: dict[str, Any], where: str) -> None:
+    """Refuse GPT-2 variants our network does not compute the same way."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"{where} holds a {hf.get('model_type')!r} model, not GPT-2", "pass a GPT-2 Hugging Face folder")
+    n_embd = hf.get("n_embd", 768)
+    checks = [
+        ("activation_function", hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"), "gelu_new"),
+        ("n_inner", hf.get("n_inner") in (None, 4 * n_embd), f"None or {4 * n_embd}"),
+        ("layer_norm_epsilon", abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12, "1e-05"),
+        ("scale_attn_weights", hf.get("scale_attn_weights", True) is True, "true"),
+        ("scale_attn_by_inverse_layer_idx", hf.get("scale_attn_by_inverse_layer_idx", False) is False, "false"),
+        ("tie_word_embeddings", hf.get("tie_word_embeddings", True) is True, "true"),
+        ("add_cross_attention", hf.get("add_cross_attention", False) is False, "false"),
+    ]
+    for field, ok, want in checks:
+        if not ok:
+            raise UserError(f"{where} sets {field}={hf.get(field)!r}, which this GPT does not implement",
+                            f"use a GPT-2 model with {field}={want}")
+
+
+def _load_hf(name_or_path: str) -> tuple[Any, dict[str, Any]]:
+    """The Hugging Face GPT2LMHeadModel (fp32) and its shape; never waits long for a network that is not there."""
+    from transformers import GPT2LMHeadModel
+
+    kwargs = dict(dtype=torch.float32)
+    if name_or_path not in GPT2_SHAPES:  # a local folder
+        folder = Path(name_or_path).resolve()
+        cfg_file = folder / "config.json"
+        if not cfg_file.is_file():
+            raise UserError(f"{folder} has no config.json, so it is not a Hugging Face model folder",
+                            "pass a folder written by save_pretrained, or one of " + ", ".join(PRETRAINED))
+        hf_cfg = json.loads(cfg_file.read_text())
+        _check_hf_config(hf_cfg, str(folder))
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load a GPT-2 from {folder}: {str(e).splitlines()[0]}",
+                            "pass a folder written by GPT2LMHeadModel.save_pretrained (config.json + weights)") from e
+        shape = dict(n_layer=hf.config.n_layer, n_head=hf.config.n_head, n_embd=hf.config.n_embd,
+                     block_size=hf.config.n_positions, vocab_size=hf.config.vocab_size)
+        return hf, shape
+
+    name = name_or_path
+    n_layer, n_head, n_embd = GPT2_SHAPES[name]
+    shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_size=50257)
+    from huggingface_hub import constants
+
+    # The cache first: no network at all when the weights are already here.
+    for repo in (name, f"openai-community/{name}"):
+        try:
+            return GPT2LMHeadModel.from_pretrained(repo, local_files_only=True, **kwargs), shape
+        except OSError:
+            pass
+    where = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if _offline():
+        raise UserError(f"{name} is not available offline: {where} and HF_HUB_OFFLINE is set", OFFLINE_FIX)
+    if not _uses_proxy() and not _reachable(constants.ENDPOINT):
+        raise UserError(f"{name} is not available offline: {where} and {constants.ENDPOINT} cannot be reached", OFFLINE_FIX)
+    try:
+        import httpx
+
+        net_errors: tuple[type[BaseException], ...] = (OSError, httpx.HTTPError)
+    except ImportError:
+        net_errors = (OSError,)
+    try:
+        return GPT2LMHeadModel.from_pretrained(name, **kwargs), shape
+    except net_errors as e:
+        raise UserError(f"{name} is not available offline: {where} and the download failed ({str(e).splitlines()[0]})",
+                        OFFLINE_FIX) from e
+
+
+def load_pretrained(name_or_path: str, dropout: float = 0.0) -> tuple[GPT, dict[str, Any]]:
+    """A GPT with OpenAI's GPT-2 weights ("gpt2" ... "gpt2-xl") or a local Hugging Face GPT-2 folder.
+
+    Returns the model (fp32, train mode) and its shape fields (n_layer, n_head, n_embd, block_size,
+    vocab_size, bias, dropout) for the run's config.json.
+    """
+    name_or_path = str(name_or_path)
+    if name_or_path not in GPT2_SHAPES and not Path(name_or_path).is_dir():
+        raise UserError(f"unknown pretrained model {name_or_path!r}: neither a GPT-2 name nor an existing folder",
+                        f"use one of {', '.join(PRETRAINED)}, or the path of a local Hugging Face GPT-2 folder")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"dropout must be in [0, 1), got {dropout}", "use e.g. dropout=0.0 for fine-tuning")
+    hf, shape = _load_hf(name_or_path)
+    shape.update(bias=True, dropout=float(dropout))  # GPT-2 has biases everywhere
+
+    state = hf.state_dict()
+    del hf  # from here the only references to the weights are in `state`, released one by one below
+    # Built on the meta device: no memory and no random init for weights about to be replaced.
+    with torch.device("meta"):
+        model = GPT(Config(**shape))
+    ours = set(model.state_dict())
+    converted: dict[str, torch.Tensor] = {}
+    for key in list(state):
+        tensor = state.pop(key)
+        if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of older transformers
+            continue
+        if key not in ours:
+            raise UserError(f"unexpected weight {key!r} in {name_or_path}", "pass a plain GPT-2 (GPT2LMHeadModel) checkpoint")
+        if key.endswith(_CONV1D):
+            tensor = tensor.t()
+        converted[key] = tensor.to(torch.float32).contiguous()
+        del tensor
+    missing = ours - set(converted)
+    if "lm_head.weight" in missing:  # some exports leave the tied head out
+        converted["lm_head.weight"] = converted["transformer.wte.weight"]
+        missing.discard("lm_head.weight")
+    if missing:
+        raise UserError(f"{name_or_path} lacks weights {sorted(missing)[:3]}", "pass a complete GPT-2 checkpoint")
+    model.load_state_dict(converted, strict=True, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced both; tie them again
+    return model, {k: shape[k] for k in SHAPE_FIELDS}

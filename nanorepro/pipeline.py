@@ -1,0 +1,163 @@
+"""The experiment as stages the notebooks call: prepare, train the baby GPT, fine-tune GPT-2, results.
+
+Each stage is a `nanorepro` command run by the chosen runner in the results folder, so
+`results/<id>/` ends up holding everything: `data/`, `runs/char/`, `runs/finetune/`, `stages.jsonl`,
+plots, the report and the executed notebooks. Stages are idempotent: a re-run skips finished work
+and resumes interrupted training. No torch here: this is what the hub kernel imports.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from . import metrics
+from .errors import UserError
+from .runner import get_runner
+
+STAGES_FILE = "stages.jsonl"
+EXIT_MODEL_UNAVAILABLE = 3  # the CLI's exit code when pretrained weights cannot be had offline
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The repo root (the folder with pyproject.toml) above `start`, so notebooks run from notebooks/ or the root."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").exists() and (folder / "nanorepro").is_dir():
+            return folder
+    return here
+
+
+class Table:
+    """A small table that shows as Markdown in Jupyter and as aligned text elsewhere."""
+
+    def __init__(self, header: list[str], rows: list[list[Any]]):
+        self.header, self.rows = header, [[str(c) for c in r] for r in rows]
+
+    def _repr_markdown_(self) -> str:
+        lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in self.rows])
+
+    def __repr__(self) -> str:
+        widths = [max(len(x) for x in col) for col in zip(self.header, *self.rows)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        return "\n".join(fmt.format(*r) for r in [self.header, *self.rows])
+
+
+class Pipeline:
+    """One reproduction, all its files under `results_dir`, its stages run on `target`."""
+
+    def __init__(self, results_dir: str | Path = "results/local", target: str = "local"):
+        path = Path(results_dir)
+        self.results = path if path.is_absolute() else project_root() / path
+        self.results.mkdir(parents=True, exist_ok=True)
+        self.target = target
+        self.runner = get_runner(target, self.results, state_dir=self.results)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _record(self, name: str, status: str, started: float, **values: Any) -> None:
+        metrics.append(self.results / STAGES_FILE, {"kind": "stage", "name": name, "status": status,
+                                                    "elapsed_s": round(time.time() - started, 2), **values})
+
+    def stages(self) -> list[dict[str, Any]]:
+        path = self.results / STAGES_FILE
+        return metrics.of_kind(metrics.read(path), "stage") if path.exists() else []
+
+    # -- stages ------------------------------------------------------------------------------
+    def prepare_data(self, input_path: str | None = None, encodings: str = "all") -> Table:
+        """Tiny Shakespeare (or `input_path`) into char and GPT-2 token files; the counts as a table."""
+        started = time.time()
+        args = ["prepare", "--data-root", "data", "--encoding", encodings]
+        if input_path:
+            args += ["--input", str(Path(input_path).resolve())]
+        self.runner.run(args, stage="prepare")
+        rows, counts = [], {}
+        for enc in (("char", "gpt2") if encodings == "all" else (encodings,)):
+            meta = json.loads(self.runner.fetch(f"data/shakespeare_{enc}/meta.json", self.results).read_text())
+            counts[enc] = {k: meta[k] for k in ("vocab_size", "train_tokens", "val_tokens")}
+            rows.append([enc, f"{meta['vocab_size']:,}", f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}"])
+        self._record("prepare", "finished", started, counts=counts)
+        return Table(["encoding", "vocab", "train tokens", "val tokens"], rows)
+
+    def train(self, run: str, preset: str, seed: int = 1337, max_iters: int | None = None,
+              overrides: dict[str, Any] | None = None, dataset: str = "shakespeare_char") -> dict[str, Any]:
+        """Train (or resume) `runs/<run>` with `preset`; returns the run's summary from its metrics."""
+        started = time.time()
+        values = {"data_root": "data", "dataset": dataset, "seed": seed, **(overrides or {})}
+        if max_iters is not None:
+            values["max_iters"] = max_iters
+        args = ["train", "--preset", preset, "--out-dir", f"runs/{run}"]
+        args += [f"--{k}={v}" for k, v in values.items() if v is not None]
+        code = self.runner.run(args, stage=f"train {run}", check=False)
+        if code == EXIT_MODEL_UNAVAILABLE:
+            reason = f"pretrained weights for {values.get('init_from', preset)} are not available offline"
+            print(f"{run}: not run: {reason} (pass model=PATH to a local Hugging Face folder)")
+            self._record(f"train {run}", "not_run", started, reason=reason)
+            return {"run": run, "status": "not_run", "reason": reason}
+        if code:
+            self._record(f"train {run}", "failed", started, exit_code=code)
+            raise UserError(f"stage train {run} failed (exit {code})", "read the output above; re-running resumes")
+        summary = self.summary(run)
+        self._record(f"train {run}", "finished", started, best_val_loss=summary["best_val_loss"])
+        return summary
+
+    def summary(self, run: str) -> dict[str, Any]:
+        """Best and final losses, iterations and wall time of `runs/<run>`, from its metrics file."""
+        for name in ("metrics.jsonl", "config.json", "env.json"):
+            self.runner.fetch(f"runs/{run}/{name}", self.results)
+        records = metrics.read(self.results / "runs" / run / metrics.METRICS_FILE)
+        evals = metrics.of_kind(records, "eval")
+        ends = metrics.of_kind(records, "end")
+        return {"run": run, "status": "finished" if metrics.finished(records) else "incomplete",
+                "best_val_loss": metrics.best_val_loss(records),
+                "first_val_loss": evals[0]["val_loss"] if evals else None,
+                "final_val_loss": evals[-1]["val_loss"] if evals else None,
+                "iters": evals[-1]["iter"] if evals else 0,
+                "elapsed_s": ends[-1]["elapsed_s"] if ends else None}
+
+    def sample(self, run: str | None = None, model: str | None = None, out: str | None = None,
+               prompt: str = "\n", max_new_tokens: int = 300, seed: int = 1337, num_samples: int = 1) -> str:
+        """Generated text from `runs/<run>` or a pretrained `model`, saved to `out` (relative to results)."""
+        args = ["sample", "--max-new-tokens", str(max_new_tokens), "--seed", str(seed), "--prompt", prompt,
+                "--num-samples", str(num_samples)]
+        args += ["--run", f"runs/{run}"] if run else ["--model", str(model)]
+        out = out or (f"runs/{run}/samples.txt" if run else f"samples-{Path(str(model)).name}.txt")
+        args += ["--out", out]
+        code = self.runner.run(args, stage="sample", check=False)
+        if code == EXIT_MODEL_UNAVAILABLE:
+            return f"(no sample: {model} is not available offline)"
+        if code:
+            raise UserError(f"sampling from {run or model} failed (exit {code})", "read the output above")
+        return self.runner.fetch(out, self.results).read_text(encoding="utf-8")
+
+    def finetune(self, preset: str, model: str | None = None, max_iters: int | None = None, seed: int = 1337,
+                 run: str = "finetune") -> dict[str, Any]:
+        """Fine-tune a pretrained GPT-2 (`model`, default the preset's) and sample before and after."""
+        from .config import PRESETS
+
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}", f"use one of: {', '.join(PRESETS)}")
+        init = model or PRESETS[preset].get("init_from", "gpt2")
+        if Path(init).expanduser().is_dir():
+            init = str(Path(init).expanduser().resolve())  # stages run in the results folder
+        summary = self.train(run, preset, seed=seed, max_iters=max_iters, overrides={"init_from": init},
+                             dataset="shakespeare_gpt2")
+        summary["model"] = init
+        if summary["status"] != "finished":
+            return summary
+        summary["sample_before"] = self.sample(model=init, out=f"runs/{run}/samples_before.txt", seed=seed,
+                                               max_new_tokens=200)
+        summary["sample_after"] = self.sample(run=run, seed=seed, max_new_tokens=200)
+        return summary
+
+    @staticmethod
+    def finetune_table(result: dict[str, Any]) -> Table | str:
+        """Validation loss before (iteration 0) and after fine-tuning, or why the stage did not run."""
+        if result.get("status") != "finished":
+            return f"fine-tune not run: {result.get('reason', result.get('status'))}"
+        rows = [["val loss before (pretrained)", f"{result['first_val_loss']:.4f}"],
+                ["best val loss after", f"{result['best_val_loss']:.4f}"],
+                ["iterations", result["iters"]], ["wall time (s)", f"{result['elapsed_s']:.1f}"]]
+        return Table([result["model"], ""], rows)

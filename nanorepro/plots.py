@@ -1,0 +1,162 @@
+"""Loss curves from run folders: train and validation loss against iteration or wall time.
+
+Reads only `metrics.jsonl` and `config.json`, never torch. Figures are drawn on a bare
+`matplotlib.figure.Figure` (the Agg canvas) rather than pyplot, so nothing depends on a display
+and a notebook's own backend is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+from matplotlib.figure import Figure
+
+from . import metrics
+from .errors import UserError
+
+X_AXES = {"iter": "iteration", "elapsed": "wall time"}
+
+
+def run_config(run_dir: Path, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The run's resolved config: config.json, else the one in the metrics meta record, else {}."""
+    path = Path(run_dir) / "config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path} is not valid JSON; using the config in metrics.jsonl", stacklevel=2)
+    if records is None:
+        records = read_records(run_dir)
+    return dict(metrics.meta(records).get("config") or {})
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl of a run folder, or [] when the run has not written one yet."""
+    path = Path(run_dir) / metrics.METRICS_FILE
+    return metrics.read(path) if path.is_file() else []
+
+
+def run_label(run_dir: Path, base: Path | None = None) -> str:
+    run_dir = Path(run_dir)
+    if base is not None:
+        try:
+            return run_dir.resolve().relative_to(Path(base).resolve()).as_posix()
+        except ValueError:
+            pass
+    return run_dir.name
+
+
+def not_run_reason(records: list[dict[str, Any]]) -> str | None:
+    """Why a run has no losses: a stage recorded as not_run/failed, or nothing written yet."""
+    for r in metrics.of_kind(records, "stage"):
+        if r.get("status") in ("not_run", "failed"):
+            status = "not run" if r["status"] == "not_run" else "failed"
+            return f"{r.get('name', 'stage')} {status}" + (f": {r['reason']}" if r.get("reason") else "")
+    if not records:
+        return "no metrics yet"
+    return None
+
+
+def _reference_lines(references: bool | list[dict[str, Any]], datasets: set[str]) -> list[dict[str, Any]]:
+    if references is False:
+        return []
+    if references is True:
+        from .report import load_references  # report imports this module; import late
+
+        references = load_references()["claims"]
+    return [c for c in references if c.get("metric") == "best_val_loss" and c.get("value") is not None
+            and c.get("dataset") in datasets]
+
+
+def _x(record: dict[str, Any], x: str, scale: float) -> float | None:
+    v = record.get("iter") if x == "iter" else record.get("elapsed_s")
+    return None if v is None else v / scale
+
+
+def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
+                references: bool | list[dict[str, Any]] = True, title: str | None = None,
+                base: Path | None = None) -> Path:
+    """Overlay train and val loss of several runs against iteration (x="iter") or wall time
+    (x="elapsed"), with the published values that apply to their datasets as horizontal lines."""
+    if x not in X_AXES:
+        raise UserError(f"unknown x axis {x!r}", "use x='iter' or x='elapsed'")
+    run_dirs = [Path(d) for d in run_dirs]
+    if not run_dirs:
+        raise UserError("no run folders to plot", "pass at least one runs/<run> folder")
+    loaded = []
+    for d in run_dirs:
+        recs = read_records(d)
+        loaded.append((d, recs, run_config(d, recs)))
+
+    scale, unit = 1.0, "s"
+    if x == "elapsed":
+        longest = max((r.get("elapsed_s") or 0 for _, recs, _ in loaded for r in recs), default=0)
+        if longest > 3 * 3600:
+            scale, unit = 3600.0, "h"
+        elif longest > 600:
+            scale, unit = 60.0, "min"
+
+    fig = Figure(figsize=(9, 5.5), dpi=110)
+    ax = fig.add_subplot()
+    colors = [f"C{i}" for i in range(10)]
+    notes, datasets, plotted = [], set(), 0
+    for i, (d, recs, cfg) in enumerate(loaded):
+        name, color = run_label(d, base), colors[i % len(colors)]
+        if cfg.get("dataset"):
+            datasets.add(cfg["dataset"])
+        train = [(_x(r, x, scale), r["loss"]) for r in metrics.of_kind(recs, "train")
+                 if r.get("loss") is not None and _x(r, x, scale) is not None]
+        evals = [r for r in metrics.of_kind(recs, "eval") if _x(r, x, scale) is not None]
+        val = [(_x(r, x, scale), r["val_loss"]) for r in evals if r.get("val_loss") is not None]
+        etrain = [(_x(r, x, scale), r["train_loss"]) for r in evals if r.get("train_loss") is not None]
+        if train:
+            # per-iteration loss is one noisy batch: faint, labelled only when no evaluation exists
+            ax.plot(*zip(*train), color=color, alpha=0.25 if val else 0.8, lw=0.8,
+                    label=None if val else f"{name}: train (per iter, no evaluation yet)")
+        if etrain:
+            ax.plot(*zip(*etrain), color=color, ls="--", lw=1.4, label=f"{name}: train (eval)")
+        if val:
+            best = min(v for _, v in val)
+            ax.plot(*zip(*val), color=color, marker="o", ms=3.5, lw=1.8, label=f"{name}: val (best {best:.4f})")
+        if train or val:
+            plotted += 1
+        if not val:
+            reason = not_run_reason(recs) or ("no evaluation yet" if train else "no losses recorded yet")
+            notes.append(f"{name}: {reason}")
+
+    for c in _reference_lines(references, datasets):
+        ax.axhline(c["value"], color="0.35", ls=":", lw=1.2,
+                   label=f"published {c['value']:g}: {c.get('label') or c['id']}")
+
+    ax.set_xlabel("iteration" if x == "iter" else f"wall time ({unit})")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
+    what = "iteration" if x == "iter" else "wall time"
+    ax.set_title(title or f"Train and validation loss vs {what}" + (f" ({', '.join(sorted(datasets))})" if datasets else ""))
+    ax.grid(True, alpha=0.3)
+    if notes:
+        ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=8, va="bottom", ha="left",
+                bbox=dict(boxstyle="round", facecolor="lightyellow", alpha=0.9))
+    if not plotted:
+        ax.text(0.5, 0.55, "No losses to plot yet", transform=ax.transAxes, ha="center", fontsize=13)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    if notes:
+        warnings.warn(f"{out_png.name}: " + "; ".join(notes), stacklevel=2)
+    return out_png
+
+
+def plot_run(run_dir: Path, out_dir: Path | None = None, references: bool | list[dict[str, Any]] = True) -> list[Path]:
+    """loss_vs_iter.png and loss_vs_time.png for one run (into the run folder by default)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist", "pass a folder made by `nanorepro train`")
+    out_dir = Path(out_dir) if out_dir else run_dir
+    return [loss_curves([run_dir], out_dir / "loss_vs_iter.png", x="iter", references=references),
+            loss_curves([run_dir], out_dir / "loss_vs_time.png", x="elapsed", references=references)]

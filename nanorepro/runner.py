@@ -1,0 +1,74 @@
+"""Where a stage runs: here (`local`) or on a reserved Chameleon node over SSH (`chameleon`).
+
+A stage is a `nanorepro <command>` line run in the target's work folder, so a stage behaves the same
+wherever it runs; notebooks only pick the target. No torch here: the hub kernel imports this.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Protocol
+
+from .errors import UserError
+
+TARGETS = ("local", "chameleon")
+
+
+class Runner(Protocol):
+    target: str
+
+    def run(self, args: list[str], *, stage: str, check: bool = True) -> int:
+        """Run `python -m nanorepro <args>` in the target's work folder, streaming its output live."""
+
+    def fetch(self, rel_path: str, local_dir: Path) -> Path:
+        """Copy a file or folder (relative to the work folder) into `local_dir`; return the local path."""
+
+
+class LocalRunner:
+    """Runs stages as child processes of this kernel, in `workdir`."""
+
+    target = "local"
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+
+    def run(self, args: list[str], *, stage: str, check: bool = True) -> int:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "nanorepro", *args]
+        tail: collections.deque[str] = collections.deque(maxlen=20)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with subprocess.Popen(cmd, cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=env, text=True, bufsize=1) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # progress bars end lines with \r: passed through as they come
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                tail.append(line.rstrip("\n").split("\r")[-1])
+            code = proc.wait()
+        if code and check:
+            raise UserError(f"stage {stage} failed (exit {code}); its last lines:\n" + "\n".join(tail),
+                            "fix the cause above and re-run: finished work is kept and training resumes")
+        return code
+
+    def fetch(self, rel_path: str, local_dir: Path) -> Path:
+        src = self.workdir / rel_path
+        dest = Path(local_dir) / rel_path
+        if src.resolve() != dest.resolve():
+            raise UserError(f"local runs write into their results folder; cannot fetch into {local_dir}",
+                            "use the same results folder for all stages")
+        return dest
+
+
+def get_runner(target: str, workdir: Path, state_dir: Path | None = None) -> Runner:
+    """The runner for `target`; `state_dir` holds the node record that `00_reserve_node` wrote."""
+    if target == "local":
+        return LocalRunner(workdir)
+    if target == "chameleon":
+        from .remote import SSHRunner
+
+        return SSHRunner.from_state(Path(state_dir or workdir), workdir=workdir)
+    raise UserError(f"unknown target {target!r}", f"use one of: {', '.join(TARGETS)}")

@@ -1,0 +1,57 @@
+"""Text from a trained run folder or a pretrained GPT-2 (nanoGPT's `sample.py` as a function)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import data
+from .config import Config
+from .errors import UserError
+from .model import GPT, load_pretrained
+from .train import CKPT_FILE, SHAPE_FIELDS, load_checkpoint, pick_device
+
+
+def _from_run(run_dir: Path, data_root: str | None) -> tuple[GPT, data.Codec]:
+    ckpt_path = run_dir / CKPT_FILE
+    if not (run_dir / "config.json").exists() or not ckpt_path.exists():
+        raise UserError(f"{run_dir} has no config.json and ckpt.pt", "train first: `nanorepro train --out-dir ...`")
+    cfg = Config.load(run_dir / "config.json")
+    ckpt = load_checkpoint(ckpt_path)
+    shape = {k: ckpt["model_args"][k] for k in SHAPE_FIELDS}
+    model = GPT(Config(**{**cfg.to_dict(), **shape, "dropout": 0.0}))
+    model.load_state_dict(ckpt["model"])
+    codec = data.Codec.from_meta(data.load_meta(Path(data_root or cfg.data_root) / cfg.dataset))
+    return model, codec
+
+
+def sample(run_dir: str | Path | None = None, model: str | None = None, prompt: str = "\n",
+           num_samples: int = 1, max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = 200,
+           seed: int = 1337, device: str = "auto", data_root: str | None = None) -> list[str]:
+    """`num_samples` continuations of `prompt` (the prompt included), decoded to text."""
+    if num_samples < 1 or max_new_tokens < 1:
+        raise UserError("num_samples and max_new_tokens must be >= 1", "use e.g. --num-samples 1 --max-new-tokens 200")
+    if temperature <= 0:
+        raise UserError(f"temperature must be > 0, got {temperature}", "use e.g. --temperature 0.8")
+    if top_k is not None and top_k < 1:
+        top_k = None
+    dev, _ = pick_device(Config(device=device))
+    if run_dir is not None:
+        net, codec = _from_run(Path(run_dir), data_root)
+    elif model is not None:
+        net, _shape = load_pretrained(model)
+        codec = data.Codec.from_meta({"encoding": "gpt2", "vocab_size": 50257})
+    else:
+        raise UserError("nothing to sample from", "give a run folder (--run) or a model name (--model)")
+    net.eval().to(dev)
+    ids = codec.encode(prompt)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens", "give a non-empty prompt")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.tensor([ids], dtype=torch.long, device=dev)
+    texts = []
+    for _ in range(num_samples):
+        y = net.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+        texts.append(codec.decode(y[0].tolist()))
+    return texts

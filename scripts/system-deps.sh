@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install the Debian packages the test suite needs, only when they are missing.
+#   openssh-server: a private sshd on 127.0.0.1 for the runner tests
+#   chromium:       headless browser for the real-JupyterLab "Run All" test
+# Idempotent: a second run installs nothing. Run as root (or via sudo).
+set -euo pipefail
+
+PACKAGES=(openssh-server chromium)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    # dpkg-query prints "install ok installed" only for a fully installed package.
+    if [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" != "install ok installed" ]; then
+        missing+=("$pkg")
+    fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "system-deps: all present (${PACKAGES[*]})"
+    exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "system-deps: need root or sudo to install ${missing[*]}" >&2; exit 1; }
+    SUDO="sudo"
+fi
+
+echo "system-deps: installing ${missing[*]}"
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "system-deps: installed ${missing[*]}"

@@ -1,0 +1,395 @@
+"""nanorepro.data: exact token counts, the verified download, bad input, atomic writes, batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanorepro import data
+from nanorepro.errors import UserError
+
+
+def _read_bin(path: Path) -> np.ndarray:
+    return np.fromfile(path, dtype=np.uint16)
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+# ---------------------------------------------------------------------------- Tiny Shakespeare, exact counts
+
+def test_char_counts_and_roundtrip(char_data_root, shakespeare_path):
+    text = shakespeare_path.read_text(encoding="utf-8")
+    folder = char_data_root / "shakespeare_char"
+    meta = data.load_meta(folder)
+    assert (meta["name"], meta["encoding"], meta["dtype"]) == ("shakespeare", "char", "uint16")
+    assert meta["vocab_size"] == 65 and len(meta["itos"]) == 65
+    assert (meta["train_tokens"], meta["val_tokens"]) == (1_003_854, 111_540)
+    assert meta["source_sha256"] == data.SHAKESPEARE_SHA256
+    assert meta["source"] == str(shakespeare_path.resolve())
+    assert sorted(os.listdir(folder)) == ["meta.json", "train.bin", "val.bin"]  # no temp files left
+    train, val = _read_bin(folder / "train.bin"), _read_bin(folder / "val.bin")
+    assert (len(train), len(val)) == (1_003_854, 111_540)
+    assert int(max(train.max(), val.max())) == 64
+    codec = data.Codec.from_meta(meta)
+    assert codec.vocab_size == 65
+    assert codec.decode(train) + codec.decode(val) == text
+    assert codec.decode(val).startswith(text[1_003_854:1_003_900])
+    assert codec.encode(text[:100]) == train[:100].tolist()
+    assert data.summary(meta) == (f"shakespeare_char: char, vocab 65, train 1,003,854 tokens, "
+                                  f"val 111,540 tokens -> {folder}")
+    with pytest.raises(UserError, match="not in the dataset's vocabulary"):
+        codec.encode("café")
+
+
+def test_gpt2_counts_and_roundtrip(gpt2_data_root, shakespeare_path):
+    text = shakespeare_path.read_text(encoding="utf-8")
+    folder = gpt2_data_root / "shakespeare_gpt2"
+    meta = data.load_meta(folder)
+    assert (meta["encoding"], meta["vocab_size"], meta["dtype"]) == ("gpt2", 50257, "uint16")
+    assert "itos" not in meta
+    assert (meta["train_tokens"], meta["val_tokens"]) == (301_966, 36_059)
+    train, val = _read_bin(folder / "train.bin"), _read_bin(folder / "val.bin")
+    assert (len(train), len(val)) == (301_966, 36_059)
+    codec = data.Codec.from_meta(meta)
+    # split by characters first, then each part encoded: each part decodes back to its own text
+    assert codec.decode(train) == text[:1_003_854]
+    assert codec.decode(val) == text[1_003_854:]
+    assert codec.encode("<|endoftext|>") == [50256]
+    assert data.summary(meta).startswith("shakespeare_gpt2: gpt2, vocab 50,257, train 301,966 tokens, val 36,059")
+
+
+def test_rerun_reuses_and_new_source_rewrites(tmp_path, capsys):
+    src = tmp_path / "a.txt"
+    src.write_text("abcdefghij" * 20, encoding="utf-8")
+    root = tmp_path / "data"
+    (first,) = data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+    mtime = (root / "toy_char" / "train.bin").stat().st_mtime_ns
+    capsys.readouterr()
+    time.sleep(0.01)
+    (again,) = data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+    assert "reusing" in capsys.readouterr().out
+    assert again["created"] == first["created"]
+    assert (root / "toy_char" / "train.bin").stat().st_mtime_ns == mtime
+
+    src.write_text("zyxwvutsrq" * 30, encoding="utf-8")  # same path, new content: must not be reused
+    (third,) = data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+    assert "reusing" not in capsys.readouterr().out
+    assert third["itos"] == sorted("zyxwvutsrq") and third["train_tokens"] == 270
+    assert data.load_meta(root / "toy_char")["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+
+    (root / "toy_char" / "val.bin").write_bytes(b"\0\0")  # damaged bins are not reused either
+    data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+    assert "reusing" not in capsys.readouterr().out
+    assert len(_read_bin(root / "toy_char" / "val.bin")) == 30
+
+
+def test_failed_write_leaves_folder_incomplete(tmp_path, monkeypatch):
+    src = tmp_path / "a.txt"
+    src.write_text("hello world, " * 20, encoding="utf-8")
+    root = tmp_path / "data"
+    data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+    src.write_text("another text! " * 20, encoding="utf-8")
+    real_replace = os.replace
+
+    def failing_replace(a, b):
+        if Path(b).name == "meta.json":
+            raise OSError(28, "No space left on device")
+        real_replace(a, b)
+
+    monkeypatch.setattr(data.os, "replace", failing_replace)
+    with pytest.raises(UserError, match="No space left"):
+        data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+    # the old meta.json is gone, so the half-rewritten folder cannot pass as complete
+    assert _entries(root / "toy_char") == ["train.bin", "val.bin"]
+    with pytest.raises(UserError, match="nanorepro prepare"):
+        data.load_meta(root / "toy_char")
+    monkeypatch.setattr(data.os, "replace", real_replace)
+    (meta,) = data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+    assert data.load_meta(root / "toy_char")["itos"] == meta["itos"] == sorted(set("another text! "))
+
+
+# ---------------------------------------------------------------------------- the download
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        srv = self.server
+        srv.requests.append(self.path)
+        body = srv.body
+        if self.path != "/input.txt":
+            self.send_error(404)
+            return
+        if srv.mode == "tampered":
+            body = body[:1000] + bytes([body[1000] ^ 1]) + body[1001:]
+        if srv.mode == "slow":
+            time.sleep(3)
+        self.send_response(200)
+        if srv.mode != "no-length":
+            self.send_header("Content-Length", str(len(srv.body)))
+        self.end_headers()
+        if srv.mode in ("truncated", "no-length"):
+            body = body[: len(body) // 2]  # then the connection closes early
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(shakespeare_path):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    srv.body, srv.mode, srv.requests = shakespeare_path.read_bytes(), "ok", []
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/input.txt"
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_download_verifies_and_reuses_cache(server, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    path = data.fetch_shakespeare(cache_dir=cache, url=server.url)
+    assert path.parent.parent == cache
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == data.SHAKESPEARE_SHA256
+    assert server.requests == ["/input.txt"]
+    assert "download input.txt" in capsys.readouterr().err  # the tqdm bar
+    assert data.fetch_shakespeare(cache_dir=cache, url=server.url) == path
+    assert len(server.requests) == 1  # served from the cache
+
+    # through prepare, with the cache from $NANOREPRO_CACHE: still no request
+    monkeypatch.setenv("NANOREPRO_CACHE", str(cache))
+    (meta,) = data.prepare(encodings=("char",), data_root=tmp_path / "data", url=server.url)
+    assert len(server.requests) == 1
+    assert (meta["source"], meta["train_tokens"]) == (server.url, 1_003_854)
+
+    # a cached copy changed on disk is re-verified and downloaded again
+    path.write_bytes(path.read_bytes()[:-1])
+    assert data.fetch_shakespeare(cache_dir=cache, url=server.url) == path
+    assert len(server.requests) == 2
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == data.SHAKESPEARE_SHA256
+    assert _entries(cache) == ["input.txt"]
+
+
+@pytest.mark.parametrize("mode, message", [("tampered", "sha256"), ("truncated", "cut short"),
+                                           ("no-length", "sha256")])
+def test_bad_download_is_refused_and_not_cached(server, tmp_path, mode, message):
+    cache = tmp_path / "cache"
+    server.mode = mode
+    with pytest.raises(UserError, match=message) as err:
+        data.fetch_shakespeare(cache_dir=cache, url=server.url)
+    assert "NANOREPRO_INPUT" in err.value.fix
+    assert _entries(cache) == []  # neither the bad file nor a temp file is left behind
+    server.mode = "ok"
+    path = data.fetch_shakespeare(cache_dir=cache, url=server.url)  # a later call must download again
+    assert len(server.requests) == 2
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == data.SHAKESPEARE_SHA256
+
+
+def test_download_errors(server, tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError, match="404"):
+        data.fetch_shakespeare(cache_dir=cache, url=server.url.replace("input.txt", "nope.txt"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    with pytest.raises(UserError, match="could not download"):
+        data.fetch_shakespeare(cache_dir=cache, url=f"http://127.0.0.1:{closed_port}/input.txt")
+    server.mode = "slow"
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="timed out"):
+        data.fetch_shakespeare(cache_dir=cache, url=server.url, timeout=0.3)
+    assert time.monotonic() - t0 < 2.5
+    with pytest.raises(UserError, match="could not download"):
+        data.fetch_shakespeare(cache_dir=cache, url="not a url")
+    assert _entries(cache) == []
+
+
+# ---------------------------------------------------------------------------- user text files
+
+def test_env_var_and_input_path(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("aaaa bbbb\n" * 10, encoding="utf-8")
+    b.write_text("xyz\n" * 30, encoding="utf-8")
+    monkeypatch.setenv("NANOREPRO_INPUT", str(a))
+    (meta,) = data.prepare(name="fromenv", encodings=("char",), data_root=tmp_path / "d")
+    assert meta["source"] == str(a.resolve()) and meta["itos"] == ["\n", " ", "a", "b"]
+    (meta,) = data.prepare(input_path=b, name="fromarg", encodings=("char",), data_root=tmp_path / "d")
+    assert meta["source"] == str(b.resolve()) and meta["itos"] == ["\n", "x", "y", "z"]  # the argument wins
+
+
+def test_user_text_both_encodings(tmp_path, tiktoken_offline):
+    text = "Über allen Gipfeln ist Ruh — 静かな夜.\nIn allen Wipfeln spürest du kaum einen Hauch. 🌲\n" * 5
+    src = tmp_path / "poem.txt"
+    src.write_text(text, encoding="utf-8")
+    metas = data.prepare(input_path=src, name="poem", data_root=tmp_path / "data")
+    assert [m["encoding"] for m in metas] == ["char", "gpt2"]
+    n = int(len(text) * 0.9)
+    for meta in metas:
+        folder = tmp_path / "data" / f"poem_{meta['encoding']}"
+        assert data.load_meta(folder)["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+        codec = data.Codec.from_meta(meta)
+        assert codec.decode(_read_bin(folder / "train.bin")) == text[:n]
+        assert codec.decode(_read_bin(folder / "val.bin")) == text[n:]
+    char, gpt2 = metas
+    assert char["itos"] == sorted(set(text)) and char["vocab_size"] == len(set(text))
+    assert (char["train_tokens"], char["val_tokens"]) == (n, len(text) - n)
+    assert gpt2["vocab_size"] == 50257 and gpt2["train_tokens"] > gpt2["val_tokens"] > 0
+
+
+def _distinct_chars(k: int) -> str:
+    cps = (c for c in range(0x21, 0x110000) if not 0xD800 <= c <= 0xDFFF)
+    return "".join(chr(next(cps)) for _ in range(k))
+
+
+def test_char_vocab_limit(tmp_path):
+    ok, too_big = tmp_path / "ok.txt", tmp_path / "big.txt"
+    ok.write_text(_distinct_chars(65_535), encoding="utf-8")
+    too_big.write_text(_distinct_chars(65_536), encoding="utf-8")
+    (meta,) = data.prepare(input_path=ok, name="ok", encodings=("char",), data_root=tmp_path)
+    assert meta["vocab_size"] == 65_535
+    assert int(_read_bin(tmp_path / "ok_char" / "train.bin").max()) < 65_535
+    with pytest.raises(UserError, match="65,536 distinct characters") as err:
+        data.prepare(input_path=too_big, name="big", encodings=("char",), data_root=tmp_path)
+    assert "gpt2" in err.value.fix
+    assert not (tmp_path / "big_char").exists()
+
+
+@pytest.mark.parametrize("content, kwargs, message", [
+    (None, {}, "does not exist"),
+    (b"", {}, "is empty"),
+    (b"caf\xe9 au lait " * 10, {}, "not UTF-8"),
+    (b"abc", {}, "too short"),
+    (b"hello world " * 10, {"encodings": ("bpe",)}, "unknown encoding 'bpe'"),
+    (b"hello world " * 10, {"encodings": ()}, "no encoding"),
+    (b"hello world " * 10, {"name": "../evil"}, "bad dataset name"),
+    (b"hello world " * 10, {"name": ""}, "bad dataset name"),
+])
+def test_bad_input(tmp_path, content, kwargs, message):
+    src = tmp_path / "in.txt"
+    if content is not None:
+        src.write_bytes(content)
+    with pytest.raises(UserError, match=message) as err:
+        data.prepare(input_path=src, data_root=tmp_path / "data", **{"encodings": ("char",), **kwargs})
+    assert err.value.fix
+    assert not (tmp_path / "data").exists() or _entries(tmp_path / "data") == []
+
+
+def test_input_is_a_directory(tmp_path):
+    with pytest.raises(UserError, match="not a file"):
+        data.prepare(input_path=tmp_path, encodings=("char",), data_root=tmp_path / "data")
+
+
+def test_unprepared_dataset(tmp_path):
+    with pytest.raises(UserError, match="not a prepared dataset") as err:
+        data.load_meta(tmp_path / "shakespeare_nope")
+    assert "nanorepro prepare" in err.value.fix
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "meta.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(UserError, match="cannot read"):
+        data.load_meta(tmp_path / "broken")
+    with pytest.raises(UserError, match="unknown encoding"):
+        data.Codec("bytes", 256)
+
+
+def _run_cli(args: list[str], cwd: Path, repo_root: Path, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(repo_root), **env}
+    full_env.pop("NANOREPRO_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "nanorepro", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_missing_input_is_one_line(tmp_path, repo_root):
+    r = _run_cli(["prepare", "--input", "missing.txt"], tmp_path, repo_root)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("nanorepro: error: input file missing.txt does not exist (fix: ")
+    assert not (tmp_path / "data").exists()
+
+
+def test_cli_prepare_and_tiktoken_without_files(tmp_path, repo_root):
+    src = tmp_path / "in.txt"
+    src.write_text("to be or not to be, that is the question\n" * 5, encoding="utf-8")
+    with socket.socket() as s:  # a proxy that refuses: tiktoken's download fails at once, offline or not
+        s.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_tiktoken"), "HTTPS_PROXY": proxy, "https_proxy": proxy,
+           "NO_PROXY": "", "no_proxy": ""}
+    r = _run_cli(["prepare", "--input", str(src), "--name", "q", "--encoding", "char"], tmp_path, repo_root, **env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("q_char: char, vocab 15, train 184 tokens, val 21 tokens -> data/q_char")
+    r = _run_cli(["prepare", "--input", str(src), "--name", "q", "--encoding", "char"], tmp_path, repo_root, **env)
+    assert "reusing data/q_char" in r.stdout
+    r = _run_cli(["prepare", "--input", str(src), "--name", "q", "--encoding", "gpt2"], tmp_path, repo_root, **env)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "tiktoken could not get the GPT-2 BPE files" in r.stderr and "TIKTOKEN_CACHE_DIR" in r.stderr
+    assert not (tmp_path / "data" / "q_gpt2" / "meta.json").exists()
+
+
+def test_import_does_not_load_torch_or_tiktoken(repo_root):
+    code = ("import sys, nanorepro.data; "
+            "bad = [m for m in ('torch', 'tiktoken') if m in sys.modules]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(repo_root)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------- batches
+
+def test_batches(char_data_root):
+    import torch
+
+    folder = char_data_root / "shakespeare_char"
+    b = data.Batches(folder, block_size=8, batch_size=4)
+    x, y = b.get("train", torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 8) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    # the rows are the windows at the indices torch.randint draws from the same generator
+    train = _read_bin(folder / "train.bin").astype(np.int64)
+    ix = torch.randint(len(train) - 8, (4,), generator=torch.Generator().manual_seed(0))
+    for row, i in enumerate(ix.tolist()):
+        assert x[row].tolist() == train[i:i + 8].tolist() and y[row].tolist() == train[i + 1:i + 9].tolist()
+    x2, y2 = b.get("train", torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    x3, _ = b.get("train", torch.Generator().manual_seed(1))
+    assert not torch.equal(x, x3)
+    xv, yv = b.get("val", torch.Generator().manual_seed(0))
+    assert xv.shape == (4, 8) and int(xv.max()) < 65 and int(yv.min()) >= 0
+    with pytest.raises(UserError, match="unknown split"):
+        b.get("test", torch.Generator())
+
+
+def test_batches_refuse_bad_data(char_data_root, tmp_path):
+    folder = shutil.copytree(char_data_root / "shakespeare_char", tmp_path / "shakespeare_char")
+    with pytest.raises(UserError, match="block_size 111540 is not shorter than the val split"):
+        data.Batches(folder, block_size=111_540, batch_size=2)
+    with pytest.raises(UserError, match="must be >= 1"):
+        data.Batches(folder, block_size=0, batch_size=2)
+    with open(folder / "train.bin", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError, match="train.bin has 1,000 bytes") as err:
+        data.Batches(folder, block_size=8, batch_size=2)
+    assert "nanorepro prepare" in err.value.fix
+    (folder / "val.bin").unlink()
+    (folder / "train.bin").unlink()
+    with pytest.raises(UserError, match="missing"):
+        data.Batches(folder, block_size=8, batch_size=2)
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    assert meta["train_tokens"] == 1_003_854  # the shared fixture's folder was not touched
+    assert data.load_meta(char_data_root / "shakespeare_char")["train_tokens"] == 1_003_854

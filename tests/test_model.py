@@ -1,0 +1,233 @@
+"""The GPT: parameter count, causality, generation, optimizer groups, and GPT-2 loading checked
+against transformers' own forward pass on a tiny random model. No test contacts a real host."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanorepro.config import Config, resolve
+from nanorepro.errors import UserError
+from nanorepro.model import GPT, load_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=101, dropout=0.0, bias=True)
+    cfg.update(kw)
+    return GPT(Config(**cfg)).eval()
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """Keep transformers away from any real host and any real cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+
+
+# --- the network ------------------------------------------------------------------------------
+
+def test_shakespeare_char_parameter_count_matches_nanogpt():
+    model = GPT(resolve("shakespeare-char", {"vocab_size": 65}))
+    assert model.get_num_params() == 10_646_784
+    assert model.get_num_params(non_embedding=False) == 10_646_784 + 256 * 384
+    assert model.describe() == "number of parameters: 10.65M"
+    # PaLM FLOPs per token: 6N + 12*L*H*Q*T, times T tokens per sequence, 64 sequences per iteration
+    per_seq = (6 * 10_646_784 + 12 * 6 * 6 * 64 * 256) * 256
+    assert model.estimate_mfu(64, 0.5, peak_flops=1e12) == pytest.approx(64 * per_seq / 0.5 / 1e12)
+    assert model.estimate_mfu(1, 1.0) == pytest.approx(per_seq / 312e12)
+
+
+def test_vocab_size_required():
+    with pytest.raises(UserError, match="vocab_size"):
+        GPT(Config(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=None))
+
+
+def test_weights_tied_and_init_scaled():
+    model = tiny(n_layer=8, n_embd=64, vocab_size=1000)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.transformer.h[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
+    assert model.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.transformer.ln_f.weight.eq(1).all() and model.transformer.h[3].attn.c_attn.bias.eq(0).all()
+
+
+def test_forward_shapes_loss_and_causality():
+    model = tiny()
+    idx = torch.randint(0, 101, (2, 16))
+    logits, loss = model(idx, torch.randint(0, 101, (2, 16)))
+    assert logits.shape == (2, 16, 101)
+    # random init, targets unrelated to the input: loss close to uniform over the vocabulary
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(101.0)).item(), abs=0.3)
+    last, none = model(idx)
+    assert none is None and last.shape == (2, 1, 101)
+    torch.testing.assert_close(last[:, 0], logits[:, -1])
+    # ignore_index=-1: masked targets do not count
+    targets = idx.clone()
+    targets[:, 8:] = -1
+    _, partial = model(idx, targets)
+    _, first_half = model(idx[:, :8], idx[:, :8])
+    torch.testing.assert_close(partial, first_half)
+
+    changed = idx.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 101
+    logits2, _ = model(changed, changed)
+    torch.testing.assert_close(logits2[:, :10], logits[:, :10])
+    assert not torch.allclose(logits2[:, 10], logits[:, 10])
+
+
+def test_sequence_longer_than_block_size_refused():
+    model = tiny()
+    with pytest.raises(UserError, match="block_size=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_crop_block_size():
+    model = tiny()
+    with pytest.raises(UserError, match="16"):
+        model.crop_block_size(32)
+    logits, _ = model(torch.arange(8)[None], torch.arange(8)[None])
+    model.crop_block_size(8)
+    assert model.transformer.wpe.weight.shape == (8, 32) and model.config.block_size == 8
+    cropped, _ = model(torch.arange(8)[None], torch.arange(8)[None])
+    torch.testing.assert_close(cropped, logits)  # the first 8 positions are unchanged
+    with pytest.raises(UserError):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+# --- generation ------------------------------------------------------------------------------
+
+def test_generate_length_greedy_crop_and_seed():
+    model = tiny()
+    prompt = torch.randint(0, 101, (2, 5))
+    out = model.generate(prompt, 7)
+    assert out.shape == (2, 12) and torch.equal(out[:, :5], prompt)
+
+    # top_k=1 is greedy decoding; the prompt is longer than block_size, so only its tail is seen
+    long_prompt = torch.randint(0, 101, (1, 40))
+    out = model.generate(long_prompt, 6, temperature=0.7, top_k=1)
+    ids = long_prompt
+    for _ in range(6):
+        logits, _ = model(ids[:, -16:], ids[:, -16:])
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.shape == (1, 46) and torch.equal(out, ids)
+
+    def sample(seed: int) -> torch.Tensor:
+        return model.generate(prompt, 20, temperature=1.5, top_k=50, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(1), sample(1))
+    assert not torch.equal(sample(1), sample(2))
+    with pytest.raises(UserError):
+        model.generate(prompt, 1, temperature=0.0)
+
+
+# --- optimizer -------------------------------------------------------------------------------
+
+def test_optimizer_groups():
+    model = tiny()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    # 2-D: wte (= lm_head), wpe, and 4 matrices per block; 1-D: 8 per block (2 LayerNorms, 4 biases) + ln_f
+    assert len(decay["params"]) == 2 + 4 * 2 and len(no_decay["params"]) == 8 * 2 + 2
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == model.get_num_params(non_embedding=False)
+    assert not opt.defaults.get("fused")
+    # one step keeps the tie
+    _, loss = model(torch.randint(0, 101, (2, 8)), torch.randint(0, 101, (2, 8)))
+    loss.backward()
+    opt.step()
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+# --- pretrained loading ----------------------------------------------------------------------
+
+def test_load_local_hf_folder_matches_transformers(tmp_path, no_hub):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf_cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=101,
+                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    hf = GPT2LMHeadModel(hf_cfg)
+    with torch.no_grad():  # make every weight matter, LayerNorm gains and biases included
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / "tiny-gpt2")
+    hf.eval()
+
+    model, shape = load_pretrained(str(tmp_path / "tiny-gpt2"), dropout=0.1)
+    assert shape == dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=101, bias=True, dropout=0.1)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+    model.eval()
+    idx = torch.randint(0, 101, (3, 64))
+    with torch.no_grad():
+        want = hf(idx, labels=idx)
+        logits, loss = model(idx[:, :-1], idx[:, 1:])
+        full, _ = model(idx, idx)
+    torch.testing.assert_close(full, want.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, want.logits[:, :-1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(loss, want.loss, atol=1e-4, rtol=0)
+    model.train()  # dropout from the argument is live
+    assert not torch.equal(model(idx, idx)[0], full)
+
+
+def test_unknown_name_refused(no_hub):
+    with pytest.raises(UserError, match="gpt2-xl"):
+        load_pretrained("gpt3-turbo")
+
+
+def test_folder_without_config_refused(tmp_path, no_hub):
+    with pytest.raises(UserError, match="config.json"):
+        load_pretrained(str(tmp_path))
+
+
+_OFFLINE_SCRIPT = textwrap.dedent("""
+    import json, time
+    from nanorepro.errors import UserError
+    from nanorepro.model import load_pretrained
+    start = time.perf_counter()
+    try:
+        load_pretrained("gpt2-xl")
+        result = {"error": None}
+    except UserError as e:
+        result = {"error": str(e), "fix": e.fix}
+    result["seconds"] = time.perf_counter() - start
+    print(json.dumps(result))
+""")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "endpoint-unreachable"])
+def test_pretrained_name_not_available_offline_fails_fast(tmp_path, offline):
+    # A fresh process: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when first imported.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_")) and "proxy" not in k.lower()}
+    env.update(HF_HOME=str(tmp_path / "empty_hf_home"), HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
+               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _OFFLINE_SCRIPT], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["error"] and "gpt2-xl is not available offline" in result["error"]
+    assert "local Hugging Face folder" in result["fix"]
+    assert ("HF_HUB_OFFLINE" in result["error"]) == offline
+    assert result["seconds"] < 5, result  # huggingface_hub's own retries would take ~23 s
