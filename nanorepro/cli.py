@@ -63,6 +63,22 @@ def _run_notebooks(args: argparse.Namespace, extra: list[str]) -> None:
     notebooks.run_notebooks(params, only=args.only)
 
 
+def _report(args: argparse.Namespace, extra: list[str]) -> None:
+    from . import report
+
+    rep = report.report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
+    print(report.claims_table(rep["claims"], compact=True))
+    print(f"\nwrote {Path(rep['out_dir']) / 'REPORT.md'} and report.json")
+
+
+def _bundle(args: argparse.Namespace, extra: list[str]) -> None:
+    from . import report
+
+    path = report.bundle([Path(r) for r in args.runs], Path(args.out) if args.out else None,
+                         include_checkpoints=args.with_checkpoints)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanorepro", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nanorepro {__version__}")
@@ -109,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-f", "--params-file", default=None, help="YAML or JSON file of notebook parameters")
     s.add_argument("--only", nargs="*", default=None, help="run only notebooks whose names start with these")
     s.set_defaults(func=_run_notebooks)
+
+    s = sub.add_parser("report", help="judge runs against the published numbers: REPORT.md, report.json, plots")
+    s.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<run>)")
+    s.add_argument("--out", default=None, help="where to write the report (default: the runs' common parent)")
+    s.set_defaults(func=_report)
+
+    s = sub.add_parser("bundle", help="pack report, metrics, plots, samples, configs and notebooks in a .tar.gz")
+    s.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<run>)")
+    s.add_argument("--out", default=None, help="the .tar.gz to write (default: <common parent>/<name>-bundle.tar.gz)")
+    s.add_argument("--with-checkpoints", action="store_true", help="also pack each run's ckpt.pt (large)")
+    s.set_defaults(func=_bundle)
     return p
 
 

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import tempfile
-import urllib.error
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
@@ -98,7 +97,7 @@ def fetch_shakespeare(cache_dir: str | Path | None = None, url: str = CANONICAL_
                             f"({got:,} bytes; corrupted or not the expected file)", fix)
         os.replace(tmp, dest)
     except (OSError, http.client.HTTPException, ValueError) as e:
-        # URLError/HTTPError/timeouts are OSErrors; a connection closed early is IncompleteRead
+        # URLError, HTTPError and timeouts are OSErrors; a connection closed early can be IncompleteRead
         raise UserError(f"could not download {url}: {_one_line(e)}", fix) from e
     finally:
         tmp.unlink(missing_ok=True)
@@ -260,10 +259,13 @@ def _write_dataset(out: Path, text: str, name: str, encoding: str, source: str, 
         (out / "meta.json").unlink(missing_ok=True)
         _write_atomic(out / "train.bin", train.tofile)
         _write_atomic(out / "val.bin", val.tofile)
-        payload = (json.dumps(meta, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+        # one key per line, the vocabulary on one line: readable with `cat` even for big vocabularies
+        lines = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items()]
+        payload = ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
         _write_atomic(out / "meta.json", lambda f: f.write(payload))
     except OSError as e:
-        raise UserError(f"cannot write {out}: {_one_line(e)}", "check that --data-root is writable and has space") from e
+        raise UserError(f"cannot write {out}: {_one_line(e)}",
+                        "check that --data-root is writable and has space") from e
     return meta
 
 

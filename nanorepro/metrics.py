@@ -59,10 +59,16 @@ def rewrite(path: Path, records: Iterable[dict[str, Any]]) -> None:
 
 
 def truncate_after(path: Path, iter_num: int) -> None:
-    """Drop records past `iter_num` (and any end record): a resumed run re-logs them exactly once."""
-    keep = [r for r in read(path) if r.get("kind") != "end" and r.get("iter", -1) < iter_num
-            or r.get("kind") == "meta"]
-    rewrite(path, keep)
+    """Keep what a checkpoint at `iter_num` already covers: a resumed run re-logs the rest exactly once.
+
+    Train records carry the iteration count after their step (1..N), so the one at N stays; the
+    evaluation at N happens again on resume, so it goes, with any end record.
+    """
+    def covered(r: dict[str, Any]) -> bool:
+        kind, it = r.get("kind"), r.get("iter", -1)
+        return kind == "meta" or (kind == "train" and it <= iter_num) or (kind == "eval" and it < iter_num)
+
+    rewrite(path, [r for r in read(path) if covered(r)])
 
 
 def of_kind(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

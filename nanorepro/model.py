@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from .config import PRETRAINED, Config
-from .errors import UserError
+from .errors import ModelUnavailable, UserError
 
 # (n_layer, n_head, n_embd) of the published checkpoints; all have vocab 50257, context 1024, biases.
 GPT2_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -96,7 +96,8 @@ class GPT(nn.Module):
             raise UserError("the model needs vocab_size, which is not set",
                             "set vocab_size, or resolve it from the dataset's meta.json before building the model")
         if cfg.n_embd % cfg.n_head:
-            raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}", "pick n_embd a multiple of n_head")
+            raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}",
+                            "pick n_embd a multiple of n_head")
         self.config = dataclasses.replace(cfg)  # a copy: crop_block_size changes it
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
@@ -142,7 +143,8 @@ class GPT(nn.Module):
         """nanoGPT's start-up line, e.g. 'number of parameters: 10.65M'."""
         return f"number of parameters: {self.get_num_params() / 1e6:.2f}M"
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits, loss).
 
         With targets: logits for every position (B, T, vocab) and the mean cross-entropy
@@ -192,7 +194,8 @@ class GPT(nn.Module):
         plus 12*L*H*Q*T for attention over a full block.
         """
         N = self.get_num_params()
-        L, H, Q, T = self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head, self.config.block_size
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         flops_per_token = 6 * N + 12 * L * H * Q * T
         flops_per_iter = flops_per_token * T * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops
@@ -206,7 +209,8 @@ class GPT(nn.Module):
         torch.Generator on idx's device for reproducible samples.
         """
         if temperature <= 0:
-            raise UserError(f"temperature must be > 0, got {temperature}", "use e.g. temperature=0.8, or top_k=1 for greedy decoding")
+            raise UserError(f"temperature must be > 0, got {temperature}",
+                            "use e.g. temperature=0.8, or top_k=1 for greedy decoding")
         if top_k is not None and top_k < 1:
             raise UserError(f"top_k must be >= 1, got {top_k}", "use e.g. top_k=200, or leave it unset")
         for _ in range(max_new_tokens):
@@ -265,7 +269,8 @@ def _reachable(url: str, timeout: float = 5.0) -> bool:
 
 def _uses_proxy() -> bool:
     # Behind a proxy a direct probe says nothing; let huggingface_hub try.
-    return any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"))
+    names = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+    return any(os.environ.get(k) or os.environ.get(k.lower()) for k in names)
 
 
 def _check_hf_config(hf: dict[str, Any], where: str) -> None:
@@ -315,17 +320,26 @@ def _load_hf(name_or_path: str) -> tuple[Any, dict[str, Any]]:
     shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_size=50257)
     from huggingface_hub import constants
 
+    def checked(hf: Any) -> tuple[Any, dict[str, Any]]:
+        # transformers prefers a folder of the same name in the working directory over the hub
+        got = (hf.config.n_layer, hf.config.n_head, hf.config.n_embd, hf.config.n_positions, hf.config.vocab_size)
+        if got != tuple(shape.values()):
+            raise UserError(f"{name} loaded with shape {got}, not GPT-2's {tuple(shape.values())}",
+                            f"rename the local folder ./{name}, or pass its path to use it")
+        return hf, shape
+
     # The cache first: no network at all when the weights are already here.
     for repo in (name, f"openai-community/{name}"):
         try:
-            return GPT2LMHeadModel.from_pretrained(repo, local_files_only=True, **kwargs), shape
+            return checked(GPT2LMHeadModel.from_pretrained(repo, local_files_only=True, **kwargs))
         except OSError:
             pass
     where = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     if _offline():
-        raise UserError(f"{name} is not available offline: {where} and HF_HUB_OFFLINE is set", OFFLINE_FIX)
+        raise ModelUnavailable(f"{name} is not available offline: {where} and HF_HUB_OFFLINE is set", OFFLINE_FIX)
     if not _uses_proxy() and not _reachable(constants.ENDPOINT):
-        raise UserError(f"{name} is not available offline: {where} and {constants.ENDPOINT} cannot be reached", OFFLINE_FIX)
+        raise ModelUnavailable(f"{name} is not available offline: {where} and {constants.ENDPOINT} cannot be reached",
+                        OFFLINE_FIX)
     try:
         import httpx
 
@@ -333,10 +347,11 @@ def _load_hf(name_or_path: str) -> tuple[Any, dict[str, Any]]:
     except ImportError:
         net_errors = (OSError,)
     try:
-        return GPT2LMHeadModel.from_pretrained(name, **kwargs), shape
+        hf = GPT2LMHeadModel.from_pretrained(name, **kwargs)
     except net_errors as e:
-        raise UserError(f"{name} is not available offline: {where} and the download failed ({str(e).splitlines()[0]})",
+        raise ModelUnavailable(f"{name} is not available offline: {where} and the download failed ({str(e).splitlines()[0]})",
                         OFFLINE_FIX) from e
+    return checked(hf)
 
 
 def load_pretrained(name_or_path: str, dropout: float = 0.0) -> tuple[GPT, dict[str, Any]]:
@@ -363,18 +378,20 @@ def load_pretrained(name_or_path: str, dropout: float = 0.0) -> tuple[GPT, dict[
     converted: dict[str, torch.Tensor] = {}
     for key in list(state):
         tensor = state.pop(key)
-        if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of older transformers
+        # causal-mask buffers of older transformers; the head is tied to wte (checked above), set below
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
             continue
         if key not in ours:
-            raise UserError(f"unexpected weight {key!r} in {name_or_path}", "pass a plain GPT-2 (GPT2LMHeadModel) checkpoint")
+            raise UserError(f"unexpected weight {key!r} in {name_or_path}",
+                            "pass a plain GPT-2 (GPT2LMHeadModel) checkpoint")
         if key.endswith(_CONV1D):
             tensor = tensor.t()
-        converted[key] = tensor.to(torch.float32).contiguous()
+        # Always a copy in ordinary memory: HF's tensors may be views of the memory-mapped weights
+        # file, which stays mapped (and resident) as long as any of them is alive.
+        converted[key] = tensor.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
         del tensor
+    converted["lm_head.weight"] = converted["transformer.wte.weight"]
     missing = ours - set(converted)
-    if "lm_head.weight" in missing:  # some exports leave the tied head out
-        converted["lm_head.weight"] = converted["transformer.wte.weight"]
-        missing.discard("lm_head.weight")
     if missing:
         raise UserError(f"{name_or_path} lacks weights {sorted(missing)[:3]}", "pass a complete GPT-2 checkpoint")
     model.load_state_dict(converted, strict=True, assign=True)

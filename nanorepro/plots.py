@@ -8,11 +8,13 @@ and a notebook's own backend is left alone.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from . import metrics
 from .errors import UserError
@@ -49,9 +51,27 @@ def run_label(run_dir: Path, base: Path | None = None) -> str:
     return run_dir.name
 
 
+STAGES_FILE = "stages.jsonl"  # the pipeline's record of its stages, in the results folder above runs/
+
+
+def stage_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Stage records about this run: its own, and the pipeline's `train <run>` entries in a
+    stages.jsonl one or two folders up (results/<id>/stages.jsonl for results/<id>/runs/<run>)."""
+    run_dir = Path(run_dir)
+    out = metrics.of_kind(read_records(run_dir), "stage") if run_dir.is_dir() else []
+    for folder in list(run_dir.resolve().parents)[:2]:
+        path = folder / STAGES_FILE
+        if path.is_file():
+            rel = run_dir.resolve().relative_to(folder).as_posix()
+            names = {f"train {run_dir.name}", f"train {rel}", f"train {rel.removeprefix('runs/')}"}
+            out += [r for r in metrics.of_kind(metrics.read(path), "stage") if r.get("name") in names]
+    return out
+
+
 def not_run_reason(records: list[dict[str, Any]]) -> str | None:
     """Why a run has no losses: a stage recorded as not_run/failed, or nothing written yet."""
-    for r in metrics.of_kind(records, "stage"):
+    latest = {r.get("name"): r for r in metrics.of_kind(records, "stage")}  # a retried stage counts as its last try
+    for r in latest.values():
         if r.get("status") in ("not_run", "failed"):
             status = "not run" if r["status"] == "not_run" else "failed"
             return f"{r.get('name', 'stage')} {status}" + (f": {r['reason']}" if r.get("reason") else "")
@@ -60,7 +80,8 @@ def not_run_reason(records: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def _reference_lines(references: bool | list[dict[str, Any]], datasets: set[str]) -> list[dict[str, Any]]:
+def reference_lines(references: bool | list[dict[str, Any]], datasets: set[str]) -> list[dict[str, Any]]:
+    """Published validation losses worth drawing: those for the datasets being plotted."""
     if references is False:
         return []
     if references is True:
@@ -86,6 +107,9 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise UserError("no run folders to plot", "pass at least one runs/<run> folder")
+    for d in run_dirs:
+        if not d.is_dir():
+            raise UserError(f"run folder {d} does not exist", "pass folders made by `nanorepro train`")
     loaded = []
     for d in run_dirs:
         recs = read_records(d)
@@ -99,7 +123,7 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
         elif longest > 600:
             scale, unit = 60.0, "min"
 
-    fig = Figure(figsize=(9, 5.5), dpi=110)
+    fig = Figure(figsize=(8, 5), dpi=110)
     ax = fig.add_subplot()
     colors = [f"C{i}" for i in range(10)]
     notes, datasets, plotted = [], set(), 0
@@ -111,6 +135,7 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
                  if r.get("loss") is not None and _x(r, x, scale) is not None]
         evals = [r for r in metrics.of_kind(recs, "eval") if _x(r, x, scale) is not None]
         val = [(_x(r, x, scale), r["val_loss"]) for r in evals if r.get("val_loss") is not None]
+        finite = [v for _, v in val if math.isfinite(v)]
         etrain = [(_x(r, x, scale), r["train_loss"]) for r in evals if r.get("train_loss") is not None]
         if train:
             # per-iteration loss is one noisy batch: faint, labelled only when no evaluation exists
@@ -119,34 +144,41 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
         if etrain:
             ax.plot(*zip(*etrain), color=color, ls="--", lw=1.4, label=f"{name}: train (eval)")
         if val:
-            best = min(v for _, v in val)
-            ax.plot(*zip(*val), color=color, marker="o", ms=3.5, lw=1.8, label=f"{name}: val (best {best:.4f})")
+            best = f"best {min(finite):.4f}" if finite else "diverged"
+            ax.plot(*zip(*val), color=color, marker="o", ms=3.5, lw=1.8, label=f"{name}: val ({best})")
         if train or val:
             plotted += 1
         if not val:
-            reason = not_run_reason(recs) or ("no evaluation yet" if train else "no losses recorded yet")
+            reason = (not_run_reason(recs + stage_records(d))
+                      or ("no evaluation yet" if train else "no losses recorded yet"))
             notes.append(f"{name}: {reason}")
 
-    for c in _reference_lines(references, datasets):
-        ax.axhline(c["value"], color="0.35", ls=":", lw=1.2,
+    styles = [":", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 3))]
+    for j, c in enumerate(reference_lines(references, datasets)):
+        ax.axhline(c["value"], color="0.3", ls=styles[j % len(styles)], lw=1.3,
                    label=f"published {c['value']:g}: {c.get('label') or c['id']}")
 
     ax.set_xlabel("iteration" if x == "iter" else f"wall time ({unit})")
+    if x == "iter":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cross-entropy loss (nats per token)")
     what = "iteration" if x == "iter" else "wall time"
     ax.set_title(title or f"Train and validation loss vs {what}" + (f" ({', '.join(sorted(datasets))})" if datasets else ""))
     ax.grid(True, alpha=0.3)
     if notes:
-        ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=8, va="bottom", ha="left",
+        # under the x axis, where it hides neither curves nor reference lines
+        ax.text(0.0, -0.14, "\n".join(notes), transform=ax.transAxes, fontsize=8, va="top", ha="left",
                 bbox=dict(boxstyle="round", facecolor="lightyellow", alpha=0.9))
     if not plotted:
-        ax.text(0.5, 0.55, "No losses to plot yet", transform=ax.transAxes, ha="center", fontsize=13)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.text(0.5, 0.55, "No losses recorded", transform=ax.transAxes, ha="center", fontsize=13)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
+        # outside the axes: curves of several runs fill the whole plot area
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
+    fig.savefig(out_png, bbox_inches="tight")
     if notes:
         warnings.warn(f"{out_png.name}: " + "; ".join(notes), stacklevel=2)
     return out_png

@@ -244,7 +244,7 @@ def train(cfg: Config, preset: str | None = None) -> dict[str, Any]:
                                           "val_loss": losses["val"], "lr": lr, "elapsed_s": elapsed(),
                                           "best_val_loss": best_val})
             bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            bar.set_postfix(val=f"{losses['val']:.4f}")
+            bar.set_postfix(val=f"{losses['val']:.4f}", refresh=False)
             if iter_num > 0 and (improved or cfg.always_save_checkpoint):
                 checkpoint()
             window_t, window_iters = time.perf_counter(), 0  # keep eval time out of tokens/s
@@ -276,7 +276,7 @@ def train(cfg: Config, preset: str | None = None) -> dict[str, Any]:
             metrics.append(metrics_path, {"kind": "train", "iter": iter_num, "loss": lossf, "lr": lr,
                                           "tokens_per_s": cfg.tokens_per_iter / dt, "ms_per_iter": dt * 1000,
                                           "elapsed_s": elapsed()})
-            bar.set_postfix(loss=f"{lossf:.4f}")
+            bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
             window_t, window_iters = time.perf_counter(), 0
     bar.close()
     total = elapsed()

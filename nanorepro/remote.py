@@ -1,0 +1,428 @@
+"""Run stages on a reserved Chameleon node over SSH, as jobs that outlive the connection.
+
+Every stage runs on the node under `setsid nohup`, writing `.jobs/<stage>/log` and, when it ends,
+`.jobs/<stage>/rc`. The runner polls both, prints new log lines as they come, and reconnects when
+the connection drops, so a flaky network or a culled hub kernel never kills a training run; running
+the same stage again while it is still going attaches to it instead of starting a second copy.
+
+Layout on the node: the code in `remote_dir` (default `~/nanorepro`), its venv in `<remote_dir>/.venv`,
+and a local work folder inside the checkout (e.g. `results/chameleon`) mirrored at the same relative
+path under `remote_dir`. The SSH private key is read from its path; it is never copied anywhere.
+No torch here, and paramiko is imported only when a connection is made.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import os
+import posixpath
+import shlex
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import paramiko
+
+NODE_FILE = "chameleon_node.json"  # the node record 00_reserve_node writes into the state folder
+KNOWN_HOSTS = "chameleon_known_hosts"
+DEFAULT_INSTALL = ("python3 -m venv .venv && .venv/bin/python -m pip install -q --upgrade pip && "
+                   ".venv/bin/python -m pip install -e '.[train]'")
+JOBS = ".jobs"
+TAIL_LINES = 20
+# Written by a stage that records the node: the full nvidia-smi report and envinfo's record (no env vars).
+NODE_INFO_SCRIPT = """
+import json, subprocess, sys
+from pathlib import Path
+from nanorepro import envinfo
+out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+try:
+    smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60).stdout
+except (OSError, subprocess.SubprocessError) as e:
+    smi = f"nvidia-smi not available on this node: {e}\\n"
+(out / "nvidia-smi.txt").write_text(smi)
+envinfo.write(out / "env.json", envinfo.capture())
+print(envinfo.summary(envinfo.read(out / "env.json")))
+print(smi)
+"""
+
+
+def load_node(state_dir: Path) -> dict[str, Any]:
+    """The node record written by `chameleon.reserve`, or a UserError saying how to make one."""
+    path = Path(state_dir) / NODE_FILE
+    if not path.is_file():
+        raise UserError(f"no reserved node recorded in {path}",
+                        "run 00_reserve_node with target='chameleon' and the same results_dir first")
+    return json.loads(path.read_text())
+
+
+def _q(path: str | PurePosixPath) -> str:
+    return shlex.quote(str(path))
+
+
+def source_files(root: Path) -> list[Path]:
+    """The files to ship to the node: git's tracked and untracked-but-not-ignored files, or the package."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             cwd=root, capture_output=True, check=True, timeout=60).stdout
+        names = sorted({n for n in out.decode().split("\0") if n})
+    except (OSError, subprocess.SubprocessError):
+        names = ["pyproject.toml", "README.md"] + [str(p.relative_to(root)) for p in (root / "nanorepro").rglob("*")
+                                                    if p.is_file() and "__pycache__" not in p.parts]
+    # shared/ (data beside some checkouts) and results are not code
+    return [root / n for n in names if (root / n).is_file() and not n.startswith(("shared/", "results/"))]
+
+
+def source_tar(root: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in source_files(root):
+            tar.add(path, arcname=str(path.relative_to(root)), recursive=False)
+    return buf.getvalue()
+
+
+class SSHRunner:
+    """Runs `python -m nanorepro <args>` on a node as detached jobs and copies results back.
+
+    `workdir` is the local results folder; stages run in its mirror on the node (see module doc).
+    """
+
+    target = "chameleon"
+
+    def __init__(self, host: str, *, key_path: str | Path, user: str = "cc", port: int = 22,
+                 remote_dir: str = "nanorepro", workdir: str | Path = ".", local_root: Path | None = None,
+                 state_dir: Path | None = None, poll_s: float = 2.0, reconnect_timeout_s: float = 600.0,
+                 connect_timeout_s: float = 15.0, out: Callable[[str], None] | None = None):
+        self.host, self.port, self.user = host, int(port), user
+        self.key_path = Path(key_path).expanduser()
+        self.remote_dir = PurePosixPath(remote_dir)
+        self.local_root = Path(local_root or _project_root()).resolve()
+        self.workdir_rel = self._mirror(Path(workdir))
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.poll_s, self.reconnect_timeout_s, self.connect_timeout_s = poll_s, reconnect_timeout_s, connect_timeout_s
+        self._print = out or (lambda s: print(s, flush=True))
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self._ever_connected = False
+
+    @classmethod
+    def from_state(cls, state_dir: Path, workdir: Path | None = None, **kwargs: Any) -> "SSHRunner":
+        """The runner for the node recorded in `<state_dir>/chameleon_node.json` by `00_reserve_node`."""
+        node = load_node(Path(state_dir))
+        for key in ("host", "key_path"):
+            if not node.get(key):
+                raise UserError(f"the node record in {state_dir} has no {key} (the reservation did not finish)",
+                                "re-run 00_reserve_node: it reuses the lease and server it already made")
+        poll = kwargs.pop("poll_s", None) or float(os.environ.get("NANOREPRO_SSH_POLL_S", 2.0))
+        return cls(node["host"], key_path=node["key_path"], user=node.get("user", "cc"),
+                   port=node.get("port", 22), remote_dir=node.get("remote_dir", "nanorepro"),
+                   workdir=workdir if workdir is not None else Path(state_dir), state_dir=Path(state_dir),
+                   poll_s=poll, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"SSHRunner({self.user}@{self.host}:{self.port}, {self.remote_dir})"
+
+    def _mirror(self, workdir: Path) -> PurePosixPath:
+        """The stage folder on the node, relative to remote_dir."""
+        if not workdir.is_absolute():
+            return PurePosixPath(workdir.as_posix())
+        try:
+            return PurePosixPath(workdir.resolve().relative_to(self.local_root).as_posix())
+        except ValueError:  # outside the checkout: keep only its name
+            return PurePosixPath("work") / workdir.name
+
+    @property
+    def stage_dir(self) -> PurePosixPath:
+        return self.remote_dir / self.workdir_rel
+
+    # -- connection --------------------------------------------------------------------------
+    def _connect(self) -> "paramiko.SSHClient":
+        import paramiko
+
+        if not self.key_path.is_file():
+            raise UserError(f"SSH private key {self.key_path} does not exist",
+                            "point OS_KEYPAIR_PRIVATE_KEY (or key_path) at the key of the keypair used for the server")
+        client = paramiko.SSHClient()
+        known = self.state_dir / KNOWN_HOSTS if self.state_dir else None
+        if known and known.is_file():
+            client.load_host_keys(str(known))
+        # A new bare-metal node has a new host key: trust it the first time, then pin it in the state folder.
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        try:
+            client.connect(self.host, port=self.port, username=self.user, key_filename=str(self.key_path),
+                           look_for_keys=False, allow_agent=False, timeout=self.connect_timeout_s,
+                           banner_timeout=self.connect_timeout_s, auth_timeout=self.connect_timeout_s)
+        except paramiko.BadHostKeyException as e:
+            raise UserError(f"the host key of {self.host} changed since the first connection",
+                            f"if the node was re-created, delete {known} and retry") from e
+        except paramiko.AuthenticationException as e:
+            raise UserError(f"{self.user}@{self.host} refused the key {self.key_path}",
+                            "use the private key of the keypair the server was launched with") from e
+        if known:
+            known.parent.mkdir(parents=True, exist_ok=True)
+            client.save_host_keys(str(known))
+        self._ever_connected = True
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(30)  # keeps NAT state alive between polls of a long stage
+        return client
+
+    def _conn(self) -> "paramiko.SSHClient":
+        transport = self._client.get_transport() if self._client else None
+        if transport is None or not transport.is_active():
+            if self._client is not None:
+                self._print(f"connection to {self.host} lost; reconnecting - jobs on the node keep running")
+            self.close()
+            self._client = self._connect()
+        return self._client
+
+    def _sftp_client(self) -> "paramiko.SFTPClient":
+        if self._sftp is None or self._sftp.get_channel() is None or self._sftp.get_channel().closed:
+            self._sftp = self._conn().open_sftp()
+        return self._sftp
+
+    def close(self) -> None:
+        for thing in (self._sftp, self._client):
+            try:
+                if thing is not None:
+                    thing.close()
+            except Exception:  # closing a dead connection can raise anything; nothing to save
+                pass
+        self._sftp = self._client = None
+
+    def _retrying(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Call fn; on a dropped connection reconnect (with backoff) and call it again.
+
+        fn must be safe to repeat: job launches check for a running copy first.
+        """
+        import paramiko
+
+        deadline, delay = None, 1.0
+        while True:
+            try:
+                return fn()
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+                    raise  # an answer from a live connection, not a dropped one
+                if not self._ever_connected:
+                    raise UserError(f"cannot reach {self.user}@{self.host}:{self.port} over SSH "
+                                    f"({type(e).__name__}: {e})",
+                                    "check the lease is still active and the server up (re-run 00_reserve_node: "
+                                    "it reuses both), then retry") from e
+                if deadline is None:
+                    deadline = time.monotonic() + self.reconnect_timeout_s
+                    self._print(f"[{what}] connection to {self.host} lost ({type(e).__name__}: {e}); "
+                                "reconnecting - jobs on the node keep running")
+                if time.monotonic() > deadline:
+                    raise UserError(f"lost the connection to {self.host} and could not reconnect for "
+                                    f"{self.reconnect_timeout_s:.0f} s ({e})",
+                                    "jobs keep running on the node: re-run this cell later to attach to them, "
+                                    "and check the node is up and its lease active") from e
+                self.close()
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+
+    def _exec(self, command: str, timeout: float = 120.0) -> tuple[int, str]:
+        """Run a short shell command on the node; its exit code and combined output."""
+        def go() -> tuple[int, str]:
+            chan = self._conn().get_transport().open_session(timeout=self.connect_timeout_s)
+            chan.settimeout(timeout)
+            chan.set_combine_stderr(True)
+            chan.exec_command(command)
+            data = b""
+            while True:
+                chunk = chan.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            code = chan.recv_exit_status()
+            chan.close()
+            return code, data.decode("utf-8", "replace")
+
+        return self._retrying("ssh", go)
+
+    def check(self, command: str, what: str) -> str:
+        code, out = self._exec(command)
+        if code:
+            raise UserError(f"{what} failed on {self.host} (exit {code}): {out.strip()[-2000:]}",
+                            "read the message above; the node may be out of disk or still booting")
+        return out
+
+    # -- setup -------------------------------------------------------------------------------
+    def setup(self, install_cmd: str | None = None) -> None:
+        """Copy this checkout to the node, create its venv and install nanorepro with the training extras.
+
+        `install_cmd` (run in remote_dir; default: a venv and `pip install -e '.[train]'`, which on a
+        CUDA node brings the CUDA build of torch) can be replaced, e.g. by tests, with something cheaper.
+        """
+        install_cmd = install_cmd or os.environ.get("NANOREPRO_INSTALL_CMD") or DEFAULT_INSTALL
+        started = time.time()
+        data = source_tar(self.local_root)
+        self._print(f"copying the code ({len(data) / 1e3:.0f} kB) to {self.user}@{self.host}:{self.remote_dir}")
+        self.check(f"mkdir -p -- {_q(self.remote_dir)}", "creating the code folder")
+        archive = self.remote_dir / ".nanorepro-src.tar.gz"
+        self._retrying("copy", lambda: self._sftp_client().putfo(io.BytesIO(data), str(archive)))
+        self.check(f"cd -- {_q(self.remote_dir)} && tar -xzf .nanorepro-src.tar.gz && rm -f .nanorepro-src.tar.gz",
+                   "unpacking the code")
+        self._print(f"installing on the node: {install_cmd}")
+        self.run_command(["sh", "-c", install_cmd], stage="setup", cwd=self.remote_dir)
+        self.check(f"mkdir -p -- {_q(self.stage_dir)}", "creating the work folder")
+        self._print(f"node ready in {time.time() - started:.0f} s")
+
+    def record_node(self, rel_dir: str = "node") -> None:
+        """Write the node's `nvidia-smi` report and environment record into `<workdir>/<rel_dir>/` on the node."""
+        self.run_command([self._python(), "-c", NODE_INFO_SCRIPT, rel_dir], stage="record node")
+
+    def _python(self) -> str:
+        """The venv's python, addressed from the stage folder."""
+        depth = len(self.workdir_rel.parts) if str(self.workdir_rel) != "." else 0
+        return posixpath.join(*([".."] * depth), ".venv", "bin", "python") if depth else ".venv/bin/python"
+
+    # -- stages ------------------------------------------------------------------------------
+    def run(self, args: list[str], *, stage: str, check: bool = True) -> int:
+        """`python -m nanorepro <args>` on the node in the stage folder, its log streamed here."""
+        return self.run_command([self._python(), "-m", "nanorepro", *args], stage=stage, check=check)
+
+    def run_command(self, argv: list[str], *, stage: str, check: bool = True,
+                    cwd: PurePosixPath | None = None) -> int:
+        """Run argv as a detached job on the node (attaching if the same job still runs); its exit code."""
+        cwd = cwd if cwd is not None else self.stage_dir
+        cmd = " ".join(_q(a) for a in argv)
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in stage)[:40]
+        job = PurePosixPath(JOBS) / f"{slug}-{hashlib.sha1(cmd.encode()).hexdigest()[:8]}"
+        if self._launch(cmd, job, cwd) == "running":
+            self._print(f"[{stage}] already running on {self.host}: attaching to it")
+        else:
+            self._print(f"[{stage}] started on {self.host} in {cwd} (log: {cwd / job / 'log'})")
+        code, tail = self._follow(stage, cwd / job)
+        if code and check:
+            raise UserError(f"stage {stage} failed on {self.host} (exit {code}); the last lines of its log:\n"
+                            + "\n".join(tail),
+                            f"fix the cause and re-run; the whole log is {cwd / job / 'log'} on the node")
+        return code
+
+    def _launch(self, cmd: str, job: PurePosixPath, cwd: PurePosixPath) -> str:
+        """Start the job unless the same one still runs ("running"); safe to repeat after a dropped connection."""
+        pid, rc, tmp = _q(job / "pid"), _q(job / "rc"), _q(job / "rc.tmp")
+        inner = f"echo $$ > {pid}; export PYTHONUNBUFFERED=1; {cmd}; echo $? > {tmp} && mv {tmp} {rc}"
+        # `cd X;` rather than `cd X &&`: an &&-list sent to the background holds the SSH channel open until it ends.
+        script = (f"mkdir -p -- {_q(cwd)} && cd -- {_q(cwd)} || exit 97\n"
+                  f"if [ -f {pid} ] && [ ! -f {rc} ] && kill -0 \"$(cat {pid})\" 2>/dev/null; then echo running; exit 0; fi\n"
+                  f"rm -rf -- {_q(job)}; mkdir -p -- {_q(job)}\n"
+                  f"setsid nohup sh -c {_q(inner)} > {_q(job / 'log')} 2>&1 < /dev/null &\n"
+                  "echo started\n")
+        return self.check(script, "starting the job").strip()
+
+    def _follow(self, stage: str, job: PurePosixPath) -> tuple[int, list[str]]:
+        """Stream the job's log until its exit code appears; reconnect on drops."""
+        offset, pending = 0, b""
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        log, rc_path, pid_path = str(job / "log"), str(job / "rc"), str(job / "pid")
+
+        def emit(data: bytes) -> None:
+            for line in data.decode("utf-8", "replace").splitlines():
+                self._print(line)
+                tail.append(line.split("\r")[-1])  # a progress bar's last state
+
+        def poll() -> tuple[bytes, int | None, bool]:
+            sftp = self._sftp_client()
+            code = None
+            try:
+                with sftp.open(rc_path) as f:
+                    code = int(f.read().decode().strip() or "1")
+            except FileNotFoundError:
+                pass
+            try:
+                with sftp.open(log) as f:  # read after rc: once rc exists, the log is complete
+                    f.seek(offset)
+                    data = f.read()
+            except FileNotFoundError:
+                data = b""  # the job's shell has not opened it yet
+            alive = True
+            if code is None:
+                try:
+                    with sftp.open(pid_path) as f:
+                        pid = f.read().decode().strip()
+                except FileNotFoundError:
+                    pid = ""  # not written yet: the job has only just started
+                if pid:
+                    alive = self._exec(f"kill -0 {_q(pid)} 2>/dev/null || [ -f {_q(rc_path)} ]")[0] == 0
+            return data, code, alive
+
+        while True:
+            data, code, alive = self._retrying(stage, poll)
+            offset += len(data)
+            pending += data
+            if code is not None:
+                emit(pending)
+                return code, list(tail)
+            complete, sep, pending = pending.rpartition(b"\n")
+            if sep:
+                emit(complete)
+            if not alive:
+                emit(pending)
+                raise UserError(f"stage {stage} on {self.host} stopped without an exit code (killed, or the node "
+                                "rebooted); the last lines of its log:\n" + "\n".join(tail),
+                                "re-run the stage; check `uptime` and `dmesg` on the node if it happens again")
+            time.sleep(self.poll_s)
+
+    # -- files -------------------------------------------------------------------------------
+    def fetch(self, rel_path: str, local_dir: Path, *, checkpoints: bool = False) -> Path:
+        """Copy `<workdir>/<rel_path>` (file or folder) to `local_dir/<rel_path>`; return the local path.
+
+        Checkpoints (`*.pt`) inside a folder stay on the node unless `checkpoints=True`; a
+        checkpoint asked for by name is copied.
+        """
+        src = self.stage_dir / rel_path
+        dest = Path(local_dir) / rel_path
+
+        def go() -> Path:
+            sftp = self._sftp_client()
+            try:
+                st = sftp.stat(str(src))
+            except FileNotFoundError:
+                raise UserError(f"{rel_path} does not exist on the node (looked for {src} on {self.host})",
+                                "run the stage that writes it first") from None
+            if stat.S_ISDIR(st.st_mode or 0):
+                self._get_dir(sftp, src, dest, checkpoints)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                sftp.get(str(src), str(dest))
+            return dest
+
+        return self._retrying("fetch", go)
+
+    def _get_dir(self, sftp: "paramiko.SFTPClient", src: PurePosixPath, dest: Path, checkpoints: bool) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        for entry in sftp.listdir_attr(str(src)):
+            if stat.S_ISDIR(entry.st_mode or 0):
+                self._get_dir(sftp, src / entry.filename, dest / entry.filename, checkpoints)
+            elif checkpoints or not entry.filename.endswith(".pt"):
+                sftp.get(str(src / entry.filename), str(dest / entry.filename))
+
+    def put(self, local_path: Path, rel_path: str) -> str:
+        """Copy a local file (e.g. an input text) to `<workdir>/<rel_path>` on the node; the remote path."""
+        dest = self.stage_dir / rel_path
+        self.check(f"mkdir -p -- {_q(dest.parent)}", "creating a folder")
+        self._retrying("put", lambda: self._sftp_client().put(str(local_path), str(dest)))
+        return str(dest)
+
+
+def _project_root() -> Path:
+    from .pipeline import project_root
+
+    return project_root()
+
+
+if __name__ == "__main__":  # pragma: no cover - a manual check: python -m nanorepro.remote STATE_DIR ARGS...
+    SSHRunner.from_state(Path(sys.argv[1])).run(sys.argv[2:], stage="manual")

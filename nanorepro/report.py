@@ -1,0 +1,703 @@
+"""Judge run folders against the published numbers: REPORT.md, report.json and a .tar.gz bundle.
+
+Everything here is computed from files: `metrics.jsonl`, `config.json`, `env.json` of each run,
+the data folders' `meta.json`, and `references.json` (the published claims). No torch.
+
+Verdicts: "reproduced" (within the claim's tolerance), "not reproduced", "not run" (no finished
+run of that kind, with the reason), and "new result" for a claim with no published number.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import math
+import os
+import statistics
+import tarfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import __version__, envinfo, metrics, plots
+from .errors import UserError
+
+REFERENCES_FILE = Path(__file__).with_name("references.json")
+
+# Fields a run may change and still be "the published recipe": where files go, which seed,
+# which device/precision/compiler runs it, how often it prints. Everything else must match the preset.
+NEUTRAL_FIELDS = {"out_dir", "data_root", "seed", "device", "dtype", "compile", "log_interval",
+                  "always_save_checkpoint", "vocab_size"}
+# For a GPT-2 init the model's shape comes from the checkpoint, whatever the config said.
+PRETRAINED_SHAPE_FIELDS = {"n_layer", "n_head", "n_embd", "bias"}
+RUN_METRICS = {"best_val_loss", "wall_time_s"}
+DATA_METRICS = {"input_chars", "vocab_size", "train_tokens", "val_tokens"}
+# meta.json key spellings accepted for each data metric (the first found wins)
+DATA_KEYS = {
+    "input_chars": ("input_chars", "n_chars", "num_chars", "chars", "source_chars", "text_chars"),
+    "vocab_size": ("vocab_size",),
+    "train_tokens": ("train_tokens", "n_train_tokens", "num_train_tokens"),
+    "val_tokens": ("val_tokens", "n_val_tokens", "num_val_tokens"),
+}
+EPS = 1e-9
+
+
+# ----------------------------------------------------------------------------- references
+
+def load_references(path: Path | None = None) -> dict[str, Any]:
+    """references.json (or another file of the same shape), checked so a typo fails loudly."""
+    path = Path(path) if path else REFERENCES_FILE
+    try:
+        refs = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read references {path}: {e}", "restore nanorepro/references.json from git") from e
+    sources = refs.get("sources", {})
+    for c in refs.get("claims", []):
+        missing = [k for k in ("id", "description", "metric", "value", "tolerance", "source") if k not in c]
+        if missing:
+            raise UserError(f"claim {c.get('id', '?')} in {path} lacks {', '.join(missing)}", "add those keys")
+        if c["metric"] not in RUN_METRICS | DATA_METRICS:
+            raise UserError(f"claim {c['id']}: unknown metric {c['metric']!r}",
+                            f"use one of {', '.join(sorted(RUN_METRICS | DATA_METRICS))}")
+        if c["source"] not in sources:
+            raise UserError(f"claim {c['id']}: source {c['source']!r} is not in 'sources'", "add it to 'sources'")
+        if c["metric"] in RUN_METRICS and not c.get("presets"):
+            raise UserError(f"claim {c['id']}: a run metric needs 'presets'", "list the presets it applies to")
+        if c["metric"] in DATA_METRICS and not c.get("dataset"):
+            raise UserError(f"claim {c['id']}: a data metric needs 'dataset'", "name the data folder, e.g. shakespeare_char")
+    return refs
+
+
+# ----------------------------------------------------------------------------- one run
+
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _encoding(cfg: dict[str, Any], data_meta: dict[str, Any] | None) -> str | None:
+    if data_meta and data_meta.get("encoding"):
+        return str(data_meta["encoding"])
+    ds = str(cfg.get("dataset") or "")
+    if ds.endswith("_char"):
+        return "char"
+    if ds.endswith("_gpt2") or cfg.get("init_from", "scratch") != "scratch":
+        return "gpt2"
+    return None
+
+
+def loss_units(loss: float | None, encoding: str | None) -> dict[str, float | None]:
+    """A loss in nats per token, and the unit readers compare: bits/char (char) or perplexity (BPE)."""
+    if loss is None:
+        return {"loss_nats": None}
+    out: dict[str, float | None] = {"loss_nats": loss}
+    if encoding == "char":
+        out["bits_per_char"] = loss / math.log(2)
+    elif encoding is not None:
+        out["perplexity"] = math.exp(loss)
+    return out
+
+
+def _find_data_dir(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
+    """The data folder a run trained on: data_root/dataset, tried from the working directory and
+    from the run folder's ancestors (runs/<run> sits next to data/ in a checkout)."""
+    if not cfg.get("dataset"):
+        return None
+    root = Path(cfg.get("data_root") or "data")
+    candidates = [root] if root.is_absolute() else [Path.cwd() / root] + [p / root for p in Path(run_dir).resolve().parents[:4]]
+    for c in candidates:
+        if (c / cfg["dataset"] / "meta.json").is_file():
+            return c / cfg["dataset"]
+    return None
+
+
+def _data_value(meta: dict[str, Any], metric: str) -> int | None:
+    """A count from meta.json, at the top level or one level down (e.g. {"counts": {...}})."""
+    scopes = [meta] + [v for v in meta.values() if isinstance(v, dict)]
+    for scope in scopes:
+        for key in DATA_KEYS[metric]:
+            if isinstance(scope.get(key), (int, float)) and not isinstance(scope.get(key), bool):
+                return int(scope[key])
+    if metric == "input_chars" and meta.get("encoding") == "char":
+        # one token per character, split 90/10: the two files together are the whole text
+        if isinstance(meta.get("train_tokens"), int) and isinstance(meta.get("val_tokens"), int):
+            return meta["train_tokens"] + meta["val_tokens"]
+    split = {"train_tokens": "train", "val_tokens": "val"}.get(metric)
+    if split:  # {"splits": {"train": {"tokens": N}}} or {"train": {"tokens": N}}
+        for scope in scopes:
+            sub = scope.get(split)
+            if isinstance(sub, dict) and isinstance(sub.get("tokens"), int):
+                return sub["tokens"]
+    return None
+
+
+def deviations(cfg: dict[str, Any], preset: str | None) -> list[str] | None:
+    """Settings where a run differs from its preset beyond NEUTRAL_FIELDS; None if the preset is unknown."""
+    from .config import PRESETS, resolve
+
+    if not preset or preset not in PRESETS:
+        return None
+    ref = resolve(preset).to_dict()
+    neutral = NEUTRAL_FIELDS | (PRETRAINED_SHAPE_FIELDS if ref["init_from"] != "scratch" else set())
+    out = []
+    for k, v in ref.items():
+        if k in neutral or k not in cfg:
+            continue
+        mine = cfg[k]
+        same = math.isclose(mine, v) if isinstance(v, float) and isinstance(mine, (int, float)) else mine == v
+        if not same:
+            out.append(f"{k}={mine!r} (preset {v!r})")
+    return out
+
+
+def device_name(env: dict[str, Any], device: str | None) -> str:
+    """What a run ran on: the GPU model, or the CPU when the (resolved) device was the CPU."""
+    hw = env.get("hardware", {})
+    want = str(device or "")
+    if hw.get("gpu_count") and not want.startswith(("cpu", "mps")):
+        n = hw["gpu_count"]
+        return f"{n}x {hw.get('gpu_model')}" if n > 1 else str(hw.get("gpu_model"))
+    if hw.get("cpu_model"):
+        return f"CPU: {hw['cpu_model']} ({hw.get('cpu_count')} cores)"
+    return want or "unknown"
+
+
+def summarize_run(run_dir: Path, base: Path | None = None) -> dict[str, Any]:
+    """Everything the report says about one run folder, computed from its files."""
+    run_dir = Path(run_dir)
+    recs = plots.read_records(run_dir)
+    cfg = plots.run_config(run_dir, recs)
+    meta = metrics.meta(recs)
+    env = envinfo.read(run_dir)
+    preset = meta.get("preset") or cfg.get("preset")
+    data_dir = _find_data_dir(run_dir, cfg)
+    data_meta = None
+    if data_dir:
+        try:
+            data_meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            data_meta = None
+    encoding = _encoding(cfg, data_meta)
+
+    evals = [r for r in metrics.of_kind(recs, "eval") if _finite(r.get("val_loss")) is not None]
+    best = min(evals, key=lambda r: r["val_loss"]) if evals else None
+    ends = metrics.of_kind(recs, "end")
+    elapsed = [r["elapsed_s"] for r in recs if _finite(r.get("elapsed_s")) is not None]
+    wall = _finite(ends[-1].get("elapsed_s")) if ends and _finite(ends[-1].get("elapsed_s")) is not None \
+        else (max(elapsed) if elapsed else None)
+    trains = metrics.of_kind(recs, "train")
+    # the first logged iteration carries start-up (and torch.compile) time: leave it out of the rate
+    rates = [r["tokens_per_s"] for r in trains[1:] if _finite(r.get("tokens_per_s"))]
+    iters = [r["iter"] for r in recs if r.get("kind") in ("train", "eval", "end") and isinstance(r.get("iter"), int)]
+    last_iter = max(iters) if iters else None
+    tpi = None
+    if all(isinstance(cfg.get(k), int) for k in ("batch_size", "gradient_accumulation_steps", "block_size")):
+        tpi = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
+
+    stage_recs = plots.stage_records(run_dir)
+    reason = plots.not_run_reason(recs + stage_recs)
+    if metrics.finished(recs):
+        status = "finished"
+    elif reason:
+        status = "failed" if " failed" in reason else "not run"
+    elif ends:
+        status = str(ends[-1].get("status") or "ended")
+    else:
+        status = "incomplete"
+    stages = [{"name": r.get("name"), "status": r.get("status"), "elapsed_s": _finite(r.get("elapsed_s")),
+               "reason": r.get("reason")} for r in stage_recs]
+    return {
+        "name": plots.run_label(run_dir, base),
+        "path": str(run_dir),
+        "preset": preset,
+        "seed": cfg.get("seed"),
+        "dataset": cfg.get("dataset"),
+        "encoding": encoding,
+        "init_from": cfg.get("init_from"),
+        "status": status,
+        "reason": reason if status != "finished" else None,
+        "best_val_loss": best["val_loss"] if best else None,
+        "best_val_iter": best.get("iter") if best else None,
+        "best_val_units": loss_units(best["val_loss"] if best else None, encoding),
+        "last_iter": last_iter,
+        "max_iters": cfg.get("max_iters"),
+        "tokens_per_iter": tpi,
+        "tokens_seen": tpi * last_iter if tpi and last_iter is not None else None,
+        "tokens_per_s": statistics.median(rates) if rates else None,
+        "wall_time_s": wall,
+        "stages": stages,
+        "device": device_name(env, meta.get("device") or cfg.get("device")),
+        "deviations": deviations(cfg, preset),
+        "data_dir": str(data_dir) if data_dir else None,
+        "data_meta": data_meta,
+        "config": cfg,
+        "env": env,
+    }
+
+
+# ----------------------------------------------------------------------------- claims
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    n = len(values)
+    return {"n": n, "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if n > 1 else None,  # sample std (ddof=1): a few seeds
+            "min": min(values), "max": max(values)}
+
+
+def _agrees(measured: float, claim: dict[str, Any]) -> bool:
+    value, tol = claim["value"], claim["tolerance"] or 0
+    if claim.get("direction") == "at_most":
+        return measured <= value + tol + EPS
+    return abs(measured - value) <= tol + EPS
+
+
+def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, Any]) -> dict[str, Any]:
+    """One row of the claims table: the measured value and the verdict, with why."""
+    src = sources.get(claim["source"], {})
+    row = {k: claim.get(k) for k in ("id", "description", "metric", "unit", "value", "tolerance", "direction",
+                                     "tolerance_reason", "presets", "dataset", "requires")}
+    row.update(source=src.get("title"), source_url=src.get("url"), measured=None, stats=None, runs=[], notes=[])
+
+    def verdict_from(values: list[float]) -> None:
+        st = _stats(values)
+        row["stats"], row["measured"] = st, st["mean"]
+        if claim["value"] is None:
+            row["verdict"] = "new result"
+            return
+        row["verdict"] = "reproduced" if _agrees(st["mean"], claim) else "not reproduced"
+        if st["n"] > 1:
+            st["published_in_range"] = st["min"] - EPS <= claim["value"] <= st["max"] + EPS
+            st["within_tolerance_of_mean"] = _agrees(st["mean"], claim)
+
+    if claim["metric"] in DATA_METRICS:
+        found, users = {}, []
+        for r in runs:
+            if r["dataset"] == claim["dataset"] and r["data_meta"] is not None:
+                found.setdefault(r["data_dir"], _data_value(r["data_meta"], claim["metric"]))
+                users.append(r["name"])
+        values = [v for v in found.values() if v is not None]
+        if not values:
+            row["verdict"] = "not run"
+            row["notes"].append(f"no {claim['dataset']}/meta.json with {claim['metric']} found through the runs' configs"
+                                if not found else f"{claim['dataset']}/meta.json has no {claim['metric']}")
+            return row
+        row["runs"], row["data_dirs"] = users, sorted(found)
+        verdict_from([float(v) for v in values])
+        if len(set(values)) > 1:
+            row["verdict"] = "not reproduced" if claim["value"] is not None else row["verdict"]
+            row["notes"].append(f"data folders disagree: {sorted(set(values))}")
+        row["measured"] = values[0] if len(set(values)) == 1 else row["measured"]
+        return row
+
+    mine = [r for r in runs if r["preset"] in claim["presets"]]
+    if not mine:
+        row["verdict"] = "not run"
+        row["notes"].append(f"no run of preset {' / '.join(claim['presets'])}")
+        return row
+    recipe = [r for r in mine if not r["deviations"]]
+    for r in mine:
+        if r["deviations"]:
+            row["notes"].append(f"{r['name']} changed the recipe ({', '.join(r['deviations'])}): not counted")
+        elif r["deviations"] is None:
+            row["notes"].append(f"{r['name']}: preset {r['preset']!r} unknown to this version, settings not checked")
+    gpu = (claim.get("requires") or {}).get("gpu")
+    if gpu:
+        other = [r for r in recipe if gpu.lower() not in r["device"].lower()]
+        for r in other:
+            t = f", {r['wall_time_s']:.0f} s" if r["wall_time_s"] is not None else ""
+            row["notes"].append(f"{r['name']} ran on {r['device']}{t}, not an {gpu}: not comparable")
+        recipe = [r for r in recipe if r not in other]
+    done = [r for r in recipe if r["status"] == "finished" and r[claim["metric"]] is not None]
+    for r in recipe:
+        if r not in done:
+            why = r["reason"] or f"stopped at iter {r['last_iter']} of {r['max_iters']}"
+            row["notes"].append(f"{r['name']}: {r['status']} ({why})")
+    if not done:
+        row["verdict"] = "not run"
+        return row
+    row["runs"] = [r["name"] for r in done]
+    verdict_from([float(r[claim["metric"]]) for r in done])
+    return row
+
+
+# ----------------------------------------------------------------------------- seed groups
+
+def seed_groups(runs: list[dict[str, Any]], claims: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Finished runs that share a preset and differ only by seed (and folder): spread of the best val loss."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        if r["status"] != "finished" or r["best_val_loss"] is None:
+            continue
+        key_cfg = {k: v for k, v in r["config"].items() if k not in ("out_dir", "seed")}
+        groups.setdefault((str(r["preset"]), json.dumps(key_cfg, sort_keys=True, default=str)), []).append(r)
+    out = []
+    for (preset, _), members in groups.items():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda r: (r["seed"] is None, r["seed"]))
+        st = _stats([r["best_val_loss"] for r in members])
+        g = {"preset": preset, "runs": [r["name"] for r in members], "seeds": [r["seed"] for r in members],
+             "values": [r["best_val_loss"] for r in members], **st,
+             "claim": None, "published": None, "tolerance": None,
+             "published_in_range": None, "within_tolerance_of_mean": None}
+        applies = [c for c in claims if c["metric"] == "best_val_loss" and c["value"] is not None
+                   and preset in (c.get("presets") or [])]
+        if applies and not members[0]["deviations"]:
+            c = applies[0]
+            g.update(claim=c["id"], published=c["value"], tolerance=c["tolerance"],
+                     published_in_range=st["min"] - EPS <= c["value"] <= st["max"] + EPS,
+                     within_tolerance_of_mean=_agrees(st["mean"], c))
+        out.append(g)
+    return out
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        return f"{x:,.0f}" if abs(x) >= 10000 else f"{x:.{digits}f}"
+    return str(x)
+
+
+def _secs(s: float | None) -> str:
+    if s is None:
+        return "–"
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _measured_text(row: dict[str, Any]) -> str:
+    m = row["measured"]
+    if m is None:
+        return "–"
+    if row["metric"] == "wall_time_s":
+        text = _secs(m)
+    elif row["metric"] in DATA_METRICS:
+        text = _fmt(int(m)) if float(m).is_integer() else _fmt(m)
+    else:
+        text = f"{m:.4f}"
+        enc = "char" if str(row.get("dataset")).endswith("_char") else "gpt2"
+        u = loss_units(m, enc)
+        text += f" ({u['bits_per_char']:.3f} bits/char)" if "bits_per_char" in u else f" (ppl {u['perplexity']:.2f})"
+    st = row["stats"]
+    if st and st["n"] > 1:
+        text += f", mean of {st['n']} (std {st['std']:.4f}, {st['min']:.4f}–{st['max']:.4f})"
+    return text
+
+
+def _published_text(row: dict[str, Any]) -> str:
+    v = row["value"]
+    if v is None:
+        return "no published number"
+    if row["metric"] == "wall_time_s":
+        return f"about {_secs(v)}" + (f" on {row['requires']['gpu']}" if row.get("requires") else "")
+    return _fmt(v) if isinstance(v, int) else f"{v:g}"
+
+
+def _tolerance_text(row: dict[str, Any]) -> str:
+    t = row["tolerance"]
+    if t is None:
+        return "–"
+    if t == 0:
+        return "exact"
+    t_txt = _secs(t) if row["metric"] == "wall_time_s" else f"{t:g}"
+    return f"≤ +{t_txt}" if row.get("direction") == "at_most" else f"±{t_txt}"
+
+
+def claims_table(rows: list[dict[str, Any]], compact: bool = False) -> str:
+    """The claims as a markdown table; `compact` (what `nanorepro report` prints) leaves out
+    descriptions and sources, which REPORT.md carries."""
+    if compact:
+        return _table(["claim", "published", "measured", "tolerance", "verdict", "runs / notes"],
+                      [[r["id"], _published_text(r), _measured_text(r), _tolerance_text(r), r["verdict"],
+                        "; ".join(r["notes"]) or ", ".join(r["runs"])] for r in rows])
+    body = []
+    for r in rows:
+        src = f"[{r['source']}]({r['source_url']})" if r.get("source_url") else (r.get("source") or "")
+        body.append([f"**{r['id']}**: {r['description']}", src, _published_text(r), _measured_text(r),
+                     _tolerance_text(r), f"**{r['verdict']}**", "; ".join(r["notes"]) or ", ".join(r["runs"])])
+    return _table(["claim", "source", "published", "measured", "tolerance", "verdict", "runs / notes"], body)
+
+
+def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    L: list[str] = []
+    L.append("# nanorepro report\n")
+    L.append(f"Generated {rep['generated_at']} by nanorepro {rep['nanorepro_version']} from "
+             f"{len(runs)} run folder(s): " + ", ".join(f"`{r['name']}`" for r in runs) + ".\n")
+    counts = {v: sum(1 for c in rep["claims"] if c["verdict"] == v)
+              for v in ("reproduced", "not reproduced", "not run", "new result")}
+    L.append("**Verdicts:** " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".\n")
+    L.append("Losses are cross-entropy in nats per token. Character models also show bits per character "
+             "(loss / ln 2); GPT-2 BPE models show perplexity (exp(loss)).\n")
+
+    L.append("## Claims\n")
+    L.append("A claim is judged on finished runs of its preset whose settings match the published recipe "
+             "(only output folder, seed, device, precision, compile and logging may differ); with several "
+             "such runs the verdict uses their mean.\n")
+    L.append(claims_table(rep["claims"]) + "\n")
+    L.append("Why each tolerance:\n")
+    for c in rep["claims"]:
+        if c.get("tolerance_reason"):
+            L.append(f"- **{c['id']}** ({_tolerance_text(c)}): {c['tolerance_reason']}")
+    L.append("")
+
+    if rep["new_results"]:
+        L.append("## New results (no published number)\n")
+        for n in rep["new_results"]:
+            u = n["best_val_units"]
+            extra = f", perplexity {u['perplexity']:.2f}" if u.get("perplexity") else ""
+            L.append(f"- **{n['claim']}** — run `{n['run']}`: best validation loss **{n['best_val_loss']:.4f}** "
+                     f"nats{extra} at iteration {n['best_val_iter']}. Conditions: model {n['model']}, "
+                     f"{n['iters']} iterations, batch {n['batch']}, ≈{_fmt(n['tokens'])} training tokens, "
+                     f"{n['device']}, dtype {n['dtype']}, wall time {_secs(n['wall_time_s'])}.")
+        L.append("")
+
+    L.append("## Variance across seeds\n")
+    if rep["seed_groups"]:
+        rows = []
+        for g in rep["seed_groups"]:
+            rows.append([g["preset"], ", ".join(str(s) for s in g["seeds"]), g["n"], f"{g['mean']:.4f}",
+                         f"{g['std']:.4f}", f"{g['min']:.4f}–{g['max']:.4f}", _fmt(g["published"]),
+                         _fmt(g["published_in_range"]), _fmt(g["within_tolerance_of_mean"])])
+        L.append(_table(["preset", "seeds", "n", "mean best val", "std (n−1)", "min–max", "published",
+                         "published in [min, max]", "within ±tol of mean"], rows) + "\n")
+    else:
+        L.append("No group of finished runs that differ only by seed.\n")
+
+    L.append("## Runs compared\n")
+    for p in rep["plots"]:
+        L.append(f"![{p['title']}]({p['file']})\n")
+    rows = []
+    for r in runs:
+        u = r["best_val_units"]
+        unit = (f"{u['bits_per_char']:.3f} bits/char" if u.get("bits_per_char") is not None
+                else f"ppl {u['perplexity']:.2f}" if u.get("perplexity") is not None else "–")
+        status = r["status"] + (f" ({r['reason']})" if r["reason"] else "")
+        rows.append([f"`{r['name']}`", r["preset"] or "–", r["seed"], status, _fmt(r["best_val_loss"]), unit,
+                     f"{_fmt(r['last_iter'])} / {_fmt(r['max_iters'])}", _secs(r["wall_time_s"]),
+                     _fmt(r["tokens_per_s"], 0), r["device"]])
+    L.append(_table(["run", "preset", "seed", "status", "best val (nats)", "best val", "iters",
+                     "wall time", "tokens/s", "device"], rows) + "\n")
+
+    L.append("## Wall time per stage\n")
+    rows = [["pipeline", s["name"], s["status"], _secs(s["elapsed_s"]), s.get("reason") or ""]
+            for s in rep["pipeline_stages"]]
+    for r in runs:
+        rows.append([f"`{r['name']}`", "training run (metrics)", r["status"], _secs(r["wall_time_s"]), r["reason"] or ""])
+    L.append(_table(["where", "stage", "status", "wall time", "reason"], rows) + "\n")
+    what = "pipeline stages" if rep["pipeline_stages"] else "runs"
+    L.append(f"Total wall time over all {what}: {_secs(rep['total_wall_time_s'])}.\n")
+
+    L.append("## Environment\n")
+    rows: dict[tuple, list[str]] = {}  # runs on the same machine and software share a row
+    for r in runs:
+        e = r["env"]
+        if not e:
+            rows.setdefault(("no env.json",) + ("",) * 7, []).append(f"`{r['name']}`")
+            continue
+        hw, pk, git = e.get("hardware", {}), e.get("packages", {}), e.get("nanorepro", {})
+        mem = hw.get("memory_total_bytes")
+        commit = (git.get("commit") or "not a git checkout")[:12] + (" (dirty)" if git.get("dirty") else "")
+        gpu = f"{hw.get('gpu_count')}x {hw.get('gpu_model')}" if hw.get("gpu_count") else "none"
+        key = (e.get("hostname", ""), f"{hw.get('cpu_model')} ({hw.get('cpu_count')} cores)",
+               f"{mem / 2**30:.0f} GiB" if mem else "–", gpu,
+               f"driver {hw.get('driver_version') or '–'}, CUDA {hw.get('cuda_version') or '–'}",
+               e.get("os", {}).get("platform", ""),
+               f"Python {e.get('python', {}).get('version')}, torch {pk.get('torch')}, transformers "
+               f"{pk.get('transformers')}, tiktoken {pk.get('tiktoken')}, numpy {pk.get('numpy')}",
+               f"{git.get('version')} @ {commit}")
+        rows.setdefault(key, []).append(f"`{r['name']}`")
+    L.append(_table(["runs", "host", "CPU", "memory", "GPU", "driver / CUDA", "OS", "software", "nanorepro"],
+                    [[", ".join(names), *key] for key, names in rows.items()]) + "\n")
+    if rep["warnings"]:
+        L.append("## Warnings\n")
+        L += [f"- {w}" for w in rep["warnings"]]
+        L.append("")
+    return "\n".join(L)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def _check_runs(run_dirs: Iterable[Path]) -> list[Path]:
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise UserError("no run folders given", "pass one or more runs/<run> folders")
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f"run folder {d} does not exist", "pass folders made by `nanorepro train`")
+    return dirs
+
+
+def default_out_dir(run_dirs: Iterable[Path]) -> Path:
+    """The common parent of the runs: runs/x for runs/x/seed-*, runs for runs/a and runs/b."""
+    parents = [str(Path(d).resolve().parent) for d in run_dirs]
+    return Path(os.path.commonpath(parents))
+
+
+def _pipeline_stages(dirs: list[Path], out_dir: Path) -> list[dict[str, Any]]:
+    """Every stage in the pipeline's stages.jsonl (in out_dir, or one or two folders above a run)."""
+    files = dict.fromkeys(p.resolve() / plots.STAGES_FILE
+                          for p in [out_dir] + [q for d in dirs for q in list(d.resolve().parents)[:2]])
+    out = []
+    for f in files:
+        if f.is_file():
+            out += [{k: r.get(k) for k in ("name", "status", "elapsed_s", "reason")}
+                    for r in metrics.of_kind(metrics.read(f), "stage")]
+    return out
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path | None = None) -> dict[str, Any]:
+    """Write REPORT.md, report.json and the loss-curve PNGs into out_dir; return report.json's content."""
+    dirs = _check_runs(run_dirs)
+    out_dir = Path(out_dir) if out_dir else default_out_dir(dirs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    refs = load_references(references)
+    base = default_out_dir(dirs)
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        runs = [summarize_run(d, base) for d in dirs]
+        plot_files = [
+            {"file": "loss_vs_iter.png", "title": "train and val loss vs iteration", "x": "iter"},
+            {"file": "loss_vs_time.png", "title": "train and val loss vs wall time", "x": "elapsed"},
+        ]
+        for p in plot_files:
+            plots.loss_curves(dirs, out_dir / p["file"], x=p["x"], references=refs["claims"], base=base)
+    for m in w:
+        caught.append(str(m.message))
+        warnings.warn(m.message, stacklevel=2)  # pass on: a torn metrics line must stay visible
+
+    claims = [judge(c, runs, refs.get("sources", {})) for c in refs["claims"]]
+    new_results = []
+    for c in claims:
+        if c["verdict"] != "new result":
+            continue
+        for r in (r for r in runs if r["name"] in c["runs"]):
+            cfg = r["config"]
+            new_results.append({
+                "claim": c["id"], "run": r["name"], "best_val_loss": r["best_val_loss"],
+                "best_val_iter": r["best_val_iter"], "best_val_units": r["best_val_units"],
+                "model": cfg.get("init_from"), "iters": r["last_iter"],
+                "batch": (f"{cfg.get('batch_size')} x {cfg.get('gradient_accumulation_steps')} accumulation x "
+                          f"{cfg.get('block_size')} tokens = {_fmt(r['tokens_per_iter'])} tokens/iter"),
+                "tokens": r["tokens_seen"], "device": r["device"], "dtype": cfg.get("dtype"),
+                "wall_time_s": r["wall_time_s"],
+            })
+    pipeline_stages = _pipeline_stages(dirs, out_dir)
+    walls = ([s["elapsed_s"] for s in pipeline_stages if _finite(s.get("elapsed_s")) is not None] if pipeline_stages
+             else [r["wall_time_s"] for r in runs if r["wall_time_s"] is not None])
+    rep = {
+        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "nanorepro_version": __version__,
+        "claims": claims,
+        "new_results": new_results,
+        "seed_groups": seed_groups(runs, refs["claims"]),
+        "runs": [{k: v for k, v in r.items() if k not in ("env", "data_meta")} | {"env_summary": envinfo.summary(r["env"]) if r["env"] else None}
+                 for r in runs],
+        "plots": plot_files,
+        "pipeline_stages": pipeline_stages,
+        "total_wall_time_s": sum(walls) if walls else None,
+        "warnings": caught,
+    }
+    rep = _jsonable(rep)
+    (out_dir / "REPORT.md").write_text(_markdown(rep, runs), encoding="utf-8")
+    (out_dir / "report.json").write_text(json.dumps(rep, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    rep["out_dir"] = str(out_dir)
+    return rep
+
+
+RUN_FILES = ("config.json", "env.json", "metrics.jsonl", "samples.txt")
+RESULT_SUFFIXES = (".md", ".json", ".jsonl", ".png", ".ipynb", ".html", ".txt")
+
+
+def _notebooks(folder: Path, depth: int = 2) -> list[Path]:
+    """Executed notebooks in a folder or its subfolders, leaving out other run folders' and checkpoints."""
+    out = []
+    for p in sorted(folder.rglob("*.ipynb")):
+        rel = p.relative_to(folder)
+        if len(rel.parts) > depth or ".ipynb_checkpoints" in rel.parts:
+            continue
+        between = [folder.joinpath(*rel.parts[:i]) for i in range(1, len(rel.parts))]
+        if any((b / metrics.METRICS_FILE).is_file() for b in between):
+            continue
+        out.append(p)
+    return out
+
+
+def bundle(run_dirs: list[Path], out_path: Path | None = None, include_checkpoints: bool = False,
+           results_dir: Path | None = None) -> Path:
+    """One .tar.gz with a fresh report, each run's config/env/metrics/samples/plots, executed notebooks,
+    and MANIFEST.json (sha256 of every member). Checkpoints only when asked: they are large."""
+    dirs = _check_runs(run_dirs)
+    base = default_out_dir(dirs)
+    results_dir = Path(results_dir) if results_dir else base
+    out_path = Path(out_path) if out_path else base / f"{base.name or 'nanorepro'}-bundle.tar.gz"
+    if not out_path.name.endswith((".tar.gz", ".tgz")):
+        raise UserError(f"bundle name {out_path.name!r} is not a .tar.gz", "end the name with .tar.gz")
+    report(dirs, results_dir)
+    root = out_path.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    members: list[tuple[Path, str]] = []
+    for f in sorted(results_dir.iterdir()):
+        if f.is_file() and f.suffix in RESULT_SUFFIXES:
+            members.append((f, f"{root}/report/{f.name}"))
+    for nb in _notebooks(results_dir):
+        if nb.parent != results_dir:
+            members.append((nb, f"{root}/report/{nb.relative_to(results_dir).as_posix()}"))
+    for d in dirs:
+        name = plots.run_label(d, base)
+        files = [d / f for f in RUN_FILES if (d / f).is_file()]
+        files += sorted(p for p in d.iterdir() if p.suffix in (".png", ".log", ".txt") and p.is_file())
+        files += _notebooks(d)
+        if include_checkpoints and (d / "ckpt.pt").is_file():
+            files.append(d / "ckpt.pt")
+        for f in dict.fromkeys(files):
+            members.append((f, f"{root}/runs/{name}/{f.relative_to(d).as_posix()}"))
+    manifest = []
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for f, arc in members:
+            if f.resolve() == out_path.resolve():
+                continue
+            tar.add(f, arcname=arc, recursive=False)
+            manifest.append({"path": arc, "bytes": f.stat().st_size, "sha256": _sha256(f)})
+        data = json.dumps({"created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                           "nanorepro_version": __version__, "checkpoints_included": include_checkpoints,
+                           "files": manifest}, indent=2).encode()
+        info = tarfile.TarInfo(f"{root}/MANIFEST.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,220 @@
+"""Packaging: the Trovi crate imports the way Trovi reads it, pins agree, notebooks ship clean.
+
+The crate check follows Trovi's importer (ChameleonCloud/trovi, trovi/importing/views.py): it loads
+`trovi.json` with the `rocrate` package, dereferences "./" and reads name,
+disambiguatingDescription, description, keywords (one comma-separated string), author (Person
+references) and actionApplication (SoftwareApplication nodes with trovi_type/trovi_arguments).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+# Trovi's limits (trovi/settings.py: ARTIFACT_*_MAX_CHARS).
+MAX_TITLE, MAX_SHORT, MAX_LONG, MAX_TAG, MAX_AUTHOR_FIELD = 140, 200, 5000, 32, 200
+
+# Trovi rejects a tag it does not already know ("Unknown tag"). These are the ones seen in
+# trovi.json files of published Trovi artifacts: "reproducible research" and "experiment"
+# (grycap/im-trovi-artifact, KabilanMA/Splyce, RedPanda-88/NetPress-Reproduction,
+# grycap/grycap-imcham-trovi), "example" and "experiment pattern"
+# (ChameleonCloud/power_measurement_experiment), "example" and "education"
+# (ChameleonCloud/edge_sensehat_image), "appliance" (pmodels/cc-hpc-appliances).
+KNOWN_TROVI_TAGS = {"reproducible research", "experiment", "example", "experiment pattern",
+                    "education", "appliance"}
+
+# trovi/models.py ArtifactVersionSetup.ArtifactVersionSetupType
+TROVI_SETUP_TYPES = {"jupyterhub", "isolated_jupyter", "source_code", "image", "heat_template"}
+
+# Modules the Chameleon hub kernel (1 GB, no GPU) imports: none may pull in torch.
+HUB_MODULES = ("config", "metrics", "errors", "plots", "report", "envinfo", "chameleon", "runner", "pipeline",
+               "remote", "notebooks", "cli")
+
+EXTRAS_FOR_A_FULL_RUN = ("train", "notebooks", "chameleon")
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def crate_root(tmp_path_factory, monkeypatch_module):
+    """The root dataset, loaded from trovi.json the way Trovi's importer loads it."""
+    import rocrate.metadata
+    import rocrate.rocrate
+    from rocrate.rocrate import ROCrate
+
+    # Trovi renames the metadata file (Metadata.BASENAME = settings.RO_CRATE_FILENAME); rocrate
+    # 0.16 reads the name from these two module globals.
+    monkeypatch_module.setattr(rocrate.metadata, "BASENAME", "trovi.json")
+    monkeypatch_module.setattr(rocrate.rocrate, "BASENAME", "trovi.json")
+    d = tmp_path_factory.mktemp("crate")
+    shutil.copy(REPO / "trovi.json", d / "trovi.json")
+    return ROCrate(d).dereference("./")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_trovi_json_is_ro_crate_1_1():
+    doc = json.loads((REPO / "trovi.json").read_text(encoding="utf-8"))
+    assert doc["@context"] == "https://w3id.org/ro/crate/1.1/context"
+    graph = {e["@id"]: e for e in doc["@graph"]}
+    descriptor = graph["trovi.json"]
+    assert descriptor["@type"] == "CreativeWork"
+    assert descriptor["about"] == {"@id": "./"}
+    assert descriptor["conformsTo"] == {"@id": "https://w3id.org/ro/crate/1.1"}
+    assert graph["./"]["@type"] == "Dataset"
+
+
+def test_trovi_text_fields_fit(crate_root):
+    name = crate_root.get("name")
+    short = crate_root.get("disambiguatingDescription")
+    long = crate_root.get("description")
+    assert name and len(name) <= MAX_TITLE, name
+    assert short and len(short) <= MAX_SHORT, short
+    assert long and len(long) <= MAX_LONG, len(long)
+    # what the artifact reproduces and how to run it
+    for needle in ("A100", "python-chi", "Tiny Shakespeare", "1.4697", "gpt2-xl", "in order"):
+        assert needle in long, needle
+
+
+def test_trovi_description_lists_the_shipped_notebooks(crate_root):
+    named = re.findall(r"\b\d\d_\w+\.ipynb\b", crate_root.get("description"))
+    shipped = [p.name for p in NOTEBOOKS]
+    # "open the notebooks in order": the description lists every one, in the order they run
+    assert named == shipped, f"trovi.json lists {named}; notebooks/ holds {shipped}"
+
+
+def test_trovi_keywords_are_known_tags(crate_root):
+    keywords = crate_root.get("keywords")
+    assert isinstance(keywords, str), "Trovi splits one comma-separated string"
+    tags = [t.strip() for t in keywords.split(",")]
+    assert tags and all(tags), keywords
+    unknown = [t for t in tags if t.lower() not in KNOWN_TROVI_TAGS]
+    assert not unknown, f"Trovi rejects unknown tags: {unknown}"
+    assert all(len(t) <= MAX_TAG for t in tags)
+
+
+def test_trovi_authors_resolve_to_people(crate_root):
+    authors = crate_root.get("author")
+    assert isinstance(authors, list) and authors
+    for a in authors:
+        assert not isinstance(a, str), f"author reference {a!r} does not resolve to a node"
+        assert a.type == "Person"
+        for field in ("name", "email", "affiliation"):
+            value = a.get(field)
+            assert isinstance(value, str) and value.strip() and len(value) <= MAX_AUTHOR_FIELD, (field, value)
+        email = a.get("email")
+        assert re.fullmatch(r"[^@\s]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+", email), email
+        assert not re.search(r"@example\.(org|com|net|edu)$", email), f"placeholder email {email}"
+
+
+def test_trovi_launches_in_chameleon_jupyterlab(crate_root):
+    apps = crate_root.get("actionApplication", [])
+    setups = [(a.get("trovi_type"), a.get("trovi_arguments")) for a in apps
+              if not isinstance(a, str) and a.type == "SoftwareApplication" and a.get("trovi_type")]
+    assert setups, "no SoftwareApplication with trovi_type: Trovi would fall back to its default"
+    for kind, arguments in setups:
+        assert kind in TROVI_SETUP_TYPES, kind
+        assert isinstance(json.loads(arguments), dict), arguments
+    assert ("jupyterhub", "{}") in setups
+
+
+def test_trovi_version_license_date_match_the_package(crate_root, pyproject):
+    assert crate_root.get("version") == pyproject["project"]["version"]
+    assert crate_root.get("license") == pyproject["project"]["license"]["text"]
+    published = dt.datetime.fromisoformat(crate_root.get("datePublished"))
+    assert published.tzinfo is not None
+
+
+def _pins(requirements: list[str]) -> dict[str, str]:
+    """name -> exact version for `name==version` requirements (others are ignored)."""
+    pins = {}
+    for line in requirements:
+        if line.startswith("-"):
+            continue
+        req = Requirement(line)
+        specs = list(req.specifier)
+        if len(specs) == 1 and specs[0].operator == "==":
+            pins[req.name.lower().replace("_", "-")] = specs[0].version
+    return pins
+
+
+def _environment_pip(env: dict) -> list[str]:
+    pips = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
+    assert len(pips) == 1, "environment.yml needs exactly one pip section"
+    return pips[0]
+
+
+def test_environment_yml_matches_pyproject(pyproject):
+    env = yaml.safe_load((REPO / "environment.yml").read_text(encoding="utf-8"))
+    assert "python=3.11" in env["dependencies"]
+    pip = _environment_pip(env)
+    editable = [p for p in pip if p.startswith("-e ")]
+    assert len(editable) == 1, pip
+    extras = set(Requirement("nanorepro" + editable[0][len("-e ."):]).extras)
+    assert extras == set(EXTRAS_FOR_A_FULL_RUN), extras
+
+    project = pyproject["project"]
+    wanted = list(project["dependencies"])
+    for extra in EXTRAS_FOR_A_FULL_RUN:
+        wanted += project["optional-dependencies"][extra]
+    every_pin = list(project["dependencies"]) + [r for rs in project["optional-dependencies"].values() for r in rs]
+    py_pins, env_pins = _pins(every_pin), _pins(pip)
+    assert len(_pins(wanted)) == len(wanted), "every runtime dependency in pyproject.toml is pinned with =="
+
+    disagree = {n: (py_pins[n], v) for n, v in env_pins.items() if n in py_pins and py_pins[n] != v}
+    assert not disagree, f"pyproject.toml vs environment.yml: {disagree}"
+    missing = sorted(set(_pins(wanted)) - set(env_pins))
+    assert not missing, f"pinned in pyproject.toml but not in environment.yml: {missing}"
+
+
+def test_no_root_requirements_txt():
+    # Chameleon's hub would pip install it into the 1 GB kernel image, torch included.
+    assert not (REPO / "requirements.txt").exists()
+
+
+@pytest.mark.parametrize("module", [m for m in HUB_MODULES if (REPO / "nanorepro" / f"{m}.py").exists()])
+def test_hub_modules_do_not_import_torch(module):
+    code = (f"import sys, nanorepro, nanorepro.{module}; "
+            "heavy = sorted(m for m in ('torch', 'transformers', 'tiktoken', 'datasets') if m in sys.modules); "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"nanorepro.{module} imports {r.stdout.strip()} {r.stderr[-2000:]}"
+
+
+def test_notebooks_exist():
+    assert (REPO / "notebooks" / "01_prepare_data.ipynb") in NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_clean_and_parameterised(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    assert nb.get("nbformat") == 4
+    kernelspec = nb.get("metadata", {}).get("kernelspec", {})
+    assert kernelspec.get("name") == "python3" and kernelspec.get("display_name"), kernelspec
+    dirty = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"
+             and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not dirty, f"{path.name}: cells {dirty} carry outputs or execution counts"
+    tagged = [i for i, c in enumerate(nb["cells"]) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: cells tagged 'parameters': {tagged}"
+    assert nb["cells"][tagged[0]]["cell_type"] == "code"
