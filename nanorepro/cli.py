@@ -79,13 +79,31 @@ def _bundle(args: argparse.Namespace, extra: list[str]) -> None:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
+# -- reserve / release (Chameleon; added by the Chameleon helper) --------------------------------
+def _reserve(args: argparse.Namespace, extra: list[str]) -> None:
+    from . import chameleon
+
+    chameleon.reserve("chameleon", site=args.site, node_type=args.node_type, lease_hours=args.hours,
+                      image=args.image, lease_name=args.lease_name, server_name=args.server_name,
+                      state_dir=args.results_dir, project=args.project, keep_on_failure=args.keep_on_failure)
+    if not args.no_setup:
+        chameleon.setup_node("chameleon", args.results_dir)
+
+
+def _release(args: argparse.Namespace, extra: list[str]) -> None:
+    from . import chameleon
+
+    chameleon.release("chameleon", state_dir=args.results_dir, site=args.site, lease_name=args.lease_name,
+                      server_name=args.server_name, project=args.project)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nanorepro", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="nanorepro", allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nanorepro {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("prepare", help="download Tiny Shakespeare (or read --input) and write token files")
+    s = sub.add_parser("prepare", allow_abbrev=False, help="download Tiny Shakespeare (or read --input) and write token files")
     s.add_argument("--input", help="a local UTF-8 text file instead of the download (or $NANOREPRO_INPUT)")
     s.add_argument("--name", default="shakespeare", help="dataset name; folders are <data-root>/<name>_<encoding>")
     s.add_argument("--encoding", default="all", help="char, gpt2 or all")
@@ -95,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .config import PRESETS
 
-    s = sub.add_parser("train", help="train or fine-tune; any config field as --field=value",
+    s = sub.add_parser("train", allow_abbrev=False, help="train or fine-tune; any config field as --field=value",
                        epilog="Override any field with --field=value; list them with --help-fields.")
     s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
     s.add_argument("--out-dir", default=None, help="run folder (resumed if it holds a checkpoint)")
@@ -103,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--help-fields", action="store_true", help="list every config field and exit")
     s.set_defaults(func=_train)
 
-    s = sub.add_parser("sample", help="generate text from a run folder or a pretrained GPT-2")
+    s = sub.add_parser("sample", allow_abbrev=False, help="generate text from a run folder or a pretrained GPT-2")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a run folder with ckpt.pt")
     src.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face folder")
@@ -119,23 +137,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="also write the samples to this file")
     s.set_defaults(func=_sample)
 
-    s = sub.add_parser("run-notebooks", help="run notebooks/ in order with papermill (the main job)")
+    s = sub.add_parser("run-notebooks", allow_abbrev=False, help="run notebooks/ in order with papermill (the main job)")
     s.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="a notebook parameter, e.g. -p char_max_iters 200 (repeatable)")
     s.add_argument("-f", "--params-file", default=None, help="YAML or JSON file of notebook parameters")
     s.add_argument("--only", nargs="*", default=None, help="run only notebooks whose names start with these")
     s.set_defaults(func=_run_notebooks)
 
-    s = sub.add_parser("report", help="judge runs against the published numbers: REPORT.md, report.json, plots")
+    s = sub.add_parser("report", allow_abbrev=False, help="judge runs against the published numbers: REPORT.md, report.json, plots")
     s.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<run>)")
     s.add_argument("--out", default=None, help="where to write the report (default: the runs' common parent)")
     s.set_defaults(func=_report)
 
-    s = sub.add_parser("bundle", help="pack report, metrics, plots, samples, configs and notebooks in a .tar.gz")
+    s = sub.add_parser("bundle", allow_abbrev=False, help="pack report, metrics, plots, samples, configs and notebooks in a .tar.gz")
     s.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<run>)")
     s.add_argument("--out", default=None, help="the .tar.gz to write (default: <common parent>/<name>-bundle.tar.gz)")
     s.add_argument("--with-checkpoints", action="store_true", help="also pack each run's ckpt.pt (large)")
     s.set_defaults(func=_bundle)
+
+    s = sub.add_parser("reserve", allow_abbrev=False, help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
+    s.add_argument("--results-dir", default="results/chameleon", help="where the node record goes")
+    s.add_argument("--site", default=None, help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
+    s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
+    s.add_argument("--hours", type=float, default=4, help="lease length; it costs SUs until released")
+    s.add_argument("--image", default="CC-Ubuntu22.04-CUDA")
+    s.add_argument("--lease-name", default=None, help="default nanorepro-<user>; a live lease of this name is reused")
+    s.add_argument("--server-name", default=None, help="default <lease-name>-node")
+    s.add_argument("--project", default=None, help="default $OS_PROJECT_NAME")
+    s.add_argument("--keep-on-failure", action="store_true", help="keep the lease when a later step fails")
+    s.add_argument("--no-setup", action="store_true", help="do not install nanorepro on the node")
+    s.set_defaults(func=_reserve)
+
+    s = sub.add_parser("release", allow_abbrev=False, help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
+    s.add_argument("--results-dir", default="results/chameleon", help="the folder holding the node record")
+    s.add_argument("--site", default=None, help="default: the recorded site")
+    s.add_argument("--lease-name", default=None, help="release this lease (and its server) even without a record")
+    s.add_argument("--server-name", default=None)
+    s.add_argument("--project", default=None)
+    s.set_defaults(func=_release)
     return p
 
 

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import UserError
+from .errors import ModelUnavailable, UserError
 
 CANONICAL_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -114,7 +114,7 @@ def gpt2_encoding():
     try:
         return tiktoken.get_encoding("gpt2")
     except (OSError, ValueError, ImportError) as e:  # requests' errors are OSErrors; ValueError: bad hash
-        raise UserError(f"tiktoken could not get the GPT-2 BPE files ({type(e).__name__}: {_one_line(e)})",
+        raise ModelUnavailable(f"tiktoken could not get the GPT-2 BPE files ({type(e).__name__}: {_one_line(e)})",
                         "connect to the network once, or set TIKTOKEN_CACHE_DIR to a folder holding "
                         "vocab.bpe and encoder.json named by the sha1 of their URLs") from e
 
@@ -225,6 +225,11 @@ def prepare(input_path: str | Path | None = None, name: str = "shakespeare",
         text, sha = _read_text(path)
         source = str(path.resolve())
     else:
+        ready = [_reusable(Path(data_root) / f"{name}_{enc}", SHAKESPEARE_SHA256, enc) for enc in encodings]
+        if url == CANONICAL_URL and all(ready):  # everything asked for is made: no download needed
+            for enc, meta in zip(encodings, ready):
+                print(f"reusing {Path(data_root) / f'{name}_{enc}'}: it already holds Tiny Shakespeare as {enc}")
+            return [{**m, "data_dir": str(Path(data_root) / f"{name}_{enc}")} for enc, m in zip(encodings, ready)]
         path = fetch_shakespeare(cache_dir, url=url)
         text, sha = _read_text(path)
         source = url

@@ -62,7 +62,6 @@ def run_notebooks(params: dict[str, Any], only: list[str] | None = None) -> list
     results = Path(params["results_dir"])
     results = results if results.is_absolute() else root / results
     out_dir = results / "notebooks"
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = [p for p in notebook_paths(root / "notebooks") if not only or any(p.name.startswith(o) for o in only)]
     known = set()
     declared_by = {p: pm.inspect_notebook(str(p)) for p in paths}
@@ -72,6 +71,7 @@ def run_notebooks(params: dict[str, Any], only: list[str] | None = None) -> list
     if unknown:
         raise UserError(f"unknown notebook parameter(s): {', '.join(unknown)}",
                         f"use one of: {', '.join(sorted(known))}")
+    out_dir.mkdir(parents=True, exist_ok=True)
     done = []
     start_all = time.time()
     for i, nb in enumerate(paths, 1):

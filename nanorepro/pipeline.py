@@ -67,18 +67,29 @@ class Pipeline:
 
     # -- stages ------------------------------------------------------------------------------
     def prepare_data(self, input_path: str | None = None, encodings: str = "all") -> Table:
-        """Tiny Shakespeare (or `input_path`) into char and GPT-2 token files; the counts as a table."""
-        started = time.time()
-        args = ["prepare", "--data-root", "data", "--encoding", encodings]
-        if input_path:
-            args += ["--input", str(Path(input_path).resolve())]
-        self.runner.run(args, stage="prepare")
+        """Tiny Shakespeare (or `input_path`) into char and GPT-2 token files; the counts as a table.
+
+        The GPT-2 BPE files come from the network on first use: without them the gpt2 encoding is
+        recorded as not run, and the char data (all the baby GPT needs) is still made."""
         rows, counts = [], {}
         for enc in (("char", "gpt2") if encodings == "all" else (encodings,)):
+            started = time.time()
+            args = ["prepare", "--data-root", "data", "--encoding", enc]
+            if input_path:
+                args += ["--input", str(Path(input_path).expanduser().resolve())]
+            code = self.runner.run(args, stage=f"prepare {enc}", check=enc != "gpt2")
+            if code == EXIT_MODEL_UNAVAILABLE:
+                reason = "the GPT-2 BPE files are not available offline"
+                self._record(f"prepare {enc}", "not_run", started, reason=reason)
+                rows.append([enc, "-", "-", f"not run: {reason}"])
+                continue
+            if code:
+                self._record(f"prepare {enc}", "failed", started, exit_code=code)
+                raise UserError(f"stage prepare {enc} failed (exit {code})", "read the output above")
             meta = json.loads(self.runner.fetch(f"data/shakespeare_{enc}/meta.json", self.results).read_text())
             counts[enc] = {k: meta[k] for k in ("vocab_size", "train_tokens", "val_tokens")}
+            self._record(f"prepare {enc}", "finished", started, **counts[enc])
             rows.append([enc, f"{meta['vocab_size']:,}", f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}"])
-        self._record("prepare", "finished", started, counts=counts)
         return Table(["encoding", "vocab", "train tokens", "val tokens"], rows)
 
     def train(self, run: str, preset: str, seed: int = 1337, max_iters: int | None = None,
@@ -94,13 +105,13 @@ class Pipeline:
         if code == EXIT_MODEL_UNAVAILABLE:
             reason = f"pretrained weights for {values.get('init_from', preset)} are not available offline"
             print(f"{run}: not run: {reason} (pass model=PATH to a local Hugging Face folder)")
-            self._record(f"train {run}", "not_run", started, reason=reason)
+            self._record(f"train {run}", "not_run", started, reason=reason, preset=preset)
             return {"run": run, "status": "not_run", "reason": reason}
         if code:
-            self._record(f"train {run}", "failed", started, exit_code=code)
+            self._record(f"train {run}", "failed", started, exit_code=code, preset=preset)
             raise UserError(f"stage train {run} failed (exit {code})", "read the output above; re-running resumes")
         summary = self.summary(run)
-        self._record(f"train {run}", "finished", started, best_val_loss=summary["best_val_loss"])
+        self._record(f"train {run}", "finished", started, best_val_loss=summary["best_val_loss"], preset=preset)
         return summary
 
     def summary(self, run: str) -> dict[str, Any]:
@@ -140,6 +151,11 @@ class Pipeline:
         if preset not in PRESETS:
             raise UserError(f"unknown preset {preset!r}", f"use one of: {', '.join(PRESETS)}")
         init = model or PRESETS[preset].get("init_from", "gpt2")
+        if not (self.results / "data" / "shakespeare_gpt2" / "meta.json").exists() and self.target == "local":
+            reason = "no GPT-2-encoded data (01_prepare_data could not get the GPT-2 BPE files)"
+            print(f"fine-tune not run: {reason}")
+            self._record(f"train {run}", "not_run", time.time(), reason=reason, preset=preset)
+            return {"run": run, "status": "not_run", "reason": reason, "model": init}
         if Path(init).expanduser().is_dir():
             init = str(Path(init).expanduser().resolve())  # stages run in the results folder
         summary = self.train(run, preset, seed=seed, max_iters=max_iters, overrides={"init_from": init},
@@ -161,3 +177,43 @@ class Pipeline:
                 ["best val loss after", f"{result['best_val_loss']:.4f}"],
                 ["iterations", result["iters"]], ["wall time (s)", f"{result['elapsed_s']:.1f}"]]
         return Table([result["model"], ""], rows)
+
+    def report(self) -> "ReportView":
+        """Plots, REPORT.md and report.json for every run in this results folder (torch-free)."""
+        from . import report
+
+        runs_dir = self.results / "runs"
+        runs = sorted({p.parent for p in runs_dir.glob("**/" + metrics.METRICS_FILE)})
+        if not runs:
+            raise UserError(f"no finished runs in {runs_dir}", "run 02_train_char (and 03_finetune_gpt2) first")
+        return ReportView(report.report(runs, self.results), self.results)
+
+
+class ReportView:
+    """What 04_results shows: the claims table (as its display), the plots and the samples."""
+
+    def __init__(self, rep: dict[str, Any], results: Path):
+        self.rep, self.results = rep, results
+
+    def _repr_markdown_(self) -> str:
+        from .report import claims_table
+
+        return claims_table(self.rep["claims"])
+
+    def __repr__(self) -> str:
+        return self._repr_markdown_()
+
+    def show_plots(self) -> list[Path]:
+        paths = [self.results / p["file"] for p in self.rep["plots"]]
+        try:
+            from IPython.display import Image, display
+
+            for p in paths:
+                display(Image(filename=str(p)))
+        except ImportError:
+            print("\n".join(str(p) for p in paths))
+        return paths
+
+    def show_samples(self) -> None:
+        for path in sorted(self.results.glob("runs/*/samples*.txt")):
+            print(f"==> {path.relative_to(self.results)}\n{path.read_text(encoding='utf-8')}")

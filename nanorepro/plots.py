@@ -163,7 +163,8 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cross-entropy loss (nats per token)")
     what = "iteration" if x == "iter" else "wall time"
-    ax.set_title(title or f"Train and validation loss vs {what}" + (f" ({', '.join(sorted(datasets))})" if datasets else ""))
+    on = f" ({', '.join(sorted(datasets))})" if datasets else ""
+    ax.set_title(title or f"Train and validation loss vs {what}{on}")
     ax.grid(True, alpha=0.3)
     if notes:
         # under the x axis, where it hides neither curves nor reference lines

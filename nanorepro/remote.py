@@ -22,7 +22,6 @@ import posixpath
 import shlex
 import stat
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path, PurePosixPath
@@ -34,7 +33,7 @@ if TYPE_CHECKING:
     import paramiko
 
 NODE_FILE = "chameleon_node.json"  # the node record 00_reserve_node writes into the state folder
-KNOWN_HOSTS = "chameleon_known_hosts"
+KNOWN_HOSTS = ".chameleon_known_hosts"  # the node's host key, pinned on first use
 DEFAULT_INSTALL = ("python3 -m venv .venv && .venv/bin/python -m pip install -q --upgrade pip && "
                    ".venv/bin/python -m pip install -e '.[train]'")
 JOBS = ".jobs"
@@ -83,12 +82,19 @@ def source_files(root: Path) -> list[Path]:
     return [root / n for n in names if (root / n).is_file() and not n.startswith(("shared/", "results/"))]
 
 
-def source_tar(root: Path) -> bytes:
-    buf = io.BytesIO()
+def source_tar(root: Path) -> tuple[bytes, str]:
+    """The files as a .tar.gz, and a digest of their names and contents (not their times)."""
+    buf, digest = io.BytesIO(), hashlib.sha256()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for path in source_files(root):
-            tar.add(path, arcname=str(path.relative_to(root)), recursive=False)
-    return buf.getvalue()
+            name = str(path.relative_to(root))
+            try:
+                content = path.read_bytes()
+                tar.add(path, arcname=name, recursive=False)
+            except FileNotFoundError:  # deleted since git listed it
+                continue
+            digest.update(name.encode() + b"\0" + content + b"\0")
+    return buf.getvalue(), digest.hexdigest()
 
 
 class SSHRunner:
@@ -119,6 +125,9 @@ class SSHRunner:
     def from_state(cls, state_dir: Path, workdir: Path | None = None, **kwargs: Any) -> "SSHRunner":
         """The runner for the node recorded in `<state_dir>/chameleon_node.json` by `00_reserve_node`."""
         node = load_node(Path(state_dir))
+        if node.get("status") == "released":
+            raise UserError(f"the node recorded in {state_dir} was released ({node.get('updated')})",
+                            "run 00_reserve_node with target='chameleon' to reserve a new one")
         for key in ("host", "key_path"):
             if not node.get(key):
                 raise UserError(f"the node record in {state_dir} has no {key} (the reservation did not finish)",
@@ -267,15 +276,22 @@ class SSHRunner:
         """
         install_cmd = install_cmd or os.environ.get("NANOREPRO_INSTALL_CMD") or DEFAULT_INSTALL
         started = time.time()
-        data = source_tar(self.local_root)
-        self._print(f"copying the code ({len(data) / 1e3:.0f} kB) to {self.user}@{self.host}:{self.remote_dir}")
-        self.check(f"mkdir -p -- {_q(self.remote_dir)}", "creating the code folder")
-        archive = self.remote_dir / ".nanorepro-src.tar.gz"
-        self._retrying("copy", lambda: self._sftp_client().putfo(io.BytesIO(data), str(archive)))
-        self.check(f"cd -- {_q(self.remote_dir)} && tar -xzf .nanorepro-src.tar.gz && rm -f .nanorepro-src.tar.gz",
-                   "unpacking the code")
-        self._print(f"installing on the node: {install_cmd}")
-        self.run_command(["sh", "-c", install_cmd], stage="setup", cwd=self.remote_dir)
+        data, digest = source_tar(self.local_root)
+        marker = f"{digest} {install_cmd}"
+        here = _q(self.remote_dir)
+        done = self._exec(f"cat -- {here}/.nanorepro-installed 2>/dev/null")[1].strip()
+        if done == marker and self._exec(f"test -x {here}/.venv/bin/python")[0] == 0:
+            self._print(f"the node already has this code installed ({self.remote_dir})")
+        else:
+            self._print(f"copying the code ({len(data) / 1e3:.0f} kB) to {self.user}@{self.host}:{self.remote_dir}")
+            self.check(f"mkdir -p -- {here}", "creating the code folder")
+            archive = self.remote_dir / ".nanorepro-src.tar.gz"
+            self._retrying("copy", lambda: self._sftp_client().putfo(io.BytesIO(data), str(archive)))
+            self.check(f"cd -- {here} && tar -xzf .nanorepro-src.tar.gz && rm -f .nanorepro-src.tar.gz "
+                       "&& rm -f .nanorepro-installed", "unpacking the code")
+            self._print(f"installing on the node: {install_cmd}")
+            self.run_command(["sh", "-c", install_cmd], stage="setup", cwd=self.remote_dir)
+            self.check(f"printf '%s\\n' {_q(marker)} > {here}/.nanorepro-installed", "marking the install")
         self.check(f"mkdir -p -- {_q(self.stage_dir)}", "creating the work folder")
         self._print(f"node ready in {time.time() - started:.0f} s")
 
@@ -330,9 +346,10 @@ class SSHRunner:
         log, rc_path, pid_path = str(job / "log"), str(job / "rc"), str(job / "pid")
 
         def emit(data: bytes) -> None:
-            for line in data.decode("utf-8", "replace").splitlines():
-                self._print(line)
-                tail.append(line.split("\r")[-1])  # a progress bar's last state
+            text = data.decode("utf-8", "replace")
+            for line in (text[:-1] if text.endswith("\n") else text).split("\n") if text else []:
+                self._print(line)  # progress bars' \r stay in: Jupyter and terminals overwrite, as for local runs
+                tail.append(line.rstrip("\r").split("\r")[-1])  # a progress bar's last state
 
         def poll() -> tuple[bytes, int | None, bool]:
             sftp = self._sftp_client()
@@ -422,7 +439,3 @@ def _project_root() -> Path:
     from .pipeline import project_root
 
     return project_root()
-
-
-if __name__ == "__main__":  # pragma: no cover - a manual check: python -m nanorepro.remote STATE_DIR ARGS...
-    SSHRunner.from_state(Path(sys.argv[1])).run(sys.argv[2:], stage="manual")

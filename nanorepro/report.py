@@ -32,6 +32,9 @@ NEUTRAL_FIELDS = {"out_dir", "data_root", "seed", "device", "dtype", "compile", 
                   "always_save_checkpoint", "vocab_size"}
 # For a GPT-2 init the model's shape comes from the checkpoint, whatever the config said.
 PRETRAINED_SHAPE_FIELDS = {"n_layer", "n_head", "n_embd", "bias"}
+# (n_layer, n_head, n_embd) of OpenAI's checkpoints: a local copy of gpt2-xl is still gpt2-xl
+PRETRAINED_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+                     "gpt2-xl": (48, 25, 1600)}
 RUN_METRICS = {"best_val_loss", "wall_time_s"}
 DATA_METRICS = {"input_chars", "vocab_size", "train_tokens", "val_tokens"}
 # meta.json key spellings accepted for each data metric (the first found wins)
@@ -66,7 +69,8 @@ def load_references(path: Path | None = None) -> dict[str, Any]:
         if c["metric"] in RUN_METRICS and not c.get("presets"):
             raise UserError(f"claim {c['id']}: a run metric needs 'presets'", "list the presets it applies to")
         if c["metric"] in DATA_METRICS and not c.get("dataset"):
-            raise UserError(f"claim {c['id']}: a data metric needs 'dataset'", "name the data folder, e.g. shakespeare_char")
+            raise UserError(f"claim {c['id']}: a data metric needs 'dataset'",
+                            "name the data folder, e.g. shakespeare_char")
     return refs
 
 
@@ -105,7 +109,10 @@ def _find_data_dir(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
     if not cfg.get("dataset"):
         return None
     root = Path(cfg.get("data_root") or "data")
-    candidates = [root] if root.is_absolute() else [Path.cwd() / root] + [p / root for p in Path(run_dir).resolve().parents[:4]]
+    if root.is_absolute():
+        candidates = [root]
+    else:
+        candidates = [Path.cwd() / root] + [p / root for p in Path(run_dir).resolve().parents[:4]]
     for c in candidates:
         if (c / cfg["dataset"] / "meta.json").is_file():
             return c / cfg["dataset"]
@@ -146,6 +153,8 @@ def deviations(cfg: dict[str, Any], preset: str | None) -> list[str] | None:
             continue
         mine = cfg[k]
         same = math.isclose(mine, v) if isinstance(v, float) and isinstance(mine, (int, float)) else mine == v
+        if k == "init_from" and not same and v in PRETRAINED_SHAPES and mine not in PRETRAINED_SHAPES:
+            same = tuple(cfg.get(f) for f in ("n_layer", "n_head", "n_embd")) == PRETRAINED_SHAPES[v]
         if not same:
             out.append(f"{k}={mine!r} (preset {v!r})")
     return out
@@ -228,6 +237,7 @@ def summarize_run(run_dir: Path, base: Path | None = None) -> dict[str, Any]:
         "wall_time_s": wall,
         "stages": stages,
         "device": device_name(env, meta.get("device") or cfg.get("device")),
+        "dtype": meta.get("dtype") or cfg.get("dtype"),  # the resolved one (auto -> float32/bfloat16)
         "deviations": deviations(cfg, preset),
         "data_dir": str(data_dir) if data_dir else None,
         "data_meta": data_meta,
@@ -252,8 +262,10 @@ def _agrees(measured: float, claim: dict[str, Any]) -> bool:
     return abs(measured - value) <= tol + EPS
 
 
-def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, Any]) -> dict[str, Any]:
-    """One row of the claims table: the measured value and the verdict, with why."""
+def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, Any],
+          stages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One row of the claims table: the measured value and the verdict, with why. `stages` (the
+    pipeline's) explain a missing run when they name the preset of a stage that did not run."""
     src = sources.get(claim["source"], {})
     row = {k: claim.get(k) for k in ("id", "description", "metric", "unit", "value", "tolerance", "direction",
                                      "tolerance_reason", "presets", "dataset", "requires")}
@@ -279,8 +291,9 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
         values = [v for v in found.values() if v is not None]
         if not values:
             row["verdict"] = "not run"
-            row["notes"].append(f"no {claim['dataset']}/meta.json with {claim['metric']} found through the runs' configs"
-                                if not found else f"{claim['dataset']}/meta.json has no {claim['metric']}")
+            where = f"{claim['dataset']}/meta.json"
+            row["notes"].append(f"{where} has no {claim['metric']}" if found
+                                else f"no {where} with {claim['metric']} found through the runs' configs")
             return row
         row["runs"], row["data_dirs"] = users, sorted(found)
         verdict_from([float(v) for v in values])
@@ -294,6 +307,11 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
     if not mine:
         row["verdict"] = "not run"
         row["notes"].append(f"no run of preset {' / '.join(claim['presets'])}")
+        latest = {s.get("name"): s for s in stages or []}
+        for s in latest.values():
+            if s.get("preset") in claim["presets"] and s.get("status") != "finished":
+                status = "not run" if s["status"] == "not_run" else s["status"]
+                row["notes"].append(f"stage {s['name']} {status}" + (f": {s['reason']}" if s.get("reason") else ""))
         return row
     recipe = [r for r in mine if not r["deviations"]]
     for r in mine:
@@ -497,7 +515,8 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     rows = [["pipeline", s["name"], s["status"], _secs(s["elapsed_s"]), s.get("reason") or ""]
             for s in rep["pipeline_stages"]]
     for r in runs:
-        rows.append([f"`{r['name']}`", "training run (metrics)", r["status"], _secs(r["wall_time_s"]), r["reason"] or ""])
+        rows.append([f"`{r['name']}`", "training run (metrics)", r["status"], _secs(r["wall_time_s"]),
+                     r["reason"] or ""])
     L.append(_table(["where", "stage", "status", "wall time", "reason"], rows) + "\n")
     what = "pipeline stages" if rep["pipeline_stages"] else "runs"
     L.append(f"Total wall time over all {what}: {_secs(rep['total_wall_time_s'])}.\n")
@@ -555,7 +574,7 @@ def _pipeline_stages(dirs: list[Path], out_dir: Path) -> list[dict[str, Any]]:
     out = []
     for f in files:
         if f.is_file():
-            out += [{k: r.get(k) for k in ("name", "status", "elapsed_s", "reason")}
+            out += [{k: r.get(k) for k in ("name", "status", "elapsed_s", "reason", "preset")}
                     for r in metrics.of_kind(metrics.read(f), "stage")]
     return out
 
@@ -591,7 +610,8 @@ def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path |
         caught.append(str(m.message))
         warnings.warn(m.message, stacklevel=2)  # pass on: a torn metrics line must stay visible
 
-    claims = [judge(c, runs, refs.get("sources", {})) for c in refs["claims"]]
+    pipeline_stages = _pipeline_stages(dirs, out_dir)
+    claims = [judge(c, runs, refs.get("sources", {}), pipeline_stages) for c in refs["claims"]]
     new_results = []
     for c in claims:
         if c["verdict"] != "new result":
@@ -604,10 +624,9 @@ def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path |
                 "model": cfg.get("init_from"), "iters": r["last_iter"],
                 "batch": (f"{cfg.get('batch_size')} x {cfg.get('gradient_accumulation_steps')} accumulation x "
                           f"{cfg.get('block_size')} tokens = {_fmt(r['tokens_per_iter'])} tokens/iter"),
-                "tokens": r["tokens_seen"], "device": r["device"], "dtype": cfg.get("dtype"),
+                "tokens": r["tokens_seen"], "device": r["device"], "dtype": r["dtype"],
                 "wall_time_s": r["wall_time_s"],
             })
-    pipeline_stages = _pipeline_stages(dirs, out_dir)
     walls = ([s["elapsed_s"] for s in pipeline_stages if _finite(s.get("elapsed_s")) is not None] if pipeline_stages
              else [r["wall_time_s"] for r in runs if r["wall_time_s"] is not None])
     rep = {
@@ -616,8 +635,8 @@ def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path |
         "claims": claims,
         "new_results": new_results,
         "seed_groups": seed_groups(runs, refs["claims"]),
-        "runs": [{k: v for k, v in r.items() if k not in ("env", "data_meta")} | {"env_summary": envinfo.summary(r["env"]) if r["env"] else None}
-                 for r in runs],
+        "runs": [{k: v for k, v in r.items() if k not in ("env", "data_meta")}
+                 | {"env_summary": envinfo.summary(r["env"]) if r["env"] else None} for r in runs],
         "plots": plot_files,
         "pipeline_stages": pipeline_stages,
         "total_wall_time_s": sum(walls) if walls else None,

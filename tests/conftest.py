@@ -82,3 +82,15 @@ def gpt2_data_root(tmp_path_factory, shakespeare_path, tiktoken_offline) -> Path
     data.prepare(input_path=shakespeare_path, encodings=("gpt2",), data_root=root)
     return root
 
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A random GPT-2 with the real 50257-token vocabulary, saved as a Hugging Face folder."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=50257)).save_pretrained(folder)
+    return folder

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
-import site
 import sys
 import threading
 import time
@@ -20,16 +20,9 @@ from nanorepro import remote
 from nanorepro.errors import UserError
 from nanorepro.remote import SSHRunner
 
+REPO = Path(__file__).resolve().parent.parent
 # The node's folder: spaces, a quote and a ';' must survive every remote command.
 ODD_DIR = "node home/it's; odd"
-
-
-def cheap_install() -> str:
-    """A real venv and `pip install -e .` of the copied code, offline: the venv sees this venv's packages."""
-    pth = f".venv/lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages/outer.pth"
-    return (f"{shlex.quote(sys.executable)} -m venv --without-pip .venv && "
-            f"echo {shlex.quote(site.getsitepackages()[0])} > {pth} && "
-            ".venv/bin/python -m pip install -q --no-deps --no-build-isolation --no-index -e .")
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +60,17 @@ def make_runner(server, base: Path, out=None, **kw) -> SSHRunner:
 
 @pytest.fixture(scope="module")
 def node(server, tmp_path_factory):
-    """A runner whose node has the code installed (once for the module)."""
+    """A runner whose node has the code installed (once for the module), from a snapshot of the package
+    (not a git checkout: the fallback file list), so edits to the working tree cannot change it mid-test."""
     base = tmp_path_factory.mktemp("node")
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src)
+    shutil.copytree(REPO / "nanorepro", src / "nanorepro", ignore=shutil.ignore_patterns("__pycache__"))
     out = Lines()
-    runner = make_runner(server, base, out=out)
+    runner = make_runner(server, base, out=out, local_root=src)
     started = time.monotonic()
-    runner.setup(install_cmd=cheap_install())
+    runner.setup(install_cmd=sshd_helper.cheap_install())
     assert time.monotonic() - started < 60
     yield runner, out, base
     runner.close()
@@ -90,6 +88,9 @@ def test_setup_installs_the_copied_code(node):
     assert f"{base / ODD_DIR}/nanorepro/__init__.py" in out.text
     assert f"{base / ODD_DIR}/.venv" in out.text
     assert (base / ODD_DIR / "pyproject.toml").is_file() and (base / ODD_DIR / "results" / "x").is_dir()
+    out.lines.clear()
+    runner.setup(install_cmd=sshd_helper.cheap_install())  # a re-run with the same code installs nothing
+    assert "already has this code installed" in out.text and "[setup]" not in out.text
 
 
 def test_arguments_with_spaces_quotes_and_semicolons_arrive_intact(node):
@@ -104,11 +105,14 @@ def test_arguments_with_spaces_quotes_and_semicolons_arrive_intact(node):
 def test_progress_streams_while_the_stage_runs(node):
     runner, out, _ = node
     out.lines.clear()
-    code = "import time\nfor i in range(6):\n    print('step', i, flush=True)\n    time.sleep(0.3)\n"
+    code = ("import time\nfor i in range(6):\n    print('step', i, flush=True)\n    time.sleep(0.3)\n"
+            "print('bar 1', end='\\r'); print('bar 2', end='\\r'); print('bar 3')\n")
     runner.run_command([sys.executable, "-c", code], stage="progress")
     steps = [(t, line) for t, line in out.lines if line.startswith("step")]
     assert [line for _, line in steps] == [f"step {i}" for i in range(6)]
     assert steps[-1][0] - steps[0][0] > 1.0  # lines arrived as they were written, not all at the end
+    # a progress bar's \r stays in its line, so the notebook overwrites it in place as for local runs
+    assert out.lines[-1][1] == "bar 1\rbar 2\rbar 3"
 
 
 def test_failing_stage_raises_with_the_tail_of_its_log(node):

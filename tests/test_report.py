@@ -178,6 +178,7 @@ def test_a_claim_without_a_published_number_is_a_new_result_with_conditions(resu
     cfg = json.loads((runs[0] / "config.json").read_text())
     first = rep["new_results"][0]
     assert first["run"] == "seed-1337" and first["model"] == "scratch" and first["iters"] == 20
+    assert first["dtype"] == "float32" and first["device"].startswith("CPU: ")
     assert first["tokens"] == 20 * cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
     assert first["best_val_loss"] == pytest.approx(best_vals(runs[:1])[0])
     assert "## New results" in (tmp_path / "out" / "REPORT.md").read_text()
@@ -203,7 +204,8 @@ def test_a_stage_that_did_not_run_is_reported_with_its_reason(results, tmp_path)
     metrics.append(res / "stages.jsonl", {"kind": "stage", "name": "train char", "status": "finished",
                                           "elapsed_s": 4.0})
     metrics.append(res / "stages.jsonl", {"kind": "stage", "name": "train finetune", "status": "not_run",
-                                          "elapsed_s": 2.5, "reason": "gpt2-xl is not available offline"})
+                                          "elapsed_s": 2.5, "reason": "gpt2-xl is not available offline",
+                                          "preset": "finetune-shakespeare"})
     with pytest.warns(UserWarning, match="not available offline"):
         rep = report.report([res / "runs" / "char", res / "runs" / "finetune"], res)
     runs = {r["name"]: r for r in rep["runs"]}
@@ -211,6 +213,9 @@ def test_a_stage_that_did_not_run_is_reported_with_its_reason(results, tmp_path)
     assert runs["finetune"]["status"] == "not run"
     assert runs["finetune"]["reason"] == "train finetune not run: gpt2-xl is not available offline"
     assert rep["total_wall_time_s"] == pytest.approx(6.5)  # the pipeline's stages, summed
+    ft = by_id(rep)["finetune-gpt2-xl-val-loss"]
+    assert ft["verdict"] == "not run"
+    assert "stage train finetune not run: gpt2-xl is not available offline" in ft["notes"]
     md = (res / "REPORT.md").read_text()
     assert "| pipeline | train finetune | not_run | 2.5 s | gpt2-xl is not available offline |" in md
 
@@ -299,3 +304,12 @@ def test_reporting_never_imports_torch(results, repo_root, tmp_path):
             "assert 'torch' not in sys.modules, 'reporting pulled in torch'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_local_copy_of_the_pretrained_model_still_counts_as_the_recipe():
+    cfg = resolve("finetune-shakespeare").to_dict()
+    cfg.update(init_from="/models/gpt2-xl", n_layer=48, n_head=25, n_embd=1600, vocab_size=50257)
+    assert report.deviations(cfg, "finetune-shakespeare") == []
+    cfg.update(n_layer=12, n_head=12, n_embd=768)  # a gpt2 (124M) folder is not gpt2-xl
+    assert report.deviations(cfg, "finetune-shakespeare") == ["init_from='/models/gpt2-xl' (preset 'gpt2-xl')"]
+    assert report.deviations(cfg, "no-such-preset") is None

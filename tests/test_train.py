@@ -155,17 +155,6 @@ def test_sampling_from_a_run_is_seeded_and_sized(char_data_root, tmp_path):
     assert a[0].startswith("ROMEO:") and len(a[0]) == len("ROMEO:") + 40
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory) -> Path:
-    """A random GPT-2 with the real 50257-token vocabulary, saved as a Hugging Face folder."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=50257)).save_pretrained(folder)
-    return folder
-
-
 def test_finetune_from_a_local_gpt2_folder(gpt2_data_root, tiny_gpt2, tmp_path):
     cfg = resolve("finetune-shakespeare", {"data_root": str(gpt2_data_root), "out_dir": str(tmp_path / "ft"),
                                            "init_from": str(tiny_gpt2), "block_size": 64, "max_iters": 6,

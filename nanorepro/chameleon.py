@@ -1,0 +1,720 @@
+"""Reserve an A100 bare-metal node on Chameleon with python-chi, and give it back.
+
+`reserve()`: credentials and site, node type and availability, image and key checks, then a lease
+(reused by name), ACTIVE, a server on it (reused by name), a floating IP, and SSH answering. The
+node record `<state_dir>/chameleon_node.json` is rewritten after every step, so `release()` always
+knows what to delete, and a failure after the lease exists never leaves it running unannounced:
+it is released, or the message says it still runs, until when, and the command that releases it.
+`release()`: server, floating IP, lease; then it checks that nothing is left.
+
+python-chi 1.2.10 quirks handled here (each where it bites):
+- `chi.use_site()` prints and returns when it cannot fetch the sites list: we fetch it and raise.
+- `Lease.wait()` and `Server.wait()` return normally on ERROR: we poll and treat ERROR as an error.
+- `Lease.submit()` reduces Blazar's refusal to "Unable to make lease": we call Blazar's create to keep
+  the reason; its idempotent lookup fails when a TERMINATED lease has the same name: we list and filter.
+- `Server(...)` calls Glance and Nova in its constructor; `Server.submit()` returns None when it creates
+  and a new object when its idempotent path finds one (`s = s.submit(...) or s`), and the object it
+  created has no id; `show="widget"` outside IPython raises after the server was created (show=None).
+- `check_connectivity()` returns None: we do our own TCP check with a timeout and read the SSH banner.
+- `Server.delete(delete_ips=True)` calls a wrong Neutron path: floating IPs are released with chi.network.
+- `Lease(duration=...)` counts from now, not from `start_date`: every lease here starts now.
+- `Lease.status`/`Server.status` are properties that call the API on every read: we read dicts instead.
+Light module (the hub kernel imports it): no torch, and python-chi is imported only when used.
+
+Knobs for unusual setups and tests, as keyword arguments or environment variables:
+NANOREPRO_CHI_POLL_S (seconds between status polls, default 10), NANOREPRO_SSH_USER (cc),
+NANOREPRO_SSH_PORT (22), NANOREPRO_REMOTE_DIR (nanorepro, under the user's home on the node).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import logging
+import os
+import shlex
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import UserError
+from .remote import KNOWN_HOSTS, NODE_FILE
+
+# The A100 node types on Chameleon's bare-metal sites, in the order "auto" tries them.
+A100_NODE_TYPES: dict[str, tuple[str, str]] = {
+    "compute_gigaio": ("CHI@UC", "1x A100 80 GB"),
+    "gpu_a100_pcie": ("CHI@UC", "4x A100 PCIe"),
+    "compute_liqid": ("CHI@TACC", "1-2x A100 40 GB"),
+}
+DEFAULT_IMAGE = "CC-Ubuntu22.04-CUDA"
+MAX_LEASE_HOURS = 7 * 24  # Chameleon caps leases at 7 days
+# Chameleon charges a lease in service units (SU): node-hours times the node type's rate.
+SU_PER_NODE_HOUR = 1.0
+SU_RATE_SOURCE = ("assumed: 1 SU = one bare-metal node for one hour, Chameleon's definition of an SU "
+                  "(chameleoncloud.org FAQ / allocations docs); check your project's allocation page, "
+                  "GPU nodes may be charged more")
+LIVE = ("PENDING", "STARTING", "ACTIVE", "UPDATING", "ERROR")  # lease states that hold (or may hold) a node
+
+
+# -- small helpers ----------------------------------------------------------------------------
+def _poll_s(poll_s: float | None) -> float:
+    return poll_s if poll_s is not None else float(os.environ.get("NANOREPRO_CHI_POLL_S", "10"))
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+@contextlib.contextmanager
+def _step(title: str) -> Iterator[None]:
+    """Say what is being done and how long it took."""
+    print(f"-> {title} ...", flush=True)
+    started = time.monotonic()
+    yield
+    print(f"   done in {_fmt_s(time.monotonic() - started)}", flush=True)
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _parse_blazar(value: str) -> dt.datetime:
+    """Blazar's dates ("2026-11-25T14:00:00.000000", UTC without a zone)."""
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"):
+        try:
+            return dt.datetime.strptime(value, fmt).replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            pass
+    raise ValueError(f"unrecognised Blazar date {value!r}")
+
+
+def _when(value: dt.datetime) -> str:
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def su_cost(lease_hours: float, nodes: int = 1, rate: float = SU_PER_NODE_HOUR) -> float:
+    """Service units a lease costs: node-hours times the rate."""
+    return nodes * lease_hours * rate
+
+
+def load_record(state_dir: Path) -> dict[str, Any]:
+    path = Path(state_dir) / NODE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_record(state_dir: Path, record: dict[str, Any]) -> None:
+    """Write the node record atomically: it is what release() trusts after a crash."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    record["updated"] = _utcnow().isoformat(timespec="seconds")
+    tmp = state_dir / (NODE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(state_dir / NODE_FILE)
+
+
+def release_command(state_dir: Path) -> str:
+    return f"nanorepro release --results-dir {shlex.quote(str(state_dir))}"
+
+
+def still_running(record: dict[str, Any], state_dir: Path) -> str:
+    """The plain statement that a lease still runs, until when, and how to release it."""
+    end = record.get("lease_end")
+    left = ""
+    if end:
+        hours = max((dt.datetime.fromisoformat(end) - _utcnow()).total_seconds() / 3600, 0)
+        left = f" until {_when(dt.datetime.fromisoformat(end))} ({hours:.1f} h more, about {su_cost(hours):.0f} SU)"
+    return (f"lease {record.get('lease_name')} ({record.get('lease_id')}) at {record.get('site')} is STILL RUNNING"
+            f"{left}; release it with `{release_command(state_dir)}`, or run notebooks/05_release_node.ipynb with "
+            f"target='chameleon' and results_dir={str(state_dir)!r}")
+
+
+# -- connecting ---------------------------------------------------------------------------------
+def _import_chi() -> Any:
+    try:
+        import chi
+        import chi.hardware
+        import chi.image
+        import chi.lease
+        import chi.network
+        import chi.server
+    except ImportError as e:
+        raise UserError(f"python-chi is not installed ({e})", "pip install -e '.[chameleon]'") from e
+    # neutronclient warns on every client it makes (python-chi makes one per call)
+    logging.getLogger("neutronclient.v2_0.client").setLevel(logging.ERROR)
+    return chi
+
+
+def connect(site: str | None, project: str | None = None) -> Any:
+    """python-chi pointed at `site` and `project` with working credentials; returns the chi module."""
+    env = os.environ
+    if not any(env.get(v) for v in ("OS_ACCESS_TOKEN", "OS_APPLICATION_CREDENTIAL_ID", "OS_TOKEN", "OS_PASSWORD")):
+        raise UserError("no Chameleon credentials in this environment (none of OS_ACCESS_TOKEN, "
+                        "OS_APPLICATION_CREDENTIAL_ID, OS_TOKEN, OS_PASSWORD is set)",
+                        "run on the Chameleon JupyterHub, or `source` an application-credential openrc "
+                        "(created 'unrestricted', or Blazar refuses leases) before starting Jupyter")
+    app_cred = env.get("OS_AUTH_TYPE", "").startswith("v3applicationcredential")
+    project = project or env.get("OS_PROJECT_NAME") or env.get("OS_PROJECT_ID")
+    if not project and not app_cred:
+        raise UserError("no Chameleon project chosen",
+                        "set project='CHI-XXXXXX' in the parameters cell, or export OS_PROJECT_NAME")
+    site = site or env.get("OS_REGION_NAME")
+    if not site:
+        raise UserError("no Chameleon site chosen", "set site='CHI@UC' (or 'CHI@TACC') in the parameters cell")
+    chi = _import_chi()
+    from chi import context
+
+    try:
+        sites = context.list_sites()  # chi.use_site() would only print on failure
+    except Exception as e:
+        raise UserError(f"cannot fetch Chameleon's list of sites from {context.RESOURCE_API_URL} ({e})",
+                        "check this machine reaches the internet, and retry in a minute") from e
+    if site not in sites:
+        raise UserError(f"unknown Chameleon site {site!r}",
+                        f"use one of: {', '.join(s for s in sites if s.startswith('CHI@'))}")
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints four lines; we say it in one
+        chi.use_site(site)
+    if project and not app_cred:
+        chi.set("project_name", project)
+    try:
+        project_id = chi.session().get_project_id()
+    except Exception as e:
+        raise UserError(f"Chameleon at {site} refused the credentials or could not be reached "
+                        f"({type(e).__name__}: {e})",
+                        "on the hub restart your server to refresh the token; with an openrc check it is "
+                        "for this project and not expired") from e
+    print(f"   site {site}, project {project or project_id}", flush=True)
+    return chi
+
+
+# -- availability -------------------------------------------------------------------------------
+def availability(chi: Any, node_type: str, hours: float) -> dict[str, Any]:
+    """How many `node_type` nodes the current site has, how many are free for `hours` from now, and
+    when the next one frees up (None when unknown)."""
+    from chi.exception import CHIValueError
+
+    try:
+        nodes = chi.hardware.get_nodes(node_type=node_type)
+    except CHIValueError:
+        return {"node_type": node_type, "nodes": 0, "free_now": 0, "next_free": None}
+    soon = _utcnow() + dt.timedelta(minutes=5)
+    free_now, next_free = 0, None
+    for node in nodes:
+        if not node.reservable:
+            continue
+        start, _ = node.next_free_timeslot(minimum_hours=max(1, int(-(-hours // 1))))
+        if start <= soon:
+            free_now += 1
+        next_free = start if next_free is None else min(next_free, start)
+    return {"node_type": node_type, "nodes": len(nodes), "free_now": free_now, "next_free": next_free}
+
+
+def _other_sites(chi: Any, site: str, hours: float) -> list[str]:
+    """'<type> at <site>: N free' for A100 types at other sites (best effort; the site is restored)."""
+    found = []
+    for other in sorted({s for s, _ in A100_NODE_TYPES.values()} - {site}):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                chi.use_site(other)
+            for node_type, (where, _) in A100_NODE_TYPES.items():
+                if where == other:
+                    free = availability(chi, node_type, hours)["free_now"]
+                    found.append(f"site='{other}', node_type='{node_type}' ({free} free now)")
+        except Exception:
+            found += [f"site='{other}', node_type='{t}'" for t, (w, _) in A100_NODE_TYPES.items() if w == other]
+        finally:
+            with contextlib.redirect_stdout(io.StringIO()):
+                chi.use_site(site)
+    return found
+
+
+def choose_node_type(chi: Any, site: str, node_type: str, hours: float) -> str:
+    """The A100 node type to lease: `node_type`, or the first free one at `site` for "auto"."""
+    here = [t for t, (s, _) in A100_NODE_TYPES.items() if s == site]
+    if node_type != "auto":
+        if node_type not in A100_NODE_TYPES:
+            raise UserError(f"{node_type!r} is not an A100 node type",
+                            "use node_type='auto' or one of: " + ", ".join(
+                                f"{t} ({s}, {g})" for t, (s, g) in A100_NODE_TYPES.items()))
+        if A100_NODE_TYPES[node_type][0] != site:
+            raise UserError(f"{node_type} nodes are at {A100_NODE_TYPES[node_type][0]}, not {site}",
+                            f"set site='{A100_NODE_TYPES[node_type][0]}'" +
+                            (f" or node_type to one of {', '.join(here)}" if here else ""))
+    if not here:
+        raise UserError(f"{site} has no A100 node types", "use site='CHI@UC' or site='CHI@TACC'")
+    candidates = here if node_type == "auto" else [node_type]
+    seen = []
+    for t in candidates:
+        try:
+            info = availability(chi, t, hours)
+        except Exception as e:  # the hardware API is a convenience: Blazar has the last word
+            print(f"   could not check availability of {t} ({type(e).__name__}: {e}); asking for a lease anyway")
+            return t
+        print(f"   {t} at {site}: {info['nodes']} nodes, {info['free_now']} free for {hours:g} h", flush=True)
+        if info["free_now"]:
+            return t
+        seen.append(info)
+    nexts = [f"{i['node_type']} from {_when(i['next_free'])}" for i in seen if i["next_free"]]
+    others = _other_sites(chi, site, hours)
+    raise UserError(f"no A100 node ({', '.join(candidates)}) is free at {site} for {hours:g} h" +
+                    (f"; next free: {', '.join(nexts)}" if nexts else ""),
+                    "re-run later" + (f", or try {'; or '.join(others)}" if others else "") +
+                    ", or ask for fewer lease_hours")
+
+
+# -- reserve ------------------------------------------------------------------------------------
+def reserve(target: str = "chameleon", *, site: str | None = None, node_type: str = "auto",
+            lease_hours: float = 8, image: str = DEFAULT_IMAGE, lease_name: str | None = None,
+            server_name: str | None = None, state_dir: str | Path = "results/local", project: str | None = None,
+            key_name: str | None = None, private_key: str | None = None, public_key: str | None = None,
+            network: str = "sharednet1", keep_on_failure: bool = False, poll_s: float | None = None,
+            lease_timeout_s: float = 15 * 60, server_timeout_s: float = 40 * 60,
+            ssh_timeout_s: float = 20 * 60, ssh_user: str | None = None, ssh_port: int | None = None,
+            remote_dir: str | None = None) -> dict[str, Any] | None:
+    """Lease an A100 node, boot `image` on it, give it a floating IP and wait for SSH; the node record.
+
+    Re-running reuses the live lease and server of the same names. On a failure after the lease
+    exists, everything made is released (or kept, with `keep_on_failure=True`, and said so plainly).
+    """
+    if target == "local":
+        print("target is 'local': nothing to reserve, every stage runs on this machine")
+        return None
+    if target != "chameleon":
+        raise UserError(f"unknown target {target!r}", "use target='local' or target='chameleon'")
+    if not 0 < lease_hours <= MAX_LEASE_HOURS:
+        raise UserError(f"lease_hours={lease_hours} is outside (0, {MAX_LEASE_HOURS}]",
+                        "Chameleon caps leases at 7 days; the reproduction needs a few hours, boot included")
+    state_dir = Path(state_dir)
+    user = os.environ.get("OS_USERNAME") or os.environ.get("USER") or "user"
+    lease_name = lease_name or f"nanorepro-{user}"
+    server_name = server_name or f"{lease_name}-node"
+    poll = _poll_s(poll_s)
+    old = load_record(state_dir)
+    if old and old.get("status") != "released" and old.get("lease_name") not in (None, lease_name):
+        raise UserError(f"{state_dir} already holds the node of lease {old.get('lease_name')}",
+                        f"release it first (`{release_command(state_dir)}`) or use another results_dir")
+    started = time.monotonic()
+
+    with _step(f"connecting to {site or os.environ.get('OS_REGION_NAME')}"):
+        chi = connect(site, project)
+        site = site or os.environ["OS_REGION_NAME"]
+    record: dict[str, Any] = {
+        "site": site, "project": project or os.environ.get("OS_PROJECT_NAME") or os.environ.get("OS_PROJECT_ID"),
+        "lease_name": lease_name, "server_name": server_name, "image": image, "status": "reserving",
+        "user": ssh_user or os.environ.get("NANOREPRO_SSH_USER", "cc"),
+        "port": int(ssh_port or os.environ.get("NANOREPRO_SSH_PORT", 22)),
+        "remote_dir": remote_dir or os.environ.get("NANOREPRO_REMOTE_DIR", "nanorepro"),
+    }
+
+    with _step(f"looking for a live lease named {lease_name}"):
+        lease = find_lease(chi, lease_name)
+        print(f"   {'found ' + lease['id'] + ' (' + lease['status'] + '): reusing it' if lease else 'none'}")
+    if lease and lease["status"] == "ERROR":
+        record.update(lease_id=lease["id"], lease_end=_parse_blazar(lease["end_date"]).isoformat())
+        save_record(state_dir, record)
+        raise UserError(f"lease {lease_name} at {site} is in ERROR from an earlier try; until released it may "
+                        "still hold a node and count against the allocation",
+                        f"release it (`{release_command(state_dir)}` or 05_release_node), then run this again")
+
+    with _step("checking the image and the SSH key"):
+        try:
+            key = _check_image_and_key(chi, image, key_name, private_key, public_key)
+        except UserError as e:
+            if lease:  # from an earlier run: say it runs, whatever went wrong now
+                record.update(lease_id=lease["id"], lease_end=_parse_blazar(lease["end_date"]).isoformat())
+                raise UserError(f"{e.problem}. The {still_running(record, state_dir)}", e.fix) from e
+            raise
+        record.update(key_name=key["name"], key_path=key["private"])
+
+    if lease is None:
+        with _step(f"choosing an A100 node type at {site}"):
+            node_type = choose_node_type(chi, site, node_type, lease_hours)
+        print(f"This lease will cost {su_cost(lease_hours):g} SU: 1 node x {lease_hours:g} h x "
+              f"{SU_PER_NODE_HOUR:g} SU per node-hour ({SU_RATE_SOURCE}). Releasing early "
+              "(05_release_node) stops the charge for the hours left.", flush=True)
+        with _step(f"creating lease {lease_name} for one {node_type} node, {lease_hours:g} h"):
+            lease = create_lease(chi, lease_name, node_type, lease_hours)
+    record.update(lease_id=lease["id"], lease_start=_parse_blazar(lease["start_date"]).isoformat(),
+                  lease_end=_parse_blazar(lease["end_date"]).isoformat(),
+                  node_type=_lease_node_type(lease) or (node_type if node_type != "auto" else None))
+    record["gpus"] = A100_NODE_TYPES.get(record["node_type"] or "", ("", None))[1]
+    save_record(state_dir, record)
+
+    try:
+        _boot(chi, record, state_dir, network=network, poll=poll, lease_timeout_s=lease_timeout_s,
+              server_timeout_s=server_timeout_s, ssh_timeout_s=ssh_timeout_s)
+    except KeyboardInterrupt:
+        print("\ninterrupted: " + still_running(record, state_dir), flush=True)
+        raise
+    except Exception as e:
+        problem = e.problem if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        fix = e.fix if isinstance(e, UserError) else "read the message above"
+        if keep_on_failure:
+            raise UserError(f"{problem}. The {still_running(record, state_dir)}", fix) from e
+        print(f"{problem}\nreleasing what this reservation made, so it does not keep costing SUs", flush=True)
+        try:
+            left = _release(chi, record, poll=poll, timeout_s=10 * 60)
+        except Exception as e2:
+            raise UserError(f"{problem}; releasing failed too ({type(e2).__name__}: {e2}). The "
+                            f"{still_running(record, state_dir)}", fix) from e
+        if left:
+            raise UserError(f"{problem}; after releasing, still left at {site}: {', '.join(left)}. The "
+                            f"{still_running(record, state_dir)}", fix) from e
+        record["status"] = "released"
+        save_record(state_dir, record)
+        raise UserError(f"{problem}. The lease, server and floating IP were released: nothing is left running",
+                        f"{fix}; then run this notebook again") from e
+
+    record["status"] = "ready"
+    save_record(state_dir, record)
+    print(f"node ready in {_fmt_s(time.monotonic() - started)}: ssh {record['user']}@{record['host']}"
+          f"{' -p ' + str(record['port']) if record['port'] != 22 else ''} -i {record['key_path']}\n"
+          f"{record['node_type']} ({record['gpus']}) at {site}, lease {lease_name} until "
+          f"{_when(dt.datetime.fromisoformat(record['lease_end']))}. When done: 05_release_node "
+          f"or `{release_command(state_dir)}`", flush=True)
+    return record
+
+
+def _boot(chi: Any, record: dict[str, Any], state_dir: Path, *, network: str, poll: float,
+          lease_timeout_s: float, server_timeout_s: float, ssh_timeout_s: float) -> None:
+    """Everything after the lease exists: ACTIVE, server, floating IP, SSH."""
+    with _step(f"waiting for lease {record['lease_name']} to become ACTIVE"):
+        lease = wait_lease(chi, record["lease_id"], lease_timeout_s, poll)
+    record["reservation_id"] = _node_reservation(lease)["id"]
+    save_record(state_dir, record)
+
+    with _step(f"launching server {record['server_name']} with {record['image']}"):
+        record["server_id"] = launch_server(chi, record, network, poll, server_timeout_s)
+        save_record(state_dir, record)
+    with _step("waiting for the server to build (bare-metal A100 nodes take 10-30 min)"):
+        wait_server(chi, record["server_id"], record["server_name"], server_timeout_s, poll)
+
+    with _step("attaching a floating IP"):
+        attach_floating_ip(chi, record, state_dir)
+    with _step(f"waiting for SSH on {record['host']}:{record['port']}"):
+        wait_for_ssh(record["host"], record["port"], ssh_timeout_s, poll)
+
+
+def _check_image_and_key(chi: Any, image: str, key_name: str | None, private_key: str | None,
+                         public_key: str | None) -> dict[str, str]:
+    """Fail before any lease exists: the image must exist, the key must be usable and in Nova."""
+    from chi.exception import CHIValueError, ResourceError
+
+    try:
+        chi.image.get_image(image)
+    except (CHIValueError, ResourceError) as e:
+        raise UserError(f"image {image!r}: {e}", f"use {DEFAULT_IMAGE} or CC-Ubuntu24.04-CUDA") from e
+    key_name = key_name or os.environ.get("OS_KEYPAIR_NAME") or chi.context.get("keypair_name")
+    private_key = private_key or os.environ.get("OS_KEYPAIR_PRIVATE_KEY")
+    public_key = public_key or os.environ.get("OS_KEYPAIR_PUBLIC_KEY")
+    if not key_name:
+        raise UserError("no SSH keypair name", "set OS_KEYPAIR_NAME or pass key_name=")
+    if not private_key or not Path(private_key).expanduser().is_file():
+        raise UserError(f"no SSH private key file ({private_key or 'none given'})",
+                        "on the hub OS_KEYPAIR_PRIVATE_KEY is set for you; elsewhere pass private_key= "
+                        "and public_key= (e.g. ~/.ssh/id_ed25519 and ~/.ssh/id_ed25519.pub)")
+    pub = Path(public_key).expanduser().read_text().strip() if public_key and Path(public_key).expanduser().is_file() \
+        else None
+    if pub:
+        chi.server.update_keypair(key_name, pub)  # creates it in Nova, or replaces a stale copy
+    elif chi.server.get_keypair(key_name).public_key is None:
+        raise UserError(f"keypair {key_name!r} is not in Nova and there is no public key to create it",
+                        "pass public_key= (the .pub file of private_key)")
+    return {"name": key_name, "private": str(Path(private_key).expanduser().resolve())}
+
+
+def find_lease(chi: Any, name: str) -> dict[str, Any] | None:
+    """The live lease called `name` in this project, if any (older TERMINATED ones are ignored)."""
+    live = [lease for lease in chi.blazar().lease.list() if lease["name"] == name and lease["status"] in LIVE]
+    if len(live) > 1:
+        raise UserError(f"{len(live)} live leases are named {name}",
+                        "release the extra ones in the Chameleon GUI (Reservations > Leases), or pick another name")
+    return live[0] if live else None
+
+
+def create_lease(chi: Any, name: str, node_type: str, hours: float) -> dict[str, Any]:
+    """Ask Blazar for one `node_type` node from now for `hours`; Blazar's refusal becomes a UserError."""
+    from blazarclient.exception import BlazarClientException
+
+    lease = chi.lease.Lease(name, duration=dt.timedelta(hours=hours))
+    lease.add_node_reservation(amount=1, node_type=node_type)
+    try:
+        return chi.blazar().lease.create(name=name, start=lease.start_date, end=lease.end_date,
+                                         reservations=lease.node_reservations, events=[])
+    except BlazarClientException as e:
+        msg = str(e)
+        low = msg.lower()
+        if "not enough" in low:
+            fix = "no node is free for the whole lease: ask for fewer lease_hours, another node_type or site, or later"
+        elif "allocation" in low or " su" in low or "balance" in low or "charge" in low:
+            fix = f"the project's allocation cannot cover {su_cost(hours):g} SU: ask its PI to renew or recharge it"
+        else:
+            fix = "check the project's allocation is active and, outside the hub, that the application credential " \
+                  "was created 'unrestricted'"
+        raise UserError(f"Chameleon refused the lease: {msg}", fix) from e
+
+
+def _reservations(lease: dict[str, Any]) -> list[dict[str, Any]]:
+    res = lease.get("reservations", [])
+    return json.loads(res) if isinstance(res, str) else res  # Blazar sometimes nests it as JSON text
+
+
+def _node_reservation(lease: dict[str, Any]) -> dict[str, Any]:
+    for res in _reservations(lease):
+        if res.get("resource_type") == "physical:host":
+            return res
+    raise UserError(f"lease {lease.get('name')} has no node reservation", "release it and reserve again")
+
+
+def _lease_node_type(lease: dict[str, Any]) -> str | None:
+    for res in _reservations(lease):
+        for t in A100_NODE_TYPES:
+            if t in str(res.get("resource_properties", "")):
+                return t
+    return None
+
+
+def wait_lease(chi: Any, lease_id: str, timeout_s: float, poll: float) -> dict[str, Any]:
+    """Poll until ACTIVE; ERROR (which python-chi's wait returns on) and time-outs are errors."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lease = chi.blazar().lease.get(lease_id)
+        status = lease["status"]
+        if status == "ACTIVE":
+            return lease
+        if status in ("ERROR", "TERMINATED", "TERMINATING", "DELETED"):
+            raise UserError(f"lease {lease['name']} went to {status} instead of ACTIVE",
+                            "the site could not start it (often a node failed its checks): reserve again, "
+                            "or try another node_type or site")
+        if time.monotonic() > deadline:
+            raise UserError(f"lease {lease['name']} is still {status} after {_fmt_s(timeout_s)}",
+                            "the site is slow to start leases: run this notebook again later (it reuses the lease)")
+        time.sleep(poll)
+
+
+def launch_server(chi: Any, record: dict[str, Any], network: str, poll: float, timeout_s: float) -> str:
+    """Create the server on the reservation (or find the one of that name); its id."""
+    name = record["server_name"]
+    existing = chi.server.get_server_id(name)
+    if existing:
+        status = chi.nova().servers.get(existing).status
+        if status != "ERROR":
+            print(f"   found server {name} ({existing}, {status}): reusing it")
+            return existing
+        print(f"   server {name} is in ERROR from an earlier try: deleting it and building again")
+        chi.server.delete_server(existing)
+        _wait_gone(lambda: _server_exists(chi, existing), f"server {name}", timeout_s, poll)
+    try:
+        server = chi.server.Server(name, reservation_id=record["reservation_id"], image_name=record["image"],
+                                   key_name=record["key_name"], network_name=network)
+        server = server.submit(wait_for_active=False, show=None, idempotent=True) or server
+    except Exception as e:
+        raise UserError(f"Nova refused to create server {name}: {e}",
+                        "check the image and network exist at this site and the lease is ACTIVE") from e
+    server_id = chi.server.get_server_id(name)  # the object submit() created carries no id
+    if not server_id:
+        raise UserError(f"server {name} was requested but Nova does not list it", "run this notebook again")
+    return server_id
+
+
+def _server_exists(chi: Any, server_id: str) -> bool:
+    from novaclient.exceptions import NotFound
+
+    try:
+        return chi.nova().servers.get(server_id).status != "DELETED"
+    except NotFound:
+        return False
+
+
+def wait_server(chi: Any, server_id: str, name: str, timeout_s: float, poll: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        server = chi.nova().servers.get(server_id)
+        if server.status == "ACTIVE":
+            return
+        if server.status == "ERROR":
+            fault = (getattr(server, "fault", None) or {}).get("message", "no reason given")
+            raise UserError(f"server {name} failed to build: {fault}",
+                            "bare-metal builds sometimes fail on a bad node: reserve again (a new lease may get "
+                            "another node)")
+        if time.monotonic() > deadline:
+            raise UserError(f"server {name} is still {server.status} after {_fmt_s(timeout_s)}",
+                            "run this notebook again to keep waiting (it reuses the lease and server)")
+        time.sleep(poll)
+
+
+def attach_floating_ip(chi: Any, record: dict[str, Any], state_dir: Path) -> None:
+    """Give the server a public address: the one it has, the one recorded, or a new one."""
+    server = chi.nova().servers.get(record["server_id"])
+    attached = [a["addr"] for addrs in server.addresses.values() for a in addrs
+                if a.get("OS-EXT-IPS:type") == "floating"]
+    if attached:
+        fip = next((f for f in chi.network.list_floating_ips() if f["floating_ip_address"] == attached[0]), {})
+        record.update(floating_ip=attached[0], floating_ip_id=fip.get("id", record.get("floating_ip_id")))
+        print(f"   already has {attached[0]}")
+    else:
+        fip = next((f for f in chi.network.list_floating_ips()
+                    if f["id"] == record.get("floating_ip_id") and not f.get("port_id")), None)
+        if fip is None:
+            public = chi.network.get_network_id(chi.network.PUBLIC_NETWORK)
+            fip = chi.neutron().create_floatingip(
+                {"floatingip": {"floating_network_id": public,
+                                "description": f"nanorepro {record['server_name']}"}})["floatingip"]
+        record.update(floating_ip=fip["floating_ip_address"], floating_ip_id=fip["id"])
+        save_record(state_dir, record)  # recorded before it is bound, so a crash cannot leak it
+        chi.server.associate_floating_ip(record["server_id"], fip["floating_ip_address"])
+        print(f"   {fip['floating_ip_address']}")
+    if record.get("host") != record["floating_ip"]:
+        (Path(state_dir) / KNOWN_HOSTS).unlink(missing_ok=True)  # a new address or node: a new host key
+    record["host"] = record["floating_ip"]
+    save_record(state_dir, record)
+
+
+def wait_for_ssh(host: str, port: int, timeout_s: float, poll: float) -> None:
+    """Until something on host:port speaks SSH (python-chi's check_connectivity returns None)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=5) as sock:
+                sock.settimeout(5)
+                if sock.recv(64).startswith(b"SSH-"):
+                    return
+                last = "not an SSH server"
+        except OSError as e:
+            last = f"{type(e).__name__}: {e}"
+        if time.monotonic() > deadline:
+            raise UserError(f"the node at {host} does not answer SSH on port {port} after {_fmt_s(timeout_s)} "
+                            f"({last})", "it may still be booting: run this notebook again to keep waiting "
+                            "(it reuses the lease and server); check sharednet1's security group allows SSH")
+        time.sleep(poll)
+
+
+def _wait_gone(exists: Any, what: str, timeout_s: float, poll: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+    return True
+
+
+# -- release ------------------------------------------------------------------------------------
+def release(target: str = "chameleon", *, state_dir: str | Path = "results/local", site: str | None = None,
+            lease_name: str | None = None, server_name: str | None = None, project: str | None = None,
+            poll_s: float | None = None, timeout_s: float = 10 * 60) -> dict[str, Any] | None:
+    """Delete the server, floating IP and lease recorded in `state_dir` (or named), and check none is left."""
+    if target == "local":
+        print("target is 'local': nothing was reserved, nothing to release")
+        return None
+    if target != "chameleon":
+        raise UserError(f"unknown target {target!r}", "use target='local' or target='chameleon'")
+    state_dir = Path(state_dir)
+    record = load_record(state_dir)
+    if record.get("status") == "released" and not lease_name:
+        print(f"the node recorded in {state_dir} was already released ({record.get('updated')}); nothing to do")
+        return record
+    record.update({k: v for k, v in (("lease_name", lease_name), ("server_name", server_name), ("site", site))
+                   if v})
+    if not record.get("lease_name") and not record.get("server_name"):
+        print(f"no node recorded in {state_dir / NODE_FILE}: nothing to release "
+              "(pass lease_name= and site= to release a lease by name)")
+        return None
+    started = time.monotonic()
+    with _step(f"connecting to {record.get('site') or os.environ.get('OS_REGION_NAME')}"):
+        chi = connect(record.get("site"), project or record.get("project"))
+        record["site"] = record.get("site") or os.environ["OS_REGION_NAME"]
+    try:
+        left = _release(chi, record, poll=_poll_s(poll_s), timeout_s=timeout_s)
+    except Exception as e:
+        raise UserError(f"releasing failed ({type(e).__name__}: {e}). The {still_running(record, state_dir)}",
+                        f"retry `{release_command(state_dir)}`; if it keeps failing delete the lease in the "
+                        f"Chameleon GUI ({record['site']}: Reservations > Leases)") from e
+    if left:
+        raise UserError(f"still left at {record['site']} after {_fmt_s(timeout_s)}: {', '.join(left)}",
+                        f"retry `{release_command(state_dir)}` in a few minutes, or delete them in the Chameleon GUI")
+    record["status"] = "released"
+    if state_dir.is_dir():
+        save_record(state_dir, record)
+    print(f"released in {_fmt_s(time.monotonic() - started)}: no server, floating IP or lease of "
+          f"{record.get('lease_name')} is left at {record['site']}", flush=True)
+    return record
+
+
+def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float) -> list[str]:
+    """Delete what the record names (and what carries its names); what is still left afterwards."""
+    from blazarclient.exception import BlazarClientException
+    from chi.exception import CHIValueError
+    from novaclient.exceptions import NotFound
+
+    lease_name, server_name = record.get("lease_name"), record.get("server_name")
+    servers = {s.id: s for s in chi.nova().servers.list() if s.name == server_name or s.id == record.get("server_id")}
+    addresses = {a["addr"] for s in servers.values() for addrs in s.addresses.values() for a in addrs
+                 if a.get("OS-EXT-IPS:type") == "floating"}
+    if record.get("floating_ip"):
+        addresses.add(record["floating_ip"])
+    leases = {lease["id"] for lease in chi.blazar().lease.list()
+              if (lease["name"] == lease_name and lease["status"] in LIVE) or lease["id"] == record.get("lease_id")}
+
+    with _step(f"deleting server {server_name}" if servers else "no server to delete"):
+        for server_id in servers:
+            try:
+                chi.server.delete_server(server_id)
+            except NotFound:
+                pass
+        _wait_gone(lambda: any(_server_exists(chi, i) for i in servers), "servers", timeout_s, poll)
+    with _step(f"releasing floating IP {', '.join(sorted(addresses))}" if addresses else "no floating IP to release"):
+        for address in addresses:
+            try:
+                chi.network.deallocate_floating_ip(address)  # not Server.delete(delete_ips=True): wrong path
+            except CHIValueError:
+                pass  # already gone
+    with _step(f"deleting lease {lease_name}" if leases else "no lease to delete"):
+        for lease_id in leases:
+            try:
+                chi.blazar().lease.delete(lease_id)
+            except BlazarClientException as e:
+                if getattr(e, "kwargs", {}).get("code", getattr(e, "code", None)) != 404:
+                    raise
+
+        def lease_left() -> bool:
+            return any(lease["id"] in leases and lease["status"] not in ("TERMINATED", "DELETED")
+                       for lease in chi.blazar().lease.list())
+
+        _wait_gone(lease_left, "leases", timeout_s, poll)
+
+    with _step("checking nothing is left"):
+        left = [f"server {s.name} ({s.id})" for s in chi.nova().servers.list()
+                if (s.id in servers or s.name == server_name) and s.status != "DELETED"]
+        left += [f"floating IP {f['floating_ip_address']}" for f in chi.network.list_floating_ips()
+                 if f["floating_ip_address"] in addresses]
+        left += [f"lease {lease['name']} ({lease['id']}, {lease['status']})" for lease in chi.blazar().lease.list()
+                 if (lease["id"] in leases or lease["name"] == lease_name) and lease["status"] in LIVE]
+        print("   nothing left" if not left else f"   left: {', '.join(left)}")
+    return left
+
+
+def setup_node(target: str = "chameleon", state_dir: str | Path = "results/local",
+               install_cmd: str | None = None) -> Path | None:
+    """Install nanorepro on the reserved node and record its GPUs and software into `<state_dir>/node/`."""
+    if target == "local":
+        print("target is 'local': nothing to install, stages use this environment")
+        return None
+    from .remote import SSHRunner
+
+    runner = SSHRunner.from_state(Path(state_dir), workdir=Path(state_dir))
+    try:
+        with _step(f"installing nanorepro on {runner.host} (a venv with the CUDA build of torch: about 5 min)"):
+            runner.setup(install_cmd)
+        with _step("recording the node's nvidia-smi report and environment"):
+            runner.record_node("node")
+            return runner.fetch("node", Path(state_dir))
+    finally:
+        runner.close()
+
+
+def status(state_dir: str | Path = "results/local") -> dict[str, Any]:
+    """The node record (site, lease and its end, address), without contacting Chameleon."""
+    return load_record(Path(state_dir))

@@ -1,0 +1,347 @@
+"""A small fake of Chameleon's OpenStack on 127.0.0.1, enough for python-chi's lease -> server ->
+floating IP -> release flow: Keystone tokens, Blazar leases/hosts/allocations, Nova servers/keypairs/
+flavors, Glance images, Neutron networks/floating IPs/ports, and the resource API's sites and nodes.
+
+Two sites, CHI@UC and CHI@TACC, share one server under path prefixes. python-chi builds a site's
+Keystone URL as `<web>:5000/v3`, so `web` is `http://127.0.0.1:PORT/uc` and Keystone answers on the
+path `/uc:5000/v3`. Knobs on `FakeCloud` make leases fail (`lease_outcome="ERROR"`), Blazar refuse
+(`refuse_lease`), builds fail (`server_outcome="ERROR"`) or nodes be booked (`booked`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from keystoneauth1 import fixture
+
+SITES = {"uc": "CHI@UC", "tacc": "CHI@TACC"}
+NODES = {"uc": [("gpu_a100_pcie", 2), ("compute_gigaio", 1), ("compute_skylake", 2)], "tacc": [("compute_liqid", 2)]}
+FMT = "%Y-%m-%dT%H:%M:%S.%f"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Site:
+    def __init__(self, uid: str):
+        self.uid, self.name = uid, SITES[uid]
+        self.leases: dict[str, dict] = {}
+        self.servers: dict[str, dict] = {}
+        self.fips: dict[str, dict] = {}
+        self.ports: dict[str, dict] = {}
+        self.keypairs: dict[str, dict] = {}
+        self.polls: dict[str, int] = {}
+        self.hosts = [{"id": str(i), "hypervisor_hostname": f"{uid}-{t}-{n}", "node_type": t, "reservable": True}
+                      for i, (t, n) in enumerate((t, n) for t, count in NODES[uid] for n in range(count))]
+        self.networks = [{"id": f"net-shared-{uid}", "name": "sharednet1", "router:external": False},
+                         {"id": f"net-public-{uid}", "name": "public", "router:external": True}]
+        self.images = [{"id": f"img-{uid}-1", "name": "CC-Ubuntu22.04-CUDA", "status": "active",
+                        "created_at": "2026-01-01T00:00:00Z", "visibility": "public"}]
+
+
+class FakeCloud:
+    """The fake cloud, served on a free port; use as a context manager."""
+
+    def __init__(self, polls_to_active: int = 2):
+        self.sites = {uid: Site(uid) for uid in SITES}
+        self.lock = threading.RLock()
+        self.requests: list[tuple[str, str]] = []
+        self.polls_to_active = polls_to_active
+        self.lease_outcome = "ACTIVE"
+        self.server_outcome = "ACTIVE"
+        self.refuse_lease: str | None = None
+        self.booked: set[str] = set()  # node types with every node reserved for the next week
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.cloud = self  # type: ignore[attr-defined]
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> "FakeCloud":
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def env(self, site: str = "CHI@UC") -> dict[str, str]:
+        """The environment an application-credential openrc would set, pointed at this fake."""
+        uid = next(u for u, n in SITES.items() if n == site)
+        return {"CHI_RESOURCE_API_URL": f"{self.url}/resource-api", "OS_AUTH_URL": f"{self.url}/{uid}:5000/v3",
+                "OS_AUTH_TYPE": "v3applicationcredential", "OS_APPLICATION_CREDENTIAL_ID": "fake-cred",
+                "OS_APPLICATION_CREDENTIAL_SECRET": "fake-secret", "OS_REGION_NAME": site, "OS_INTERFACE": "public",
+                "OS_IDENTITY_API_VERSION": "3", "OS_PROJECT_NAME": "CHI-000000"}
+
+    def live(self, uid: str = "uc") -> dict[str, list]:
+        """What is left at a site: leases not terminated, servers, floating IPs."""
+        s = self.sites[uid]
+        with self.lock:
+            return {"leases": [lease for lease in s.leases.values() if lease["status"] != "TERMINATED"],
+                    "servers": list(s.servers.values()), "fips": list(s.fips.values())}
+
+    def token(self) -> dict:
+        t = fixture.V3Token(project_id="proj-1", project_name="CHI-000000", user_id="user-1", user_name="tester")
+        for uid, region in SITES.items():
+            for stype, path in (("reservation", "blazar/v1"), ("compute", "nova/v2.1"), ("image", "glance"),
+                                ("network", "neutron"), ("identity", f"{uid}:5000/v3")):
+                t.add_service(stype).add_standard_endpoints(public=f"{self.url}/{uid}/{path}" if stype != "identity"
+                                                            else f"{self.url}/{path}", region=region)
+        return t
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    @property
+    def cloud(self) -> FakeCloud:
+        return self.server.cloud  # type: ignore[attr-defined]
+
+    def _send(self, code: int, body: Any = None, headers: dict | None = None) -> None:
+        data = b"" if body is None else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> dict:
+        n = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(n) or b"{}") if n else {}
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
+
+    def _route(self, method: str) -> None:
+        url = urlparse(self.path)
+        path, query = url.path.rstrip("/"), {k: v[0] for k, v in parse_qs(url.query).items()}
+        body = self._body() if method in ("POST", "PUT") else {}
+        cloud = self.cloud
+        with cloud.lock:
+            cloud.requests.append((method, url.path))
+            try:
+                found = self._dispatch(method, path, query, body)
+            except KeyError:  # each client reads its own error shape
+                msg = f"not found: {path}"
+                found = (404, {"itemNotFound": {"code": 404, "message": msg}} if "/nova" in path else
+                         {"NeutronError": {"type": "NotFound", "message": msg, "detail": ""}} if "/neutron" in path
+                         else {"error_code": 404, "error_message": msg})
+        code, payload, *headers = found
+        self._send(code, payload, headers[0] if headers else None)
+
+    def _dispatch(self, method: str, path: str, q: dict, body: dict) -> tuple:
+        cloud, base = self.cloud, self.cloud.url
+        if path == "/resource-api/sites.json":
+            return 200, {"items": [{"name": n, "uid": u, "web": f"{base}/{u}", "site_class": "core",
+                                    "location": "loopback", "user_support_contact": "nobody"} for u, n in SITES.items()]}
+        m = re.fullmatch(r"/resource-api/sites/(\w+)/clusters/chameleon/nodes.json", path)
+        if m:
+            return 200, {"items": [{"uid": h["hypervisor_hostname"], "node_name": h["hypervisor_hostname"],
+                                    "node_type": h["node_type"], "architecture": {"smt_size": 64},
+                                    "gpu": {"gpu": h["node_type"] != "compute_skylake", "gpu_model": "A100"}}
+                                   for h in cloud.sites[m.group(1)].hosts]}
+        m = re.fullmatch(r"/(\w+):5000/v3(/.*)?", path)
+        if m:
+            if method == "POST" and m.group(2) == "/auth/tokens":
+                return 201, cloud.token(), {"X-Subject-Token": uuid.uuid4().hex}
+            return 200, {"version": {"id": "v3.14", "status": "stable", "links": [{"rel": "self", "href": f"{base}{path}/"}]}}
+        m = re.fullmatch(r"/(\w+)/(blazar|nova|glance|neutron)(/.*)?", path)
+        if not m:
+            raise KeyError(path)
+        site, service, rest = cloud.sites[m.group(1)], m.group(2), m.group(3) or ""
+        return getattr(self, f"_{service}")(site, method, rest, q, body, f"{base}/{m.group(1)}/{service}")
+
+    # -- Blazar --------------------------------------------------------------------------------
+    def _blazar(self, s: Site, method: str, rest: str, q: dict, body: dict, root: str) -> tuple:
+        cloud = self.cloud
+        rest = rest.removeprefix("/v1")
+        if rest == "":
+            return 200, {"versions": [{"id": "v1.0", "status": "CURRENT", "links": [{"rel": "self", "href": f"{root}/v1/"}]}]}
+        if rest == "/leases" and method == "GET":
+            return 200, {"leases": [_lease_view(x) for x in s.leases.values()]}
+        if rest == "/leases" and method == "POST":
+            if cloud.refuse_lease:
+                return 409, {"error_code": 409, "error_message": cloud.refuse_lease}
+            now = _now()
+            end = dt.datetime.strptime(body["end_date"], "%Y-%m-%d %H:%M")
+            lease = {"id": str(uuid.uuid4()), "name": body["name"], "status": "PENDING", "user_id": "user-1",
+                     "project_id": "proj-1", "created_at": now.strftime("%Y-%m-%d %H:%M:%S"),
+                     "start_date": now.strftime(FMT), "end_date": end.strftime(FMT), "degraded": False,
+                     "reservations": [{**r, "id": str(uuid.uuid4()), "status": "pending"} for r in body["reservations"]]}
+            s.leases[lease["id"]] = lease
+            s.polls[lease["id"]] = 0
+            return 201, {"lease": _lease_view(lease)}
+        m = re.fullmatch(r"/leases/([^/]+)", rest)
+        if m:
+            lease = s.leases[m.group(1)]  # by id only, like Blazar: a name gives 404
+            if method == "DELETE":
+                lease["status"] = "TERMINATED"
+                return 204, None
+            s.polls[lease["id"]] = s.polls.get(lease["id"], 0) + 1
+            if lease["status"] in ("PENDING", "STARTING") and s.polls[lease["id"]] >= cloud.polls_to_active:
+                lease["status"] = cloud.lease_outcome
+            elif lease["status"] == "PENDING":
+                lease["status"] = "STARTING"
+            return 200, {"lease": _lease_view(lease)}
+        if rest == "/os-hosts":
+            return 200, {"hosts": s.hosts}
+        if rest == "/os-hosts/allocations":
+            return 200, {"allocations": [_allocation(cloud, h) for h in s.hosts]}
+        m = re.fullmatch(r"/os-hosts/([^/]+)/allocation", rest)
+        if m:
+            return 200, {"allocation": _allocation(cloud, next(h for h in s.hosts if h["id"] == m.group(1)))}
+        raise KeyError(rest)
+
+    # -- Nova ----------------------------------------------------------------------------------
+    def _nova(self, s: Site, method: str, rest: str, q: dict, body: dict, root: str) -> tuple:
+        cloud = self.cloud
+        rest = rest.removeprefix("/v2.1")
+        if rest == "":
+            v = {"id": "v2.1", "status": "CURRENT", "version": "2.96", "min_version": "2.1",
+                 "links": [{"rel": "self", "href": f"{root}/v2.1/"}]}
+            return 200, ({"version": v} if self.path.rstrip("/").endswith("v2.1") else {"versions": [v]})
+        if rest == "/flavors/detail" or rest == "/flavors":
+            return 200, {"flavors": [{"id": "fl-bm", "name": "baremetal", "ram": 1, "disk": 1, "vcpus": 1,
+                                      "links": [], "OS-FLV-EXT-DATA:ephemeral": 0, "description": None,
+                                      "os-flavor-access:is_public": True, "extra_specs": {}}]}
+        m = re.fullmatch(r"/os-keypairs(?:/([^/]+))?", rest)
+        if m:
+            name = m.group(1)
+            if method == "POST":
+                kp = body["keypair"]
+                s.keypairs[kp["name"]] = {"name": kp["name"], "public_key": kp["public_key"], "type": "ssh",
+                                          "fingerprint": _fingerprint(kp["public_key"])}
+                return 200, {"keypair": s.keypairs[kp["name"]]}
+            if method == "DELETE":
+                del s.keypairs[name]
+                return 202, None
+            if name:
+                return 200, {"keypair": s.keypairs[name]}
+            return 200, {"keypairs": [{"keypair": k} for k in s.keypairs.values()]}
+        if rest in ("/servers/detail", "/servers") and method == "GET":
+            return 200, {"servers": [self._server_view(s, x) for x in s.servers.values()]}
+        if rest == "/servers" and method == "POST":
+            req = body["server"]
+            sid = str(uuid.uuid4())
+            hint = (body.get("OS-SCH-HNT:scheduler_hints") or req.get("scheduler_hints") or {}).get("reservation")
+            s.servers[sid] = {"id": sid, "name": req["name"], "status": "BUILD", "key_name": req.get("key_name"),
+                              "image": {"id": req.get("imageRef")}, "reservation": hint, "polls": 0}
+            s.ports[f"port-{sid}"] = {"id": f"port-{sid}", "device_id": sid, "network_id": f"net-shared-{s.uid}",
+                                      "fixed_ips": [{"ip_address": "10.140.0.5"}], "status": "ACTIVE"}
+            return 202, {"server": {"id": sid, "links": [], "adminPass": "x"}}
+        m = re.fullmatch(r"/servers/([^/]+)", rest)
+        if m:
+            server = s.servers[m.group(1)]
+            if method == "DELETE":
+                del s.servers[server["id"]]
+                s.ports.pop(f"port-{server['id']}", None)
+                for fip in s.fips.values():
+                    if fip["port_id"] == f"port-{server['id']}":
+                        fip["port_id"] = fip["fixed_ip_address"] = None
+                return 204, None
+            server["polls"] += 1
+            if server["status"] == "BUILD" and server["polls"] >= cloud.polls_to_active:
+                server["status"] = cloud.server_outcome
+            return 200, {"server": self._server_view(s, server)}
+        raise KeyError(rest)
+
+    def _server_view(self, s: Site, x: dict) -> dict:
+        addrs = [{"addr": "10.140.0.5", "version": 4, "OS-EXT-IPS:type": "fixed", "OS-EXT-IPS-MAC:mac_addr": "aa"}]
+        addrs += [{"addr": f["floating_ip_address"], "version": 4, "OS-EXT-IPS:type": "floating",
+                   "OS-EXT-IPS-MAC:mac_addr": "aa"} for f in s.fips.values() if f["port_id"] == f"port-{x['id']}"]
+        view = {"id": x["id"], "name": x["name"], "status": x["status"], "key_name": x["key_name"],
+                "image": x["image"], "flavor": {"original_name": "baremetal"}, "hostId": "h",
+                "addresses": {"sharednet1": addrs} if x["status"] == "ACTIVE" else {},
+                "created": "2026-01-01T00:00:00Z", "updated": "2026-01-01T00:00:00Z", "tenant_id": "proj-1",
+                "user_id": "user-1", "links": [], "metadata": {}, "OS-EXT-STS:task_state": None}
+        if x["status"] == "ERROR":
+            view["fault"] = {"code": 500, "message": "No valid host was found. There are not enough hosts available."}
+        return view
+
+    # -- Glance --------------------------------------------------------------------------------
+    def _glance(self, s: Site, method: str, rest: str, q: dict, body: dict, root: str) -> tuple:
+        if rest in ("", "/versions"):
+            return 200, {"versions": [{"id": "v2.16", "status": "CURRENT", "links": [{"rel": "self", "href": f"{root}/v2/"}]}]}
+        if rest == "/v2/schemas/image":
+            return 200, {"name": "image", "properties": {"id": {"type": "string"}, "name": {"type": ["null", "string"]},
+                                                         "status": {"type": "string"}}, "additionalProperties": {"type": "string"}}
+        if rest == "/v2/images":
+            return 200, {"images": [i for i in s.images if "name" not in q or i["name"] == q["name"]]}
+        m = re.fullmatch(r"/v2/images/([^/]+)", rest)
+        if m:
+            return 200, next(i for i in s.images if i["id"] == m.group(1))
+        raise KeyError(rest)
+
+    # -- Neutron -------------------------------------------------------------------------------
+    def _neutron(self, s: Site, method: str, rest: str, q: dict, body: dict, root: str) -> tuple:
+        rest = rest.removeprefix("/v2.0")
+        if rest == "":
+            return 200, {"versions": [{"id": "v2.0", "status": "CURRENT", "links": [{"rel": "self", "href": f"{root}/v2.0/"}]}]}
+        if rest == "/networks":
+            return 200, {"networks": [n for n in s.networks if "name" not in q or n["name"] == q["name"]]}
+        m = re.fullmatch(r"/networks/([^/]+)", rest)
+        if m:
+            return 200, {"network": next(n for n in s.networks if n["id"] == m.group(1))}
+        if rest == "/ports":
+            return 200, {"ports": [p for p in s.ports.values() if "device_id" not in q or p["device_id"] == q["device_id"]]}
+        if rest == "/floatingips" and method == "GET":
+            return 200, {"floatingips": list(s.fips.values())}
+        if rest == "/floatingips" and method == "POST":
+            fid = str(uuid.uuid4())
+            s.fips[fid] = {"id": fid, "floating_ip_address": "127.0.0.1", "port_id": None, "fixed_ip_address": None,
+                           "floating_network_id": body["floatingip"]["floating_network_id"], "status": "DOWN",
+                           "tags": [], "description": body["floatingip"].get("description", "")}
+            return 201, {"floatingip": s.fips[fid]}
+        m = re.fullmatch(r"/floatingips/([^/]+)", rest)
+        if m:
+            fip = s.fips[m.group(1)]
+            if method == "DELETE":
+                del s.fips[fip["id"]]
+                return 204, None
+            if method == "PUT":
+                fip.update(body["floatingip"])
+                fip["status"] = "ACTIVE" if fip["port_id"] else "DOWN"
+            return 200, {"floatingip": fip}
+        raise KeyError(rest)
+
+
+def _lease_view(lease: dict) -> dict:
+    return {k: v for k, v in lease.items()}
+
+
+def _allocation(cloud: FakeCloud, host: dict) -> dict:
+    reservations = []
+    if host["node_type"] in cloud.booked:
+        start, end = _now() - dt.timedelta(hours=1), _now() + dt.timedelta(days=2)
+        reservations.append({"id": "r-other", "lease_id": "l-other", "start_date": start.strftime(FMT),
+                             "end_date": end.strftime(FMT)})
+    return {"resource_id": host["id"], "reservations": reservations}
+
+
+def _fingerprint(public_key: str) -> str:
+    import base64
+    import hashlib
+
+    raw = hashlib.md5(base64.b64decode(public_key.split()[1])).hexdigest()
+    return ":".join(raw[i:i + 2] for i in range(0, len(raw), 2))

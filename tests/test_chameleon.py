@@ -1,0 +1,412 @@
+"""Chameleon reservation and release.
+
+Unit tests mock python-chi at its boundary with autospec'd objects (wrong calls fail); the end-to-end
+tests run 00_reserve_node and 05_release_node through papermill, and `nanorepro reserve/release`,
+against a fake OpenStack on 127.0.0.1 (tests/fake_openstack.py) with a real sshd as the node.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+import sshd as sshd_helper
+from fake_openstack import FakeCloud
+from nanorepro import chameleon, remote
+from nanorepro.errors import UserError
+
+chi = pytest.importorskip("chi", reason="python-chi is part of the test environment (pip install -e '.[chameleon]')")
+import chi.hardware  # noqa: E402
+import chi.lease  # noqa: E402
+import chi.server  # noqa: E402
+from blazarclient.exception import BlazarClientException  # noqa: E402
+from blazarclient.v1.hosts import ComputeHostClientManager  # noqa: E402
+from blazarclient.v1.leases import LeaseClientManager  # noqa: E402
+from chi import context as chi_context  # noqa: E402
+from novaclient.v2.servers import ServerManager  # noqa: E402
+
+# the real functions, to spec mocks from (a patched attribute is a mock already)
+LIST_SITES, GET_SERVER_ID = chi_context.list_sites, chi.server.get_server_id
+
+REPO = Path(__file__).resolve().parent.parent
+CREDS = ("OS_ACCESS_TOKEN", "OS_APPLICATION_CREDENTIAL_ID", "OS_TOKEN", "OS_PASSWORD", "OS_PROJECT_NAME",
+         "OS_PROJECT_ID", "OS_REGION_NAME", "OS_AUTH_TYPE")
+
+
+# -- unit: the python-chi boundary ------------------------------------------------------------
+@pytest.fixture
+def blazar(monkeypatch):
+    """chi.blazar() returning a client whose managers are autospec'd from blazarclient."""
+    client = mock.Mock(spec=["lease", "host"])
+    client.lease = mock.create_autospec(LeaseClientManager, instance=True)
+    client.host = mock.create_autospec(ComputeHostClientManager, instance=True)
+    monkeypatch.setattr(chi, "blazar", mock.create_autospec(chi.blazar, return_value=client))
+    return client
+
+
+@pytest.fixture
+def nova(monkeypatch):
+    client = mock.Mock(spec=["servers"])
+    client.servers = mock.create_autospec(ServerManager, instance=True)
+    monkeypatch.setattr(chi, "nova", mock.create_autospec(chi.nova, return_value=client))
+    return client
+
+
+def lease_dict(status: str, name: str = "l", **kw) -> dict:
+    return {"id": "lease-1", "name": name, "status": status, "start_date": "2026-11-25T10:00:00.000000",
+            "end_date": "2026-11-25T14:00:00.000000", "created_at": "2026-11-25 10:00:00",
+            "reservations": [{"id": "res-1", "resource_type": "physical:host",
+                              "resource_properties": '["==", "$node_type", "compute_gigaio"]'}], **kw}
+
+
+def test_credentials_project_and_site_are_checked_before_anything_else(monkeypatch):
+    for var in CREDS:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(UserError, match="no Chameleon credentials") as e:
+        chameleon.connect("CHI@UC")
+    assert "unrestricted" in e.value.fix
+    monkeypatch.setenv("OS_ACCESS_TOKEN", "t")
+    with pytest.raises(UserError, match="no Chameleon project"):
+        chameleon.connect("CHI@UC")
+    monkeypatch.setenv("OS_PROJECT_NAME", "CHI-1")
+    with pytest.raises(UserError, match="no Chameleon site"):
+        chameleon.connect(None)
+
+
+def test_an_unreachable_sites_list_or_unknown_site_is_a_user_error(monkeypatch):
+    monkeypatch.setenv("OS_ACCESS_TOKEN", "t")
+    monkeypatch.setenv("OS_PROJECT_NAME", "CHI-1")
+    context = chi_context
+    # chi.use_site() would only print this failure and carry on
+    monkeypatch.setattr(context, "list_sites", mock.create_autospec(LIST_SITES, side_effect=OSError("down")))
+    with pytest.raises(UserError, match="cannot fetch Chameleon's list of sites"):
+        chameleon.connect("CHI@UC")
+    monkeypatch.setattr(context, "list_sites", mock.create_autospec(
+        LIST_SITES, return_value={"CHI@UC": {}, "CHI@TACC": {}, "KVM@TACC": {}}))
+    with pytest.raises(UserError, match="unknown Chameleon site 'CHI@XX'") as e:
+        chameleon.connect("CHI@XX")
+    assert e.value.fix == "use one of: CHI@UC, CHI@TACC"
+
+
+def test_wait_lease_treats_error_as_an_error_and_times_out(blazar):
+    blazar.lease.get.side_effect = [lease_dict("PENDING"), lease_dict("STARTING"), lease_dict("ACTIVE")]
+    assert chameleon.wait_lease(chi, "lease-1", timeout_s=5, poll=0)["status"] == "ACTIVE"
+    blazar.lease.get.assert_called_with("lease-1")
+    blazar.lease.get.side_effect = [lease_dict("PENDING"), lease_dict("ERROR")]
+    with pytest.raises(UserError, match="went to ERROR instead of ACTIVE"):
+        chameleon.wait_lease(chi, "lease-1", timeout_s=5, poll=0)
+    blazar.lease.get.side_effect = None
+    blazar.lease.get.return_value = lease_dict("PENDING")
+    with pytest.raises(UserError, match="still PENDING after"):
+        chameleon.wait_lease(chi, "lease-1", timeout_s=0.05, poll=0.01)
+
+
+def test_create_lease_sends_the_node_type_and_keeps_blazars_refusal(blazar):
+    blazar.lease.create.return_value = lease_dict("PENDING")
+    assert chameleon.create_lease(chi, "l", "compute_gigaio", 3)["id"] == "lease-1"
+    kwargs = blazar.lease.create.call_args.kwargs
+    assert kwargs["name"] == "l" and kwargs["start"] == "now" and kwargs["events"] == []
+    (res,) = kwargs["reservations"]
+    assert res["resource_type"] == "physical:host" and json.loads(res["resource_properties"]) == \
+        ["==", "$node_type", "compute_gigaio"]
+    end = dt.datetime.strptime(kwargs["end"], "%Y-%m-%d %H:%M").replace(tzinfo=dt.timezone.utc)
+    assert abs((end - dt.datetime.now(dt.timezone.utc)).total_seconds() - 3 * 3600) < 120
+    blazar.lease.create.side_effect = BlazarClientException("ERROR: Not enough hosts available", code=409)
+    with pytest.raises(UserError, match="refused the lease: ERROR: Not enough hosts") as e:
+        chameleon.create_lease(chi, "l", "compute_gigaio", 3)
+    assert "fewer lease_hours" in e.value.fix
+    blazar.lease.create.side_effect = BlazarClientException("ERROR: Allocation exceeded: 3 SU over balance", code=403)
+    with pytest.raises(UserError) as e:
+        chameleon.create_lease(chi, "l", "compute_gigaio", 3)
+    assert "recharge" in e.value.fix and "3 SU" in e.value.fix
+
+
+def test_find_lease_ignores_terminated_namesakes(blazar):
+    blazar.lease.list.return_value = [lease_dict("TERMINATED", id="old"), lease_dict("ACTIVE", id="new"),
+                                      lease_dict("ACTIVE", name="other", id="x")]
+    assert chameleon.find_lease(chi, "l")["id"] == "new"
+    blazar.lease.list.return_value.append(lease_dict("PENDING", id="twin"))
+    with pytest.raises(UserError, match="2 live leases are named l"):
+        chameleon.find_lease(chi, "l")
+
+
+def test_server_build_failure_names_novas_fault(nova):
+    nova.servers.get.side_effect = [mock.Mock(status="BUILD"),
+                                    mock.Mock(status="ERROR", fault={"message": "No valid host was found."})]
+    with pytest.raises(UserError, match="server s failed to build: No valid host was found."):
+        chameleon.wait_server(chi, "srv-1", "s", timeout_s=5, poll=0)
+    nova.servers.get.assert_called_with("srv-1")
+
+
+def test_launch_server_uses_submits_idempotent_path_and_finds_the_id(monkeypatch, nova):
+    server_cls = mock.create_autospec(chi.server.Server)
+    server_cls.return_value.submit.return_value = None  # python-chi returns None when it creates
+    ids = iter([None, "srv-9"])
+    monkeypatch.setattr(chi.server, "Server", server_cls)
+    monkeypatch.setattr(chi.server, "get_server_id", mock.create_autospec(GET_SERVER_ID,
+                                                                          side_effect=lambda name: next(ids)))
+    record = {"server_name": "s", "reservation_id": "res-1", "image": "CC-Ubuntu22.04-CUDA", "key_name": "k"}
+    assert chameleon.launch_server(chi, record, "sharednet1", poll=0, timeout_s=5) == "srv-9"
+    server_cls.assert_called_once_with("s", reservation_id="res-1", image_name="CC-Ubuntu22.04-CUDA",
+                                       key_name="k", network_name="sharednet1")
+    # never show="widget" (raises outside IPython after creating); our own wait follows
+    server_cls.return_value.submit.assert_called_once_with(wait_for_active=False, show=None, idempotent=True)
+    # a second run finds the server by name and does not construct another
+    monkeypatch.setattr(chi.server, "get_server_id", mock.create_autospec(GET_SERVER_ID,
+                                                                          return_value="srv-9"))
+    nova.servers.get.return_value = mock.Mock(status="ACTIVE")
+    server_cls.reset_mock()
+    assert chameleon.launch_server(chi, record, "sharednet1", poll=0, timeout_s=5) == "srv-9"
+    server_cls.assert_not_called()
+
+
+def nodes(*next_free: dt.datetime | None) -> list:
+    out = []
+    for when in next_free:
+        node = mock.create_autospec(chi.hardware.Node, instance=True)
+        node.reservable = True
+        node.next_free_timeslot.return_value = (when or dt.datetime.now(dt.timezone.utc), None)
+        out.append(node)
+    return out
+
+
+def test_node_type_choice_and_availability_messages(monkeypatch):
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=30)
+    by_type = {"compute_gigaio": nodes(later), "gpu_a100_pcie": nodes(None, later), "compute_liqid": nodes(None)}
+    get_nodes = mock.create_autospec(chi.hardware.get_nodes, side_effect=lambda node_type: by_type[node_type])
+    monkeypatch.setattr(chi.hardware, "get_nodes", get_nodes)
+    monkeypatch.setattr(chi, "use_site", mock.create_autospec(chi.use_site))
+    assert chameleon.choose_node_type(chi, "CHI@UC", "auto", 4) == "gpu_a100_pcie"  # gigaio is booked
+    by_type["compute_gigaio"][0].next_free_timeslot.assert_called_with(minimum_hours=4)
+    with pytest.raises(UserError) as e:
+        chameleon.choose_node_type(chi, "CHI@UC", "compute_gigaio", 4)
+    assert f"next free: compute_gigaio from {later:%Y-%m-%d %H:%M} UTC" in str(e.value)
+    assert "site='CHI@TACC', node_type='compute_liqid' (1 free now)" in e.value.fix
+    chi.use_site.assert_called_with("CHI@UC")  # the site is restored after looking elsewhere
+    with pytest.raises(UserError, match="compute_liqid nodes are at CHI@TACC, not CHI@UC"):
+        chameleon.choose_node_type(chi, "CHI@UC", "compute_liqid", 4)
+    with pytest.raises(UserError, match="'compute_skylake' is not an A100 node type"):
+        chameleon.choose_node_type(chi, "CHI@UC", "compute_skylake", 4)
+
+
+def test_lease_hours_are_bounded_and_local_reserves_nothing(capsys):
+    assert chameleon.reserve("local") is None and chameleon.release("local") is None
+    assert "nothing to reserve" in capsys.readouterr().out
+    with pytest.raises(UserError, match="outside"):
+        chameleon.reserve("chameleon", lease_hours=200)
+    with pytest.raises(UserError, match="unknown target"):
+        chameleon.reserve("aws")
+
+
+def test_wait_for_ssh_reads_the_banner_and_gives_up_clearly():
+    def serve(banner: bytes) -> int:
+        srv = socket.create_server(("127.0.0.1", 0))
+
+        def answer():
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                conn.sendall(banner)
+                conn.close()
+        threading.Thread(target=answer, daemon=True).start()
+        return srv.getsockname()[1]
+
+    chameleon.wait_for_ssh("127.0.0.1", serve(b"SSH-2.0-OpenSSH_9.2\r\n"), timeout_s=5, poll=0.01)
+    with pytest.raises(UserError, match="not an SSH server"):
+        chameleon.wait_for_ssh("127.0.0.1", serve(b"HTTP/1.1 400\r\n"), timeout_s=0.2, poll=0.05)
+    with pytest.raises(UserError, match="does not answer SSH on port") as e:
+        chameleon.wait_for_ssh("127.0.0.1", sshd_helper._free_port(), timeout_s=0.2, poll=0.05)
+    assert "run this notebook again" in e.value.fix
+
+
+def test_still_running_says_until_when_and_how_to_release(tmp_path):
+    end = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=3, minutes=1)
+    msg = chameleon.still_running({"lease_name": "l", "lease_id": "id-1", "site": "CHI@UC",
+                                   "lease_end": end.isoformat()}, tmp_path / "my results")
+    assert "STILL RUNNING until" in msg and f"{end:%Y-%m-%d %H:%M} UTC" in msg and "(3.0 h more, about 3 SU)" in msg
+    assert f"`nanorepro release --results-dir '{tmp_path}/my results'`" in msg
+
+
+# -- end to end: the fake cloud and a real sshd -----------------------------------------------
+@pytest.fixture(scope="module")
+def node_sshd(tmp_path_factory):
+    try:
+        srv = sshd_helper.start(tmp_path_factory.mktemp("sshd"))
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def cloud():
+    with FakeCloud() as c:
+        yield c
+
+
+@pytest.fixture
+def chi_env(cloud, node_sshd, tmp_path, monkeypatch) -> dict[str, str]:
+    """The environment of a hub-like session pointed at the fake cloud and the sshd 'node'."""
+    for var in CREDS:
+        monkeypatch.delenv(var, raising=False)
+    env = {**cloud.env(), "OS_KEYPAIR_NAME": "tester-jupyter", "OS_KEYPAIR_PRIVATE_KEY": str(node_sshd.key_path),
+           "OS_KEYPAIR_PUBLIC_KEY": str(node_sshd.pub_path), "NANOREPRO_CHI_POLL_S": "0.02",
+           "NANOREPRO_SSH_POLL_S": "0.1", "NANOREPRO_SSH_PORT": str(node_sshd.port),
+           "NANOREPRO_SSH_USER": node_sshd.user, "NANOREPRO_REMOTE_DIR": str(tmp_path / "node home"),
+           "NANOREPRO_INSTALL_CMD": sshd_helper.cheap_install(), "USER": "tester"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)  # papermill's kernel inherits this process's environment
+    return {**os.environ}
+
+
+def papermill(name: str, out: Path, **params) -> Path:
+    import papermill as pm
+
+    pm.execute_notebook(str(REPO / "notebooks" / name), str(out), parameters=params, cwd=str(REPO),
+                        progress_bar=False, kernel_name="python3")
+    return out
+
+
+def outputs(path: Path) -> str:
+    """Everything the executed notebook printed, as it was saved."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                   if o.get("output_type") == "stream")
+
+
+def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanorepro", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_notebooks_on_target_local_reserve_and_release_nothing(tmp_path):
+    nb = papermill("00_reserve_node.ipynb", tmp_path / "00.ipynb", results_dir=str(tmp_path / "r"))
+    assert "nothing to reserve" in outputs(nb) and "nothing to install" in outputs(nb)
+    nb = papermill("05_release_node.ipynb", tmp_path / "05.ipynb", results_dir=str(tmp_path / "r"))
+    assert "nothing to release" in outputs(nb)
+    assert not (tmp_path / "r" / remote.NODE_FILE).exists()
+
+
+def test_reserve_twice_then_release_through_the_notebooks(chi_env, cloud, node_sshd, tmp_path):
+    results = tmp_path / "results"
+    params = dict(target="chameleon", results_dir=str(results), site="CHI@UC", lease_hours=2)
+    nb = papermill("00_reserve_node.ipynb", tmp_path / "00.ipynb", **params)
+    text = outputs(nb)
+    assert "This lease will cost 2 SU: 1 node x 2 h x 1 SU per node-hour" in text
+    assert re.search(r"-> creating lease nanorepro-tester .*\n   done in [\d.]+ s", text)
+    assert "node ready in" in text
+    record = json.loads((results / remote.NODE_FILE).read_text())
+    assert record["status"] == "ready" and record["host"] == "127.0.0.1" and record["port"] == node_sshd.port
+    assert record["node_type"] == "compute_gigaio" and record["site"] == "CHI@UC"
+    assert record["key_path"] == str(node_sshd.key_path.resolve())
+    assert node_sshd.key_path.read_text().splitlines()[1] not in (results / remote.NODE_FILE).read_text()
+    assert (results / "node" / "nvidia-smi.txt").is_file()
+    assert json.loads((results / "node" / "env.json").read_text())["python"]
+    # the cloud holds one lease, one server on its reservation, one floating IP bound to it
+    live = cloud.live()
+    assert [x["name"] for x in live["leases"]] == ["nanorepro-tester"] and live["leases"][0]["status"] == "ACTIVE"
+    assert [s["reservation"] for s in live["servers"]] == [live["leases"][0]["reservations"][0]["id"]]
+    assert len(live["fips"]) == 1 and live["fips"][0]["port_id"] == f"port-{live['servers'][0]['id']}"
+
+    nb = papermill("00_reserve_node.ipynb", tmp_path / "00b.ipynb", **params)  # a re-run reuses everything
+    text = outputs(nb)
+    assert "reusing it" in text and "already has 127.0.0.1" in text and "will cost" not in text
+    live = cloud.live()
+    assert len(live["leases"]) == 1 and len(live["servers"]) == 1 and len(live["fips"]) == 1
+    assert sum(1 for m, p in cloud.requests if m == "POST" and p.endswith("/leases")) == 1
+
+    # a later mistake (a wrong image) still says plainly that the lease from before runs on
+    done = cli(chi_env, "reserve", "--results-dir", str(results), "--image", "NoSuchImage", "--no-setup")
+    assert done.returncode == 2 and "image 'NoSuchImage'" in done.stderr and "is STILL RUNNING until" in done.stderr
+
+    # the stages' runner reaches the node from the record
+    runner = remote.SSHRunner.from_state(results, workdir=results, out=lambda s: None)
+    try:
+        assert runner.run(["--version"], stage="version") == 0
+    finally:
+        runner.close()
+
+    nb = papermill("05_release_node.ipynb", tmp_path / "05.ipynb", target="chameleon", results_dir=str(results))
+    assert "nothing left" in outputs(nb)
+    assert cloud.live() == {"leases": [], "servers": [], "fips": []}
+    assert json.loads((results / remote.NODE_FILE).read_text())["status"] == "released"
+    nb = papermill("05_release_node.ipynb", tmp_path / "05b.ipynb", target="chameleon", results_dir=str(results))
+    assert "already released" in outputs(nb)
+    with pytest.raises(UserError, match="was released"):
+        remote.SSHRunner.from_state(results)
+
+
+@pytest.mark.parametrize("failure", ["lease", "server"])
+def test_a_failure_after_the_lease_exists_releases_everything(failure, chi_env, cloud, tmp_path):
+    import papermill as pm
+
+    if failure == "lease":
+        cloud.lease_outcome = "ERROR"
+    else:
+        cloud.server_outcome = "ERROR"
+    results = tmp_path / "results"
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        papermill("00_reserve_node.ipynb", tmp_path / "00.ipynb", target="chameleon", results_dir=str(results),
+                  site="CHI@UC", lease_hours=2)
+    message = e.value.evalue
+    assert ("went to ERROR instead of ACTIVE" if failure == "lease" else "failed to build: No valid host") in message
+    assert "were released: nothing is left running" in message
+    assert sum(1 for m, p in cloud.requests if m == "POST" and p.endswith("/leases")) == 1
+    assert cloud.live() == {"leases": [], "servers": [], "fips": []}
+    assert json.loads((results / remote.NODE_FILE).read_text())["status"] == "released"
+
+
+def test_keep_on_failure_says_the_lease_still_runs_and_how_to_release_it(chi_env, cloud, tmp_path):
+    cloud.server_outcome = "ERROR"
+    results = tmp_path / "my results"
+    done = cli(chi_env, "reserve", "--results-dir", str(results), "--site", "CHI@UC", "--hours", "3",
+               "--keep-on-failure")
+    assert done.returncode == 2, done.stderr
+    err = done.stderr
+    assert "failed to build" in err and "is STILL RUNNING until" in err and "(3.0 h more, about 3 SU)" in err
+    command = re.search(r"release it with `([^`]+)`", err).group(1)
+    assert len(cloud.live()["leases"]) == 1  # kept, as asked, and said so
+    done = subprocess.run(command.replace("nanorepro", f"{sys.executable} -m nanorepro", 1), shell=True,
+                          env=chi_env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert cloud.live() == {"leases": [], "servers": [], "fips": []}
+
+
+def test_refused_lease_and_no_free_a100_are_clear_and_leave_nothing(chi_env, cloud, tmp_path):
+    cloud.refuse_lease = "Not enough hosts available for the requested reservation"
+    done = cli(chi_env, "reserve", "--results-dir", str(tmp_path / "a"), "--site", "CHI@UC", "--hours", "2")
+    assert done.returncode == 2
+    assert "Chameleon refused the lease: ERROR: Not enough hosts available" in done.stderr
+    assert "fewer lease_hours" in done.stderr
+    assert cloud.live() == {"leases": [], "servers": [], "fips": []}
+    cloud.refuse_lease = None
+    cloud.booked = {"compute_gigaio", "gpu_a100_pcie"}
+    cloud.requests.clear()
+    done = cli(chi_env, "reserve", "--results-dir", str(tmp_path / "b"), "--site", "CHI@UC", "--hours", "2")
+    assert done.returncode == 2
+    assert "no A100 node (compute_gigaio, gpu_a100_pcie) is free at CHI@UC for 2 h; next free: compute_gigaio from" \
+        in done.stderr
+    assert "site='CHI@TACC', node_type='compute_liqid' (2 free now)" in done.stderr
+    assert not any(m == "POST" and p.endswith("/leases") for m, p in cloud.requests)
+    assert cloud.live() == {"leases": [], "servers": [], "fips": []}
+
+
+def test_no_credentials_is_one_clear_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
+    done = cli(env, "reserve", "--results-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.startswith("nanorepro: error: no Chameleon credentials") and done.stderr.count("\n") == 1
