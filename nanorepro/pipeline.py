@@ -76,7 +76,7 @@ class Pipeline:
             started = time.time()
             args = ["prepare", "--data-root", "data", "--encoding", enc]
             if input_path:
-                args += ["--input", str(Path(input_path).expanduser().resolve())]
+                args += ["--input", self.runner.put(Path(input_path).expanduser(), "inputs/input.txt")]
             code = self.runner.run(args, stage=f"prepare {enc}", check=enc != "gpt2")
             if code == EXIT_MODEL_UNAVAILABLE:
                 reason = "the GPT-2 BPE files are not available offline"
@@ -151,7 +151,7 @@ class Pipeline:
         if preset not in PRESETS:
             raise UserError(f"unknown preset {preset!r}", f"use one of: {', '.join(PRESETS)}")
         init = model or PRESETS[preset].get("init_from", "gpt2")
-        if not (self.results / "data" / "shakespeare_gpt2" / "meta.json").exists() and self.target == "local":
+        if not (self.results / "data" / "shakespeare_gpt2" / "meta.json").exists():  # fetched back by prepare_data
             reason = "no GPT-2-encoded data (01_prepare_data could not get the GPT-2 BPE files)"
             print(f"fine-tune not run: {reason}")
             self._record(f"train {run}", "not_run", time.time(), reason=reason, preset=preset)

@@ -313,7 +313,7 @@ class SSHRunner:
                     cwd: PurePosixPath | None = None) -> int:
         """Run argv as a detached job on the node (attaching if the same job still runs); its exit code."""
         cwd = cwd if cwd is not None else self.stage_dir
-        cmd = " ".join(_q(a) for a in argv)
+        cmd = " ".join(_q(a) for a in [*remote_env(), *argv])
         slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in stage)[:40]
         job = PurePosixPath(JOBS) / f"{slug}-{hashlib.sha1(cmd.encode()).hexdigest()[:8]}"
         if self._launch(cmd, job, cwd) == "running":
@@ -433,6 +433,17 @@ class SSHRunner:
         self.check(f"mkdir -p -- {_q(dest.parent)}", "creating a folder")
         self._retrying("put", lambda: self._sftp_client().put(str(local_path), str(dest)))
         return str(dest)
+
+
+def remote_env() -> list[str]:
+    """`env K=V ...` for stages on the node, from $NANOREPRO_REMOTE_ENV ("K=V K2=V2"): settings a node
+    needs that this machine's environment should not leak there wholesale (e.g. HF_HOME on a big disk)."""
+    pairs = shlex.split(os.environ.get("NANOREPRO_REMOTE_ENV", ""))
+    bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0].isidentifier()]
+    if bad:
+        raise UserError(f"NANOREPRO_REMOTE_ENV has entries that are not NAME=VALUE: {bad}",
+                        "write it as NAME=VALUE pairs separated by spaces")
+    return ["env", *pairs] if pairs else []
 
 
 def _project_root() -> Path:

@@ -27,6 +27,10 @@ class Runner(Protocol):
     def fetch(self, rel_path: str, local_dir: Path) -> Path:
         """Copy a file or folder (relative to the work folder) into `local_dir`; return the local path."""
 
+    def put(self, local_path: Path, rel_path: str) -> str:
+        """Make a local file readable by stages (copied to `rel_path` in the work folder if the target is
+        elsewhere); return the path a stage command should use."""
+
 
 class LocalRunner:
     """Runs stages as child processes of this kernel, in `workdir`."""
@@ -61,6 +65,9 @@ class LocalRunner:
             raise UserError(f"local runs write into their results folder; cannot fetch into {local_dir}",
                             "use the same results folder for all stages")
         return dest
+
+    def put(self, local_path: Path, rel_path: str) -> str:
+        return str(Path(local_path).resolve())  # stages run on this machine: no copy needed
 
 
 def get_runner(target: str, workdir: Path, state_dir: Path | None = None) -> Runner:

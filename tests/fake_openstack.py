@@ -179,7 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
         if rest == "":
             return 200, {"versions": [{"id": "v1.0", "status": "CURRENT", "links": [{"rel": "self", "href": f"{root}/v1/"}]}]}
         if rest == "/leases" and method == "GET":
-            return 200, {"leases": [_lease_view(x) for x in s.leases.values()]}
+            return 200, {"leases": list(s.leases.values())}
         if rest == "/leases" and method == "POST":
             if cloud.refuse_lease:
                 return 409, {"error_code": 409, "error_message": cloud.refuse_lease}
@@ -191,7 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
                      "reservations": [{**r, "id": str(uuid.uuid4()), "status": "pending"} for r in body["reservations"]]}
             s.leases[lease["id"]] = lease
             s.polls[lease["id"]] = 0
-            return 201, {"lease": _lease_view(lease)}
+            return 201, {"lease": lease}
         m = re.fullmatch(r"/leases/([^/]+)", rest)
         if m:
             lease = s.leases[m.group(1)]  # by id only, like Blazar: a name gives 404
@@ -203,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
                 lease["status"] = cloud.lease_outcome
             elif lease["status"] == "PENDING":
                 lease["status"] = "STARTING"
-            return 200, {"lease": _lease_view(lease)}
+            return 200, {"lease": lease}
         if rest == "/os-hosts":
             return 200, {"hosts": s.hosts}
         if rest == "/os-hosts/allocations":
@@ -324,10 +324,6 @@ class _Handler(BaseHTTPRequestHandler):
                 fip["status"] = "ACTIVE" if fip["port_id"] else "DOWN"
             return 200, {"floatingip": fip}
         raise KeyError(rest)
-
-
-def _lease_view(lease: dict) -> dict:
-    return {k: v for k, v in lease.items()}
 
 
 def _allocation(cloud: FakeCloud, host: dict) -> dict:

@@ -410,3 +410,40 @@ def test_no_credentials_is_one_clear_line(tmp_path):
     done = cli(env, "reserve", "--results-dir", str(tmp_path))
     assert done.returncode == 2
     assert done.stderr.startswith("nanorepro: error: no Chameleon credentials") and done.stderr.count("\n") == 1
+
+
+def test_whole_sequence_on_the_chameleon_target_gives_the_local_results(chi_env, cloud, node_sshd, tmp_path,
+                                                                         shakespeare_path, tiktoken_offline,
+                                                                         tiny_gpt2):
+    """00 to 05 with target=chameleon against the fake cloud and the loopback sshd 'node', tiny settings."""
+    results = tmp_path / "results"
+    env = {**chi_env, "TIKTOKEN_CACHE_DIR": os.environ["TIKTOKEN_CACHE_DIR"], "HF_HUB_OFFLINE": "1",
+           # the 'node' has no network either: it gets the BPE files the way a user would pass settings
+           "NANOREPRO_REMOTE_ENV": f"TIKTOKEN_CACHE_DIR={os.environ['TIKTOKEN_CACHE_DIR']} HF_HUB_OFFLINE=1"}
+    params = ["-p", "target", "chameleon", "-p", "results_dir", str(results), "-p", "char_preset", "tiny",
+              "-p", "input_path", str(shakespeare_path), "-p", "model", str(tiny_gpt2),
+              "-p", "finetune_max_iters", "2", "-p", "lease_hours", "1"]
+    r = subprocess.run([sys.executable, "-m", "nanorepro", "run-notebooks", *params], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for rel in ["data/shakespeare_char/meta.json", "data/shakespeare_gpt2/meta.json", "runs/char/metrics.jsonl",
+                "runs/char/config.json", "runs/char/env.json", "runs/char/samples.txt", "runs/finetune/metrics.jsonl",
+                "runs/finetune/samples_before.txt", "loss_vs_iter.png", "loss_vs_time.png", "REPORT.md",
+                "report.json", "stages.jsonl", "node/nvidia-smi.txt", "notebooks/05_release_node.ipynb"]:
+        assert (results / rel).is_file(), rel
+    assert not list(results.glob("runs/*/ckpt.pt"))  # checkpoints stay on the node
+    # the node's run is the run this machine makes with the same settings: same losses at the same iterations
+    local = tmp_path / "local"
+    subprocess.run([sys.executable, "-m", "nanorepro", "prepare", "--input", str(shakespeare_path), "--encoding",
+                    "char"], cwd=tmp_path, check=True, capture_output=True, env=env)
+    subprocess.run([sys.executable, "-m", "nanorepro", "train", "--preset", "tiny", "--out-dir", str(local),
+                    "--data_root=data", "--seed=1337"], cwd=tmp_path, check=True, capture_output=True, env=env)
+    from nanorepro import metrics
+
+    def curve(path):
+        return [(e["iter"], e["val_loss"]) for e in metrics.of_kind(metrics.read(path), "eval")]
+
+    assert curve(results / "runs/char/metrics.jsonl") == curve(local / "metrics.jsonl")
+    live = cloud.live()
+    assert not live["servers"] and not live["fips"] and all(l["status"] == "DELETED" for l in live["leases"]) \
+        or not live["leases"]
