@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import ModelUnavailable, UserError
+from .errors import UserError
 
 
 def _prepare(args: argparse.Namespace, extra: list[str]) -> None:
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or os.environ.get("NANOREPRO_DEBUG"):
             raise
         print(f"nanorepro: error: {e}", file=sys.stderr)
-        return 3 if isinstance(e, ModelUnavailable) else 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("nanorepro: interrupted", file=sys.stderr)
         return 130

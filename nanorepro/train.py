@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from . import __version__, data, envinfo, metrics
 from .config import Config, validate
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .model import GPT, load_pretrained
 
 CKPT_FILE = "ckpt.pt"
@@ -228,57 +230,74 @@ def train(cfg: Config, preset: str | None = None) -> dict[str, Any]:
 
     print(f"{out}: {model.get_num_params() / 1e6:.2f}M parameters, {cfg.tokens_per_iter:,} tokens/iter, "
           f"{device} {dtype}, iters {iter_num}->{cfg.max_iters}")
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, desc=out.name, unit="it", dynamic_ncols=True,
-               mininterval=1.0)
-    window_t, window_iters = time.perf_counter(), 0
-    loss_acc, loss_iters = torch.zeros((), device=device), 0
-    while True:
-        lr = lr_at(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-            losses = evaluate()
-            improved = losses["val"] < best_val
-            best_val = min(best_val, losses["val"])
-            metrics.append(metrics_path, {"kind": "eval", "iter": iter_num, "train_loss": losses["train"],
-                                          "val_loss": losses["val"], "lr": lr, "elapsed_s": elapsed(),
-                                          "best_val_loss": best_val})
-            bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            bar.set_postfix(val=f"{losses['val']:.4f}", refresh=False)
-            if iter_num > 0 and (improved or cfg.always_save_checkpoint):
+    stop: list[int] = []  # the signal that asked us to stop: acted on between iterations
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
+    try:
+        bar = tqdm(total=cfg.max_iters, initial=iter_num, desc=out.name, unit="it", dynamic_ncols=True,
+                   mininterval=1.0)
+        window_t, window_iters = time.perf_counter(), 0
+        loss_acc, loss_iters = torch.zeros((), device=device), 0
+        while True:
+            lr = lr_at(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+                losses = evaluate()
+                improved = losses["val"] < best_val
+                best_val = min(best_val, losses["val"])
+                metrics.append(metrics_path, {"kind": "eval", "iter": iter_num, "train_loss": losses["train"],
+                                              "val_loss": losses["val"], "lr": lr, "elapsed_s": elapsed(),
+                                              "best_val_loss": best_val})
+                bar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                bar.set_postfix(val=f"{losses['val']:.4f}", refresh=False)
+                if iter_num > 0 and (improved or cfg.always_save_checkpoint):
+                    checkpoint()
+                window_t, window_iters = time.perf_counter(), 0  # keep eval time out of tokens/s
+            if iter_num >= cfg.max_iters or (iter_num == 0 and cfg.eval_only):
+                break
+            if stop:
+                bar.close()
                 checkpoint()
-            window_t, window_iters = time.perf_counter(), 0  # keep eval time out of tokens/s
-        if iter_num >= cfg.max_iters or (iter_num == 0 and cfg.eval_only):
-            break
+                name = signal.Signals(stop[0]).name
+                metrics.append(metrics_path, {"kind": "end", "iter": iter_num, "best_val_loss": best_val,
+                                              "elapsed_s": elapsed(), "status": "interrupted", "signal": name})
+                raise Interrupted(f"{name} at iter {iter_num}: checkpoint saved to {ckpt_path}, metrics flushed",
+                                  "run the same command again to resume from this iteration", stop[0])
 
-        for _ in range(cfg.gradient_accumulation_steps):
-            x, y = batches.get("train", batch_gen)
-            with autocast:
-                _, loss = step_model(x, y)
-                loss = loss / cfg.gradient_accumulation_steps
-            loss_acc += loss.detach()
-            scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        window_iters += 1
-        loss_iters += 1
-        bar.update(1)
-        if iter_num % cfg.log_interval == 0:
-            lossf = loss_acc.item() / loss_iters  # the one host sync per log interval
-            loss_acc.zero_()
-            loss_iters = 0
-            dt = (time.perf_counter() - window_t) / max(1, window_iters)
-            metrics.append(metrics_path, {"kind": "train", "iter": iter_num, "loss": lossf, "lr": lr,
-                                          "tokens_per_s": cfg.tokens_per_iter / dt, "ms_per_iter": dt * 1000,
-                                          "elapsed_s": elapsed()})
-            bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
-            window_t, window_iters = time.perf_counter(), 0
-    bar.close()
+            for _ in range(cfg.gradient_accumulation_steps):
+                x, y = batches.get("train", batch_gen)
+                with autocast:
+                    _, loss = step_model(x, y)
+                    loss = loss / cfg.gradient_accumulation_steps
+                loss_acc += loss.detach()
+                scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            window_iters += 1
+            loss_iters += 1
+            bar.update(1)
+            if iter_num % cfg.log_interval == 0:
+                lossf = loss_acc.item() / loss_iters  # the one host sync per log interval
+                loss_acc.zero_()
+                loss_iters = 0
+                dt = (time.perf_counter() - window_t) / max(1, window_iters)
+                metrics.append(metrics_path, {"kind": "train", "iter": iter_num, "loss": lossf, "lr": lr,
+                                              "tokens_per_s": cfg.tokens_per_iter / dt, "ms_per_iter": dt * 1000,
+                                              "elapsed_s": elapsed()})
+                bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
+                window_t, window_iters = time.perf_counter(), 0
+        bar.close()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     total = elapsed()
     status = "finished" if not cfg.eval_only else "evaluated"
     metrics.append(metrics_path, {"kind": "end", "iter": iter_num, "best_val_loss": best_val,

@@ -185,3 +185,29 @@ def test_unavailable_pretrained_model_exits_3_quickly(gpt2_data_root, tmp_path):
                        capture_output=True, text=True, env=env)
     assert r.returncode == 3, r.stderr
     assert "not available offline" in r.stderr and time.time() - start < 60
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_save_a_checkpoint_and_say_how_to_resume(char_data_root, tmp_path, sig, code):
+    args = ["--preset", "tiny", f"--data_root={char_data_root}", "--max_iters=400", "--eval_interval=100",
+            "--lr_decay_iters=400", "--eval_iters=1"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "nanorepro", "train", *args, "--out-dir", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not metrics.of_kind(
+            metrics.read(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else [], "train"):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert "checkpoint saved" in err and "run the same command again to resume" in err and "Traceback" not in err
+    records = metrics.read(run / "metrics.jsonl")
+    stopped_at = records[-1]["iter"]
+    assert records[-1]["status"] == "interrupted" and 0 < stopped_at < 400
+    assert torch.load(run / "ckpt.pt", weights_only=True)["iter_num"] == stopped_at
+    subprocess.run([sys.executable, "-m", "nanorepro", "train", *args, "--out-dir", str(run)], check=True,
+                   capture_output=True)
+    records = metrics.read(run / "metrics.jsonl")
+    assert [r["iter"] for r in metrics.of_kind(records, "train")] == list(range(1, 401))  # each once
+    assert metrics.finished(records)
