@@ -6,6 +6,9 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
+# A local copy of Tiny Shakespeare, used instead of the download when given (or when this workplace's
+# shared copy sits beside the checkout, as on machines that cannot reach GitHub).
+INPUT ?= $(firstword $(wildcard ../shared/data/tinyshakespeare/input.txt))
 
 .PHONY: install reproduce test clean-results
 
@@ -21,7 +24,7 @@ $(STAMP): pyproject.toml
 
 # Run every notebook in order on this machine's CPU with small settings (papermill).
 reproduce: $(STAMP)
-	$(BIN)/nanorepro run-notebooks $(ARGS)
+	$(BIN)/nanorepro run-notebooks $(if $(INPUT),-p input_path $(abspath $(INPUT))) $(ARGS)
 
 # The whole test suite, offline; installs the Debian packages its end-to-end tests drive.
 test: $(STAMP)

@@ -40,7 +40,7 @@ def sample(run_dir: str | Path | None = None, model: str | None = None, prompt: 
     if run_dir is not None:
         net, codec = _from_run(Path(run_dir), data_root)
     elif model is not None:
-        net, _shape = load_pretrained(model)
+        net, _ = load_pretrained(model)
         codec = data.Codec.from_meta({"encoding": "gpt2", "vocab_size": 50257})
     else:
         raise UserError("nothing to sample from", "give a run folder (--run) or a model name (--model)")
