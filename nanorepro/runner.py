@@ -44,7 +44,10 @@ class LocalRunner:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "nanorepro", *args]
         tail: collections.deque[str] = collections.deque(maxlen=20)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the child runs this very package, installed or not (the hub imports it through notebooks/nanorepro)
+        package_parent = str(Path(__file__).resolve().parents[1])
+        pythonpath = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
         with subprocess.Popen(cmd, cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env=env, text=True, bufsize=1) as proc:
             assert proc.stdout is not None
