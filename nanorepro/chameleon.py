@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import UserError
-from .remote import KNOWN_HOSTS, NODE_FILE
+from .remote import KNOWN_HOSTS, NODE_FILE, check_key_file
 
 # The A100 node types on Chameleon's bare-metal sites, in the order "auto" tries them.
 A100_NODE_TYPES: dict[str, tuple[str, str]] = {
@@ -296,6 +296,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
         raise UserError(f"{state_dir} already holds the node of lease {old.get('lease_name')}",
                         f"release it first (`{release_command(state_dir)}`) or use another results_dir")
     started = time.monotonic()
+    failed: BaseException | None = None
 
     with _step(f"connecting to {site or os.environ.get('OS_REGION_NAME')}"):
         chi = connect(site, project)
@@ -334,8 +335,16 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
         print(f"This lease will cost {su_cost(lease_hours):g} SU: 1 node x {lease_hours:g} h x "
               f"{SU_PER_NODE_HOUR:g} SU per node-hour ({SU_RATE_SOURCE}). Releasing early "
               "(05_release_node) stops the charge for the hours left.", flush=True)
+        save_record(state_dir, record)  # the name is on record before Blazar hears it: release() finds it
         with _step(f"creating lease {lease_name} for one {node_type} node, {lease_hours:g} h"):
-            lease = create_lease(chi, lease_name, node_type, lease_hours)
+            try:
+                lease = create_lease(chi, lease_name, node_type, lease_hours)
+            except Exception as e:  # the reply may be lost after Blazar made it
+                lease, failed = _lease_made_anyway(chi, lease_name, e, state_dir), e
+            except KeyboardInterrupt:
+                print(f"\ninterrupted while creating lease {lease_name}: it may exist and cost SUs; release it with "
+                      f"`{release_command(state_dir)}`", flush=True)
+                raise
     record.update(lease_id=lease["id"], lease_start=_parse_blazar(lease["start_date"]).isoformat(),
                   lease_end=_parse_blazar(lease["end_date"]).isoformat(),
                   node_type=_lease_node_type(lease) or (node_type if node_type != "auto" else None))
@@ -343,6 +352,8 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
     save_record(state_dir, record)
 
     try:
+        if failed is not None:
+            raise failed  # the lease exists although creating it failed: released below
         _boot(chi, record, state_dir, network=network, poll=poll, lease_timeout_s=lease_timeout_s,
               server_timeout_s=server_timeout_s, ssh_timeout_s=ssh_timeout_s)
     except KeyboardInterrupt:
@@ -375,6 +386,24 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
           f"{_when(dt.datetime.fromisoformat(record['lease_end']))}. When done: 05_release_node "
           f"or `{release_command(state_dir)}`", flush=True)
     return record
+
+
+def _lease_made_anyway(chi: Any, name: str, error: BaseException, state_dir: Path) -> dict[str, Any]:
+    """After a failed create: the lease Blazar made all the same (its reply was lost), or raise saying
+    that none was made (or that it cannot be known, and how to release it)."""
+    try:
+        made = find_lease(chi, name)
+    except Exception as e:
+        raise UserError(f"creating lease {name} failed ({type(error).__name__}: {error}) and listing leases failed "
+                        f"too ({type(e).__name__}: {e}): a lease of that name may exist",
+                        f"when the site answers again run `{release_command(state_dir)}`") from error
+    if made is None:
+        if isinstance(error, UserError):
+            raise error
+        raise UserError(f"creating lease {name} failed ({type(error).__name__}: {error}); no lease was made",
+                        "check this machine reaches Chameleon, then run this again") from error
+    print(f"   creating lease {name} failed ({type(error).__name__}) but Blazar made it ({made['id']})", flush=True)
+    return made
 
 
 def _boot(chi: Any, record: dict[str, Any], state_dir: Path, *, network: str, poll: float,
@@ -415,6 +444,7 @@ def _check_image_and_key(chi: Any, image: str, key_name: str | None, private_key
         raise UserError(f"no SSH private key file ({private_key or 'none given'})",
                         "on the hub OS_KEYPAIR_PRIVATE_KEY is set for you; elsewhere pass private_key= "
                         "and public_key= (e.g. ~/.ssh/id_ed25519 and ~/.ssh/id_ed25519.pub)")
+    check_key_file(private_key)  # before any lease: ssh would refuse a key others can read
     pub = Path(public_key).expanduser().read_text().strip() if public_key and Path(public_key).expanduser().is_file() \
         else None
     if pub:

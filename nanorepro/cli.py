@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .errors import UserError
@@ -19,10 +20,51 @@ from .errors import UserError
 def _prepare(args: argparse.Namespace, extra: list[str]) -> None:
     from . import data
 
+    if args.dataset == "openwebtext":
+        from . import openwebtext
+
+        meta = openwebtext.prepare(args.source or openwebtext.DEFAULT_SOURCE, name=args.name or "openwebtext",
+                                   data_root=args.data_root, num_proc=args.num_proc, text_column=args.text_column)
+        print(data.summary(meta))
+        return
+    if args.source or args.num_proc:
+        raise UserError("--source and --num-proc are for --dataset openwebtext", "use --input FILE for a text file")
     encodings = ("char", "gpt2") if args.encoding == "all" else (args.encoding,)
-    for meta in data.prepare(input_path=args.input, name=args.name, encodings=encodings,
+    for meta in data.prepare(input_path=args.input, name=args.name or "shakespeare", encodings=encodings,
                              data_root=args.data_root, cache_dir=args.cache_dir):
         print(data.summary(meta))
+
+
+def _compare_gpt2(args: argparse.Namespace, extra: list[str]) -> None:
+    from . import compare
+
+    overrides = {} if args.device is None else {"device": args.device}
+    out = compare.run(args.models, preset=args.preset, results_dir=args.results_dir, target=args.target,
+                      max_iters=args.max_iters, input_path=args.input, overrides=overrides)
+    print(out["table"])
+    print(f"\nwrote {Path(args.results_dir) / compare.TABLE_FILE}, {compare.JSON_FILE} and {', '.join(out['figures'])}")
+
+
+def _estimate(args: argparse.Namespace, extra: list[str]) -> None:
+    from . import config, data, memory
+
+    cfg = config.resolve(args.preset, config.parse_overrides(extra))
+    try:
+        vocab = data.load_meta(Path(cfg.data_root) / cfg.dataset)["vocab_size"]
+    except UserError:
+        vocab = data.GPT2_VOCAB_SIZE  # not prepared here (e.g. on the hub): GPT-2's
+    shape = memory.shape_of(cfg, vocab)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if args.gpu or args.gpu_memory_gib else "float32")
+    world = args.gpus if cfg.parallel != "none" else 1
+    est = memory.estimate_for(cfg, shape, dtype, world)
+    print(f"{shape.n_params / 1e6:.1f}M parameters, {cfg.tokens_per_iter:,} tokens/iter; per process {est.describe()}")
+    if args.gpu_memory_gib:
+        memory.check(cfg, shape, dtype, int(args.gpu_memory_gib * 2**30), f"a {args.gpu_memory_gib:g} GiB GPU",
+                     world, args.gpus)
+        print(f"fits in {args.gpu_memory_gib:g} GiB")
+    secs = memory.estimate_seconds(cfg, shape, args.gpu, args.gpus if cfg.parallel != "none" else 1, dtype)
+    if secs is not None:
+        print(f"time: ~{memory.human_time(secs)} at {memory.ASSUMED_MFU:.0%} MFU on {world}x {args.gpu}")
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> None:
@@ -32,10 +74,20 @@ def _train(args: argparse.Namespace, extra: list[str]) -> None:
     if args.out_dir:
         overrides["out_dir"] = args.out_dir
     cfg = config.resolve(args.preset, overrides)
-    if args.seeds > 1:
+    if args.seeds != 1:  # train_seeds refuses 0 and negatives
         train.train_seeds(cfg, args.seeds, preset=args.preset)
     else:
         train.train(cfg, preset=args.preset)
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read {option} {path}: {e.strerror}", f"give {option} an existing text file") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{option} {path} is not UTF-8 text (byte {e.start}: {e.reason})",
+                        "convert it to UTF-8, e.g. `iconv -t UTF-8 in.txt > out.txt`") from e
 
 
 def _sample(args: argparse.Namespace, extra: list[str]) -> None:
@@ -43,14 +95,17 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> None:
 
     if extra:
         raise UserError(f"unknown arguments {' '.join(extra)}", "see `nanorepro sample --help`")
-    prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else args.prompt
+    prompt = _read_text(args.prompt_file, "--prompt-file") if args.prompt_file else args.prompt
     texts = sample.sample(run_dir=args.run, model=args.model, prompt=prompt, num_samples=args.num_samples,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           seed=args.seed, device=args.device, data_root=args.data_root)
     out = "\n---------------\n".join(texts)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(out + "\n", encoding="utf-8")
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(out + "\n", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot write {args.out}: {e.strerror}", "pass --out a path in a writable folder") from e
         print(f"wrote {len(texts)} sample(s) to {args.out}")
     else:
         print(out)
@@ -97,21 +152,47 @@ def _release(args: argparse.Namespace, extra: list[str]) -> None:
                       server_name=args.server_name, project=args.project)
 
 
+# -- bench (added by the performance helper) ---------------------------------------------------
+def _bench(args: argparse.Namespace, extra: list[str]) -> None:
+    from . import bench, config
+
+    overrides = config.parse_overrides(extra)
+    if args.device:
+        overrides["device"] = config.coerce("device", args.device)
+    bench.bench(preset=args.preset, overrides=overrides, iters=args.iters, warmup=args.warmup,
+                target_loss=args.target_loss, out=args.out, nanogpt=args.nanogpt,
+                nanogpt_preset=args.nanogpt_preset, pairs=args.pairs, input_path=args.input, keep=args.keep)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as the same one line as every other error (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"nanorepro: error: {message} (fix: see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nanorepro", allow_abbrev=False, description=__doc__.splitlines()[0])
+    p = _Parser(prog="nanorepro", allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nanorepro {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("prepare", allow_abbrev=False, help="download Tiny Shakespeare (or read --input) and write token files")
     s.add_argument("--input", help="a local UTF-8 text file instead of the download (or $NANOREPRO_INPUT)")
-    s.add_argument("--name", default="shakespeare", help="dataset name; folders are <data-root>/<name>_<encoding>")
+    s.add_argument("--dataset", default="shakespeare", choices=("shakespeare", "openwebtext"),
+                   help="openwebtext: GPT-2 BPE of a Hugging Face text dataset (default Skylion007/openwebtext)")
+    s.add_argument("--source", default=None, help="openwebtext only: a local copy (save_to_disk folder, "
+                   ".parquet/.jsonl files) or a Hugging Face dataset name")
+    s.add_argument("--num-proc", type=int, default=None, help="openwebtext only: tokenising processes (default: all cores)")
+    s.add_argument("--text-column", default="text", help="openwebtext only: the column holding the documents")
+    s.add_argument("--name", default=None, help="dataset name (default shakespeare / openwebtext); "
+                   "folders are <data-root>/<name>_<encoding>")
     s.add_argument("--encoding", default="all", help="char, gpt2 or all")
     s.add_argument("--data-root", default="data")
     s.add_argument("--cache-dir", default=None, help="download cache (default ~/.cache/nanorepro or $NANOREPRO_CACHE)")
     s.set_defaults(func=_prepare)
 
-    from .config import PRESETS
+    from .config import PRESETS, PRETRAINED
 
     s = sub.add_parser("train", allow_abbrev=False, help="train or fine-tune; any config field as --field=value",
                        epilog="Override any field with --field=value; list them with --help-fields.")
@@ -175,6 +256,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server-name", default=None)
     s.add_argument("--project", default=None)
     s.set_defaults(func=_release)
+
+    # -- scaling out (torchrun, OpenWebText, GPT-2 sizes) ---------------------------------------
+    s = sub.add_parser("compare-gpt2", allow_abbrev=False,
+                       help="fine-tune several GPT-2 sizes with one recipe: a table and overlaid loss curves")
+    s.add_argument("--models", nargs="+", default=list(PRETRAINED),
+                   help="GPT-2 names or local Hugging Face folders (default: all four sizes)")
+    s.add_argument("--preset", default="finetune-shakespeare", help="the recipe every model gets")
+    s.add_argument("--results-dir", default="results/compare")
+    s.add_argument("--target", default="local", help="local or chameleon (a node reserved into --results-dir)")
+    s.add_argument("--max-iters", type=int, default=None)
+    s.add_argument("--device", default=None, help="override the preset's device (e.g. cpu)")
+    s.add_argument("--input", default=None, help="a local Tiny Shakespeare instead of the download")
+    s.set_defaults(func=_compare_gpt2)
+
+    s = sub.add_parser("estimate", allow_abbrev=False,
+                       help="memory and time a run needs (no torch): --preset P [--field=value ...]",
+                       epilog="Override any config field with --field=value, as for train.")
+    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--gpus", type=int, default=1, help="GPUs (processes) when parallel is ddp or fsdp")
+    s.add_argument("--gpu", default=None, help="GPU name for the time estimate, e.g. A100")
+    s.add_argument("--gpu-memory-gib", type=float, default=None, help="refuse (exit 4) when it does not fit this")
+    s.set_defaults(func=_estimate)
+
+    s = sub.add_parser("bench", allow_abbrev=False, help="ms/iter, tokens/s, MFU, memory, time to a target loss; "
+                       "optionally side by side with an upstream nanoGPT checkout",
+                       epilog="Override any config field with --field=value (applied to both sides).")
+    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the preset's)")
+    s.add_argument("--iters", type=int, default=50, help="timed iterations per run (without --target-loss)")
+    s.add_argument("--warmup", type=int, default=10, help="iterations left out of the timing at the start")
+    s.add_argument("--target-loss", type=float, default=None,
+                   help="train the config as given until an evaluation reaches this val loss; report the wall time")
+    s.add_argument("--out", default=None, help="the JSON record (default results/bench/<preset>-<time>.json)")
+    s.add_argument("--nanogpt", default=None, metavar="PATH",
+                   help="a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): run it alternately")
+    s.add_argument("--nanogpt-preset", default=None, help="nanoGPT runs this preset instead (e.g. shakespeare-char-cpu)")
+    s.add_argument("--pairs", type=int, default=1, help="alternating (nanorepro, nanoGPT) pairs, or runs without --nanogpt")
+    s.add_argument("--input", default=None, help="the input.txt the dataset was prepared from (for nanoGPT's prepare.py)")
+    s.add_argument("--keep", action="store_true", help="keep the temp folder with the runs and logs")
+    s.set_defaults(func=_bench)
     return p
 
 
@@ -187,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(describe_fields())
         return 0
-    if extra and args.command not in ("train",):
+    if extra and args.command not in ("train", "estimate", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args, extra)

@@ -57,9 +57,12 @@ class Config:
     always_save_checkpoint: bool = True  # False: save only when val loss improves (nanoGPT)
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto | fast | float32 | bfloat16 | float16 (fast: bf16 on a CPU where it is faster)
     compile: bool = False
     seed: int = 1337
+    # several processes (under torchrun): none | ddp | fsdp; gradient_accumulation_steps is split over them
+    parallel: str = "none"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,6 +113,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         init_from="gpt2", batch_size=1, gradient_accumulation_steps=4, block_size=128,
         max_iters=10, learning_rate=3e-5, decay_lr=False, device="cpu",
     ),
+    # config/train_gpt2.py: GPT-2 124M on OpenWebText, 12 x 1024 x 40 = 491,520 tokens per step
+    # (nanoGPT: 8 GPUs x 5 accumulation steps), 600k steps: ~4 days on 8x A100 40GB, val ~2.85
+    "train-gpt2": dict(
+        out_dir="runs/train-gpt2", dataset="openwebtext_gpt2",
+        eval_interval=1000, eval_iters=200, log_interval=10, always_save_checkpoint=True,
+        batch_size=12, block_size=1024, gradient_accumulation_steps=5 * 8,
+        n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=False,
+        learning_rate=6e-4, max_iters=600000, lr_decay_iters=600000, min_lr=6e-5,
+        weight_decay=1e-1, beta1=0.9, beta2=0.95, grad_clip=1.0, warmup_iters=2000, compile=True,
+    ),
+    # config/eval_gpt2*.py: OpenAI's checkpoints on OpenWebText, 500 batches of 8 x 1024 (README:
+    # val 3.12 / 2.84 / 2.67 / 2.54)
+    **{f"eval-{name}": dict(
+        out_dir=f"runs/eval-{name}", dataset="openwebtext_gpt2", init_from=name,
+        batch_size=8, block_size=1024, eval_iters=500, eval_only=True, dropout=0.0,
+    ) for name in PRETRAINED},
     # seconds on any CPU: for tests and smoke runs
     "tiny": dict(
         out_dir="runs/tiny", dataset="shakespeare_char",
@@ -135,7 +154,8 @@ def coerce(name: str, value: Any) -> Any:
         raise UserError(f"unknown config field {name!r}", hint)
     tp = types_[name]
     allowed = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
-    if value is None or (isinstance(value, str) and value.lower() == "none"):
+    none_word = isinstance(value, str) and value.lower() == "none"  # but parallel="none" is a str value
+    if value is None or (none_word and (type(None) in allowed or str not in allowed)):
         if type(None) in allowed:
             return None
         raise UserError(f"{name} cannot be None", f"give a {tp.__name__} value")
@@ -190,11 +210,13 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}", "pick n_embd a multiple of n_head")
     if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:
         raise UserError(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}", "lower min_lr")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"unknown dtype {cfg.dtype!r}", "use auto, float32, bfloat16 or float16")
+    if cfg.dtype not in ("auto", "fast", "float32", "bfloat16", "float16"):
+        raise UserError(f"unknown dtype {cfg.dtype!r}", "use auto, fast, float32, bfloat16 or float16")
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise UserError(f"unknown device {dev!r}", "use auto, cpu, cuda, cuda:N or mps")
+    if cfg.parallel not in ("none", "ddp", "fsdp"):
+        raise UserError(f"unknown parallel={cfg.parallel!r}", "use none, ddp or fsdp (the last two under torchrun)")
     if cfg.init_from not in ("scratch",) + PRETRAINED and not Path(cfg.init_from).is_dir():
         raise UserError(f"init_from={cfg.init_from!r} is neither 'scratch', a GPT-2 name {PRETRAINED}, nor a local folder",
                         "give one of those or the path of a Hugging Face model folder")

@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import tempfile
 import urllib.request
 from datetime import datetime, timezone
@@ -42,11 +43,8 @@ def default_cache_dir() -> Path:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:
@@ -269,7 +267,13 @@ def _write_dataset(out: Path, text: str, name: str, encoding: str, source: str, 
         payload = ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
         _write_atomic(out / "meta.json", lambda f: f.write(payload))
     except OSError as e:
-        raise UserError(f"cannot write {out}: {_one_line(e)}",
+        reason, needed = _one_line(e), 2 * (len(train) + len(val))
+        try:  # numpy reports a short write without an errno: say when it is a full disk
+            free = shutil.disk_usage(out).free
+            reason += f"; the disk is full ({free:,} bytes free, {needed:,} needed)" if free < needed else ""
+        except OSError:
+            pass
+        raise UserError(f"cannot write {out}: {reason}",
                         "check that --data-root is writable and has space") from e
     return meta
 
@@ -365,12 +369,22 @@ class Batches:
 
     def get(self, split: str, generator=None):
         """(x, y), int64 of shape (batch_size, block_size); y is x shifted by one token."""
+        return self.read(split, self.draw(split, generator))
+
+    # draw + read = get: distributed ranks all draw every batch (one shared stream) and read their own
+    def draw(self, split: str, generator=None):
+        """The start offsets of one random batch, without reading it."""
         import torch
 
         if split not in self._data:
             raise UserError(f"unknown split {split!r}", "use 'train' or 'val'")
+        return torch.randint(len(self._data[split]) - self.block_size, (self.batch_size,), generator=generator)
+
+    def read(self, split: str, ix):
+        """(x, y) for the start offsets `ix` drawn by `draw`."""
+        import torch
+
         data = self._data[split]
-        ix = torch.randint(len(data) - self.block_size, (self.batch_size,), generator=generator)
         # one fancy-index read of all rows (block_size + 1 long) instead of 2*batch_size slices
         rows = torch.from_numpy(data[ix.numpy()[:, None] + self._offsets].astype(np.int64))
         x, y = rows[:, :-1], rows[:, 1:]

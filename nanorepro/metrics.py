@@ -1,11 +1,11 @@
 """The one metrics format: JSON lines in `<run>/metrics.jsonl`, read by plots and reports.
 
 Records, one per line, each with a `kind`:
-- `meta`  (first line): run name, preset, started, nanorepro version, the resolved config.
+- `meta`  (first line): run name, preset, started, nanorepro version, world_size, the resolved config.
 - `train`: iter, loss, lr, tokens_per_s, ms_per_iter, elapsed_s.
 - `eval` : iter, train_loss, val_loss, lr, elapsed_s, best_val_loss.
 - `stage`: name, status (finished | not_run | failed), reason, elapsed_s, plus stage-specific values.
-- `end`  : iter, best_val_loss, elapsed_s, status.
+- `end`  : iter, best_val_loss, elapsed_s, status (finished | evaluated | interrupted), peak_memory_bytes.
 No torch here: the hub kernel reads these.
 """
 
@@ -17,16 +17,32 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import faults
+from .errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 
 
 def append(path: Path, record: dict[str, Any]) -> None:
-    """Add one record and flush it to disk, so a killed run keeps every line it reported."""
+    """Add one record and flush it to disk, so a killed run keeps every line it reported.
+
+    After a torn last line (a writer killed mid-line) the record starts on a new line, so only the
+    torn one is lost; a failed write (disk full) is a UserError."""
     line = json.dumps(record, allow_nan=True) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a+b") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            data = line.encode("utf-8")
+            faults.hit("metrics", lambda: (f.write(data[: len(data) // 2]), f.flush()))
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"cannot append to {path}: {e}",
+                        "free disk space (or write to a bigger disk) and run the same command again") from e
 
 
 def read(path: Path) -> list[dict[str, Any]]:

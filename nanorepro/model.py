@@ -183,8 +183,9 @@ class GPT(nn.Module):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # The fused CUDA kernel does the whole update in one launch; only ask for it where it exists.
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        # The fused kernel does the whole update in one pass: one launch on CUDA, and on a CPU one sweep
+        # over memory instead of ~10 (3.2M parameters: 1.7 ms instead of 25 ms a step here, see bench.py).
+        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
 
     def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float = A100_BF16_PEAK_FLOPS) -> float:

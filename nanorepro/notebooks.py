@@ -45,13 +45,71 @@ def parse_params(pairs: list[list[str]] | None, params_file: str | None) -> dict
         path = Path(params_file)
         if not path.is_file():
             raise UserError(f"parameters file {path} does not exist", "give the path of a YAML or JSON file")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read parameters file {path}: {' '.join(str(e).split())[:200]}",
+                            "write it as UTF-8 YAML or JSON, one `name: value` per line") from e
         if not isinstance(loaded, dict):
             raise UserError(f"{path} is not a mapping of parameter names to values", "write name: value lines")
         params.update(loaded)
     for name, value in pairs or []:
-        params[name] = yaml.safe_load(value)
+        try:
+            params[name] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"cannot read the value of -p {name}: {' '.join(str(e).split())[:200]}",
+                            "give a plain number, word or quoted UTF-8 string") from e
     return params
+
+
+def _like(default: str | None) -> tuple[Any, str]:
+    """(accepts, what it must be) from a parameter's default in its notebook: a value of the same type."""
+    import ast
+
+    try:
+        value = ast.literal_eval(default) if default else None
+    except (ValueError, SyntaxError):
+        value = None
+    if value is None:
+        return (lambda v: True), "anything"
+    kind = type(value)
+    if kind is bool or kind is str or kind in (list, dict):
+        return (lambda v: isinstance(v, kind)), f"a {kind.__name__}"
+    if kind is int:
+        return (lambda v: isinstance(v, int) and not isinstance(v, bool)), "a whole number"
+    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"
+
+
+def check_params(params: dict[str, Any], defaults: dict[str, str] | None = None) -> None:
+    """Refuse values no notebook can use before any notebook runs (a bad value found in notebook 02
+    would come after 01 prepared the data), naming the parameter and the fix. Parameters without a
+    rule here must have the type of their default in the notebook (`defaults`: name -> source text)."""
+    from .config import PRESETS
+    from .runner import TARGETS
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    rules = {  # name: (accepts, what it must be)
+        "target": (lambda v: v in TARGETS, f"one of {', '.join(TARGETS)}"),
+        "results_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
+        "char_preset": (lambda v: v in PRESETS, f"one of the presets {', '.join(PRESETS)}"),
+        "finetune_preset": (lambda v: v in PRESETS, f"one of the presets {', '.join(PRESETS)}"),
+        "char_max_iters": (lambda v: v is None or whole(v), "None or a whole number >= 0"),
+        "finetune_max_iters": (lambda v: v is None or whole(v), "None or a whole number >= 0"),
+        "seed": (whole, "a whole number >= 0"),
+        "lease_hours": (lambda v: number(v) and 0 < v <= 168, "a number of hours in (0, 168]"),
+        "input_path": (lambda v: v is None or (isinstance(v, str) and Path(v).expanduser().is_file()),
+                       "None or an existing text file"),
+    }
+    for name, value in params.items():
+        ok, what = rules.get(name) or _like((defaults or {}).get(name))
+        if not ok(value):
+            raise UserError(f"notebook parameter {name}={value!r} is not valid: it must be {what}",
+                            f"pass e.g. -p {name} VALUE with VALUE {what}")
 
 
 def run_notebooks(params: dict[str, Any], only: list[str] | None = None) -> list[Path]:
@@ -59,9 +117,6 @@ def run_notebooks(params: dict[str, Any], only: list[str] | None = None) -> list
     import papermill as pm
 
     root = project_root()
-    results = Path(params["results_dir"])
-    results = results if results.is_absolute() else root / results
-    out_dir = results / "notebooks"
     paths = [p for p in notebook_paths(root / "notebooks") if not only or any(p.name.startswith(o) for o in only)]
     known = set()
     declared_by = {p: pm.inspect_notebook(str(p)) for p in paths}
@@ -71,7 +126,15 @@ def run_notebooks(params: dict[str, Any], only: list[str] | None = None) -> list
     if unknown:
         raise UserError(f"unknown notebook parameter(s): {', '.join(unknown)}",
                         f"use one of: {', '.join(sorted(known))}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_params(params, {name: d.get("default") for declared in declared_by.values() for name, d in declared.items()})
+    results = Path(params["results_dir"])
+    results = results if results.is_absolute() else root / results
+    out_dir = results / "notebooks"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the results folder {results}: {e.strerror}",
+                        "pass -p results_dir with a writable folder") from e
     done = []
     start_all = time.time()
     for i, nb in enumerate(paths, 1):

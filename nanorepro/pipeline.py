@@ -19,6 +19,7 @@ from .runner import get_runner
 
 STAGES_FILE = "stages.jsonl"
 EXIT_MODEL_UNAVAILABLE = 3  # the CLI's exit code when pretrained weights cannot be had offline
+EXIT_WONT_FIT = 4  # train refused: the estimated memory exceeds the device's (memory.WontFit)
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -107,12 +108,25 @@ class Pipeline:
             print(f"{run}: not run: {reason} (pass model=PATH to a local Hugging Face folder)")
             self._record(f"train {run}", "not_run", started, reason=reason, preset=preset)
             return {"run": run, "status": "not_run", "reason": reason}
+        if code == EXIT_WONT_FIT:
+            reason = self._refusal(run) or "it does not fit in the device's memory"
+            print(f"{run}: not run: {reason}")
+            self._record(f"train {run}", "not_run", started, reason=reason, preset=preset)
+            return {"run": run, "status": "not_run", "reason": reason}
         if code:
             self._record(f"train {run}", "failed", started, exit_code=code, preset=preset)
             raise UserError(f"stage train {run} failed (exit {code})", "read the output above; re-running resumes")
         summary = self.summary(run)
         self._record(f"train {run}", "finished", started, best_val_loss=summary["best_val_loss"], preset=preset)
         return summary
+
+    def _refusal(self, run: str) -> str | None:
+        """The reason `train` wrote into the run's metrics when it refused to start."""
+        try:
+            records = metrics.read(self.runner.fetch(f"runs/{run}/{metrics.METRICS_FILE}", self.results))
+        except (UserError, OSError):
+            return None
+        return next((r.get("reason") for r in reversed(metrics.of_kind(records, "stage"))), None)
 
     def summary(self, run: str) -> dict[str, Any]:
         """Best and final losses, iterations and wall time of `runs/<run>`, from its metrics file."""

@@ -69,6 +69,27 @@ def _q(path: str | PurePosixPath) -> str:
     return shlex.quote(str(path))
 
 
+BOOT_ID = "/proc/sys/kernel/random/boot_id"  # new at every boot: a pid from before a reboot means nothing
+
+
+def _same_boot(boot_file: str) -> str:
+    """A shell test: the boot id a job recorded (a quoted path) is this boot's, or none was recorded."""
+    return f'{{ [ ! -s {boot_file} ] || [ "$(cat {boot_file})" = "$(cat {BOOT_ID} 2>/dev/null)" ]; }}'
+
+
+def check_key_file(path: str | Path) -> Path:
+    """The SSH private key's path, once it exists and only its owner can read it (ssh's own rule)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"SSH private key {path} does not exist",
+                        "point OS_KEYPAIR_PRIVATE_KEY (or key_path) at the key of the keypair used for the server")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise UserError(f"SSH private key {path} is readable by other users (mode {mode:o})",
+                        f"chmod 600 {shlex.quote(str(path))}")
+    return path
+
+
 def source_files(root: Path) -> list[Path]:
     """The files to ship to the node: git's tracked and untracked-but-not-ignored files, or the package."""
     try:
@@ -158,9 +179,7 @@ class SSHRunner:
     def _connect(self) -> "paramiko.SSHClient":
         import paramiko
 
-        if not self.key_path.is_file():
-            raise UserError(f"SSH private key {self.key_path} does not exist",
-                            "point OS_KEYPAIR_PRIVATE_KEY (or key_path) at the key of the keypair used for the server")
+        check_key_file(self.key_path)
         client = paramiko.SSHClient()
         known = self.state_dir / KNOWN_HOSTS if self.state_dir else None
         if known and known.is_file():
@@ -306,8 +325,17 @@ class SSHRunner:
 
     # -- stages ------------------------------------------------------------------------------
     def run(self, args: list[str], *, stage: str, check: bool = True) -> int:
-        """`python -m nanorepro <args>` on the node in the stage folder, its log streamed here."""
-        return self.run_command([self._python(), "-m", "nanorepro", *args], stage=stage, check=check)
+        """`python -m nanorepro <args>` on the node in the stage folder, its log streamed here; a
+        train stage with --parallel=ddp|fsdp runs under torchrun, one process per GPU of the node."""
+        gpus = self.gpu_count() if parallel_of(args) not in (None, "none") else 1
+        return self.run_command(stage_argv(self._python(), args, gpus), stage=stage, check=check)
+
+    def gpu_count(self) -> int:
+        """GPUs on the node (`nvidia-smi -L`), asked once per runner; 0 without a working nvidia-smi."""
+        if getattr(self, "_gpus", None) is None:
+            code, out = self._exec("nvidia-smi -L 2>/dev/null")
+            self._gpus = sum(line.startswith("GPU ") for line in out.splitlines()) if code == 0 else 0
+        return self._gpus
 
     def run_command(self, argv: list[str], *, stage: str, check: bool = True,
                     cwd: PurePosixPath | None = None) -> int:
@@ -329,13 +357,17 @@ class SSHRunner:
 
     def _launch(self, cmd: str, job: PurePosixPath, cwd: PurePosixPath) -> str:
         """Start the job unless the same one still runs ("running"); safe to repeat after a dropped connection."""
-        pid, rc, tmp = _q(job / "pid"), _q(job / "rc"), _q(job / "rc.tmp")
-        inner = f"echo $$ > {pid}; export PYTHONUNBUFFERED=1; {cmd}; echo $? > {tmp} && mv {tmp} {rc}"
+        pid, rc, tmp, boot = _q(job / "pid"), _q(job / "rc"), _q(job / "rc.tmp"), _q(job / "boot")
+        inner = (f"cat {BOOT_ID} > {boot} 2>/dev/null; echo $$ > {pid}; export PYTHONUNBUFFERED=1; {cmd}; "
+                 f"echo $? > {tmp} && mv {tmp} {rc}")
         # `cd X;` rather than `cd X &&`: an &&-list sent to the background holds the SSH channel open until it ends.
+        # The pid file exists when this returns, so a job without one later is gone (see _follow).
         script = (f"mkdir -p -- {_q(cwd)} && cd -- {_q(cwd)} || exit 97\n"
-                  f"if [ -f {pid} ] && [ ! -f {rc} ] && kill -0 \"$(cat {pid})\" 2>/dev/null; then echo running; exit 0; fi\n"
+                  f"if [ -f {pid} ] && [ ! -f {rc} ] && kill -0 \"$(cat {pid})\" 2>/dev/null && {_same_boot(boot)}; "
+                  "then echo running; exit 0; fi\n"
                   f"rm -rf -- {_q(job)}; mkdir -p -- {_q(job)}\n"
                   f"setsid nohup sh -c {_q(inner)} > {_q(job / 'log')} 2>&1 < /dev/null &\n"
+                  f"i=0; while [ ! -s {pid} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n"
                   "echo started\n")
         return self.check(script, "starting the job").strip()
 
@@ -343,7 +375,7 @@ class SSHRunner:
         """Stream the job's log until its exit code appears; reconnect on drops."""
         offset, pending = 0, b""
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        log, rc_path, pid_path = str(job / "log"), str(job / "rc"), str(job / "pid")
+        log, rc_path, pid_path, boot_path = str(job / "log"), str(job / "rc"), str(job / "pid"), str(job / "boot")
 
         def emit(data: bytes) -> None:
             text = data.decode("utf-8", "replace")
@@ -371,9 +403,10 @@ class SSHRunner:
                     with sftp.open(pid_path) as f:
                         pid = f.read().decode().strip()
                 except FileNotFoundError:
-                    pid = ""  # not written yet: the job has only just started
-                if pid:
-                    alive = self._exec(f"kill -0 {_q(pid)} 2>/dev/null || [ -f {_q(rc_path)} ]")[0] == 0
+                    pid = ""  # _launch waited for it: the job folder was wiped
+                # a pid from before a reboot may belong to another process now: the boot id must match too
+                alive = bool(pid) and self._exec(f"[ -f {_q(rc_path)} ] || {{ kill -0 {_q(pid)} 2>/dev/null && "
+                                                 f"{_same_boot(_q(boot_path))}; }}")[0] == 0
             return data, code, alive
 
         while True:
@@ -390,7 +423,8 @@ class SSHRunner:
                 emit(pending)
                 raise UserError(f"stage {stage} on {self.host} stopped without an exit code (killed, or the node "
                                 "rebooted); the last lines of its log:\n" + "\n".join(tail),
-                                "re-run the stage; check `uptime` and `dmesg` on the node if it happens again")
+                                "re-run the stage (training resumes from its last checkpoint); check `uptime` and "
+                                "`dmesg` on the node if it happens again")
             time.sleep(self.poll_s)
 
     # -- files -------------------------------------------------------------------------------
@@ -433,6 +467,28 @@ class SSHRunner:
         self.check(f"mkdir -p -- {_q(dest.parent)}", "creating a folder")
         self._retrying("put", lambda: self._sftp_client().put(str(local_path), str(dest)))
         return str(dest)
+
+
+def parallel_of(args: list[str]) -> str | None:
+    """The --parallel value of a `train` command line (`--parallel=x` or `--parallel x`), else None."""
+    if not args or args[0] != "train":
+        return None
+    for i, a in enumerate(args):
+        if a.startswith("--parallel="):
+            return a.split("=", 1)[1]
+        if a == "--parallel" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def stage_argv(python: str, args: list[str], gpus: int) -> list[str]:
+    """The command for a stage: `python -m nanorepro ...`, or for a parallel train stage
+    `python -m torch.distributed.run --standalone --nproc_per_node=<gpus> -m nanorepro ...` (torchrun
+    from the same venv). No GPU: one CPU process (gloo), which still runs the same code."""
+    if parallel_of(args) in (None, "none"):
+        return [python, "-m", "nanorepro", *args]
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={max(1, gpus)}",
+            "-m", "nanorepro", *args]
 
 
 def remote_env() -> list[str]:

@@ -29,7 +29,7 @@ REFERENCES_FILE = Path(__file__).with_name("references.json")
 # Fields a run may change and still be "the published recipe": where files go, which seed,
 # which device/precision/compiler runs it, how often it prints. Everything else must match the preset.
 NEUTRAL_FIELDS = {"out_dir", "data_root", "seed", "device", "dtype", "compile", "log_interval",
-                  "always_save_checkpoint", "vocab_size"}
+                  "always_save_checkpoint", "vocab_size", "parallel", "activation_checkpointing"}
 # For a GPT-2 init the model's shape comes from the checkpoint, whatever the config said.
 PRETRAINED_SHAPE_FIELDS = {"n_layer", "n_head", "n_embd", "bias"}
 # (n_layer, n_head, n_embd) of OpenAI's checkpoints: a local copy of gpt2-xl is still gpt2-xl
@@ -715,8 +715,5 @@ def bundle(run_dirs: list[Path], out_path: Path | None = None, include_checkpoin
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

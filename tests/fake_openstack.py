@@ -5,7 +5,8 @@ flavors, Glance images, Neutron networks/floating IPs/ports, and the resource AP
 Two sites, CHI@UC and CHI@TACC, share one server under path prefixes. python-chi builds a site's
 Keystone URL as `<web>:5000/v3`, so `web` is `http://127.0.0.1:PORT/uc` and Keystone answers on the
 path `/uc:5000/v3`. Knobs on `FakeCloud` make leases fail (`lease_outcome="ERROR"`), Blazar refuse
-(`refuse_lease`), builds fail (`server_outcome="ERROR"`) or nodes be booked (`booked`).
+(`refuse_lease`), builds fail (`server_outcome="ERROR"`), nodes be booked (`booked`) or any request fail
+(`faults`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class FakeCloud:
         self.server_outcome = "ACTIVE"
         self.refuse_lease: str | None = None
         self.booked: set[str] = set()  # node types with every node reserved for the next week
+        # (method, path regex, when, HTTP code): answer a matching request with that error, "before" doing it,
+        # "after" doing it, or "drop" the connection after doing it (a lost reply); tests/test_faults.py
+        self.faults: list[tuple[str, str, str, int]] = []
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.cloud = self  # type: ignore[attr-defined]
@@ -140,13 +144,24 @@ class _Handler(BaseHTTPRequestHandler):
         cloud = self.cloud
         with cloud.lock:
             cloud.requests.append((method, url.path))
+            fault = next((f for f in cloud.faults if f[0] == method and re.search(f[1], path)), None)
             try:
+                if fault and fault[2] == "before":
+                    raise LookupError(fault[3])
                 found = self._dispatch(method, path, query, body)
-            except KeyError:  # each client reads its own error shape
-                msg = f"not found: {path}"
-                found = (404, {"itemNotFound": {"code": 404, "message": msg}} if "/nova" in path else
-                         {"NeutronError": {"type": "NotFound", "message": msg, "detail": ""}} if "/neutron" in path
-                         else {"error_code": 404, "error_message": msg})
+                if fault and fault[2] == "drop":
+                    self.close_connection = True
+                    return
+                if fault:
+                    raise LookupError(fault[3])
+            except LookupError as e:  # KeyError: not found; each client reads its own error shape
+                code = 404 if isinstance(e, KeyError) else e.args[0]
+                msg = f"not found: {path}" if code == 404 else f"injected fault {code} on {method} {path}"
+                found = (code, {"itemNotFound" if code == 404 else "computeFault": {"code": code, "message": msg}}
+                         if "/nova" in path else
+                         {"NeutronError": {"type": "NotFound" if code == 404 else "Fault", "message": msg,
+                                           "detail": ""}} if "/neutron" in path
+                         else {"error_code": code, "error_message": msg})
         code, payload, *headers = found
         self._send(code, payload, headers[0] if headers else None)
 

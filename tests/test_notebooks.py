@@ -110,13 +110,16 @@ def test_offline_finetune_is_recorded_not_run_and_the_rest_completes(tmp_path, s
     assert {c["id"]: c["verdict"] for c in report["claims"]}["char-vocab-size"] == "reproduced"
 
 
-def test_a_failing_cell_names_the_notebook_and_keeps_it(tmp_path, shakespeare_path):
-    r = run_notebooks(f"results_dir={tmp_path}", "char_preset=no-such-preset", f"input_path={shakespeare_path}")
+def test_a_failing_cell_names_the_notebook_and_keeps_it(tmp_path):
+    # a Latin-1 input passes the up-front parameter checks (it exists) and fails inside 01's prepare cell
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\u00e9 cr\u00e8me, ".encode("latin-1") * 50)
+    r = run_notebooks(f"results_dir={tmp_path}", "char_preset=tiny", f"input_path={latin1}")
     assert r.returncode == 2
-    assert "02_train_char.ipynb failed in code cell" in r.stderr and "unknown preset" in r.stdout + r.stderr
-    partial = tmp_path / "notebooks" / "02_train_char.ipynb"
+    assert "01_prepare_data.ipynb failed in code cell" in r.stderr and "is not UTF-8 text" in r.stdout + r.stderr
+    partial = tmp_path / "notebooks" / "01_prepare_data.ipynb"
     assert partial.exists() and "ERROR" in outputs_text(partial)
-    assert not (tmp_path / "notebooks" / "03_finetune_gpt2.ipynb").exists()  # the sequence stopped
+    assert not (tmp_path / "notebooks" / "02_train_char.ipynb").exists()  # the sequence stopped
 
 
 def test_unknown_parameter_is_refused_before_anything_runs(tmp_path):

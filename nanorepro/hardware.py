@@ -1,0 +1,121 @@
+"""What this machine can do: physical cores, native bf16, peak FLOP/s, and the faster CPU dtype.
+
+Used by `train` (thread count, `dtype=fast`) and `bench` (the peak that MFU is measured against).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# bf16 must beat float32 by this factor to be picked: a tie is not worth the lower precision.
+FAST_MARGIN = 1.1
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, counting SMT siblings once (hyper-threads share the FPUs)."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def set_cpu_threads() -> int:
+    """One torch thread per physical core unless the user chose (OMP_NUM_THREADS); return the count."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        n = physical_cores()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16, AMX) rather than emulating it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _step_seconds(model: torch.nn.Module, x: torch.Tensor, dtype: str, steps: int) -> float:
+    """The fastest of `steps` forward+backward passes: the minimum is what contention least distorts."""
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    best = float("inf")
+    for i in range(steps + 1):  # the first pass warms up allocator and kernels
+        t = time.perf_counter()
+        with ctx:
+            _, loss = model(x, x)
+        loss.backward()
+        if i:
+            best = min(best, time.perf_counter() - t)
+    model.zero_grad(set_to_none=True)
+    return best
+
+
+def fast_cpu_dtype(cfg, shape, budget_s: float = 3.0) -> tuple[str, str]:
+    """(dtype, why): bfloat16 when the CPU has it natively and a training step of this model is faster.
+
+    Times a few forward+backward passes of the run's own model (`shape`: a memory.Shape) at its
+    batch size, within about `budget_s`, without touching the global RNG state the run is seeded with.
+    """
+    if not cpu_has_native_bf16():
+        return "float32", "this CPU has no native bf16 (emulated bf16 is slower)"
+    from .model import GPT
+
+    fields = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT(dataclasses.replace(cfg, init_from="scratch", **{k: getattr(shape, k) for k in fields}))
+        x = torch.randint(shape.vocab_size, (cfg.batch_size, shape.block_size))
+        probe = _step_seconds(model, x, "float32", 1)
+        steps = int(min(8, max(2, budget_s / 2 / max(probe, 1e-3))))
+        t32 = _step_seconds(model, x, "float32", steps)
+        t16 = _step_seconds(model, x, "bfloat16", steps)
+    why = f"a forward+backward took {t32 * 1e3:.1f} ms in float32, {t16 * 1e3:.1f} ms in bfloat16 (best of {steps})"
+    return ("bfloat16", why) if t32 > FAST_MARGIN * t16 else ("float32", why)
+
+
+def gpu_peak_flops(dtype: str, device: str = "cuda") -> tuple[float | None, str]:
+    """(peak FLOP/s, source) for a known GPU (memory.py's table: dense bf16; float32 runs as TF32, half
+    of it), or (None, why not)."""
+    from .memory import PEAK_BF16_FLOPS
+
+    name = torch.cuda.get_device_name(device)
+    for key, bf16 in PEAK_BF16_FLOPS.items():
+        if key in name:
+            peak = bf16 if dtype in ("bfloat16", "float16") else bf16 / 2
+            return peak, f"{name}: data-sheet dense {'tf32' if dtype == 'float32' else dtype} peak"
+    return None, f"{name}: no known peak"
+
+
+def measured_cpu_peak(dtype: str, sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 6) -> tuple[float, str]:
+    """(FLOP/s, source): the fastest square matmul in `dtype` with the current thread count.
+
+    A measured peak, not a data-sheet one: MFU against it says how close training gets to the
+    matmul speed this CPU reaches (a bound training cannot reach: not all of it is matmuls).
+    The best over sizes and repeats is what contention from other processes distorts least.
+    """
+    tdtype = DTYPES["bfloat16" if dtype == "bfloat16" else "float32"]
+    gen = torch.Generator().manual_seed(0)
+    best, best_n = 0.0, 0
+    for n in sizes:
+        a = torch.randn(n, n, generator=gen).to(tdtype)
+        b = torch.randn(n, n, generator=gen).to(tdtype)
+        for i in range(repeats + 1):  # the first one warms up
+            t = time.perf_counter()
+            a @ b
+            dt = time.perf_counter() - t
+            if i and 2 * n**3 / dt > best:
+                best, best_n = 2 * n**3 / dt, n
+    return best, (f"measured: fastest {best_n}x{best_n} {str(tdtype).replace('torch.', '')} matmul "
+                  f"on {torch.get_num_threads()} thread(s)")

@@ -1,0 +1,322 @@
+"""What a run needs before it starts: training memory (weights, gradients, AdamW state, activations)
+against the device's, the largest setting that fits when it does not, and a time estimate.
+
+The accounting follows what this repository's GPT keeps alive at the peak (the start of backward):
+- fp32 weights (4 B/param), their gradients (4 B), AdamW's two moments (8 B): 16 B/param, so
+  gpt2-xl's 1.56B parameters need 24.9 GB before a single activation;
+- under bf16/fp16 autocast, the half-precision weight copies saved for backward (2 B/param);
+- DDP's gradient buckets (4 B/param); FSDP shards weights, gradients and moments over the ranks
+  but gathers a block (two, with prefetch) and the root (embeddings) whole;
+- per token, per layer: LayerNorm inputs in fp32 (2 x 4C bytes) and 15 C-wide tensors at the
+  compute precision (qkv, attention output, MLP input/hidden/activation, ...): (8 + 15 s) C bytes,
+  attention by SDPA's fused kernels (no T x T matrix); activation checkpointing keeps only each
+  block's fp32 input and recomputes one block at a time;
+- the head: log-softmax output (4V bytes per token, fp32) kept for backward, plus 8V transient
+  while the loss is differentiated: with GPT-2's 50257-token vocabulary this outweighs a 12-layer
+  body at small widths.
+No torch here: the hub kernel sizes runs before sending them to a node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import PRETRAINED, Config
+from .errors import UserError
+
+GiB = 1024**3
+# (n_layer, n_head, n_embd) of OpenAI's GPT-2 checkpoints (all: vocab 50257, context 1024, biases)
+GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+               "gpt2-xl": (48, 25, 1600)}
+assert tuple(GPT2_SHAPES) == PRETRAINED
+OVERHEAD_BYTES = GiB // 2  # CUDA context / interpreter and torch runtime, not in the tensors above
+# Dense bf16 tensor-core peak FLOP/s by GPU name (fp32 runs use TF32: half of it)
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100": 756e12, "A100": 312e12,
+                   "A30": 165e12, "A10": 125e12, "A40": 150e12, "L40S": 362e12, "RTX 6000 Ada": 364e12,
+                   "RTX A6000": 155e12, "V100": 125e12, "T4": 65e12}
+# Model FLOPs utilisation assumed for time estimates: nanoGPT's 124M run (4 days on 8x A100) is ~0.3
+ASSUMED_MFU = 0.3
+SKIP_ENV = "NANOREPRO_SKIP_MEMORY_CHECK"  # 1: run even when the estimate says it will not fit
+LIMIT_ENV = "NANOREPRO_MEMORY_LIMIT_GIB"  # use at most this much of the device (a shared GPU, tests)
+
+
+class WontFit(UserError):
+    """A run whose estimated memory exceeds the device's; exits with 4 so a pipeline can record it
+    as not run and go on to the next model."""
+
+    exit_code = 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The network's dimensions: all the estimate needs."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    vocab_size: int
+    bias: bool = True
+
+    @property
+    def n_params(self) -> int:
+        """Exact parameter count of `model.GPT` (the tied embedding/head once, position embeddings in)."""
+        C, b = self.n_embd, int(self.bias)
+        per_layer = 12 * C * C + 2 * C + 11 * C * b  # 4 linear weights, 2 LayerNorm gains (+ 9C linear, 2C LN biases)
+        return self.vocab_size * C + self.block_size * C + self.n_layer * per_layer + C + C * b
+
+    @property
+    def block_params(self) -> int:
+        C, b = self.n_embd, int(self.bias)
+        return 12 * C * C + 2 * C + 11 * C * b
+
+    @property
+    def root_params(self) -> int:
+        """Parameters outside the blocks (embeddings, final LayerNorm): FSDP's root unit."""
+        return self.n_params - self.n_layer * self.block_params
+
+
+def shape_of(cfg: Config, vocab_size: int | None = None, model_args: dict[str, Any] | None = None) -> Shape:
+    """The shape a run will train: a checkpoint's (`model_args`), a GPT-2's, a local Hugging Face
+    folder's config.json, or the config's own (vocab from the dataset when the config has none)."""
+    if model_args is not None:
+        return Shape(*(int(model_args[k]) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")),
+                     bool(model_args.get("bias", True)))
+    if cfg.init_from in GPT2_SHAPES:
+        return Shape(*GPT2_SHAPES[cfg.init_from], min(cfg.block_size, 1024), 50257, True)
+    if cfg.init_from != "scratch":
+        path = Path(cfg.init_from) / "config.json"
+        try:
+            hf = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path}: {e}", "pass a Hugging Face GPT-2 folder (config.json + weights)") from e
+        return Shape(hf.get("n_layer", 12), hf.get("n_head", 12), hf.get("n_embd", 768),
+                     min(cfg.block_size, hf.get("n_positions", 1024)), hf.get("vocab_size", 50257), True)
+    vocab = cfg.vocab_size or vocab_size
+    if vocab is None:
+        raise UserError("the estimate needs the vocabulary size", "prepare the dataset first, or set vocab_size")
+    return Shape(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, int(vocab), cfg.bias)
+
+
+@dataclass
+class Estimate:
+    """Bytes at the peak of one training step, per process, by part."""
+
+    parts: dict[str, int]
+    shape: Shape
+    batch_size: int
+    block_size: int
+    dtype: str
+    parallel: str = "none"
+    world_size: int = 1
+    activation_checkpointing: bool = False
+    training: bool = True
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        """e.g. '~15.2 GiB (weights 0.46, gradients 0.46, ... GiB; 12 x 1024 tokens per micro-batch, bfloat16)'."""
+        unit, scale = ("GiB", GiB) if self.total >= GiB else ("MiB", 1024**2)
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / scale:.2f}" for k, v in self.parts.items() if v)
+        how = [f"{self.batch_size} x {self.block_size} tokens per micro-batch", self.dtype]
+        if self.activation_checkpointing:
+            how.append("activation checkpointing")
+        if self.parallel != "none":
+            how.append(f"{self.parallel} x{self.world_size}")
+        return f"~{self.total / scale:.1f} {unit} ({parts} {unit}; {', '.join(how)})"
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def _compute_bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def estimate(shape: Shape, batch_size: int, dtype: str = "bfloat16", parallel: str = "none", world_size: int = 1,
+             activation_checkpointing: bool = False, training: bool = True, block_size: int | None = None) -> Estimate:
+    """Peak memory of one training step (or one evaluation forward, `training=False`) per process."""
+    T = block_size or shape.block_size
+    N, C, L, V = shape.n_params, shape.n_embd, shape.n_layer, shape.vocab_size
+    s = _compute_bytes(dtype)
+    tokens = batch_size * T
+    layer = (8 + 15 * s) * C  # per token: LayerNorm inputs in fp32, the rest at compute precision
+    ids = 16  # token ids and targets (int64) kept by the embedding and the loss
+    parts: dict[str, int] = {}
+    if not training:  # no graph kept: one layer's tensors and the logits at a time
+        parts["weights"] = 4 * N
+        parts["activations"] = tokens * (layer + ids)
+        parts["logits"] = tokens * (s + 8) * V
+        return Estimate(parts, shape, batch_size, T, dtype, parallel, world_size, False, False)
+    W = world_size if parallel == "fsdp" else 1
+    # FSDP: each rank holds 1/W of the blocks, whole root (gathered for forward and backward) and two
+    # gathered blocks in flight (the current one and the prefetched next)
+    sharded = N if W == 1 else (N - shape.root_params) / W + shape.root_params + 2 * shape.block_params
+    parts["weights"] = int(4 * sharded)
+    parts["gradients"] = int(4 * sharded)
+    parts["adamw_state"] = int(8 * (N / W))
+    if parallel == "ddp" and world_size > 1:
+        parts["ddp_buckets"] = 4 * N
+    if s == 2:
+        parts["half_weight_copies"] = 2 * N  # autocast's casts, saved by the matmuls for backward
+    if activation_checkpointing:
+        parts["activations"] = tokens * (L * 4 * C + layer + ids)  # block inputs + one block recomputed
+    else:
+        parts["activations"] = tokens * (L * layer + ids)
+    parts["logits"] = tokens * ((4 + s) * C + 4 * V + 8 * V)  # head inputs, log-softmax kept, backward's transients
+    return Estimate(parts, shape, batch_size, T, dtype, parallel, world_size, activation_checkpointing, True)
+
+
+def estimate_for(cfg: Config, shape: Shape, dtype: str, world_size: int = 1) -> Estimate:
+    return estimate(shape, cfg.batch_size, dtype, cfg.parallel, world_size, cfg.activation_checkpointing,
+                    training=not cfg.eval_only, block_size=min(cfg.block_size, shape.block_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting
+
+def capacity_limit(capacity: int) -> int:
+    """The device's memory, capped by $NANOREPRO_MEMORY_LIMIT_GIB when set."""
+    limit = os.environ.get(LIMIT_ENV)
+    if limit:
+        try:
+            return min(capacity, int(float(limit) * GiB))
+        except ValueError:
+            raise UserError(f"{LIMIT_ENV}={limit!r} is not a number of GiB", f"unset it or give e.g. {LIMIT_ENV}=40")
+    return capacity
+
+
+def _splits(global_batch: int, below: int, multiple_of: int) -> list[tuple[int, int]]:
+    """(batch_size, gradient_accumulation_steps) with the same sequences per step, largest batch first."""
+    out = []
+    for b in range(min(below, global_batch), 0, -1):
+        if global_batch % b == 0 and (global_batch // b) % multiple_of == 0:
+            out.append((b, global_batch // b))
+    return out
+
+
+def _fits(est: Estimate, capacity: int) -> bool:
+    return est.total + OVERHEAD_BYTES <= capacity
+
+
+def suggest(cfg: Config, shape: Shape, dtype: str, capacity: int, world_size: int = 1,
+            gpus_on_node: int = 1) -> tuple[str, Estimate] | None:
+    """The largest setting that fits, keeping the tokens per step: a smaller micro-batch with more
+    accumulation, then activation checkpointing, then FSDP over the node's GPUs. None if nothing does."""
+    G = cfg.batch_size * cfg.gradient_accumulation_steps
+    T = min(cfg.block_size, shape.block_size)
+    tries = [(world_size, cfg.activation_checkpointing, cfg.parallel)]
+    if not cfg.activation_checkpointing:
+        tries.append((world_size, True, cfg.parallel))
+    if gpus_on_node > 1 and cfg.parallel != "fsdp":
+        tries += [(gpus_on_node, False, "fsdp"), (gpus_on_node, True, "fsdp")]
+    for W, ac, parallel in tries:
+        for b, gas in _splits(G, cfg.batch_size, W):
+            est = estimate(shape, b, dtype, parallel, W, ac, block_size=T)
+            if _fits(est, capacity):
+                flags = (["--parallel=fsdp"] if parallel != cfg.parallel else []) + \
+                    (["--activation_checkpointing=true"] if ac != cfg.activation_checkpointing else []) + \
+                    [f"--batch_size={b}", f"--gradient_accumulation_steps={gas}"]
+                how = " ".join(flags)
+                if parallel != cfg.parallel:
+                    how = f"torchrun --nproc_per_node={W} ... with {how}"
+                return how, est
+    return None
+
+
+def min_fsdp_gpus(cfg: Config, shape: Shape, dtype: str, capacity: int, most: int = 64) -> int | None:
+    """Fewest GPUs of this size over which FSDP (batch 1, activation checkpointing) would fit."""
+    T = min(cfg.block_size, shape.block_size)
+    for W in range(2, most + 1):
+        if _fits(estimate(shape, 1, dtype, "fsdp", W, True, block_size=T), capacity):
+            return W
+    return None
+
+
+def check(cfg: Config, shape: Shape, dtype: str, capacity: int, where: str, world_size: int = 1,
+          gpus_on_node: int = 1) -> Estimate:
+    """The estimate when it fits `capacity` bytes; else WontFit naming the largest setting that would."""
+    est = estimate_for(cfg, shape, dtype, world_size)
+    capacity = capacity_limit(capacity)
+    if _fits(est, capacity) or os.environ.get(SKIP_ENV, "").strip() in ("1", "true", "yes"):
+        return est
+    what = cfg.init_from if cfg.init_from != "scratch" else f"a {shape.n_params / 1e6:.0f}M-parameter GPT"
+    problem = (f"{Path(what).name} needs {est.describe()} plus ~{OVERHEAD_BYTES / GiB:.1f} GiB of runtime "
+               f"to {'train' if est.training else 'evaluate'}, but {where} has {human_bytes(capacity)}")
+    hint = f"(the estimate is approximate: {SKIP_ENV}=1 runs it anyway)"
+    if not est.training:
+        b = next((b for b in range(cfg.batch_size - 1, 0, -1)
+                  if _fits(estimate(shape, b, dtype, training=False, block_size=est.block_size), capacity)), None)
+        fix = f"use --batch_size={b}" if b else "use a device with more memory"
+        raise WontFit(problem, f"{fix} {hint}")
+    found = suggest(cfg, shape, dtype, capacity, world_size, gpus_on_node)
+    if found:
+        raise WontFit(problem, f"use {found[0]} (same tokens per step, ~{human_bytes(found[1].total)}) {hint}")
+    n = min_fsdp_gpus(cfg, shape, dtype, capacity)
+    fix = (f"shard it: --parallel=fsdp --activation_checkpointing=true --batch_size=1 under torchrun over at least "
+           f"{n} devices like this one" if n else "use a device with more memory, or a smaller model")
+    raise WontFit(problem, f"{fix} {hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Time
+
+def flops_per_token(shape: Shape, block_size: int | None = None) -> float:
+    """Forward + backward FLOPs per token: 6N for the matmuls plus 12 L C T for attention (PaLM, app. B);
+    N without the position embeddings, as nanoGPT's estimate_mfu counts."""
+    T = block_size or shape.block_size
+    n = shape.n_params - shape.block_size * shape.n_embd
+    return 6 * n + 12 * shape.n_layer * shape.n_embd * T
+
+
+def peak_flops(gpu_name: str | None, dtype: str) -> float | None:
+    """Dense peak FLOP/s of a named GPU at the run's precision; None when unknown (or a CPU)."""
+    if not gpu_name:
+        return None
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key.lower() in gpu_name.lower():
+            return PEAK_BF16_FLOPS[key] / (2 if dtype == "float32" else 1)
+    return None
+
+
+def estimate_seconds(cfg: Config, shape: Shape, gpu_name: str | None, n_gpus: int, dtype: str,
+                     start_iter: int = 0) -> float | None:
+    """Wall time of the rest of the run at ASSUMED_MFU of the GPUs' peak; None on unknown hardware."""
+    peak = peak_flops(gpu_name, dtype)
+    if peak is None:
+        return None
+    T = min(cfg.block_size, shape.block_size)
+    if cfg.eval_only:  # forward only (a third of forward + backward), both splits
+        flops = 2 * cfg.eval_iters * cfg.batch_size * T * flops_per_token(shape, T) / 3
+    else:
+        flops = max(0, cfg.max_iters - start_iter) * cfg.tokens_per_iter * flops_per_token(shape, T)
+    return flops / (peak * ASSUMED_MFU * max(1, n_gpus))
+
+
+def human_time(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 3 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+
+def available_ram() -> int | None:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

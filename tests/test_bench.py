@@ -1,0 +1,164 @@
+"""`nanorepro bench`: the record it writes, stopping at a target loss, and the side-by-side mode
+against a stand-in nanoGPT checkout (a script printing nanoGPT's log lines: upstream is never
+vendored or downloaded in tests). No assertion here depends on how fast this machine is."""
+
+from __future__ import annotations
+
+import ast
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from nanorepro import bench, cli, config, hardware
+from nanorepro.errors import UserError
+
+# nanoGPT's train.py as far as the bench sees it: it takes --key=value words, prints the same
+# "step"/"iter" lines, and here also writes the arguments it got where the test can read them.
+FAKE_TRAIN = textwrap.dedent('''
+    import json, os, sys
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    os.makedirs(args["out_dir"], exist_ok=True)
+    json.dump(args, open(os.path.join(args["out_dir"], "args.json"), "w"))
+    max_iters, every = int(args["max_iters"]), int(args["eval_interval"])
+    for it in range(max_iters + 1):  # nanoGPT runs one step past max_iters
+        if it % every == 0:
+            print(f"step {it}: train loss 4.0000, val loss 4.0000")
+        print(f"iter {it}: loss 3.9000, time 5.00ms, mfu -100.00%")
+''')
+# its data/shakespeare_char/prepare.py: the char encoding of input.txt, 90/10 (or a wrong one)
+FAKE_PREPARE = textwrap.dedent('''
+    import pickle, numpy as np
+    text = open("input.txt").read()
+    chars = sorted(set(text))
+    ids = np.array([chars.index(c) for c in text], dtype=np.uint16)
+    n = int(len(text) * 0.9)
+    ids[:n]{flip}.tofile("train.bin")
+    ids[n:].tofile("val.bin")
+    pickle.dump({{"vocab_size": len(chars)}}, open("meta.pkl", "wb"))
+''')
+
+
+def fake_nanogpt(root: Path, wrong_data: bool = False) -> Path:
+    (root / "data" / "shakespeare_char").mkdir(parents=True)
+    (root / "train.py").write_text(FAKE_TRAIN)
+    (root / "model.py").write_text("")
+    (root / "configurator.py").write_text("")
+    (root / "data" / "shakespeare_char" / "prepare.py").write_text(FAKE_PREPARE.format(flip="[::-1]" if wrong_data else ""))
+    return root
+
+
+def tiny(data_root: Path, **more) -> dict:
+    return {"data_root": str(data_root), **more}
+
+
+def test_cli_bench_writes_a_well_formed_record(char_data_root, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    code = cli.main(["bench", "--preset", "tiny", "--iters", "3", "--warmup", "1", "--out", str(out),
+                     f"--data_root={char_data_root}", "--n_embd=48"])
+    assert code == 0
+    rec = json.loads(out.read_text())
+    assert rec["kind"] == "bench" and rec["preset"] == "tiny" and rec["device"] == "cpu"
+    assert rec["config"]["n_embd"] == 48 and rec["config"]["max_iters"] == 4  # override kept, 1 + 3 iterations
+    (run,) = rec["runs"]
+    assert run["impl"] == "nanorepro" and run["exit_code"] == 0 and run["dtype"] == "float32"
+    assert run["ms_per_iter"]["n"] == 3  # exactly the timed iterations: warm-up and evaluations left out
+    ms = run["ms_per_iter"]
+    assert 0 < ms["min"] <= ms["p10"] <= ms["median"] <= ms["p90"] <= ms["max"]
+    assert run["tokens_per_s"] == pytest.approx(4 * 32 / (ms["median"] / 1000))
+    assert run["flops_per_s"] == pytest.approx(rec["flops_per_iter"] / (ms["median"] / 1000))
+    assert run["peak_flops"] > 0 and "measured" in run["peak_source"]
+    assert run["mfu"] == pytest.approx(run["flops_per_s"] / run["peak_flops"])
+    assert run["peak_memory_mb"] > 0 and run["threads"] >= 1
+    assert [e["iter"] for e in run["evals"]] == [0, 4]
+    assert rec["n_params"] == config.resolve("tiny", {"n_embd": 48}).n_layer * 12 * 48 * 48 + 65 * 48 + 48 * (2 * 2 + 1)
+    assert rec["summary"]["nanorepro"]["ms_per_iter_median"] == ms["median"]
+    printed = capsys.readouterr().out
+    assert rec["summary_line"] in printed and f"wrote {out}" in printed
+    assert "tiny" in rec["summary_line"] and "ms/iter" in rec["summary_line"]
+
+
+def test_target_loss_stops_the_run_at_the_first_evaluation_reaching_it(char_data_root, tmp_path):
+    # 5000 iterations would take minutes: the bench must stop the run once the target is met
+    rec = bench.bench("tiny", tiny(char_data_root, max_iters=5000, lr_decay_iters=5000, eval_interval=5),
+                      target_loss=3.9, warmup=0, out=tmp_path / "t.json")
+    (run,) = rec["runs"]
+    t = run["target"]
+    assert t["reached"] and t["val_loss"] <= 3.9 and t["iter"] % 5 == 0 and t["iter"] > 0
+    assert all(e["val_loss"] > 3.9 for e in run["evals"] if e["iter"] < t["iter"])  # the first one reaching it
+    assert 0 < t["wall_s"] <= run["wall_s"]
+    assert run["exit_code"] == 128 + 15  # stopped with SIGTERM (checkpoint written), not run to the end
+    assert max(e["iter"] for e in run["evals"]) < 5000
+    assert rec["summary"]["nanorepro"]["target_reached"] == "1/1"
+    assert f"val <= 3.9 in {t['wall_s']:.1f} s" in rec["summary_line"]
+
+
+def test_side_by_side_alternates_and_gives_a_ratio_per_pair(char_data_root, shakespeare_path, tmp_path):
+    upstream = fake_nanogpt(tmp_path / "nanoGPT")
+    rec = bench.bench("tiny", tiny(char_data_root), iters=3, warmup=1, nanogpt=upstream, pairs=2,
+                      input_path=str(shakespeare_path), out=tmp_path / "s.json", keep=True)
+    assert [(r["impl"], r["pair"]) for r in rec["runs"]] == [
+        ("nanorepro", 1), ("nanogpt", 1), ("nanogpt", 2), ("nanorepro", 2)]
+    ng = [r for r in rec["runs"] if r["impl"] == "nanogpt"]
+    assert all(r["ms_per_iter"]["median"] == 5.0 and r["ms_per_iter"]["n"] == 3 for r in ng)
+    assert all(r["dtype"] == "float32" for r in ng)  # nanoGPT never autocasts on a CPU
+    pairs = rec["summary"]["pairs"]
+    for p in pairs:
+        ours = next(r for r in rec["runs"] if r["impl"] == "nanorepro" and r["pair"] == p["pair"])
+        assert p["speedup_per_iter"] == pytest.approx(5.0 / ours["ms_per_iter"]["median"])
+    assert "nanoGPT 5.0 ms/iter" in rec["summary_line"] and "speedup per pair" in rec["summary_line"]
+    # upstream ran the same config, from a copy holding data its own prepare.py made
+    cmd = ng[0]["command"]
+    got = dict(a[2:].split("=", 1) for a in cmd[2:])
+    cfg = config.resolve("tiny", {**tiny(char_data_root), **rec["forced"]})
+    for k in bench.NANOGPT_FIELDS:
+        assert ast.literal_eval(got[k]) == getattr(cfg, k) and type(ast.literal_eval(got[k])) is type(getattr(cfg, k))
+    assert got["device"] == "cpu" and got["dataset"] == "shakespeare_char" and "dtype" not in got
+    copy = Path(got["out_dir"]).parent / "nanoGPT"
+    assert (copy / "data" / "shakespeare_char" / "input.txt").read_bytes() == shakespeare_path.read_bytes()
+    assert not (upstream / "data" / "shakespeare_char" / "input.txt").exists()  # the user's checkout untouched
+
+
+def test_side_by_side_refuses_upstream_data_that_differs(char_data_root, shakespeare_path, tmp_path):
+    upstream = fake_nanogpt(tmp_path / "nanoGPT", wrong_data=True)
+    with pytest.raises(UserError, match="train.bin differs"):
+        bench.bench("tiny", tiny(char_data_root), iters=2, warmup=0, nanogpt=upstream,
+                    input_path=str(shakespeare_path), out=tmp_path / "x.json")
+    with pytest.raises(UserError, match="not a nanoGPT checkout"):
+        bench.bench("tiny", tiny(char_data_root), iters=2, nanogpt=tmp_path, out=tmp_path / "x.json")
+
+
+def test_time_to_target_ratio_counts_a_miss_by_nanogpt_as_its_whole_run():
+    def run(impl, pair, reached, t, wall):
+        return {"impl": impl, "pair": pair, "wall_s": wall, "peak_memory_mb": 1.0, "ms_per_iter": None,
+                "target": {"reached": reached, "wall_s": t if reached else None}}
+
+    rec = {"target_loss": 1.88, "runs": [run("nanorepro", 1, True, 20.0, 21.0), run("nanogpt", 1, False, None, 80.0),
+                                         run("nanogpt", 2, True, 60.0, 61.0), run("nanorepro", 2, True, 30.0, 31.0)]}
+    s = bench._summary(rec)
+    assert [p["time_to_target_ratio"] for p in s["pairs"]] == [0.25, 0.5]
+    assert [p["nanogpt_reached_target"] for p in s["pairs"]] == [False, True]
+    assert s["nanorepro"]["time_to_target_s_median"] == 25.0 and s["nanogpt"]["target_reached"] == "1/2"
+
+
+def test_nanogpt_args_are_python_literals_of_the_config_types():
+    cfg = config.resolve("shakespeare-char-cpu", {"dtype": "float32"})
+    args = dict(a[2:].split("=", 1) for a in bench.nanogpt_args(cfg, "cpu", Path("/tmp/o")))
+    assert ast.literal_eval(args["dropout"]) == 0.0 and isinstance(ast.literal_eval(args["dropout"]), float)
+    assert args["compile"] == "False" and args["dtype"] == "float32" and args["n_embd"] == "128"
+    with pytest.raises(UserError, match="from scratch"):
+        bench.nanogpt_args(config.resolve("finetune-shakespeare-cpu"), "cpu", Path("/tmp/o"))
+
+
+def test_fast_dtype_resolves_to_a_real_dtype_and_says_why():
+    from nanorepro import memory
+
+    cfg = config.resolve("tiny", {"dtype": "fast"})
+    dtype, why = hardware.fast_cpu_dtype(cfg, memory.shape_of(cfg, 65), budget_s=0.2)
+    assert dtype in ("float32", "bfloat16") and why
+    if not hardware.cpu_has_native_bf16():
+        assert dtype == "float32" and "no native bf16" in why
+    else:
+        assert "ms in float32" in why
+    assert 1 <= hardware.physical_cores() <= (__import__("os").cpu_count() or 1)
