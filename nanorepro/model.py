@@ -335,12 +335,7 @@ def _load_hf(name_or_path: str) -> tuple[Any, dict[str, Any]]:
             return checked(GPT2LMHeadModel.from_pretrained(repo, local_files_only=True, **kwargs))
         except OSError:
             pass
-    where = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-    if _offline():
-        raise ModelUnavailable(f"{name} is not available offline: {where} and HF_HUB_OFFLINE is set", OFFLINE_FIX)
-    if not _uses_proxy() and not _reachable(constants.ENDPOINT):
-        raise ModelUnavailable(f"{name} is not available offline: {where} and {constants.ENDPOINT} cannot be reached",
-                        OFFLINE_FIX)
+    require_download_possible(name)
     try:
         import httpx
 
@@ -350,9 +345,22 @@ def _load_hf(name_or_path: str) -> tuple[Any, dict[str, Any]]:
     try:
         hf = GPT2LMHeadModel.from_pretrained(name, **kwargs)
     except net_errors as e:
-        raise ModelUnavailable(f"{name} is not available offline: {where} and the download failed ({str(e).splitlines()[0]})",
-                        OFFLINE_FIX) from e
+        raise ModelUnavailable(f"{name} is not available offline: not in the Hugging Face cache "
+                               f"({constants.HF_HUB_CACHE}) and the download failed ({str(e).splitlines()[0]})",
+                               OFFLINE_FIX) from e
     return checked(hf)
+
+
+def require_download_possible(name: str) -> None:
+    """ModelUnavailable, at once, when `name` is not cached and the hub is off or out of reach."""
+    from huggingface_hub import constants
+
+    where = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if _offline():
+        raise ModelUnavailable(f"{name} is not available offline: {where} and HF_HUB_OFFLINE is set", OFFLINE_FIX)
+    if not _uses_proxy() and not _reachable(constants.ENDPOINT):
+        raise ModelUnavailable(f"{name} is not available offline: {where} and {constants.ENDPOINT} cannot be reached",
+                               OFFLINE_FIX)
 
 
 def load_pretrained(name_or_path: str, dropout: float = 0.0) -> tuple[GPT, dict[str, Any]]:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import __version__, data, distributed, envinfo, faults, hardware, memory, metrics
 from .config import PRETRAINED, Config, validate
-from .errors import Interrupted, ModelUnavailable, UserError
+from .errors import Interrupted, UserError
 from .model import GPT, load_pretrained
 
 CKPT_FILE = "ckpt.pt"
@@ -213,19 +213,14 @@ def _check_memory(cfg: Config, meta: dict[str, Any], ckpt: dict[str, Any] | None
 def _require_pretrained(name: str) -> None:
     """ModelUnavailable when OpenAI's `name` is neither cached nor downloadable here, found without
     loading anything (the same order of places as model.load_pretrained looks in)."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-    from .model import OFFLINE_FIX, _offline, _reachable, _uses_proxy
+    from .model import require_download_possible
 
     if Path(name).is_dir() or any(isinstance(try_to_load_from_cache(repo, "config.json"), str)
                                   for repo in (name, f"openai-community/{name}")):
         return
-    where = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-    if _offline():
-        raise ModelUnavailable(f"{name} is not available offline: {where} and HF_HUB_OFFLINE is set", OFFLINE_FIX)
-    if not _uses_proxy() and not _reachable(constants.ENDPOINT):
-        raise ModelUnavailable(f"{name} is not available offline: {where} and {constants.ENDPOINT} cannot be reached",
-                               OFFLINE_FIX)
+    require_download_possible(name)
 
 
 def _finished_already(out: Path, cfg: Config) -> bool:
