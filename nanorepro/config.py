@@ -99,6 +99,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         learning_rate=1e-3, max_iters=2000, lr_decay_iters=2000, min_lr=1e-4,
         beta2=0.99, warmup_iters=100, device="cpu", compile=False,
     ),
+    # Tuned for 2-core CPUs (benchmarks/tuning-log.md): nanoGPT's CPU target, val <= 1.88, in a third
+    # of its time. Two wide layers learn fastest per second; bf16 with math attention (dtype=fast)
+    # makes an iteration ~14 ms on 2 cores (nanoGPT's recipe: ~34 ms). Val 1.815-1.845 over 3 seeds
+    # at 1300 iterations, ~1.87 at 1100.
+    "shakespeare-char-cpu-quick": dict(
+        out_dir="runs/shakespeare-char-cpu-quick", dataset="shakespeare_char",
+        eval_interval=1200, eval_iters=50, log_interval=10, always_save_checkpoint=False,
+        gradient_accumulation_steps=1, batch_size=12, block_size=64,
+        n_layer=2, n_head=4, n_embd=192, dropout=0.0,
+        learning_rate=2.5e-3, max_iters=1200, lr_decay_iters=1200, min_lr=1e-5,
+        beta2=0.99, warmup_iters=20, device="cpu", dtype="fast", compile=False,
+    ),
     # config/finetune_shakespeare.py: gpt2-xl, 20 iterations at a constant 3e-5
     "finetune-shakespeare": dict(
         out_dir="runs/finetune-shakespeare", dataset="shakespeare_gpt2",

@@ -19,7 +19,6 @@ import os
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -279,12 +278,13 @@ def _train(cfg: Config, preset: str | None, world: distributed.World) -> dict[st
     ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
     if device_type == "cpu" and world.size == 1:  # torchrun gives each process OMP_NUM_THREADS=1
         hardware.set_cpu_threads()
+    attention = "default"  # the SDPA kernel PyTorch picks; "math" where dtype=fast found it faster
     if dtype == "fast":  # bf16 autocast if it is faster for this model here (CPU; see hardware.py)
         shape = memory.shape_of(cfg, meta["vocab_size"], ckpt["model_args"] if ckpt is not None else None)
-        dtype, why = hardware.fast_cpu_dtype(cfg, shape)
+        dtype, attention, why = hardware.fast_cpu_dtype(cfg, shape)
         if world.any(dtype != "bfloat16"):  # every rank must autocast alike
-            dtype = "float32"
-        say(f"dtype=fast -> {dtype}: {why}")
+            dtype, attention = "float32", "default"
+        say(f"dtype=fast -> {dtype}{', math attention' if attention == 'math' else ''}: {why}")
     say(_check_memory(cfg, meta, ckpt, device, dtype, world))  # before any model is loaded
     model, cfg = _model_for(cfg, meta, ckpt)
     batches = data.Batches(data_dir, cfg.block_size, cfg.batch_size, device=device)
@@ -321,14 +321,14 @@ def _train(cfg: Config, preset: str | None, world: distributed.World) -> dict[st
             "device": device, "dtype": dtype, "n_params": model.get_num_params(),
             "tokens_per_iter": cfg.tokens_per_iter, "dataset_encoding": meta.get("encoding"),
             "config": cfg.to_dict(), "world_size": world.size, "threads": torch.get_num_threads(),
+            "attention": attention,
         })
     if world.main:
         cfg.save(out / "config.json")
         envinfo.write(out / "env.json", envinfo.capture(cfg.to_dict(), seeds=[cfg.seed]))
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
+    autocast = hardware.StepContext(device_type, dtype, attention)  # autocast unless float32
     step_model = torch.compile(wrapped) if cfg.compile else wrapped
 
     @torch.no_grad()

@@ -151,14 +151,39 @@ def test_nanogpt_args_are_python_literals_of_the_config_types():
         bench.nanogpt_args(config.resolve("finetune-shakespeare-cpu"), "cpu", Path("/tmp/o"))
 
 
-def test_fast_dtype_resolves_to_a_real_dtype_and_says_why():
-    from nanorepro import memory
+def test_fast_dtype_resolves_to_a_real_dtype_and_says_why(char_data_root, tmp_path):
+    from nanorepro import memory, metrics, train
 
     cfg = config.resolve("tiny", {"dtype": "fast"})
-    dtype, why = hardware.fast_cpu_dtype(cfg, memory.shape_of(cfg, 65), budget_s=0.2)
-    assert dtype in ("float32", "bfloat16") and why
+    dtype, attention, why = hardware.fast_cpu_dtype(cfg, memory.shape_of(cfg, 65), budget_s=0.2)
+    assert (dtype, attention) in {("float32", "default"), ("bfloat16", "default"), ("bfloat16", "math")} and why
     if not hardware.cpu_has_native_bf16():
         assert dtype == "float32" and "no native bf16" in why
     else:
-        assert "ms in float32" in why
+        assert "ms in float32" in why and "with math attention" in why
+    # a run records what `fast` became, never "fast" itself
+    run = tmp_path / "fast"
+    train.train(config.resolve("tiny", {"dtype": "fast", "max_iters": 2, "data_root": str(char_data_root),
+                                        "out_dir": str(run)}))
+    meta = metrics.meta(metrics.read(run))
+    assert meta["dtype"] in ("float32", "bfloat16") and meta["attention"] in ("default", "math")
+    assert meta["threads"] == __import__("torch").get_num_threads()
+
+
+def test_step_context_autocasts_and_picks_the_attention_kernel():
+    import torch
+    import torch.nn.functional as F
+
+    q = torch.randn(2, 2, 8, 4)
+    assert torch.backends.cuda.flash_sdp_enabled()  # PyTorch's backend switches (CPU's flash kernel too)
+    with hardware.StepContext("cpu", "bfloat16", "math"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        assert F.scaled_dot_product_attention(q, q, q, is_causal=True).dtype == torch.bfloat16
+    assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
+    ctx = hardware.StepContext("cpu", "float32")
+    for _ in range(2):  # reusable, as train enters it every step
+        with ctx:
+            assert not torch.is_autocast_enabled("cpu")
+            assert F.linear(q, torch.randn(4, 4)).dtype == torch.float32
     assert 1 <= hardware.physical_cores() <= (__import__("os").cpu_count() or 1)
