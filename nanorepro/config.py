@@ -45,6 +45,7 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
+    optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on the rest; optim.py)
     decay_lr: bool = True  # False: constant learning rate
     warmup_iters: int = 100
     lr_decay_iters: int = 5000
@@ -229,6 +230,10 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"unknown device {dev!r}", "use auto, cpu, cuda, cuda:N or mps")
     if cfg.parallel not in ("none", "ddp", "fsdp"):
         raise UserError(f"unknown parallel={cfg.parallel!r}", "use none, ddp or fsdp (the last two under torchrun)")
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise UserError(f"unknown optimizer={cfg.optimizer!r}", "use adamw or muon")
+    if cfg.optimizer == "muon" and cfg.parallel == "fsdp":
+        raise UserError("optimizer=muon needs whole matrices, which FSDP shards", "use parallel=ddp, or optimizer=adamw")
     if cfg.init_from not in ("scratch",) + PRETRAINED and not Path(cfg.init_from).is_dir():
         raise UserError(f"init_from={cfg.init_from!r} is neither 'scratch', a GPT-2 name {PRETRAINED}, nor a local folder",
                         "give one of those or the path of a Hugging Face model folder")

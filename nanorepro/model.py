@@ -7,7 +7,6 @@ weights map one to one and checkpoints read the same as nanoGPT's.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -177,16 +176,11 @@ class GPT(nn.Module):
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                             device_type: str) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices and embeddings only; biases and LayerNorm gains are not decayed."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # The fused kernel does the whole update in one pass: one launch on CUDA, and on a CPU one sweep
-        # over memory instead of ~10 (3.2M parameters: 1.7 ms instead of 25 ms a step here, see bench.py).
-        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+                             device_type: str, kind: str = "adamw") -> torch.optim.Optimizer:
+        """AdamW (or Muon + AdamW, see optim.py) with weight decay on matrices and embeddings only."""
+        from . import optim
+
+        return optim.build(self, kind, weight_decay, learning_rate, betas, device_type)
 
     def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float = A100_BF16_PEAK_FLOPS) -> float:
         """Model FLOPs utilisation: achieved FLOP/s over peak_flops (default: A100 bf16 dense).

@@ -285,6 +285,9 @@ def _train(cfg: Config, preset: str | None, world: distributed.World) -> dict[st
         if world.any(dtype != "bfloat16"):  # every rank must autocast alike
             dtype, attention = "float32", "default"
         say(f"dtype=fast -> {dtype}{', math attention' if attention == 'math' else ''}: {why}")
+    if cfg.optimizer == "muon" and dtype == "float16":  # GradScaler unscales one torch optimizer, not a pair
+        raise UserError("optimizer=muon cannot train in float16 (its loss scaling needs one optimizer)",
+                        "use dtype=bfloat16 or float32, or optimizer=adamw")
     say(_check_memory(cfg, meta, ckpt, device, dtype, world))  # before any model is loaded
     model, cfg = _model_for(cfg, meta, ckpt)
     batches = data.Batches(data_dir, cfg.block_size, cfg.batch_size, device=device)
@@ -292,7 +295,8 @@ def _train(cfg: Config, preset: str | None, world: distributed.World) -> dict[st
     wrapped = distributed.wrap(model, world, device, dtype, cfg.activation_checkpointing)  # FSDP: before the optimizer
     if world.active:
         torch.manual_seed(cfg.seed + world.rank)  # same init everywhere (above), own dropout masks from here
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
+                                           cfg.optimizer)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     iter_num, best_val, elapsed_before = 0, float("inf"), 0.0
     metrics_path = out / metrics.METRICS_FILE

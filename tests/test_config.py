@@ -52,6 +52,8 @@ def test_overrides_are_typed_in_every_spelling():
     (["--init_from=gpt5"], "init_from='gpt5'"),
     (["--min_lr=1"], "min_lr=1.0 is above learning_rate"),
     (["max_iters"], "cannot read option"),
+    (["--optimizer=sgd"], "unknown optimizer='sgd'"),
+    (["--optimizer=muon", "--parallel=fsdp"], "FSDP shards"),
 ])
 def test_bad_values_are_refused_with_the_field_named(args, needle):
     with pytest.raises(UserError) as e:

@@ -152,6 +152,35 @@ def test_optimizer_groups():
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = tiny()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    blocks = {id(p) for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert {id(p) for g in muon.param_groups for p in g["params"]} == blocks  # 4 matrices per block
+    assert len(blocks) == 4 * 2
+    rest = [p for g in adamw.param_groups for p in g["params"]]
+    assert {id(p) for p in rest} == {id(p) for p in model.parameters()} - blocks  # wte (= lm_head), wpe, gains, biases
+    before = [p.detach().clone() for p in model.parameters()]
+    for g in opt.param_groups:  # train.py sets the scheduled rate through the combined groups
+        g["lr"] = 1e-2
+    assert all(g["lr"] == 1e-2 for o in opt.optimizers for g in o.param_groups)
+    _, loss = model(torch.randint(0, 101, (2, 8)), torch.randint(0, 101, (2, 8)))
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert model.lm_head.weight is model.transformer.wte.weight and all(p.grad is None for p in model.parameters())
+    state = opt.state_dict()
+    fresh = tiny().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.optimizers[0].state_dict()["state"][0]["momentum_buffer"],
+                       state["chain"][0]["state"][0]["momentum_buffer"])
+    with pytest.raises(ValueError, match="not from the same optimizer"):
+        fresh.load_state_dict(model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").state_dict())
+
+
 # --- pretrained loading ----------------------------------------------------------------------
 
 def test_load_local_hf_folder_matches_transformers(tmp_path, no_hub):

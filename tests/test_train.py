@@ -64,10 +64,11 @@ def test_run_writes_config_env_metrics_and_a_loadable_checkpoint(char_data_root,
     assert not list(run.glob("*.tmp"))
 
 
-def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(char_data_root, tmp_path):
-    full = tiny(char_data_root, tmp_path / "full", max_iters=30, eval_interval=10, lr_decay_iters=30)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(char_data_root, tmp_path, optimizer):
+    full = tiny(char_data_root, tmp_path / "full", max_iters=30, eval_interval=10, lr_decay_iters=30, optimizer=optimizer)
     train(full)
-    part = tiny(char_data_root, tmp_path / "part", max_iters=30, eval_interval=10, lr_decay_iters=30)
+    part = tiny(char_data_root, tmp_path / "part", max_iters=30, eval_interval=10, lr_decay_iters=30, optimizer=optimizer)
     train(resolve("tiny", {**part.to_dict(), "max_iters": 10}))  # stops after the checkpoint at 10
     train(part)  # resumes from iter 10
     assert losses(tmp_path / "part" / "metrics.jsonl") == losses(tmp_path / "full" / "metrics.jsonl")
@@ -126,6 +127,12 @@ def test_bf16_autocast_and_grad_accumulation_train(char_data_root, tmp_path):
     records = metrics.read(tmp_path / "run" / "metrics.jsonl")
     assert records[0]["dtype"] == "bfloat16" and records[0]["tokens_per_iter"] == 2 * 4 * 32
     assert math.isfinite(summary["best_val_loss"])
+
+
+def test_muon_refuses_float16_before_building_anything(char_data_root, tmp_path):
+    with pytest.raises(UserError, match="optimizer=muon cannot train in float16"):
+        train(tiny(char_data_root, tmp_path / "run", optimizer="muon", dtype="float16"))
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
 def test_eval_only_evaluates_once(char_data_root, tmp_path):
