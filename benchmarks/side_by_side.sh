@@ -15,12 +15,12 @@ mkdir -p results/bench
 nanorepro prepare --input "$INPUT" --encoding char            # data/shakespeare_char
 
 # 1. Same config (the faithful CPU recipe), per-iteration speed, 3 alternating pairs
-nanorepro bench --preset shakespeare-char-cpu --nanogpt "$NANOGPT" --pairs 3 --iters 300 --warmup 20 \
+nanorepro bench --preset shakespeare-char-cpu --nanogpt "$NANOGPT" --pairs 3 --iters 300 --warmup 20 --input "$INPUT" \
   --out results/bench/cpu-recipe-vs-nanogpt.json
 
 # 2. Time to val <= 1.88: the quick preset against nanoGPT's CPU recipe (which ends at ~1.886), 3 pairs
 nanorepro bench --preset shakespeare-char-cpu-quick --nanogpt "$NANOGPT" --nanogpt-preset shakespeare-char-cpu \
-  --target-loss 1.88 --pairs 3 --out results/bench/cpu-quick-vs-nanogpt.json
+  --target-loss 1.88 --pairs 3 --input "$INPUT" --out results/bench/cpu-quick-vs-nanogpt.json
 
 # 3. Val <= 1.50 within 15 minutes with the tuned preset (the run stops at the first evaluation reaching it)
 nanorepro bench --preset shakespeare-char-cpu-tuned --target-loss 1.50 --out results/bench/cpu-tuned.json
