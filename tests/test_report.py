@@ -313,3 +313,13 @@ def test_a_local_copy_of_the_pretrained_model_still_counts_as_the_recipe():
     cfg.update(n_layer=12, n_head=12, n_embd=768)  # a gpt2 (124M) folder is not gpt2-xl
     assert report.deviations(cfg, "finetune-shakespeare") == ["init_from='/models/gpt2-xl' (preset 'gpt2-xl')"]
     assert report.deviations(cfg, "no-such-preset") is None
+
+
+def test_every_claim_names_presets_that_exist():
+    """A claim whose preset was renamed would never be judged: every run would show it as "not run"."""
+    from nanorepro.config import PRESETS
+
+    claims = report.load_references()["claims"]
+    named = {p for c in claims for p in c.get("presets", [])}
+    assert named and named <= set(PRESETS), named - set(PRESETS)
+    assert "shakespeare-char-cpu-tuned" in named
