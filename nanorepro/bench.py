@@ -478,7 +478,8 @@ def _summary(record: dict[str, Any]) -> dict[str, Any]:
             continue
         a, b = by["nanorepro"], by["nanogpt"]
         pair: dict[str, Any] = {"pair": p}
-        if a.get("ms_per_iter") and b.get("ms_per_iter"):
+        # per-iteration speed compares only like with like: not when nanoGPT runs another preset
+        if a.get("ms_per_iter") and b.get("ms_per_iter") and record.get("nanogpt_preset") in (None, record["preset"]):
             pair["speedup_per_iter"] = b["ms_per_iter"]["median"] / a["ms_per_iter"]["median"]
         if a.get("cpu_s") and b.get("cpu_s"):
             pair["cpu_s_ratio"] = a["cpu_s"] / b["cpu_s"]  # whole runs (stopped at the target, if any)

@@ -187,3 +187,19 @@ def test_step_context_autocasts_and_picks_the_attention_kernel():
             assert not torch.is_autocast_enabled("cpu")
             assert F.linear(q, torch.randn(4, 4)).dtype == torch.float32
     assert 1 <= hardware.physical_cores() <= (__import__("os").cpu_count() or 1)
+
+
+def test_per_iteration_speedup_only_compares_the_same_config():
+    def run(impl, pair, ms, wall, reached_at):
+        return {"impl": impl, "pair": pair, "ms_per_iter": {"median": ms}, "tokens_per_s": 1.0, "mfu": None,
+                "peak_memory_mb": 1.0, "wall_s": wall, "cpu_s": 2 * wall,
+                "target": {"loss": 1.88, "reached": reached_at is not None, "wall_s": reached_at}}
+
+    runs = [run("nanorepro", 1, 20.0, 20.0, 19.0), run("nanogpt", 1, 35.0, 76.0, None)]
+    other = bench._summary({"runs": runs, "target_loss": 1.88, "preset": "shakespeare-char-cpu-quick",
+                            "nanogpt_preset": "shakespeare-char-cpu"})
+    (pair,) = other["pairs"]
+    assert "speedup_per_iter" not in pair  # different models: ms/iter ratios mean nothing
+    assert pair["time_to_target_ratio"] == pytest.approx(19.0 / 76.0) and not pair["nanogpt_reached_target"]
+    same = bench._summary({"runs": runs, "target_loss": 1.88, "preset": "shakespeare-char-cpu", "nanogpt_preset": None})
+    assert same["pairs"][0]["speedup_per_iter"] == pytest.approx(35.0 / 20.0)
