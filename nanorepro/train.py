@@ -285,6 +285,10 @@ def _train(cfg: Config, preset: str | None, world: distributed.World) -> dict[st
         if world.any(dtype != "bfloat16"):  # every rank must autocast alike
             dtype, attention = "float32", "default"
         say(f"dtype=fast -> {dtype}{', math attention' if attention == 'math' else ''}: {why}")
+    if ckpt is not None and ("chain" in ckpt["optimizer"]) != (cfg.optimizer == "muon"):  # optim.Chain's state
+        was = "muon" if "chain" in ckpt["optimizer"] else "adamw"
+        raise UserError(f"the checkpoint in {out} was trained with optimizer={was}, the config says {cfg.optimizer}",
+                        f"resume with --optimizer={was}, or use a new --out-dir (the existing checkpoint is kept)")
     if cfg.optimizer == "muon" and dtype == "float16":  # GradScaler unscales one torch optimizer, not a pair
         raise UserError("optimizer=muon cannot train in float16 (its loss scaling needs one optimizer)",
                         "use dtype=bfloat16 or float32, or optimizer=adamw")

@@ -135,6 +135,16 @@ def test_muon_refuses_float16_before_building_anything(char_data_root, tmp_path)
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
+def test_resuming_with_the_other_optimizer_is_refused_and_the_checkpoint_kept(char_data_root, tmp_path):
+    train(tiny(char_data_root, tmp_path / "run", max_iters=10, eval_interval=5, optimizer="muon"))
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    before = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    with pytest.raises(UserError, match="trained with optimizer=muon, the config says adamw") as e:
+        train(tiny(char_data_root, tmp_path / "run", max_iters=20, eval_interval=5))
+    assert "--optimizer=muon" in str(e.value)
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == before
+
+
 def test_eval_only_evaluates_once(char_data_root, tmp_path):
     train(tiny(char_data_root, tmp_path / "run", eval_only=True))
     records = metrics.read(tmp_path / "run" / "metrics.jsonl")
