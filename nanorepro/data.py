@@ -19,7 +19,7 @@ import tempfile
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 
@@ -163,13 +163,17 @@ def _encode(text: str, encoding: str) -> tuple[np.ndarray, np.ndarray, dict[str,
     return train, val, {"vocab_size": GPT2_VOCAB_SIZE}
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename, so readers never see half a file."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call write(f) on a temp file in the same folder, fsync, then rename, so readers never see half
+    a file and a crash leaves the old one. The file is world-readable like any other (mkstemp's is not)."""
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, 0o644)
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -260,12 +264,12 @@ def _write_dataset(out: Path, text: str, name: str, encoding: str, source: str, 
         out.mkdir(parents=True, exist_ok=True)
         # the folder stops being "complete" before any bin changes, so a crash can't pair old meta with new bins
         (out / "meta.json").unlink(missing_ok=True)
-        _write_atomic(out / "train.bin", train.tofile)
-        _write_atomic(out / "val.bin", val.tofile)
+        write_atomic(out / "train.bin", train.tofile)
+        write_atomic(out / "val.bin", val.tofile)
         # one key per line, the vocabulary on one line: readable with `cat` even for big vocabularies
         lines = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items()]
         payload = ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
-        _write_atomic(out / "meta.json", lambda f: f.write(payload))
+        write_atomic(out / "meta.json", lambda f: f.write(payload))
     except OSError as e:
         reason, needed = _one_line(e), 2 * (len(train) + len(val))
         try:  # numpy reports a short write without an errno: say when it is a full disk

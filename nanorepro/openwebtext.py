@@ -20,14 +20,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .data import GPT2_VOCAB_SIZE, _check_args, _one_line, gpt2_encoding
+from .data import GPT2_VOCAB_SIZE, _check_args, _one_line, gpt2_encoding, write_atomic
 from .errors import ModelUnavailable, UserError
 
 DEFAULT_SOURCE = "Skylion007/openwebtext"  # nanoGPT's "openwebtext"
@@ -168,31 +167,9 @@ def _tokenize(batch: dict[str, list], text_column: str) -> dict[str, list]:
     return {"ids": [np.array(d + [_ENC.eot_token], dtype=np.uint16) for d in ids]}
 
 
-def _write_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            array.tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     data = (json.dumps(value, indent=1) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # readable like the token files (mkstemp makes it private)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_atomic(path, lambda f: f.write(data))
 
 
 def _tokenize_shard(docs, path: Path, text_column: str, num_proc: int) -> int:
@@ -200,7 +177,7 @@ def _tokenize_shard(docs, path: Path, text_column: str, num_proc: int) -> int:
     ids = docs.map(_tokenize, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
                    keep_in_memory=True, remove_columns=docs.column_names, fn_kwargs={"text_column": text_column})
     tokens = ids.data.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    _write_atomic(path, tokens.astype(np.uint16, copy=False))
+    write_atomic(path, tokens.astype(np.uint16, copy=False).tofile)
     return len(tokens)
 
 

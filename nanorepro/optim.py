@@ -53,6 +53,11 @@ class Chain:
             o.load_state_dict(s)
 
 
+def kind_of(state: dict[str, Any]) -> str:
+    """Which optimizer wrote this state dict (a checkpoint's "optimizer"): "muon" (a Chain's) or "adamw"."""
+    return "muon" if "chain" in state else "adamw"
+
+
 def build(model: torch.nn.Module, kind: str, weight_decay: float, learning_rate: float,
           betas: tuple[float, float], device_type: str) -> torch.optim.Optimizer | Chain:
     """The optimizer for `model` (a GPT): weight decay on matrices and embeddings, none on biases and gains."""

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__, data, distributed, envinfo, faults, hardware, memory, metrics
+from . import __version__, data, distributed, envinfo, faults, hardware, memory, metrics, optim
 from .config import PRETRAINED, Config, validate
 from .errors import Interrupted, UserError
 from .model import GPT, load_pretrained
@@ -285,8 +285,7 @@ def _train(cfg: Config, preset: str | None, world: distributed.World) -> dict[st
         if world.any(dtype != "bfloat16"):  # every rank must autocast alike
             dtype, attention = "float32", "default"
         say(f"dtype=fast -> {dtype}{', math attention' if attention == 'math' else ''}: {why}")
-    if ckpt is not None and ("chain" in ckpt["optimizer"]) != (cfg.optimizer == "muon"):  # optim.Chain's state
-        was = "muon" if "chain" in ckpt["optimizer"] else "adamw"
+    if ckpt is not None and (was := optim.kind_of(ckpt["optimizer"])) != cfg.optimizer:
         raise UserError(f"the checkpoint in {out} was trained with optimizer={was}, the config says {cfg.optimizer}",
                         f"resume with --optimizer={was}, or use a new --out-dir (the existing checkpoint is kept)")
     if cfg.optimizer == "muon" and dtype == "float16":  # GradScaler unscales one torch optimizer, not a pair
