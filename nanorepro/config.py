@@ -19,6 +19,48 @@ from .errors import UserError
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
+@dataclass(frozen=True)
+class GPTConfig:
+    """The network's shape: all `model.GPT` needs, and all a memory or FLOPs estimate, a report or a
+    checkpoint needs to know about the network. Torch-free, so the hub kernel can use it."""
+
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64, as nanoGPT does for speed
+    bias: bool = False
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def block_params(self) -> int:
+        """Parameters in one transformer block: 4 linear weights, 2 LayerNorm gains (+ their biases)."""
+        C, b = self.n_embd, int(self.bias)
+        return 12 * C * C + 2 * C + 11 * C * b
+
+    @property
+    def n_params(self) -> int:
+        """Exact parameter count of `model.GPT`: the tied embedding/head once, position embeddings in."""
+        C, b = self.n_embd, int(self.bias)
+        return self.vocab_size * C + self.block_size * C + self.n_layer * self.block_params + C + C * b
+
+    def flops_per_token(self, block_size: int | None = None) -> float:
+        """Forward + backward FLOPs per token (PaLM, appendix B): 6N for the matmuls, N without the position
+        embeddings as nanoGPT's estimate_mfu counts, plus 12 L C T for attention over T tokens."""
+        T = block_size or self.block_size
+        return 6 * (self.n_params - self.block_size * self.n_embd) + 12 * self.n_layer * self.n_embd * T
+
+
+# OpenAI's GPT-2 checkpoints: context 1024, the unpadded 50257-token vocabulary, biases everywhere.
+GPT2_SIZES: dict[str, GPTConfig] = {
+    name: GPTConfig(n_layer=L, n_head=H, n_embd=C, block_size=1024, vocab_size=50257, bias=True)
+    for name, (L, H, C) in zip(PRETRAINED, [(12, 12, 768), (24, 16, 1024), (36, 20, 1280), (48, 25, 1600)])
+}
+
+
 @dataclass
 class Config:
     """Everything a run needs; written resolved to `config.json` before step 0."""
