@@ -19,6 +19,13 @@ class ModelUnavailable(UserError):
     exit_code = 3
 
 
+class WontFit(UserError):
+    """A run whose estimated memory exceeds the device's; exits with 4 so a pipeline can record it
+    as not run and go on to the next model."""
+
+    exit_code = 4
+
+
 class Interrupted(UserError):
     """A run stopped by SIGINT or SIGTERM after saving a checkpoint; exits with 128 + the signal."""
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PRETRAINED, Config
-from .errors import UserError
+from .errors import UserError, WontFit
 
 GiB = 1024**3
 # (n_layer, n_head, n_embd) of OpenAI's GPT-2 checkpoints (all: vocab 50257, context 1024, biases)
@@ -42,13 +42,6 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12,
 ASSUMED_MFU = 0.3
 SKIP_ENV = "NANOREPRO_SKIP_MEMORY_CHECK"  # 1: run even when the estimate says it will not fit
 LIMIT_ENV = "NANOREPRO_MEMORY_LIMIT_GIB"  # use at most this much of the device (a shared GPU, tests)
-
-
-class WontFit(UserError):
-    """A run whose estimated memory exceeds the device's; exits with 4 so a pipeline can record it
-    as not run and go on to the next model."""
-
-    exit_code = 4
 
 
 @dataclass(frozen=True)
