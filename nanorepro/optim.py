@@ -1,16 +1,18 @@
 """The optimizers a run can use: nanoGPT's AdamW, or Muon on the blocks' matrices with AdamW on the rest.
 
-Both come from torch.optim. Muon (torch.optim.Muon: momentum, then the update orthogonalised by a
-Newton-Schulz iteration) only takes 2-D parameters, so "muon" pairs it with AdamW for the embeddings,
-LayerNorm gains and biases. Its updates are rescaled to AdamW's RMS (adjust_lr_fn="match_rms_adamw"),
-so one learning_rate and one schedule serve both. On Tiny Shakespeare it learns much faster per step
-(benchmarks/tuning-log.md: 2x192 after 1000 steps, val 1.73 against AdamW's 1.86; 4x256 at context
-256 after 500 steps, 1.85 against 2.16), for ~15% more CPU time a step.
+AdamW comes from torch.optim. Muon is torch.optim.Muon (momentum, then the update orthogonalised by a
+Newton-Schulz iteration) with one change: torch always orthogonalises in bfloat16, which a CPU without
+native bf16 (no AVX512_BF16 or AMX, e.g. AVX2-only x86 machines) only emulates, many times slower than
+float32. Here the iteration runs in bf16 where the hardware has it and in float32 elsewhere.
+Muon only takes 2-D parameters, so "muon" pairs it with AdamW for the embeddings, LayerNorm gains and
+biases. Its updates are rescaled to AdamW's RMS (adjust_lr_fn="match_rms_adamw"), so one learning_rate
+and one schedule serve both; benchmarks/tuning-log.md has how it compares with AdamW on Tiny Shakespeare.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -21,6 +23,67 @@ def _adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], 
     # over memory instead of ~10 (3.2M parameters: 1.7 ms instead of 25 ms a step here, see bench.py).
     fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def native_bf16(device_type: str) -> bool:
+    """Does this device compute bf16 matmuls natively? GPUs from Ampere on; CPUs with AVX512_BF16 or AMX
+    (x86) or the BF16 extension (Arm). Elsewhere bf16 is emulated through float32, and slower than it."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    if device_type != "cpu":
+        return False
+    caps = torch.cpu.get_capabilities()
+    return any(bool(caps.get(k)) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+
+
+def orthogonalise(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration (as torch.optim.Muon computes it), in `dtype`: an
+    approximately orthogonal matrix with g's singular vectors."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon whose orthogonalisation runs in `ns_dtype`. With bfloat16 its steps equal
+    torch's bit for bit (tested); state dicts are interchangeable with torch's."""
+
+    def __init__(self, params: Any, ns_dtype: torch.dtype = torch.bfloat16, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            bufs: list[torch.Tensor] = []
+            self._init_group(group, params, grads, bufs)
+            lr, wd, momentum = float(group["lr"]), group["weight_decay"], group["momentum"]
+            for p, grad, buf in zip(params, grads, bufs):
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalise(update, group["ns_steps"], group["ns_coefficients"], group["eps"], self.ns_dtype)
+                rows, cols = p.shape
+                if group["adjust_lr_fn"] == "match_rms_adamw":
+                    scale = 0.2 * math.sqrt(max(rows, cols))
+                else:  # torch's "original"
+                    scale = math.sqrt(max(1, rows / cols))
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr * scale)
+        return loss
 
 
 class Chain:
@@ -72,8 +135,9 @@ def build(model: torch.nn.Module, kind: str, weight_decay: float, learning_rate:
     # the blocks' matrices; embeddings (wte is tied to lm_head) are lookups, not linear maps, and stay with AdamW
     matrices = [p for n, p in named if p.dim() == 2 and ".h." in f".{n}"]
     embeddings = [p for n, p in named if p.dim() >= 2 and ".h." not in f".{n}"]
-    muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, momentum=0.95,
-                            adjust_lr_fn="match_rms_adamw")
+    ns_dtype = torch.bfloat16 if native_bf16(device_type) else torch.float32
+    muon = Muon(matrices, ns_dtype=ns_dtype, lr=learning_rate, weight_decay=weight_decay, momentum=0.95,
+                adjust_lr_fn="match_rms_adamw")
     adamw = _adamw([{"params": embeddings, "weight_decay": weight_decay},
                     {"params": no_decay, "weight_decay": 0.0}], learning_rate, betas, device_type)
     return Chain(muon, adamw)
