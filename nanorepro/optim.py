@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from . import hardware
+
 
 def _adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
     # The fused kernel does the whole update in one pass: one launch on CUDA, and on a CPU one sweep
@@ -26,14 +28,11 @@ def _adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], 
 
 
 def native_bf16(device_type: str) -> bool:
-    """Does this device compute bf16 matmuls natively? GPUs from Ampere on; CPUs with AVX512_BF16 or AMX
-    (x86) or the BF16 extension (Arm). Elsewhere bf16 is emulated through float32, and slower than it."""
+    """Does this device compute bf16 matmuls natively? GPUs from Ampere on; CPUs where oneDNN has bf16
+    kernels (AVX512-BF16, AMX). Elsewhere bf16 is emulated, and slower than float32."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
-    if device_type != "cpu":
-        return False
-    caps = torch.cpu.get_capabilities()
-    return any(bool(caps.get(k)) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+    return device_type == "cpu" and hardware.cpu_has_native_bf16()
 
 
 def orthogonalise(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
