@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import UserError
-from .remote import KNOWN_HOSTS, NODE_FILE, check_key_file
+from .files import write_text_atomic
+from .fmt import duration
+from .remote import KNOWN_HOSTS, NODE_FILE, SSHRunner, check_key_file, read_node_record
 
 # The A100 node types on Chameleon's bare-metal sites, in the order "auto" tries them.
 A100_NODE_TYPES: dict[str, tuple[str, str]] = {
@@ -51,6 +53,7 @@ A100_NODE_TYPES: dict[str, tuple[str, str]] = {
 }
 DEFAULT_IMAGE = "CC-Ubuntu22.04-CUDA"
 MAX_LEASE_HOURS = 7 * 24  # Chameleon caps leases at 7 days
+DEFAULT_LEASE_HOURS = 4  # the reproduction on an A100, boot and install included, with time to spare
 # Chameleon charges a lease in service units (SU): node-hours times the node type's rate.
 SU_PER_NODE_HOUR = 1.0
 SU_RATE_SOURCE = ("assumed: 1 SU = one bare-metal node for one hour, Chameleon's definition of an SU "
@@ -64,17 +67,13 @@ def _poll_s(poll_s: float | None) -> float:
     return poll_s if poll_s is not None else float(os.environ.get("NANOREPRO_CHI_POLL_S", "10"))
 
 
-def _fmt_s(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
-
-
 @contextlib.contextmanager
 def _step(title: str) -> Iterator[None]:
     """Say what is being done and how long it took."""
     print(f"-> {title} ...", flush=True)
     started = time.monotonic()
     yield
-    print(f"   done in {_fmt_s(time.monotonic() - started)}", flush=True)
+    print(f"   done in {duration(time.monotonic() - started)}", flush=True)
 
 
 def _utcnow() -> dt.datetime:
@@ -100,19 +99,12 @@ def su_cost(lease_hours: float, nodes: int = 1, rate: float = SU_PER_NODE_HOUR) 
     return nodes * lease_hours * rate
 
 
-def load_record(state_dir: Path) -> dict[str, Any]:
-    path = Path(state_dir) / NODE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def save_record(state_dir: Path, record: dict[str, Any]) -> None:
     """Write the node record atomically: it is what release() trusts after a crash."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     record["updated"] = _utcnow().isoformat(timespec="seconds")
-    tmp = state_dir / (NODE_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(state_dir / NODE_FILE)
+    write_text_atomic(state_dir / NODE_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def release_command(state_dir: Path) -> str:
@@ -266,7 +258,7 @@ def choose_node_type(chi: Any, site: str, node_type: str, hours: float) -> str:
 
 # -- reserve ------------------------------------------------------------------------------------
 def reserve(target: str = "chameleon", *, site: str | None = None, node_type: str = "auto",
-            lease_hours: float = 8, image: str = DEFAULT_IMAGE, lease_name: str | None = None,
+            lease_hours: float = DEFAULT_LEASE_HOURS, image: str = DEFAULT_IMAGE, lease_name: str | None = None,
             server_name: str | None = None, state_dir: str | Path = "results/local", project: str | None = None,
             key_name: str | None = None, private_key: str | None = None, public_key: str | None = None,
             network: str = "sharednet1", keep_on_failure: bool = False, poll_s: float | None = None,
@@ -291,7 +283,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
     lease_name = lease_name or f"nanorepro-{user}"
     server_name = server_name or f"{lease_name}-node"
     poll = _poll_s(poll_s)
-    old = load_record(state_dir)
+    old = read_node_record(state_dir)
     if old and old.get("status") != "released" and old.get("lease_name") not in (None, lease_name):
         raise UserError(f"{state_dir} already holds the node of lease {old.get('lease_name')}",
                         f"release it first (`{release_command(state_dir)}`) or use another results_dir")
@@ -380,7 +372,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
 
     record["status"] = "ready"
     save_record(state_dir, record)
-    print(f"node ready in {_fmt_s(time.monotonic() - started)}: ssh {record['user']}@{record['host']}"
+    print(f"node ready in {duration(time.monotonic() - started)}: ssh {record['user']}@{record['host']}"
           f"{' -p ' + str(record['port']) if record['port'] != 22 else ''} -i {record['key_path']}\n"
           f"{record['node_type']} ({record['gpus']}) at {site}, lease {lease_name} until "
           f"{_when(dt.datetime.fromisoformat(record['lease_end']))}. When done: 05_release_node "
@@ -519,7 +511,7 @@ def wait_lease(chi: Any, lease_id: str, timeout_s: float, poll: float) -> dict[s
                             "the site could not start it (often a node failed its checks): reserve again, "
                             "or try another node_type or site")
         if time.monotonic() > deadline:
-            raise UserError(f"lease {lease['name']} is still {status} after {_fmt_s(timeout_s)}",
+            raise UserError(f"lease {lease['name']} is still {status} after {duration(timeout_s)}",
                             "the site is slow to start leases: run this notebook again later (it reuses the lease)")
         time.sleep(poll)
 
@@ -570,7 +562,7 @@ def wait_server(chi: Any, server_id: str, name: str, timeout_s: float, poll: flo
                             "bare-metal builds sometimes fail on a bad node: reserve again (a new lease may get "
                             "another node)")
         if time.monotonic() > deadline:
-            raise UserError(f"server {name} is still {server.status} after {_fmt_s(timeout_s)}",
+            raise UserError(f"server {name} is still {server.status} after {duration(timeout_s)}",
                             "run this notebook again to keep waiting (it reuses the lease and server)")
         time.sleep(poll)
 
@@ -616,7 +608,7 @@ def wait_for_ssh(host: str, port: int, timeout_s: float, poll: float) -> None:
         except OSError as e:
             last = f"{type(e).__name__}: {e}"
         if time.monotonic() > deadline:
-            raise UserError(f"the node at {host} does not answer SSH on port {port} after {_fmt_s(timeout_s)} "
+            raise UserError(f"the node at {host} does not answer SSH on port {port} after {duration(timeout_s)} "
                             f"({last})", "it may still be booting: run this notebook again to keep waiting "
                             "(it reuses the lease and server); check sharednet1's security group allows SSH")
         time.sleep(poll)
@@ -642,7 +634,7 @@ def release(target: str = "chameleon", *, state_dir: str | Path = "results/local
     if target != "chameleon":
         raise UserError(f"unknown target {target!r}", "use target='local' or target='chameleon'")
     state_dir = Path(state_dir)
-    record = load_record(state_dir)
+    record = read_node_record(state_dir)
     if record.get("status") == "released" and not lease_name:
         print(f"the node recorded in {state_dir} was already released ({record.get('updated')}); nothing to do")
         return record
@@ -663,12 +655,12 @@ def release(target: str = "chameleon", *, state_dir: str | Path = "results/local
                         f"retry `{release_command(state_dir)}`; if it keeps failing delete the lease in the "
                         f"Chameleon GUI ({record['site']}: Reservations > Leases)") from e
     if left:
-        raise UserError(f"still left at {record['site']} after {_fmt_s(timeout_s)}: {', '.join(left)}",
+        raise UserError(f"still left at {record['site']} after {duration(timeout_s)}: {', '.join(left)}",
                         f"retry `{release_command(state_dir)}` in a few minutes, or delete them in the Chameleon GUI")
     record["status"] = "released"
     if state_dir.is_dir():
         save_record(state_dir, record)
-    print(f"released in {_fmt_s(time.monotonic() - started)}: no server, floating IP or lease of "
+    print(f"released in {duration(time.monotonic() - started)}: no server, floating IP or lease of "
           f"{record.get('lease_name')} is left at {record['site']}", flush=True)
     return record
 
@@ -732,8 +724,6 @@ def setup_node(target: str = "chameleon", state_dir: str | Path = "results/local
     if target == "local":
         print("target is 'local': nothing to install, stages use this environment")
         return None
-    from .remote import SSHRunner
-
     runner = SSHRunner.from_state(Path(state_dir), workdir=Path(state_dir))
     try:
         with _step(f"installing nanorepro on {runner.host} (a venv with the CUDA build of torch: about 5 min)"):
@@ -747,4 +737,4 @@ def setup_node(target: str = "chameleon", state_dir: str | Path = "results/local
 
 def status(state_dir: str | Path = "results/local") -> dict[str, Any]:
     """The node record (site, lease and its end, address), without contacting Chameleon."""
-    return load_record(Path(state_dir))
+    return read_node_record(Path(state_dir))

@@ -47,7 +47,7 @@ def test_overrides_are_typed_in_every_spelling():
     (["--batch_size=ten"], "batch_size='ten' is not a valid int"),
     (["--dropout=1.5"], "dropout must be in [0, 1)"),
     (["--n_embd=33"], "not divisible by n_head"),
-    (["--device=tpu"], "unknown device 'tpu'"),
+    (["--device=tpu"], "unknown device='tpu'"),
     (["--dtype=int8"], "unknown dtype"),
     (["--init_from=gpt5"], "init_from='gpt5'"),
     (["--min_lr=1"], "min_lr=1.0 is above learning_rate"),

@@ -105,7 +105,7 @@ def test_offline_finetune_is_recorded_not_run_and_the_rest_completes(tmp_path, s
     assert r.returncode == 0, r.stderr[-2000:]
     assert "not run" in outputs_text(tmp_path / "notebooks" / "03_finetune_gpt2.ipynb")
     stage = [s for s in metrics.read(tmp_path / "stages.jsonl") if s["name"] == "train finetune"][0]
-    assert stage["status"] == "not_run" and "not available offline" in stage["reason"]
+    assert stage["status"] == "not run" and "not available offline" in stage["reason"]
     report = json.loads((tmp_path / "report.json").read_text())
     assert {c["id"]: c["verdict"] for c in report["claims"]}["char-vocab-size"] == "reproduced"
 
