@@ -38,7 +38,7 @@ import shlex
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 from .errors import UserError
 from .files import write_text_atomic
@@ -288,7 +288,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
         raise UserError(f"{state_dir} already holds the node of lease {old.get('lease_name')}",
                         f"release it first (`{release_command(state_dir)}`) or use another results_dir")
     started = time.monotonic()
-    failed: BaseException | None = None
+    failed: Exception | None = None
 
     with _step(f"connecting to {site or os.environ.get('OS_REGION_NAME')}"):
         chi = connect(site, project)
@@ -322,21 +322,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
         record.update(key_name=key["name"], key_path=key["private"])
 
     if lease is None:
-        with _step(f"choosing an A100 node type at {site}"):
-            node_type = choose_node_type(chi, site, node_type, lease_hours)
-        print(f"This lease will cost {su_cost(lease_hours):g} SU: 1 node x {lease_hours:g} h x "
-              f"{SU_PER_NODE_HOUR:g} SU per node-hour ({SU_RATE_SOURCE}). Releasing early "
-              "(05_release_node) stops the charge for the hours left.", flush=True)
-        save_record(state_dir, record)  # the name is on record before Blazar hears it: release() finds it
-        with _step(f"creating lease {lease_name} for one {node_type} node, {lease_hours:g} h"):
-            try:
-                lease = create_lease(chi, lease_name, node_type, lease_hours)
-            except Exception as e:  # the reply may be lost after Blazar made it
-                lease, failed = _lease_made_anyway(chi, lease_name, e, state_dir), e
-            except KeyboardInterrupt:
-                print(f"\ninterrupted while creating lease {lease_name}: it may exist and cost SUs; release it with "
-                      f"`{release_command(state_dir)}`", flush=True)
-                raise
+        lease, node_type, failed = _new_lease(chi, record, state_dir, node_type, lease_hours)
     record.update(lease_id=lease["id"], lease_start=_parse_blazar(lease["start_date"]).isoformat(),
                   lease_end=_parse_blazar(lease["end_date"]).isoformat(),
                   node_type=_lease_node_type(lease) or (node_type if node_type != "auto" else None))
@@ -352,23 +338,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
         print("\ninterrupted: " + still_running(record, state_dir), flush=True)
         raise
     except Exception as e:
-        problem = e.problem if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        fix = e.fix if isinstance(e, UserError) else "read the message above"
-        if keep_on_failure:
-            raise UserError(f"{problem}. The {still_running(record, state_dir)}", fix) from e
-        print(f"{problem}\nreleasing what this reservation made, so it does not keep costing SUs", flush=True)
-        try:
-            left = _release(chi, record, poll=poll, timeout_s=10 * 60)
-        except Exception as e2:
-            raise UserError(f"{problem}; releasing failed too ({type(e2).__name__}: {e2}). The "
-                            f"{still_running(record, state_dir)}", fix) from e
-        if left:
-            raise UserError(f"{problem}; after releasing, still left at {site}: {', '.join(left)}. The "
-                            f"{still_running(record, state_dir)}", fix) from e
-        record["status"] = "released"
-        save_record(state_dir, record)
-        raise UserError(f"{problem}. The lease, server and floating IP were released: nothing is left running",
-                        f"{fix}; then run this notebook again") from e
+        _release_after_failure(chi, record, state_dir, e, poll=poll, keep=keep_on_failure)
 
     record["status"] = "ready"
     save_record(state_dir, record)
@@ -378,6 +348,51 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
           f"{_when(dt.datetime.fromisoformat(record['lease_end']))}. When done: 05_release_node "
           f"or `{release_command(state_dir)}`", flush=True)
     return record
+
+
+def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str,
+               hours: float) -> tuple[dict[str, Any], str, Exception | None]:
+    """Choose the node type, say what the lease costs, and create it: (lease, node type, the error if
+    creating it failed although Blazar made it all the same)."""
+    site, name = record["site"], record["lease_name"]
+    with _step(f"choosing an A100 node type at {site}"):
+        node_type = choose_node_type(chi, site, node_type, hours)
+    print(f"This lease will cost {su_cost(hours):g} SU: 1 node x {hours:g} h x "
+          f"{SU_PER_NODE_HOUR:g} SU per node-hour ({SU_RATE_SOURCE}). Releasing early "
+          "(05_release_node) stops the charge for the hours left.", flush=True)
+    save_record(state_dir, record)  # the name is on record before Blazar hears it: release() finds it
+    with _step(f"creating lease {name} for one {node_type} node, {hours:g} h"):
+        try:
+            return create_lease(chi, name, node_type, hours), node_type, None
+        except Exception as e:  # the reply may be lost after Blazar made it
+            return _lease_made_anyway(chi, name, e, state_dir), node_type, e
+        except KeyboardInterrupt:
+            print(f"\ninterrupted while creating lease {name}: it may exist and cost SUs; release it with "
+                  f"`{release_command(state_dir)}`", flush=True)
+            raise
+
+
+def _release_after_failure(chi: Any, record: dict[str, Any], state_dir: Path, error: Exception, *, poll: float,
+                           keep: bool) -> NoReturn:
+    """After a failure once the lease exists: release everything (or keep it, saying so), then raise
+    the failure with what is left running, if anything."""
+    problem = error.problem if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+    fix = error.fix if isinstance(error, UserError) else "read the message above"
+    if keep:
+        raise UserError(f"{problem}. The {still_running(record, state_dir)}", fix) from error
+    print(f"{problem}\nreleasing what this reservation made, so it does not keep costing SUs", flush=True)
+    try:
+        left = _release(chi, record, poll=poll, timeout_s=10 * 60)
+    except Exception as e2:
+        raise UserError(f"{problem}; releasing failed too ({type(e2).__name__}: {e2}). The "
+                        f"{still_running(record, state_dir)}", fix) from error
+    if left:
+        raise UserError(f"{problem}; after releasing, still left at {record['site']}: {', '.join(left)}. The "
+                        f"{still_running(record, state_dir)}", fix) from error
+    record["status"] = "released"
+    save_record(state_dir, record)
+    raise UserError(f"{problem}. The lease, server and floating IP were released: nothing is left running",
+                    f"{fix}; then run this notebook again") from error
 
 
 def _lease_made_anyway(chi: Any, name: str, error: BaseException, state_dir: Path) -> dict[str, Any]:

@@ -160,6 +160,73 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"nanorepro: error: {message} (fix: see `{self.prog} --help`)\n")
 
 
+def _add_node_commands(sub: argparse._SubParsersAction) -> None:
+    """reserve and release: the Chameleon node."""
+    s = sub.add_parser("reserve", allow_abbrev=False, help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
+    s.add_argument("--results-dir", default="results/chameleon", help="where the node record goes")
+    s.add_argument("--site", default=None, help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
+    s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
+    s.add_argument("--hours", type=float, default=chameleon.DEFAULT_LEASE_HOURS,
+                   help="lease length; it costs SUs until released")
+    s.add_argument("--image", default="CC-Ubuntu22.04-CUDA")
+    s.add_argument("--lease-name", default=None, help="default nanorepro-<user>; a live lease of this name is reused")
+    s.add_argument("--server-name", default=None, help="default <lease-name>-node")
+    s.add_argument("--project", default=None, help="default $OS_PROJECT_NAME")
+    s.add_argument("--keep-on-failure", action="store_true", help="keep the lease when a later step fails")
+    s.add_argument("--no-setup", action="store_true", help="do not install nanorepro on the node")
+    s.set_defaults(func=_reserve)
+
+    s = sub.add_parser("release", allow_abbrev=False, help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
+    s.add_argument("--results-dir", default="results/chameleon", help="the folder holding the node record")
+    s.add_argument("--site", default=None, help="default: the recorded site")
+    s.add_argument("--lease-name", default=None, help="release this lease (and its server) even without a record")
+    s.add_argument("--server-name", default=None)
+    s.add_argument("--project", default=None)
+    s.set_defaults(func=_release)
+
+
+def _add_scaling_commands(sub: argparse._SubParsersAction) -> None:
+    """compare-gpt2, estimate and bench: scaling out (GPT-2 sizes, memory, speed)."""
+    s = sub.add_parser("compare-gpt2", allow_abbrev=False,
+                       help="fine-tune several GPT-2 sizes with one recipe: a table and overlaid loss curves")
+    s.add_argument("--models", nargs="+", default=list(PRETRAINED),
+                   help="GPT-2 names or local Hugging Face folders (default: all four sizes)")
+    s.add_argument("--preset", default="finetune-shakespeare", help="the recipe every model gets")
+    s.add_argument("--results-dir", default="results/compare")
+    s.add_argument("--target", default="local", help="local or chameleon (a node reserved into --results-dir)")
+    s.add_argument("--max-iters", type=int, default=None)
+    s.add_argument("--device", default=None, help="override the preset's device (e.g. cpu)")
+    s.add_argument("--input", default=None, help="a local Tiny Shakespeare instead of the download")
+    s.set_defaults(func=_compare_gpt2)
+
+    s = sub.add_parser("estimate", allow_abbrev=False,
+                       help="memory and time a run needs (no torch): --preset P [--field=value ...]",
+                       epilog="Override any config field with --field=value, as for train.")
+    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--gpus", type=int, default=1, help="GPUs (processes) when parallel is ddp or fsdp")
+    s.add_argument("--gpu", default=None, help="GPU name for the time estimate, e.g. A100")
+    s.add_argument("--gpu-memory-gib", type=float, default=None, help="refuse (exit 4) when it does not fit this")
+    s.set_defaults(func=_estimate)
+
+    s = sub.add_parser("bench", allow_abbrev=False, help="ms/iter, tokens/s, MFU, memory, time to a target loss; "
+                       "optionally side by side with an upstream nanoGPT checkout",
+                       epilog="Override any config field with --field=value (applied to both sides).")
+    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the preset's)")
+    s.add_argument("--iters", type=int, default=50, help="timed iterations per run (without --target-loss)")
+    s.add_argument("--warmup", type=int, default=10, help="iterations left out of the timing at the start")
+    s.add_argument("--target-loss", type=float, default=None,
+                   help="train the config as given until an evaluation reaches this val loss; report the wall time")
+    s.add_argument("--out", default=None, help="the JSON record (default results/bench/<preset>-<time>.json)")
+    s.add_argument("--nanogpt", default=None, metavar="PATH",
+                   help="a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): run it alternately")
+    s.add_argument("--nanogpt-preset", default=None, help="nanoGPT runs this preset instead (e.g. shakespeare-char-cpu)")
+    s.add_argument("--pairs", type=int, default=1, help="alternating (nanorepro, nanoGPT) pairs, or runs without --nanogpt")
+    s.add_argument("--input", default=None, help="the input.txt the dataset was prepared from (for nanoGPT's prepare.py)")
+    s.add_argument("--keep", action="store_true", help="keep the temp folder with the runs and logs")
+    s.set_defaults(func=_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nanorepro", allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nanorepro {__version__}")
@@ -225,67 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--with-checkpoints", action="store_true", help="also pack each run's ckpt.pt (large)")
     s.set_defaults(func=_bundle)
 
-    s = sub.add_parser("reserve", allow_abbrev=False, help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
-    s.add_argument("--results-dir", default="results/chameleon", help="where the node record goes")
-    s.add_argument("--site", default=None, help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
-    s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
-    s.add_argument("--hours", type=float, default=chameleon.DEFAULT_LEASE_HOURS,
-                   help="lease length; it costs SUs until released")
-    s.add_argument("--image", default="CC-Ubuntu22.04-CUDA")
-    s.add_argument("--lease-name", default=None, help="default nanorepro-<user>; a live lease of this name is reused")
-    s.add_argument("--server-name", default=None, help="default <lease-name>-node")
-    s.add_argument("--project", default=None, help="default $OS_PROJECT_NAME")
-    s.add_argument("--keep-on-failure", action="store_true", help="keep the lease when a later step fails")
-    s.add_argument("--no-setup", action="store_true", help="do not install nanorepro on the node")
-    s.set_defaults(func=_reserve)
-
-    s = sub.add_parser("release", allow_abbrev=False, help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
-    s.add_argument("--results-dir", default="results/chameleon", help="the folder holding the node record")
-    s.add_argument("--site", default=None, help="default: the recorded site")
-    s.add_argument("--lease-name", default=None, help="release this lease (and its server) even without a record")
-    s.add_argument("--server-name", default=None)
-    s.add_argument("--project", default=None)
-    s.set_defaults(func=_release)
-
-    # -- scaling out (torchrun, OpenWebText, GPT-2 sizes) ---------------------------------------
-    s = sub.add_parser("compare-gpt2", allow_abbrev=False,
-                       help="fine-tune several GPT-2 sizes with one recipe: a table and overlaid loss curves")
-    s.add_argument("--models", nargs="+", default=list(PRETRAINED),
-                   help="GPT-2 names or local Hugging Face folders (default: all four sizes)")
-    s.add_argument("--preset", default="finetune-shakespeare", help="the recipe every model gets")
-    s.add_argument("--results-dir", default="results/compare")
-    s.add_argument("--target", default="local", help="local or chameleon (a node reserved into --results-dir)")
-    s.add_argument("--max-iters", type=int, default=None)
-    s.add_argument("--device", default=None, help="override the preset's device (e.g. cpu)")
-    s.add_argument("--input", default=None, help="a local Tiny Shakespeare instead of the download")
-    s.set_defaults(func=_compare_gpt2)
-
-    s = sub.add_parser("estimate", allow_abbrev=False,
-                       help="memory and time a run needs (no torch): --preset P [--field=value ...]",
-                       epilog="Override any config field with --field=value, as for train.")
-    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
-    s.add_argument("--gpus", type=int, default=1, help="GPUs (processes) when parallel is ddp or fsdp")
-    s.add_argument("--gpu", default=None, help="GPU name for the time estimate, e.g. A100")
-    s.add_argument("--gpu-memory-gib", type=float, default=None, help="refuse (exit 4) when it does not fit this")
-    s.set_defaults(func=_estimate)
-
-    s = sub.add_parser("bench", allow_abbrev=False, help="ms/iter, tokens/s, MFU, memory, time to a target loss; "
-                       "optionally side by side with an upstream nanoGPT checkout",
-                       epilog="Override any config field with --field=value (applied to both sides).")
-    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
-    s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the preset's)")
-    s.add_argument("--iters", type=int, default=50, help="timed iterations per run (without --target-loss)")
-    s.add_argument("--warmup", type=int, default=10, help="iterations left out of the timing at the start")
-    s.add_argument("--target-loss", type=float, default=None,
-                   help="train the config as given until an evaluation reaches this val loss; report the wall time")
-    s.add_argument("--out", default=None, help="the JSON record (default results/bench/<preset>-<time>.json)")
-    s.add_argument("--nanogpt", default=None, metavar="PATH",
-                   help="a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): run it alternately")
-    s.add_argument("--nanogpt-preset", default=None, help="nanoGPT runs this preset instead (e.g. shakespeare-char-cpu)")
-    s.add_argument("--pairs", type=int, default=1, help="alternating (nanorepro, nanoGPT) pairs, or runs without --nanogpt")
-    s.add_argument("--input", default=None, help="the input.txt the dataset was prepared from (for nanoGPT's prepare.py)")
-    s.add_argument("--keep", action="store_true", help="keep the temp folder with the runs and logs")
-    s.set_defaults(func=_bench)
+    _add_node_commands(sub)
+    _add_scaling_commands(sub)
     return p
 
 
