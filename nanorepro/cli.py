@@ -167,7 +167,7 @@ def _add_node_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--site", default=None, help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
     s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
     s.add_argument("--hours", type=float, default=chameleon.DEFAULT_LEASE_HOURS,
-                   help="lease length; it costs SUs until released")
+                   help="lease length (default %(default)s); it costs SUs until released")
     s.add_argument("--image", default="CC-Ubuntu22.04-CUDA")
     s.add_argument("--lease-name", default=None, help="default nanorepro-<user>; a live lease of this name is reused")
     s.add_argument("--server-name", default=None, help="default <lease-name>-node")

@@ -168,7 +168,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tuned on a 2-core CPU (benchmarks/tuning-log.md), additions to nanoGPT's recipes. Both use Muon
     # (optim.py), bf16 where the CPU has it and it is faster (dtype=fast), and evaluate on 100 batches.
     # quick: nanoGPT's CPU target, val <= 1.88, in under a third of its time: two wide layers, 600 steps
-    # (val 1.83 in ~19 s here; nanoGPT's recipe: 1.886 in ~75 s).
+    # (measured figures: README "Benchmarks").
     "shakespeare-char-cpu-quick": dict(
         out_dir="runs/shakespeare-char-cpu-quick", dataset="shakespeare_char",
         eval_interval=600, eval_iters=100, log_interval=10, always_save_checkpoint=False,
@@ -178,8 +178,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         beta2=0.99, warmup_iters=20, device="cpu", dtype="fast", compile=False,
     ),
     # tuned: below the published tuned CPU result (1.54) and the 1.50 target within 15 minutes: the
-    # baby GPT's context (256) at a third of its parameters, 2500 steps, no dropout (it costs ~50% more
-    # per step here and slows learning; the cosine schedule ends as overfitting starts).
+    # baby GPT's context (256) at a third of its parameters, 2500 steps, no dropout (it costs more per
+    # step on a CPU and slows learning; the cosine schedule ends as overfitting starts).
     "shakespeare-char-cpu-tuned": dict(
         out_dir="runs/shakespeare-char-cpu-tuned", dataset="shakespeare_char",
         eval_interval=500, eval_iters=100, log_interval=50, always_save_checkpoint=False,

@@ -8,7 +8,8 @@ the same stage again while it is still going attaches to it instead of starting 
 Layout on the node: the code in `remote_dir` (default `~/nanorepro`), its venv in `<remote_dir>/.venv`,
 and a local work folder inside the checkout (e.g. `results/chameleon`) mirrored at the same relative
 path under `remote_dir`. The SSH private key is read from its path; it is never copied anywhere.
-No torch here, and paramiko is imported only when a connection is made.
+`Connection` is the SSH side (connect, host-key pinning, reconnect and retry, exec, SFTP); `SSHRunner`
+uses it for the stages (setup, jobs, files). No torch here; paramiko is imported only to connect.
 """
 
 from __future__ import annotations
