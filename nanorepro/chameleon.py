@@ -54,6 +54,7 @@ A100_NODE_TYPES: dict[str, tuple[str, str]] = {
 DEFAULT_IMAGE = "CC-Ubuntu22.04-CUDA"
 MAX_LEASE_HOURS = 7 * 24  # Chameleon caps leases at 7 days
 DEFAULT_LEASE_HOURS = 4  # the reproduction on an A100, boot and install included, with time to spare
+STATE_DIR = "results/chameleon"  # where the node record goes unless a results folder is given
 # Chameleon charges a lease in service units (SU): node-hours times the node type's rate.
 SU_PER_NODE_HOUR = 1.0
 SU_RATE_SOURCE = ("assumed: 1 SU = one bare-metal node for one hour, Chameleon's definition of an SU "
@@ -259,7 +260,7 @@ def choose_node_type(chi: Any, site: str, node_type: str, hours: float) -> str:
 # -- reserve ------------------------------------------------------------------------------------
 def reserve(target: str = "chameleon", *, site: str | None = None, node_type: str = "auto",
             lease_hours: float = DEFAULT_LEASE_HOURS, image: str = DEFAULT_IMAGE, lease_name: str | None = None,
-            server_name: str | None = None, state_dir: str | Path = "results/local", project: str | None = None,
+            server_name: str | None = None, state_dir: str | Path = STATE_DIR, project: str | None = None,
             key_name: str | None = None, private_key: str | None = None, public_key: str | None = None,
             network: str = "sharednet1", keep_on_failure: bool = False, poll_s: float | None = None,
             lease_timeout_s: float = 15 * 60, server_timeout_s: float = 40 * 60,
@@ -639,7 +640,7 @@ def _wait_gone(exists: Any, what: str, timeout_s: float, poll: float) -> bool:
 
 
 # -- release ------------------------------------------------------------------------------------
-def release(target: str = "chameleon", *, state_dir: str | Path = "results/local", site: str | None = None,
+def release(target: str = "chameleon", *, state_dir: str | Path = STATE_DIR, site: str | None = None,
             lease_name: str | None = None, server_name: str | None = None, project: str | None = None,
             poll_s: float | None = None, timeout_s: float = 10 * 60) -> dict[str, Any] | None:
     """Delete the server, floating IP and lease recorded in `state_dir` (or named), and check none is left."""
@@ -733,7 +734,7 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
     return left
 
 
-def setup_node(target: str = "chameleon", state_dir: str | Path = "results/local",
+def setup_node(target: str = "chameleon", state_dir: str | Path = STATE_DIR,
                install_cmd: str | None = None) -> Path | None:
     """Install nanorepro on the reserved node and record its GPUs and software into `<state_dir>/node/`."""
     if target == "local":
@@ -750,6 +751,6 @@ def setup_node(target: str = "chameleon", state_dir: str | Path = "results/local
         runner.close()
 
 
-def status(state_dir: str | Path = "results/local") -> dict[str, Any]:
+def status(state_dir: str | Path = STATE_DIR) -> dict[str, Any]:
     """The node record (site, lease and its end, address), without contacting Chameleon."""
     return read_node_record(Path(state_dir))

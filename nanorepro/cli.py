@@ -163,7 +163,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_node_commands(sub: argparse._SubParsersAction) -> None:
     """reserve and release: the Chameleon node."""
     s = sub.add_parser("reserve", allow_abbrev=False, help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
-    s.add_argument("--results-dir", default="results/chameleon", help="where the node record goes")
+    s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="where the node record goes")
     s.add_argument("--site", default=None, help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
     s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
     s.add_argument("--hours", type=float, default=chameleon.DEFAULT_LEASE_HOURS,
@@ -177,7 +177,7 @@ def _add_node_commands(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_reserve)
 
     s = sub.add_parser("release", allow_abbrev=False, help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
-    s.add_argument("--results-dir", default="results/chameleon", help="the folder holding the node record")
+    s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="the folder holding the node record")
     s.add_argument("--site", default=None, help="default: the recorded site")
     s.add_argument("--lease-name", default=None, help="release this lease (and its server) even without a record")
     s.add_argument("--server-name", default=None)
@@ -191,7 +191,7 @@ def _add_scaling_commands(sub: argparse._SubParsersAction) -> None:
                        help="fine-tune several GPT-2 sizes with one recipe: a table and overlaid loss curves")
     s.add_argument("--models", nargs="+", default=list(PRETRAINED),
                    help="GPT-2 names or local Hugging Face folders (default: all four sizes)")
-    s.add_argument("--preset", default="finetune-shakespeare", help="the recipe every model gets")
+    s.add_argument("--preset", default=compare.DEFAULT_PRESET, help="the recipe every model gets")
     s.add_argument("--results-dir", default="results/compare")
     s.add_argument("--target", default="local", help="local or chameleon (a node reserved into --results-dir)")
     s.add_argument("--max-iters", type=int, default=None)

@@ -118,7 +118,8 @@ class Config:
     always_save_checkpoint: bool = _field(True, "False: save only when the val loss improves (nanoGPT)")
     # system
     device: str = _field("auto", "where to train; auto: a GPU if there is one", DEVICES)
-    dtype: str = _field("auto", "auto: bf16 (or fp16) on a GPU, float32 elsewhere; fast: also bf16 on a CPU where faster", DTYPES)
+    dtype: str = _field("auto", "auto: bf16 (or fp16) on a GPU, float32 elsewhere; fast: also bf16 on a CPU "
+                        "where it is faster", DTYPES)
     compile: bool = _field(False, "torch.compile the model")
     seed: int = _field(1337, "seeds the initialisation, the batches and dropout")
     parallel: str = _field("none", "several processes under torchrun, gradient_accumulation_steps split over them",
@@ -333,7 +334,8 @@ def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None) 
 def describe_fields() -> str:
     """`nanorepro train --help-fields`: each field's type, default, allowed values or range, and meaning."""
     types_ = _field_types()
-    rules = {**dict.fromkeys(POSITIVE, "> 0"), **dict.fromkeys(NON_NEGATIVE, ">= 0"), **dict.fromkeys(BELOW_ONE, "in [0, 1)")}
+    rules = {**dict.fromkeys(POSITIVE, "> 0"), **dict.fromkeys(NON_NEGATIVE, ">= 0"),
+             **dict.fromkeys(BELOW_ONE, "in [0, 1)")}
     lines = []
     for f in dataclasses.fields(Config):
         tp = types_[f.name]

@@ -7,6 +7,7 @@ stops the sequence with the notebook and cell named; the partly executed copy is
 
 from __future__ import annotations
 
+import ast
 import sys
 import time
 from pathlib import Path
@@ -66,8 +67,6 @@ def parse_params(pairs: list[list[str]] | None, params_file: str | None) -> dict
 
 def _like(default: str | None) -> tuple[Any, str]:
     """(accepts, what it must be) from a parameter's default in its notebook: a value of the same type."""
-    import ast
-
     try:
         value = ast.literal_eval(default) if default else None
     except (ValueError, SyntaxError):

@@ -123,7 +123,7 @@ class Pipeline:
 
     def summary(self, run: str) -> dict[str, Any]:
         """Best and final losses, iterations and wall time of `runs/<run>`, from its metrics file."""
-        for name in ("metrics.jsonl", "config.json", "env.json"):
+        for name in (metrics.METRICS_FILE, "config.json", "env.json"):
             self.runner.fetch(f"runs/{run}/{name}", self.results)
         records = metrics.read(self.results / "runs" / run / metrics.METRICS_FILE)
         evals = metrics.of_kind(records, "eval")

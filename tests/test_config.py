@@ -94,7 +94,8 @@ def test_help_fields_shows_allowed_values_and_meaning_from_the_source_validate_c
                        cwd=tmp_path, check=True)
     lines = {line.split(":")[0].strip(): line for line in r.stdout.splitlines()}
     assert set(lines) == {f.name for f in dataclasses.fields(config.Config)}  # every field, one line each
-    assert lines["parallel"].startswith("  parallel: none | ddp | fsdp, default 'none'. ") and "torchrun" in lines["parallel"]
+    assert lines["parallel"].startswith("  parallel: none | ddp | fsdp, default 'none'. ")
+    assert "torchrun" in lines["parallel"]
     assert "block_size: int > 0, default 1024. context length" in lines["block_size"]
     for f in dataclasses.fields(config.Config):
         for value in f.metadata["allowed"] or ():
