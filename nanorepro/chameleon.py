@@ -749,8 +749,3 @@ def setup_node(target: str = "chameleon", state_dir: str | Path = STATE_DIR,
             return runner.fetch("node", Path(state_dir))
     finally:
         runner.close()
-
-
-def status(state_dir: str | Path = STATE_DIR) -> dict[str, Any]:
-    """The node record (site, lease and its end, address), without contacting Chameleon."""
-    return read_node_record(Path(state_dir))

@@ -157,3 +157,6 @@ def test_a_bad_override_fails_in_the_notebook_before_a_job_starts(tmp_path):
     assert e.value.ename == "UserError" and "\n" not in e.value.evalue
     assert "block_size must be > 0, got 0 (fix: set block_size to a positive value)" in e.value.evalue
     assert not (tmp_path / "runs").exists()  # no config written, no job started
+    errors = [o for c in json.loads((tmp_path / "02.ipynb").read_text())["cells"] for o in c.get("outputs", [])
+              if o["output_type"] == "error"]
+    assert [o["traceback"] for o in errors] == [[f"UserError: {e.value.evalue}"]]  # one line, as on the CLI
