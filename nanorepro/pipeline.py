@@ -3,7 +3,8 @@
 Each stage is a `nanorepro` command run by the chosen runner in the results folder, so
 `results/<id>/` ends up holding everything: `data/`, `runs/char/`, `runs/finetune/`, `stages.jsonl`,
 plots, the report and the executed notebooks. Stages are idempotent: a re-run skips finished work
-and resumes interrupted training. No torch here: this is what the hub kernel imports.
+and resumes interrupted training. A training config is resolved and checked here, once, before any
+job starts; the job reads it from the run's `config.json`. No torch here: the hub kernel imports this.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Pipeline:
     # -- bookkeeping -------------------------------------------------------------------------
     def _record(self, name: str, status: str, started: float, **values: Any) -> None:
         metrics.append(self.results / metrics.STAGES_FILE, {"kind": "stage", "name": name, "status": status,
-                                                    "elapsed_s": round(time.time() - started, 2), **values})
+                                                            "elapsed_s": round(time.time() - started, 2), **values})
 
     def stages(self) -> list[dict[str, Any]]:
         path = self.results / metrics.STAGES_FILE
