@@ -38,10 +38,12 @@ import shlex
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 from .errors import UserError
-from .remote import KNOWN_HOSTS, NODE_FILE, check_key_file
+from .files import write_text_atomic
+from .fmt import duration
+from .remote import KNOWN_HOSTS, NODE_FILE, SSHRunner, check_key_file, read_node_record
 
 # The A100 node types on Chameleon's bare-metal sites, in the order "auto" tries them.
 A100_NODE_TYPES: dict[str, tuple[str, str]] = {
@@ -51,6 +53,8 @@ A100_NODE_TYPES: dict[str, tuple[str, str]] = {
 }
 DEFAULT_IMAGE = "CC-Ubuntu22.04-CUDA"
 MAX_LEASE_HOURS = 7 * 24  # Chameleon caps leases at 7 days
+DEFAULT_LEASE_HOURS = 4  # the reproduction on an A100, boot and install included, with time to spare
+STATE_DIR = "results/chameleon"  # where the node record goes unless a results folder is given
 # Chameleon charges a lease in service units (SU): node-hours times the node type's rate.
 SU_PER_NODE_HOUR = 1.0
 SU_RATE_SOURCE = ("assumed: 1 SU = one bare-metal node for one hour, Chameleon's definition of an SU "
@@ -64,17 +68,13 @@ def _poll_s(poll_s: float | None) -> float:
     return poll_s if poll_s is not None else float(os.environ.get("NANOREPRO_CHI_POLL_S", "10"))
 
 
-def _fmt_s(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
-
-
 @contextlib.contextmanager
 def _step(title: str) -> Iterator[None]:
     """Say what is being done and how long it took."""
     print(f"-> {title} ...", flush=True)
     started = time.monotonic()
     yield
-    print(f"   done in {_fmt_s(time.monotonic() - started)}", flush=True)
+    print(f"   done in {duration(time.monotonic() - started)}", flush=True)
 
 
 def _utcnow() -> dt.datetime:
@@ -100,19 +100,12 @@ def su_cost(lease_hours: float, nodes: int = 1, rate: float = SU_PER_NODE_HOUR) 
     return nodes * lease_hours * rate
 
 
-def load_record(state_dir: Path) -> dict[str, Any]:
-    path = Path(state_dir) / NODE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def save_record(state_dir: Path, record: dict[str, Any]) -> None:
     """Write the node record atomically: it is what release() trusts after a crash."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     record["updated"] = _utcnow().isoformat(timespec="seconds")
-    tmp = state_dir / (NODE_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(state_dir / NODE_FILE)
+    write_text_atomic(state_dir / NODE_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def release_command(state_dir: Path) -> str:
@@ -266,8 +259,8 @@ def choose_node_type(chi: Any, site: str, node_type: str, hours: float) -> str:
 
 # -- reserve ------------------------------------------------------------------------------------
 def reserve(target: str = "chameleon", *, site: str | None = None, node_type: str = "auto",
-            lease_hours: float = 8, image: str = DEFAULT_IMAGE, lease_name: str | None = None,
-            server_name: str | None = None, state_dir: str | Path = "results/local", project: str | None = None,
+            lease_hours: float = DEFAULT_LEASE_HOURS, image: str = DEFAULT_IMAGE, lease_name: str | None = None,
+            server_name: str | None = None, state_dir: str | Path = STATE_DIR, project: str | None = None,
             key_name: str | None = None, private_key: str | None = None, public_key: str | None = None,
             network: str = "sharednet1", keep_on_failure: bool = False, poll_s: float | None = None,
             lease_timeout_s: float = 15 * 60, server_timeout_s: float = 40 * 60,
@@ -291,12 +284,12 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
     lease_name = lease_name or f"nanorepro-{user}"
     server_name = server_name or f"{lease_name}-node"
     poll = _poll_s(poll_s)
-    old = load_record(state_dir)
+    old = read_node_record(state_dir)
     if old and old.get("status") != "released" and old.get("lease_name") not in (None, lease_name):
         raise UserError(f"{state_dir} already holds the node of lease {old.get('lease_name')}",
                         f"release it first (`{release_command(state_dir)}`) or use another results_dir")
     started = time.monotonic()
-    failed: BaseException | None = None
+    failed: Exception | None = None
 
     with _step(f"connecting to {site or os.environ.get('OS_REGION_NAME')}"):
         chi = connect(site, project)
@@ -330,21 +323,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
         record.update(key_name=key["name"], key_path=key["private"])
 
     if lease is None:
-        with _step(f"choosing an A100 node type at {site}"):
-            node_type = choose_node_type(chi, site, node_type, lease_hours)
-        print(f"This lease will cost {su_cost(lease_hours):g} SU: 1 node x {lease_hours:g} h x "
-              f"{SU_PER_NODE_HOUR:g} SU per node-hour ({SU_RATE_SOURCE}). Releasing early "
-              "(05_release_node) stops the charge for the hours left.", flush=True)
-        save_record(state_dir, record)  # the name is on record before Blazar hears it: release() finds it
-        with _step(f"creating lease {lease_name} for one {node_type} node, {lease_hours:g} h"):
-            try:
-                lease = create_lease(chi, lease_name, node_type, lease_hours)
-            except Exception as e:  # the reply may be lost after Blazar made it
-                lease, failed = _lease_made_anyway(chi, lease_name, e, state_dir), e
-            except KeyboardInterrupt:
-                print(f"\ninterrupted while creating lease {lease_name}: it may exist and cost SUs; release it with "
-                      f"`{release_command(state_dir)}`", flush=True)
-                raise
+        lease, node_type, failed = _new_lease(chi, record, state_dir, node_type, lease_hours)
     record.update(lease_id=lease["id"], lease_start=_parse_blazar(lease["start_date"]).isoformat(),
                   lease_end=_parse_blazar(lease["end_date"]).isoformat(),
                   node_type=_lease_node_type(lease) or (node_type if node_type != "auto" else None))
@@ -360,32 +339,61 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
         print("\ninterrupted: " + still_running(record, state_dir), flush=True)
         raise
     except Exception as e:
-        problem = e.problem if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        fix = e.fix if isinstance(e, UserError) else "read the message above"
-        if keep_on_failure:
-            raise UserError(f"{problem}. The {still_running(record, state_dir)}", fix) from e
-        print(f"{problem}\nreleasing what this reservation made, so it does not keep costing SUs", flush=True)
-        try:
-            left = _release(chi, record, poll=poll, timeout_s=10 * 60)
-        except Exception as e2:
-            raise UserError(f"{problem}; releasing failed too ({type(e2).__name__}: {e2}). The "
-                            f"{still_running(record, state_dir)}", fix) from e
-        if left:
-            raise UserError(f"{problem}; after releasing, still left at {site}: {', '.join(left)}. The "
-                            f"{still_running(record, state_dir)}", fix) from e
-        record["status"] = "released"
-        save_record(state_dir, record)
-        raise UserError(f"{problem}. The lease, server and floating IP were released: nothing is left running",
-                        f"{fix}; then run this notebook again") from e
+        _release_after_failure(chi, record, state_dir, e, poll=poll, keep=keep_on_failure)
 
     record["status"] = "ready"
     save_record(state_dir, record)
-    print(f"node ready in {_fmt_s(time.monotonic() - started)}: ssh {record['user']}@{record['host']}"
+    print(f"node ready in {duration(time.monotonic() - started)}: ssh {record['user']}@{record['host']}"
           f"{' -p ' + str(record['port']) if record['port'] != 22 else ''} -i {record['key_path']}\n"
           f"{record['node_type']} ({record['gpus']}) at {site}, lease {lease_name} until "
           f"{_when(dt.datetime.fromisoformat(record['lease_end']))}. When done: 05_release_node "
           f"or `{release_command(state_dir)}`", flush=True)
     return record
+
+
+def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str,
+               hours: float) -> tuple[dict[str, Any], str, Exception | None]:
+    """Choose the node type, say what the lease costs, and create it: (lease, node type, the error if
+    creating it failed although Blazar made it all the same)."""
+    site, name = record["site"], record["lease_name"]
+    with _step(f"choosing an A100 node type at {site}"):
+        node_type = choose_node_type(chi, site, node_type, hours)
+    print(f"This lease will cost {su_cost(hours):g} SU: 1 node x {hours:g} h x "
+          f"{SU_PER_NODE_HOUR:g} SU per node-hour ({SU_RATE_SOURCE}). Releasing early "
+          "(05_release_node) stops the charge for the hours left.", flush=True)
+    save_record(state_dir, record)  # the name is on record before Blazar hears it: release() finds it
+    with _step(f"creating lease {name} for one {node_type} node, {hours:g} h"):
+        try:
+            return create_lease(chi, name, node_type, hours), node_type, None
+        except Exception as e:  # the reply may be lost after Blazar made it
+            return _lease_made_anyway(chi, name, e, state_dir), node_type, e
+        except KeyboardInterrupt:
+            print(f"\ninterrupted while creating lease {name}: it may exist and cost SUs; release it with "
+                  f"`{release_command(state_dir)}`", flush=True)
+            raise
+
+
+def _release_after_failure(chi: Any, record: dict[str, Any], state_dir: Path, error: Exception, *, poll: float,
+                           keep: bool) -> NoReturn:
+    """After a failure once the lease exists: release everything (or keep it, saying so), then raise
+    the failure with what is left running, if anything."""
+    problem = error.problem if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+    fix = error.fix if isinstance(error, UserError) else "read the message above"
+    if keep:
+        raise UserError(f"{problem}. The {still_running(record, state_dir)}", fix) from error
+    print(f"{problem}\nreleasing what this reservation made, so it does not keep costing SUs", flush=True)
+    try:
+        left = _release(chi, record, poll=poll, timeout_s=10 * 60)
+    except Exception as e2:
+        raise UserError(f"{problem}; releasing failed too ({type(e2).__name__}: {e2}). The "
+                        f"{still_running(record, state_dir)}", fix) from error
+    if left:
+        raise UserError(f"{problem}; after releasing, still left at {record['site']}: {', '.join(left)}. The "
+                        f"{still_running(record, state_dir)}", fix) from error
+    record["status"] = "released"
+    save_record(state_dir, record)
+    raise UserError(f"{problem}. The lease, server and floating IP were released: nothing is left running",
+                    f"{fix}; then run this notebook again") from error
 
 
 def _lease_made_anyway(chi: Any, name: str, error: BaseException, state_dir: Path) -> dict[str, Any]:
@@ -519,7 +527,7 @@ def wait_lease(chi: Any, lease_id: str, timeout_s: float, poll: float) -> dict[s
                             "the site could not start it (often a node failed its checks): reserve again, "
                             "or try another node_type or site")
         if time.monotonic() > deadline:
-            raise UserError(f"lease {lease['name']} is still {status} after {_fmt_s(timeout_s)}",
+            raise UserError(f"lease {lease['name']} is still {status} after {duration(timeout_s)}",
                             "the site is slow to start leases: run this notebook again later (it reuses the lease)")
         time.sleep(poll)
 
@@ -570,7 +578,7 @@ def wait_server(chi: Any, server_id: str, name: str, timeout_s: float, poll: flo
                             "bare-metal builds sometimes fail on a bad node: reserve again (a new lease may get "
                             "another node)")
         if time.monotonic() > deadline:
-            raise UserError(f"server {name} is still {server.status} after {_fmt_s(timeout_s)}",
+            raise UserError(f"server {name} is still {server.status} after {duration(timeout_s)}",
                             "run this notebook again to keep waiting (it reuses the lease and server)")
         time.sleep(poll)
 
@@ -616,7 +624,7 @@ def wait_for_ssh(host: str, port: int, timeout_s: float, poll: float) -> None:
         except OSError as e:
             last = f"{type(e).__name__}: {e}"
         if time.monotonic() > deadline:
-            raise UserError(f"the node at {host} does not answer SSH on port {port} after {_fmt_s(timeout_s)} "
+            raise UserError(f"the node at {host} does not answer SSH on port {port} after {duration(timeout_s)} "
                             f"({last})", "it may still be booting: run this notebook again to keep waiting "
                             "(it reuses the lease and server); check sharednet1's security group allows SSH")
         time.sleep(poll)
@@ -632,7 +640,7 @@ def _wait_gone(exists: Any, what: str, timeout_s: float, poll: float) -> bool:
 
 
 # -- release ------------------------------------------------------------------------------------
-def release(target: str = "chameleon", *, state_dir: str | Path = "results/local", site: str | None = None,
+def release(target: str = "chameleon", *, state_dir: str | Path = STATE_DIR, site: str | None = None,
             lease_name: str | None = None, server_name: str | None = None, project: str | None = None,
             poll_s: float | None = None, timeout_s: float = 10 * 60) -> dict[str, Any] | None:
     """Delete the server, floating IP and lease recorded in `state_dir` (or named), and check none is left."""
@@ -642,7 +650,7 @@ def release(target: str = "chameleon", *, state_dir: str | Path = "results/local
     if target != "chameleon":
         raise UserError(f"unknown target {target!r}", "use target='local' or target='chameleon'")
     state_dir = Path(state_dir)
-    record = load_record(state_dir)
+    record = read_node_record(state_dir)
     if record.get("status") == "released" and not lease_name:
         print(f"the node recorded in {state_dir} was already released ({record.get('updated')}); nothing to do")
         return record
@@ -663,12 +671,12 @@ def release(target: str = "chameleon", *, state_dir: str | Path = "results/local
                         f"retry `{release_command(state_dir)}`; if it keeps failing delete the lease in the "
                         f"Chameleon GUI ({record['site']}: Reservations > Leases)") from e
     if left:
-        raise UserError(f"still left at {record['site']} after {_fmt_s(timeout_s)}: {', '.join(left)}",
+        raise UserError(f"still left at {record['site']} after {duration(timeout_s)}: {', '.join(left)}",
                         f"retry `{release_command(state_dir)}` in a few minutes, or delete them in the Chameleon GUI")
     record["status"] = "released"
     if state_dir.is_dir():
         save_record(state_dir, record)
-    print(f"released in {_fmt_s(time.monotonic() - started)}: no server, floating IP or lease of "
+    print(f"released in {duration(time.monotonic() - started)}: no server, floating IP or lease of "
           f"{record.get('lease_name')} is left at {record['site']}", flush=True)
     return record
 
@@ -726,14 +734,12 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
     return left
 
 
-def setup_node(target: str = "chameleon", state_dir: str | Path = "results/local",
+def setup_node(target: str = "chameleon", state_dir: str | Path = STATE_DIR,
                install_cmd: str | None = None) -> Path | None:
     """Install nanorepro on the reserved node and record its GPUs and software into `<state_dir>/node/`."""
     if target == "local":
         print("target is 'local': nothing to install, stages use this environment")
         return None
-    from .remote import SSHRunner
-
     runner = SSHRunner.from_state(Path(state_dir), workdir=Path(state_dir))
     try:
         with _step(f"installing nanorepro on {runner.host} (a venv with the CUDA build of torch: about 5 min)"):
@@ -743,8 +749,3 @@ def setup_node(target: str = "chameleon", state_dir: str | Path = "results/local
             return runner.fetch("node", Path(state_dir))
     finally:
         runner.close()
-
-
-def status(state_dir: str | Path = "results/local") -> dict[str, Any]:
-    """The node record (site, lease and its end, address), without contacting Chameleon."""
-    return load_record(Path(state_dir))

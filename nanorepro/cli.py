@@ -1,8 +1,9 @@
-"""`nanorepro <command>`: thin argument parsing over the modules, imported lazily.
+"""`nanorepro <command>`: thin argument parsing over the modules.
 
 Every command that fails on bad input prints one line, `nanorepro: error: ... (fix: ...)`, and
-exits with 2; `--debug` shows the traceback instead. Light commands (report, plots, reserve)
-never import torch.
+exits with the error's code (2 for bad input); `--debug` shows the traceback instead. Modules that
+need torch (train, sample, bench) are imported by their commands only, so light commands (report,
+reserve, estimate, run-notebooks) never import it.
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, chameleon, compare, config, data, memory, notebooks, openwebtext, report
+from .config import PRESETS, PRETRAINED
 from .errors import UserError
+from .files import write_text_atomic
 
 
 def _prepare(args: argparse.Namespace, extra: list[str]) -> None:
-    from . import data
-
     if args.dataset == "openwebtext":
-        from . import openwebtext
-
         meta = openwebtext.prepare(args.source or openwebtext.DEFAULT_SOURCE, name=args.name or "openwebtext",
                                    data_root=args.data_root, num_proc=args.num_proc, text_column=args.text_column)
         print(data.summary(meta))
@@ -36,8 +35,6 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _compare_gpt2(args: argparse.Namespace, extra: list[str]) -> None:
-    from . import compare
-
     overrides = {} if args.device is None else {"device": args.device}
     out = compare.run(args.models, preset=args.preset, results_dir=args.results_dir, target=args.target,
                       max_iters=args.max_iters, input_path=args.input, overrides=overrides)
@@ -46,8 +43,6 @@ def _compare_gpt2(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _estimate(args: argparse.Namespace, extra: list[str]) -> None:
-    from . import config, data, memory
-
     cfg = config.resolve(args.preset, config.parse_overrides(extra))
     try:
         vocab = data.load_meta(Path(cfg.data_root) / cfg.dataset)["vocab_size"]
@@ -68,16 +63,22 @@ def _estimate(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> None:
-    from . import config, train
+    from . import train
 
-    overrides = config.parse_overrides(extra)
-    if args.out_dir:
-        overrides["out_dir"] = args.out_dir
-    cfg = config.resolve(args.preset, overrides)
-    if args.seeds != 1:  # train_seeds refuses 0 and negatives
-        train.train_seeds(cfg, args.seeds, preset=args.preset)
+    if args.config:  # resolved and checked where the stage was launched (pipeline.Pipeline.train)
+        if args.preset or args.out_dir or extra:
+            raise UserError("--config is a whole run's config: --preset, --out-dir and --field=value do not apply",
+                            "change the config file, or drop --config and give --preset and overrides")
+        cfg = config.Config.load(args.config)
     else:
-        train.train(cfg, preset=args.preset)
+        overrides = config.parse_overrides(extra)
+        if args.out_dir:
+            overrides["out_dir"] = args.out_dir
+        cfg = config.resolve(args.preset, overrides)
+    if args.seeds != 1:  # train_seeds refuses 0 and negatives
+        train.train_seeds(cfg, args.seeds, preset=cfg.preset)
+    else:
+        train.train(cfg, preset=cfg.preset)
 
 
 def _read_text(path: str, option: str) -> str:
@@ -93,8 +94,6 @@ def _read_text(path: str, option: str) -> str:
 def _sample(args: argparse.Namespace, extra: list[str]) -> None:
     from . import sample
 
-    if extra:
-        raise UserError(f"unknown arguments {' '.join(extra)}", "see `nanorepro sample --help`")
     prompt = _read_text(args.prompt_file, "--prompt-file") if args.prompt_file else args.prompt
     texts = sample.sample(run_dir=args.run, model=args.model, prompt=prompt, num_samples=args.num_samples,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -103,7 +102,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> None:
     if args.out:
         try:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(out + "\n", encoding="utf-8")
+            write_text_atomic(Path(args.out), out + "\n")
         except OSError as e:
             raise UserError(f"cannot write {args.out}: {e.strerror}", "pass --out a path in a writable folder") from e
         print(f"wrote {len(texts)} sample(s) to {args.out}")
@@ -112,32 +111,24 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _run_notebooks(args: argparse.Namespace, extra: list[str]) -> None:
-    from . import notebooks
-
     params = notebooks.parse_params(args.param, args.params_file)
     notebooks.run_notebooks(params, only=args.only)
 
 
 def _report(args: argparse.Namespace, extra: list[str]) -> None:
-    from . import report
-
     rep = report.report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
     print(report.claims_table(rep["claims"], compact=True))
     print(f"\nwrote {Path(rep['out_dir']) / 'REPORT.md'} and report.json")
 
 
 def _bundle(args: argparse.Namespace, extra: list[str]) -> None:
-    from . import report
-
     path = report.bundle([Path(r) for r in args.runs], Path(args.out) if args.out else None,
                          include_checkpoints=args.with_checkpoints)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
-# -- reserve / release (Chameleon; added by the Chameleon helper) --------------------------------
+# -- reserve / release (Chameleon) ----------------------------------------------------------------
 def _reserve(args: argparse.Namespace, extra: list[str]) -> None:
-    from . import chameleon
-
     chameleon.reserve("chameleon", site=args.site, node_type=args.node_type, lease_hours=args.hours,
                       image=args.image, lease_name=args.lease_name, server_name=args.server_name,
                       state_dir=args.results_dir, project=args.project, keep_on_failure=args.keep_on_failure)
@@ -146,15 +137,13 @@ def _reserve(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _release(args: argparse.Namespace, extra: list[str]) -> None:
-    from . import chameleon
-
     chameleon.release("chameleon", state_dir=args.results_dir, site=args.site, lease_name=args.lease_name,
                       server_name=args.server_name, project=args.project)
 
 
-# -- bench (added by the performance helper) ---------------------------------------------------
+# -- bench ---------------------------------------------------------------------------------------
 def _bench(args: argparse.Namespace, extra: list[str]) -> None:
-    from . import bench, config
+    from . import bench
 
     overrides = config.parse_overrides(extra)
     if args.device:
@@ -169,6 +158,73 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"nanorepro: error: {message} (fix: see `{self.prog} --help`)\n")
+
+
+def _add_node_commands(sub: argparse._SubParsersAction) -> None:
+    """reserve and release: the Chameleon node."""
+    s = sub.add_parser("reserve", allow_abbrev=False, help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
+    s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="where the node record goes")
+    s.add_argument("--site", default=None, help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
+    s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
+    s.add_argument("--hours", type=float, default=chameleon.DEFAULT_LEASE_HOURS,
+                   help="lease length (default %(default)s); it costs SUs until released")
+    s.add_argument("--image", default="CC-Ubuntu22.04-CUDA")
+    s.add_argument("--lease-name", default=None, help="default nanorepro-<user>; a live lease of this name is reused")
+    s.add_argument("--server-name", default=None, help="default <lease-name>-node")
+    s.add_argument("--project", default=None, help="default $OS_PROJECT_NAME")
+    s.add_argument("--keep-on-failure", action="store_true", help="keep the lease when a later step fails")
+    s.add_argument("--no-setup", action="store_true", help="do not install nanorepro on the node")
+    s.set_defaults(func=_reserve)
+
+    s = sub.add_parser("release", allow_abbrev=False, help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
+    s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="the folder holding the node record")
+    s.add_argument("--site", default=None, help="default: the recorded site")
+    s.add_argument("--lease-name", default=None, help="release this lease (and its server) even without a record")
+    s.add_argument("--server-name", default=None)
+    s.add_argument("--project", default=None)
+    s.set_defaults(func=_release)
+
+
+def _add_scaling_commands(sub: argparse._SubParsersAction) -> None:
+    """compare-gpt2, estimate and bench: scaling out (GPT-2 sizes, memory, speed)."""
+    s = sub.add_parser("compare-gpt2", allow_abbrev=False,
+                       help="fine-tune several GPT-2 sizes with one recipe: a table and overlaid loss curves")
+    s.add_argument("--models", nargs="+", default=list(PRETRAINED),
+                   help="GPT-2 names or local Hugging Face folders (default: all four sizes)")
+    s.add_argument("--preset", default=compare.DEFAULT_PRESET, help="the recipe every model gets")
+    s.add_argument("--results-dir", default="results/compare")
+    s.add_argument("--target", default="local", help="local or chameleon (a node reserved into --results-dir)")
+    s.add_argument("--max-iters", type=int, default=None)
+    s.add_argument("--device", default=None, help="override the preset's device (e.g. cpu)")
+    s.add_argument("--input", default=None, help="a local Tiny Shakespeare instead of the download")
+    s.set_defaults(func=_compare_gpt2)
+
+    s = sub.add_parser("estimate", allow_abbrev=False,
+                       help="memory and time a run needs (no torch): --preset P [--field=value ...]",
+                       epilog="Override any config field with --field=value, as for train.")
+    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--gpus", type=int, default=1, help="GPUs (processes) when parallel is ddp or fsdp")
+    s.add_argument("--gpu", default=None, help="GPU name for the time estimate, e.g. A100")
+    s.add_argument("--gpu-memory-gib", type=float, default=None, help="refuse (exit 4) when it does not fit this")
+    s.set_defaults(func=_estimate)
+
+    s = sub.add_parser("bench", allow_abbrev=False, help="ms/iter, tokens/s, MFU, memory, time to a target loss; "
+                       "optionally side by side with an upstream nanoGPT checkout",
+                       epilog="Override any config field with --field=value (applied to both sides).")
+    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the preset's)")
+    s.add_argument("--iters", type=int, default=50, help="timed iterations per run (without --target-loss)")
+    s.add_argument("--warmup", type=int, default=10, help="iterations left out of the timing at the start")
+    s.add_argument("--target-loss", type=float, default=None,
+                   help="train the config as given until an evaluation reaches this val loss; report the wall time")
+    s.add_argument("--out", default=None, help="the JSON record (default results/bench/<preset>-<time>.json)")
+    s.add_argument("--nanogpt", default=None, metavar="PATH",
+                   help="a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): run it alternately")
+    s.add_argument("--nanogpt-preset", default=None, help="nanoGPT runs this preset instead (e.g. shakespeare-char-cpu)")
+    s.add_argument("--pairs", type=int, default=1, help="alternating (nanorepro, nanoGPT) pairs, or runs without --nanogpt")
+    s.add_argument("--input", default=None, help="the input.txt the dataset was prepared from (for nanoGPT's prepare.py)")
+    s.add_argument("--keep", action="store_true", help="keep the temp folder with the runs and logs")
+    s.set_defaults(func=_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,12 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir", default=None, help="download cache (default ~/.cache/nanorepro or $NANOREPRO_CACHE)")
     s.set_defaults(func=_prepare)
 
-    from .config import PRESETS, PRETRAINED
-
     s = sub.add_parser("train", allow_abbrev=False, help="train or fine-tune; any config field as --field=value",
                        epilog="Override any field with --field=value; list them with --help-fields.")
     s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
     s.add_argument("--out-dir", default=None, help="run folder (resumed if it holds a checkpoint)")
+    s.add_argument("--config", default=None, metavar="FILE",
+                   help="a run's config.json, already resolved (what notebooks launch); no preset or overrides")
     s.add_argument("--seeds", type=int, default=1, help="run N seeds (seed, seed+1, ...) into <out-dir>/seed-<s>")
     s.add_argument("--help-fields", action="store_true", help="list every config field and exit")
     s.set_defaults(func=_train)
@@ -236,66 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--with-checkpoints", action="store_true", help="also pack each run's ckpt.pt (large)")
     s.set_defaults(func=_bundle)
 
-    s = sub.add_parser("reserve", allow_abbrev=False, help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
-    s.add_argument("--results-dir", default="results/chameleon", help="where the node record goes")
-    s.add_argument("--site", default=None, help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
-    s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
-    s.add_argument("--hours", type=float, default=4, help="lease length; it costs SUs until released")
-    s.add_argument("--image", default="CC-Ubuntu22.04-CUDA")
-    s.add_argument("--lease-name", default=None, help="default nanorepro-<user>; a live lease of this name is reused")
-    s.add_argument("--server-name", default=None, help="default <lease-name>-node")
-    s.add_argument("--project", default=None, help="default $OS_PROJECT_NAME")
-    s.add_argument("--keep-on-failure", action="store_true", help="keep the lease when a later step fails")
-    s.add_argument("--no-setup", action="store_true", help="do not install nanorepro on the node")
-    s.set_defaults(func=_reserve)
-
-    s = sub.add_parser("release", allow_abbrev=False, help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
-    s.add_argument("--results-dir", default="results/chameleon", help="the folder holding the node record")
-    s.add_argument("--site", default=None, help="default: the recorded site")
-    s.add_argument("--lease-name", default=None, help="release this lease (and its server) even without a record")
-    s.add_argument("--server-name", default=None)
-    s.add_argument("--project", default=None)
-    s.set_defaults(func=_release)
-
-    # -- scaling out (torchrun, OpenWebText, GPT-2 sizes) ---------------------------------------
-    s = sub.add_parser("compare-gpt2", allow_abbrev=False,
-                       help="fine-tune several GPT-2 sizes with one recipe: a table and overlaid loss curves")
-    s.add_argument("--models", nargs="+", default=list(PRETRAINED),
-                   help="GPT-2 names or local Hugging Face folders (default: all four sizes)")
-    s.add_argument("--preset", default="finetune-shakespeare", help="the recipe every model gets")
-    s.add_argument("--results-dir", default="results/compare")
-    s.add_argument("--target", default="local", help="local or chameleon (a node reserved into --results-dir)")
-    s.add_argument("--max-iters", type=int, default=None)
-    s.add_argument("--device", default=None, help="override the preset's device (e.g. cpu)")
-    s.add_argument("--input", default=None, help="a local Tiny Shakespeare instead of the download")
-    s.set_defaults(func=_compare_gpt2)
-
-    s = sub.add_parser("estimate", allow_abbrev=False,
-                       help="memory and time a run needs (no torch): --preset P [--field=value ...]",
-                       epilog="Override any config field with --field=value, as for train.")
-    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
-    s.add_argument("--gpus", type=int, default=1, help="GPUs (processes) when parallel is ddp or fsdp")
-    s.add_argument("--gpu", default=None, help="GPU name for the time estimate, e.g. A100")
-    s.add_argument("--gpu-memory-gib", type=float, default=None, help="refuse (exit 4) when it does not fit this")
-    s.set_defaults(func=_estimate)
-
-    s = sub.add_parser("bench", allow_abbrev=False, help="ms/iter, tokens/s, MFU, memory, time to a target loss; "
-                       "optionally side by side with an upstream nanoGPT checkout",
-                       epilog="Override any config field with --field=value (applied to both sides).")
-    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
-    s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the preset's)")
-    s.add_argument("--iters", type=int, default=50, help="timed iterations per run (without --target-loss)")
-    s.add_argument("--warmup", type=int, default=10, help="iterations left out of the timing at the start")
-    s.add_argument("--target-loss", type=float, default=None,
-                   help="train the config as given until an evaluation reaches this val loss; report the wall time")
-    s.add_argument("--out", default=None, help="the JSON record (default results/bench/<preset>-<time>.json)")
-    s.add_argument("--nanogpt", default=None, metavar="PATH",
-                   help="a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): run it alternately")
-    s.add_argument("--nanogpt-preset", default=None, help="nanoGPT runs this preset instead (e.g. shakespeare-char-cpu)")
-    s.add_argument("--pairs", type=int, default=1, help="alternating (nanorepro, nanoGPT) pairs, or runs without --nanogpt")
-    s.add_argument("--input", default=None, help="the input.txt the dataset was prepared from (for nanoGPT's prepare.py)")
-    s.add_argument("--keep", action="store_true", help="keep the temp folder with the runs and logs")
-    s.set_defaults(func=_bench)
+    _add_node_commands(sub)
+    _add_scaling_commands(sub)
     return p
 
 
@@ -304,9 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "help_fields", False):
-        from .config import describe_fields
-
-        print(describe_fields())
+        print(config.describe_fields())
         return 0
     if extra and args.command not in ("train", "estimate", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

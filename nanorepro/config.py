@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .files import write_text_atomic
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -61,61 +61,85 @@ GPT2_SIZES: dict[str, GPTConfig] = {
 }
 
 
+def _field(default: Any, meaning: str, allowed: tuple[str, ...] | None = None) -> Any:
+    """A Config field with its one-line meaning and, for a choice, its allowed values: the one source
+    that validate() checks and `nanorepro train --help-fields` shows."""
+    return dataclasses.field(default=default, metadata={"meaning": meaning, "allowed": allowed})
+
+
+DTYPES = ("auto", "fast", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+# Value rules for numeric fields, checked by validate() and listed by --help-fields.
+POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+            "eval_interval", "eval_iters", "log_interval", "learning_rate")
+NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "seed")
+BELOW_ONE = ("dropout", "beta1", "beta2")  # in [0, 1)
+
+
 @dataclass
 class Config:
-    """Everything a run needs; written resolved to `config.json` before step 0."""
+    """Everything a run needs; resolved once where a stage is launched and written to `config.json`."""
 
     # where things live
-    out_dir: str = "runs/default"
-    data_root: str = "data"
-    dataset: str = "shakespeare_char"  # a folder under data_root made by `nanorepro prepare`
+    out_dir: str = _field("runs/default", "the run folder: checkpoint, metrics, config (resumed if it holds one)")
+    data_root: str = _field("data", "the folder holding the datasets")
+    dataset: str = _field("shakespeare_char", "a folder under data_root made by `nanorepro prepare`")
+    preset: str | None = _field(None, "the preset this config was resolved from (a record: resolve applies it)")
     # model (ignored fields are taken from the checkpoint when init_from is a GPT-2)
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int | None = None  # None: read from the dataset's meta.json
-    dropout: float = 0.0
-    bias: bool = False
-    init_from: str = "scratch"  # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF folder
+    n_layer: int = _field(12, "transformer blocks")
+    n_head: int = _field(12, "attention heads per block (n_embd must be a multiple)")
+    n_embd: int = _field(768, "channels of the residual stream")
+    block_size: int = _field(1024, "context length in tokens")
+    vocab_size: int | None = _field(None, "None: read from the dataset's meta.json")
+    dropout: float = _field(0.0, "dropout probability")
+    bias: bool = _field(False, "biases in the Linear and LayerNorm layers (GPT-2 has them)")
+    init_from: str = _field("scratch", "scratch, a GPT-2 name or a local Hugging Face folder",
+                            ("scratch", *PRETRAINED, "FOLDER"))
     # optimisation
-    batch_size: int = 12
-    gradient_accumulation_steps: int = 1
-    max_iters: int = 5000
-    learning_rate: float = 6e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on the rest; optim.py)
-    decay_lr: bool = True  # False: constant learning rate
-    warmup_iters: int = 100
-    lr_decay_iters: int = 5000
-    min_lr: float = 6e-5
+    batch_size: int = _field(12, "sequences per micro-step")
+    gradient_accumulation_steps: int = _field(1, "micro-steps per optimizer step")
+    max_iters: int = _field(5000, "optimizer steps in all")
+    learning_rate: float = _field(6e-4, "the peak learning rate")
+    weight_decay: float = _field(0.1, "AdamW's weight decay on the matrices")
+    beta1: float = _field(0.9, "AdamW's beta1")
+    beta2: float = _field(0.95, "AdamW's beta2")
+    grad_clip: float = _field(1.0, "clip the gradient norm to this; 0 disables clipping")
+    optimizer: str = _field("adamw", "muon: Muon on the blocks' matrices, AdamW on the rest (optim.py)",
+                            ("adamw", "muon"))
+    decay_lr: bool = _field(True, "cosine decay to min_lr after warm-up; False: constant learning rate")
+    warmup_iters: int = _field(100, "steps of linear warm-up")
+    lr_decay_iters: int = _field(5000, "the step where the decay reaches min_lr")
+    min_lr: float = _field(6e-5, "the learning rate at the end of the decay")
     # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 200
-    log_interval: int = 10
-    eval_only: bool = False
-    always_save_checkpoint: bool = True  # False: save only when val loss improves (nanoGPT)
+    eval_interval: int = _field(250, "steps between evaluations (and checkpoints)")
+    eval_iters: int = _field(200, "batches per evaluation")
+    log_interval: int = _field(10, "steps between progress lines")
+    eval_only: bool = _field(False, "evaluate once and stop")
+    always_save_checkpoint: bool = _field(True, "False: save only when the val loss improves (nanoGPT)")
     # system
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto | fast | float32 | bfloat16 | float16 (fast: bf16 on a CPU where it is faster)
-    compile: bool = False
-    seed: int = 1337
-    # several processes (under torchrun): none | ddp | fsdp; gradient_accumulation_steps is split over them
-    parallel: str = "none"
-    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    device: str = _field("auto", "where to train; auto: a GPU if there is one", DEVICES)
+    dtype: str = _field("auto", "auto: bf16 (or fp16) on a GPU, float32 elsewhere; fast: also bf16 on a CPU "
+                        "where it is faster", DTYPES)
+    compile: bool = _field(False, "torch.compile the model")
+    seed: int = _field(1337, "seeds the initialisation, the batches and dropout")
+    parallel: str = _field("none", "several processes under torchrun, gradient_accumulation_steps split over them",
+                           ("none", "ddp", "fsdp"))
+    activation_checkpointing: bool = _field(False, "recompute each block's activations in backward: less memory")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "Config":
-        return from_dict(json.loads(Path(path).read_text()))
+        """A config.json, checked like any other config."""
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read the config {path}: {e}", "give the config.json of a run") from e
+        return from_dict(values)
 
     @property
     def tokens_per_iter(self) -> int:
@@ -145,7 +169,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Tuned on a 2-core CPU (benchmarks/tuning-log.md), additions to nanoGPT's recipes. Both use Muon
     # (optim.py), bf16 where the CPU has it and it is faster (dtype=fast), and evaluate on 100 batches.
     # quick: nanoGPT's CPU target, val <= 1.88, in under a third of its time: two wide layers, 600 steps
-    # (val 1.83 in ~19 s here; nanoGPT's recipe: 1.886 in ~75 s).
+    # (measured figures: README "Benchmarks").
     "shakespeare-char-cpu-quick": dict(
         out_dir="runs/shakespeare-char-cpu-quick", dataset="shakespeare_char",
         eval_interval=600, eval_iters=100, log_interval=10, always_save_checkpoint=False,
@@ -155,8 +179,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         beta2=0.99, warmup_iters=20, device="cpu", dtype="fast", compile=False,
     ),
     # tuned: below the published tuned CPU result (1.54) and the 1.50 target within 15 minutes: the
-    # baby GPT's context (256) at a third of its parameters, 2500 steps, no dropout (it costs ~50% more
-    # per step here and slows learning; the cosine schedule ends as overfitting starts).
+    # baby GPT's context (256) at a third of its parameters, 2500 steps, no dropout (it costs more per
+    # step on a CPU and slows learning; the cosine schedule ends as overfitting starts).
     "shakespeare-char-cpu-tuned": dict(
         out_dir="runs/shakespeare-char-cpu-tuned", dataset="shakespeare_char",
         eval_interval=500, eval_iters=100, log_interval=50, always_save_checkpoint=False,
@@ -211,80 +235,61 @@ def _field_types() -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
 
 
+_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def coerce(name: str, value: Any) -> Any:
-    """Convert a value (often a command-line string) to the type of field `name`, or refuse."""
+    """Convert a value (often a command-line string) to the type of field `name` (its type hint), or refuse."""
     types_ = _field_types()
     if name not in types_:
         close = [k for k in types_ if name.replace("-", "_") == k or name in k]
         hint = f"did you mean {close[0]!r}?" if close else "see `nanorepro train --help-fields`"
         raise UserError(f"unknown config field {name!r}", hint)
-    tp = types_[name]
-    allowed = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
-    none_word = isinstance(value, str) and value.lower() == "none"  # but parallel="none" is a str value
-    if value is None or (none_word and (type(None) in allowed or str not in allowed)):
-        if type(None) in allowed:
+    optional = type(None) in typing.get_args(types_[name])
+    kind = next(t for t in typing.get_args(types_[name]) or (types_[name],) if t is not type(None))
+    if value is None or (kind is not str and isinstance(value, str) and value.lower() == "none"):
+        if optional:
             return None
-        raise UserError(f"{name} cannot be None", f"give a {tp.__name__} value")
-    for t in (t for t in allowed if t is not type(None)):
-        if t is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-                return value.lower() in ("true", "1", "yes")
-        elif t is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, str):
-                try:
-                    return int(value)
-                except ValueError:
-                    pass
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-        elif t is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-        elif t is str:
-            if isinstance(value, str):
-                return value
-    want = " or ".join(t.__name__ for t in allowed if t is not type(None))
-    raise UserError(f"{name}={value!r} is not a valid {want}", f"give {name} a {want} value")
+        raise UserError(f"{name} cannot be None", f"give a {kind.__name__} value")
+    try:
+        if isinstance(value, bool) or kind is bool:  # True is an int to Python, not to a config
+            if kind is bool and (isinstance(value, bool) or (isinstance(value, str) and value.lower() in _WORDS)):
+                return _WORDS.get(str(value).lower(), value)
+        elif kind is int and not (isinstance(value, float) and not value.is_integer()):
+            return int(value)
+        elif kind is float or (kind is str and isinstance(value, str)):
+            return kind(value)
+    except (TypeError, ValueError):
+        pass
+    raise UserError(f"{name}={value!r} is not a valid {kind.__name__}", f"give {name} a {kind.__name__} value")
+
+
+def _allowed(name: str) -> tuple[str, ...] | None:
+    return {f.name: f.metadata["allowed"] for f in dataclasses.fields(Config)}[name]
 
 
 def validate(cfg: Config) -> Config:
-    """Refuse values no run can use, naming the field and the fix."""
-    positive = ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                "eval_interval", "eval_iters", "log_interval", "learning_rate"]
-    for name in positive:
+    """Refuse values no run can use, naming the field and the fix. The one place each field is checked."""
+    for name in POSITIVE:
         if getattr(cfg, name) <= 0:
             raise UserError(f"{name} must be > 0, got {getattr(cfg, name)}", f"set {name} to a positive value")
-    for name in ["max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "seed"]:
+    for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)}", f"set {name} to 0 or more")
+    for name in BELOW_ONE:
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {getattr(cfg, name)}", f"use e.g. {name}=0.2")
     if cfg.vocab_size is not None and cfg.vocab_size <= 0:
         raise UserError(f"vocab_size must be > 0, got {cfg.vocab_size}", "leave vocab_size unset to read it from the data")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}", "use e.g. dropout=0.2")
-    if not (0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0):
-        raise UserError("beta1 and beta2 must be in [0, 1)", "use e.g. beta1=0.9 beta2=0.99")
+    for name in ("optimizer", "dtype", "parallel", "device"):
+        value, allowed = getattr(cfg, name), _allowed(name)
+        if value not in allowed and not (name == "device" and value.startswith("cuda:") and value[5:].isdigit()):
+            raise UserError(f"unknown {name}={value!r}", f"use {', '.join(allowed)}"
+                            + (" (the last two under torchrun)" if name == "parallel" else ""))
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}", "pick n_embd a multiple of n_head")
     if cfg.decay_lr and cfg.min_lr > cfg.learning_rate:
         raise UserError(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}", "lower min_lr")
-    if cfg.dtype not in ("auto", "fast", "float32", "bfloat16", "float16"):
-        raise UserError(f"unknown dtype {cfg.dtype!r}", "use auto, fast, float32, bfloat16 or float16")
-    dev = cfg.device
-    if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise UserError(f"unknown device {dev!r}", "use auto, cpu, cuda, cuda:N or mps")
-    if cfg.parallel not in ("none", "ddp", "fsdp"):
-        raise UserError(f"unknown parallel={cfg.parallel!r}", "use none, ddp or fsdp (the last two under torchrun)")
-    if cfg.optimizer not in ("adamw", "muon"):
-        raise UserError(f"unknown optimizer={cfg.optimizer!r}", "use adamw or muon")
     if cfg.optimizer == "muon" and cfg.parallel == "fsdp":
         raise UserError("optimizer=muon needs whole matrices, which FSDP shards", "use parallel=ddp, or optimizer=adamw")
     if cfg.init_from not in ("scratch",) + PRETRAINED and not Path(cfg.init_from).is_dir():
@@ -321,17 +326,20 @@ def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None) 
     """Defaults, then the preset, then overrides; checked as a whole."""
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}", f"use one of: {', '.join(PRESETS)}")
-    values = dict(PRESETS.get(preset, {}) if preset else {})
+    values = dict(PRESETS.get(preset, {}) if preset else {}, preset=preset)
     values.update(overrides or {})
     return from_dict(values)
 
 
 def describe_fields() -> str:
-    """One line per field with its type and default: `nanorepro train --help-fields`."""
+    """`nanorepro train --help-fields`: each field's type, default, allowed values or range, and meaning."""
     types_ = _field_types()
+    rules = {**dict.fromkeys(POSITIVE, "> 0"), **dict.fromkeys(NON_NEGATIVE, ">= 0"),
+             **dict.fromkeys(BELOW_ONE, "in [0, 1)")}
     lines = []
     for f in dataclasses.fields(Config):
         tp = types_[f.name]
-        name = tp.__name__ if isinstance(tp, type) else str(tp)
-        lines.append(f"  {f.name:<28} {name:<12} default {f.default!r}")
+        kind = tp.__name__ if isinstance(tp, type) else str(tp)
+        allowed = " | ".join(f.metadata["allowed"]) if f.metadata["allowed"] else f"{kind} {rules.get(f.name, '')}"
+        lines.append(f"  {f.name}: {allowed.strip()}, default {f.default!r}. {f.metadata['meaning']}")
     return "\n".join(lines)

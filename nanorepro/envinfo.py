@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import __version__
+from .files import write_text_atomic
+
 PACKAGES = ("nanorepro", "torch", "transformers", "tiktoken", "numpy", "datasets", "matplotlib")
 _TIMEOUT_S = 10
 
@@ -132,8 +135,6 @@ def git_info(root: Path | None = None) -> dict[str, Any]:
 
 def capture(cfg_dict: dict[str, Any] | None = None, seeds: list[int] | None = None) -> dict[str, Any]:
     """Everything needed to say where and with what a run ran. Safe to call without torch."""
-    from . import __version__
-
     gpus, driver_cuda = gpus_from_nvidia_smi()
     tinfo = torch_info()
     if not gpus and tinfo and tinfo.get("devices"):
@@ -165,7 +166,7 @@ def capture(cfg_dict: dict[str, Any] | None = None, seeds: list[int] | None = No
 def write(path: Path, info: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(info, indent=2, default=str) + "\n")
     return path
 
 

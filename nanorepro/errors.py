@@ -1,4 +1,8 @@
-"""The one error type users see: a problem and the fix, printed as one line by the CLI."""
+"""The one error type users see: a problem and the fix, printed as one line by the CLI and by notebooks."""
+
+import os
+import sys
+
 
 
 class UserError(Exception):
@@ -32,3 +36,20 @@ class Interrupted(UserError):
     def __init__(self, problem: str, fix: str, signum: int):
         super().__init__(problem, fix)
         self.exit_code = 128 + signum
+
+
+def one_line_in_notebooks() -> None:
+    """In a Jupyter (IPython) kernel, show a UserError as its one line, `UserError: problem (fix: ...)`,
+    as the CLI does, instead of a traceback through the package; NANOREPRO_DEBUG=1 keeps tracebacks.
+    Does nothing outside IPython (and never imports it)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython and hasattr(ipython, "get_ipython") else None
+    if shell is None or os.environ.get("NANOREPRO_DEBUG"):
+        return
+
+    def show(shell, etype, value, tb, tb_offset=None):  # noqa: ANN001 (IPython's handler signature)
+        lines = [f"{etype.__name__}: {value}"]
+        shell._showtraceback(etype, value, lines)  # the kernel sends it as the cell's error output
+        return lines
+
+    shell.set_custom_exc((UserError,), show)

@@ -1,4 +1,4 @@
-"""Files written whole or not at all, and their hashes: the one home for both (torch-free)."""
+"""Files written whole or not at all, their hashes, and where the checkout is: one home each (torch-free)."""
 
 from __future__ import annotations
 
@@ -35,3 +35,13 @@ def sha256_file(path: Path) -> str:
     """The hex sha256 of a file, read in chunks."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The repo root (the folder with pyproject.toml and nanorepro/) above `start` (default: the working
+    folder), so notebooks run from notebooks/ or the root; `start` itself when there is none."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").exists() and (folder / "nanorepro").is_dir():
+            return folder
+    return here

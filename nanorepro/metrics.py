@@ -4,7 +4,8 @@ Records, one per line, each with a `kind`:
 - `meta`  (first line): run name, preset, started, nanorepro version, world_size, the resolved config.
 - `train`: iter, loss, lr, tokens_per_s, ms_per_iter, elapsed_s.
 - `eval` : iter, train_loss, val_loss, lr, elapsed_s, best_val_loss.
-- `stage`: name, status (finished | not_run | failed), reason, elapsed_s, plus stage-specific values.
+- `stage`: name, status (finished | not run | failed), reason, elapsed_s, plus stage-specific values;
+  also the pipeline's record of its stages, `stages.jsonl` in the results folder.
 - `end`  : iter, best_val_loss, elapsed_s, status (finished | evaluated | interrupted), peak_memory_bytes.
 No torch here: the hub kernel reads these.
 """
@@ -19,8 +20,11 @@ from typing import Any, Iterable
 
 from . import faults
 from .errors import UserError
+from .files import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
+STAGES_FILE = "stages.jsonl"  # the pipeline's stage records, in the results folder above runs/
+NOT_RUN = "not run"  # the status of a stage that could not run here (and the verdict of a claim without a run)
 
 
 def append(path: Path, record: dict[str, Any]) -> None:
@@ -64,14 +68,7 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 def rewrite(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Replace the file atomically (write a temp file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, allow_nan=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(Path(path), "".join(json.dumps(r, allow_nan=True) + "\n" for r in records))
 
 
 def truncate_after(path: Path, iter_num: int) -> None:

@@ -7,13 +7,16 @@ stops the sequence with the notebook and cell named; the partly executed copy is
 
 from __future__ import annotations
 
+import ast
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from . import config
 from .errors import UserError
-from .pipeline import project_root
+from .files import project_root
+from .runner import TARGETS
 
 # Small CPU settings: the README's main job finishes on a laptop in minutes.
 DEFAULTS: dict[str, Any] = {
@@ -64,8 +67,6 @@ def parse_params(pairs: list[list[str]] | None, params_file: str | None) -> dict
 
 def _like(default: str | None) -> tuple[Any, str]:
     """(accepts, what it must be) from a parameter's default in its notebook: a value of the same type."""
-    import ast
-
     try:
         value = ast.literal_eval(default) if default else None
     except (ValueError, SyntaxError):
@@ -84,9 +85,6 @@ def check_params(params: dict[str, Any], defaults: dict[str, str] | None = None)
     """Refuse values no notebook can use before any notebook runs (a bad value found in notebook 02
     would come after 01 prepared the data), naming the parameter and the fix. Parameters without a
     rule here must have the type of their default in the notebook (`defaults`: name -> source text)."""
-    from .config import PRESETS
-    from .runner import TARGETS
-
     def whole(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
@@ -96,11 +94,13 @@ def check_params(params: dict[str, Any], defaults: dict[str, str] | None = None)
     rules = {  # name: (accepts, what it must be)
         "target": (lambda v: v in TARGETS, f"one of {', '.join(TARGETS)}"),
         "results_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
-        "char_preset": (lambda v: v in PRESETS, f"one of the presets {', '.join(PRESETS)}"),
-        "finetune_preset": (lambda v: v in PRESETS, f"one of the presets {', '.join(PRESETS)}"),
+        "char_preset": (lambda v: v in config.PRESETS, f"one of the presets {', '.join(config.PRESETS)}"),
+        "finetune_preset": (lambda v: v in config.PRESETS, f"one of the presets {', '.join(config.PRESETS)}"),
         "char_max_iters": (lambda v: v is None or whole(v), "None or a whole number >= 0"),
         "finetune_max_iters": (lambda v: v is None or whole(v), "None or a whole number >= 0"),
         "seed": (whole, "a whole number >= 0"),
+        "char_overrides": (lambda v: isinstance(v, dict), "a mapping of config fields to values"),
+        "finetune_overrides": (lambda v: isinstance(v, dict), "a mapping of config fields to values"),
         "lease_hours": (lambda v: number(v) and 0 < v <= 168, "a number of hours in (0, 168]"),
         "input_path": (lambda v: v is None or (isinstance(v, str) and Path(v).expanduser().is_file()),
                        "None or an existing text file"),
@@ -110,6 +110,14 @@ def check_params(params: dict[str, Any], defaults: dict[str, str] | None = None)
         if not ok(value):
             raise UserError(f"notebook parameter {name}={value!r} is not valid: it must be {what}",
                             f"pass e.g. -p {name} VALUE with VALUE {what}")
+    for stage in ("char", "finetune"):  # overrides are checked with their preset, as the notebook will
+        overrides = params.get(f"{stage}_overrides")
+        if overrides:
+            try:
+                config.resolve(params.get(f"{stage}_preset") or DEFAULTS[f"{stage}_preset"], overrides)
+            except UserError as e:
+                raise UserError(f"notebook parameter {stage}_overrides: {e.problem}",
+                                f"{e.fix}, e.g. -p {stage}_overrides '{{block_size: 128}}'") from e
 
 
 def run_notebooks(params: dict[str, Any], only: list[str] | None = None) -> list[Path]:

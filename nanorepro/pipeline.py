@@ -3,7 +3,8 @@
 Each stage is a `nanorepro` command run by the chosen runner in the results folder, so
 `results/<id>/` ends up holding everything: `data/`, `runs/char/`, `runs/finetune/`, `stages.jsonl`,
 plots, the report and the executed notebooks. Stages are idempotent: a re-run skips finished work
-and resumes interrupted training. No torch here: this is what the hub kernel imports.
+and resumes interrupted training. A training config is resolved and checked here, once, before any
+job starts; the job reads it from the run's `config.json`. No torch here: the hub kernel imports this.
 """
 
 from __future__ import annotations
@@ -13,22 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import metrics
-from .errors import UserError
+from . import config, metrics, report
+from .errors import ModelUnavailable, UserError, WontFit
+from .files import project_root
+from .fmt import markdown_table
 from .runner import get_runner
-
-STAGES_FILE = "stages.jsonl"
-EXIT_MODEL_UNAVAILABLE = 3  # the CLI's exit code when pretrained weights cannot be had offline
-EXIT_WONT_FIT = 4  # train refused: the estimated memory exceeds the device's (memory.WontFit)
-
-
-def project_root(start: Path | None = None) -> Path:
-    """The repo root (the folder with pyproject.toml) above `start`, so notebooks run from notebooks/ or the root."""
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").exists() and (folder / "nanorepro").is_dir():
-            return folder
-    return here
 
 
 class Table:
@@ -38,8 +28,7 @@ class Table:
         self.header, self.rows = header, [[str(c) for c in r] for r in rows]
 
     def _repr_markdown_(self) -> str:
-        lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in self.rows])
+        return markdown_table(self.header, self.rows)
 
     def __repr__(self) -> str:
         widths = [max(len(x) for x in col) for col in zip(self.header, *self.rows)]
@@ -59,11 +48,11 @@ class Pipeline:
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _record(self, name: str, status: str, started: float, **values: Any) -> None:
-        metrics.append(self.results / STAGES_FILE, {"kind": "stage", "name": name, "status": status,
-                                                    "elapsed_s": round(time.time() - started, 2), **values})
+        metrics.append(self.results / metrics.STAGES_FILE, {"kind": "stage", "name": name, "status": status,
+                                                            "elapsed_s": round(time.time() - started, 2), **values})
 
     def stages(self) -> list[dict[str, Any]]:
-        path = self.results / STAGES_FILE
+        path = self.results / metrics.STAGES_FILE
         return metrics.of_kind(metrics.read(path), "stage") if path.exists() else []
 
     # -- stages ------------------------------------------------------------------------------
@@ -79,9 +68,9 @@ class Pipeline:
             if input_path:
                 args += ["--input", self.runner.put(Path(input_path).expanduser(), "inputs/input.txt")]
             code = self.runner.run(args, stage=f"prepare {enc}", check=enc != "gpt2")
-            if code == EXIT_MODEL_UNAVAILABLE:
+            if code == ModelUnavailable.exit_code:
                 reason = "the GPT-2 BPE files are not available offline"
-                self._record(f"prepare {enc}", "not_run", started, reason=reason)
+                self._record(f"prepare {enc}", metrics.NOT_RUN, started, reason=reason)
                 rows.append([enc, "-", "-", f"not run: {reason}"])
                 continue
             if code:
@@ -95,24 +84,29 @@ class Pipeline:
 
     def train(self, run: str, preset: str, seed: int = 1337, max_iters: int | None = None,
               overrides: dict[str, Any] | None = None, dataset: str = "shakespeare_char") -> dict[str, Any]:
-        """Train (or resume) `runs/<run>` with `preset`; returns the run's summary from its metrics."""
+        """Train (or resume) `runs/<run>` with `preset` and `overrides` (None values leave the preset's);
+        returns the run's summary from its metrics.
+
+        The config is resolved and checked here, before any job starts, so a bad value fails in the
+        notebook; the job reads it from the run's config.json."""
         started = time.time()
-        values = {"data_root": "data", "dataset": dataset, "seed": seed, **(overrides or {})}
-        if max_iters is not None:
-            values["max_iters"] = max_iters
-        args = ["train", "--preset", preset, "--out-dir", f"runs/{run}"]
-        args += [f"--{k}={v}" for k, v in values.items() if v is not None]
-        code = self.runner.run(args, stage=f"train {run}", check=False)
-        if code == EXIT_MODEL_UNAVAILABLE:
-            reason = f"pretrained weights for {values.get('init_from', preset)} are not available offline"
-            print(f"{run}: not run: {reason} (pass model=PATH to a local Hugging Face folder)")
-            self._record(f"train {run}", "not_run", started, reason=reason, preset=preset)
-            return {"run": run, "status": "not_run", "reason": reason}
-        if code == EXIT_WONT_FIT:
-            reason = self._refusal(run) or "it does not fit in the device's memory"
-            print(f"{run}: not run: {reason}")
-            self._record(f"train {run}", "not_run", started, reason=reason, preset=preset)
-            return {"run": run, "status": "not_run", "reason": reason}
+        values = {"out_dir": f"runs/{run}", "data_root": "data", "dataset": dataset, "seed": seed,
+                  "max_iters": max_iters, **(overrides or {})}
+        cfg = config.resolve(preset, {k: v for k, v in values.items() if v is not None})
+        cfg_path = self.results / cfg.out_dir / "config.json"
+        cfg_path.parent.mkdir(parents=True, exist_ok=True)
+        cfg.save(cfg_path)
+        self.runner.put(cfg_path, f"{cfg.out_dir}/config.json")
+        code = self.runner.run(["train", "--config", f"{cfg.out_dir}/config.json"], stage=f"train {run}",
+                               check=False, parallel=cfg.parallel)
+        if code in (ModelUnavailable.exit_code, WontFit.exit_code):
+            reason = (f"pretrained weights for {cfg.init_from} are not available offline"
+                      if code == ModelUnavailable.exit_code
+                      else self._refusal(run) or "it does not fit in the device's memory")
+            hint = " (pass model=PATH to a local Hugging Face folder)" if code == ModelUnavailable.exit_code else ""
+            print(f"{run}: not run: {reason}{hint}")
+            self._record(f"train {run}", metrics.NOT_RUN, started, reason=reason, preset=preset)
+            return {"run": run, "status": metrics.NOT_RUN, "reason": reason}
         if code:
             self._record(f"train {run}", "failed", started, exit_code=code, preset=preset)
             raise UserError(f"stage train {run} failed (exit {code})", "read the output above; re-running resumes")
@@ -130,7 +124,7 @@ class Pipeline:
 
     def summary(self, run: str) -> dict[str, Any]:
         """Best and final losses, iterations and wall time of `runs/<run>`, from its metrics file."""
-        for name in ("metrics.jsonl", "config.json", "env.json"):
+        for name in (metrics.METRICS_FILE, "config.json", "env.json"):
             self.runner.fetch(f"runs/{run}/{name}", self.results)
         records = metrics.read(self.results / "runs" / run / metrics.METRICS_FILE)
         evals = metrics.of_kind(records, "eval")
@@ -151,28 +145,26 @@ class Pipeline:
         out = out or (f"runs/{run}/samples.txt" if run else f"samples-{Path(str(model)).name}.txt")
         args += ["--out", out]
         code = self.runner.run(args, stage="sample", check=False)
-        if code == EXIT_MODEL_UNAVAILABLE:
+        if code == ModelUnavailable.exit_code:
             return f"(no sample: {model} is not available offline)"
         if code:
             raise UserError(f"sampling from {run or model} failed (exit {code})", "read the output above")
         return self.runner.fetch(out, self.results).read_text(encoding="utf-8")
 
     def finetune(self, preset: str, model: str | None = None, max_iters: int | None = None, seed: int = 1337,
-                 run: str = "finetune") -> dict[str, Any]:
+                 run: str = "finetune", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """Fine-tune a pretrained GPT-2 (`model`, default the preset's) and sample before and after."""
-        from .config import PRESETS
-
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset {preset!r}", f"use one of: {', '.join(PRESETS)}")
-        init = model or PRESETS[preset].get("init_from", "gpt2")
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        config.resolve(preset, overrides)  # a bad preset or override fails here, before anything runs
+        init = model or config.PRESETS[preset].get("init_from", "gpt2")
         if not (self.results / "data" / "shakespeare_gpt2" / "meta.json").exists():  # fetched back by prepare_data
             reason = "no GPT-2-encoded data (01_prepare_data could not get the GPT-2 BPE files)"
             print(f"fine-tune not run: {reason}")
-            self._record(f"train {run}", "not_run", time.time(), reason=reason, preset=preset)
-            return {"run": run, "status": "not_run", "reason": reason, "model": init}
+            self._record(f"train {run}", metrics.NOT_RUN, time.time(), reason=reason, preset=preset)
+            return {"run": run, "status": metrics.NOT_RUN, "reason": reason, "model": init}
         if Path(init).expanduser().is_dir():
             init = str(Path(init).expanduser().resolve())  # stages run in the results folder
-        summary = self.train(run, preset, seed=seed, max_iters=max_iters, overrides={"init_from": init},
+        summary = self.train(run, preset, seed=seed, max_iters=max_iters, overrides={**overrides, "init_from": init},
                              dataset="shakespeare_gpt2")
         summary["model"] = init
         if summary["status"] != "finished":
@@ -194,8 +186,6 @@ class Pipeline:
 
     def report(self) -> "ReportView":
         """Plots, REPORT.md and report.json for every run in this results folder (torch-free)."""
-        from . import report
-
         runs_dir = self.results / "runs"
         runs = sorted({p.parent for p in runs_dir.glob("**/" + metrics.METRICS_FILE)})
         if not runs:
@@ -210,9 +200,7 @@ class ReportView:
         self.rep, self.results = rep, results
 
     def _repr_markdown_(self) -> str:
-        from .report import claims_table
-
-        return claims_table(self.rep["claims"])
+        return report.claims_table(self.rep["claims"])
 
     def __repr__(self) -> str:
         return self._repr_markdown_()

@@ -18,6 +18,7 @@ from matplotlib.ticker import MaxNLocator
 
 from . import metrics
 from .errors import UserError
+from .references import load_references
 
 X_AXES = {"iter": "iteration", "elapsed": "wall time"}
 
@@ -51,16 +52,13 @@ def run_label(run_dir: Path, base: Path | None = None) -> str:
     return run_dir.name
 
 
-STAGES_FILE = "stages.jsonl"  # the pipeline's record of its stages, in the results folder above runs/
-
-
 def stage_records(run_dir: Path) -> list[dict[str, Any]]:
     """Stage records about this run: its own, and the pipeline's `train <run>` entries in a
     stages.jsonl one or two folders up (results/<id>/stages.jsonl for results/<id>/runs/<run>)."""
     run_dir = Path(run_dir)
     out = metrics.of_kind(read_records(run_dir), "stage") if run_dir.is_dir() else []
     for folder in list(run_dir.resolve().parents)[:2]:
-        path = folder / STAGES_FILE
+        path = folder / metrics.STAGES_FILE
         if path.is_file():
             rel = run_dir.resolve().relative_to(folder).as_posix()
             names = {f"train {run_dir.name}", f"train {rel}", f"train {rel.removeprefix('runs/')}"}
@@ -69,12 +67,11 @@ def stage_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def not_run_reason(records: list[dict[str, Any]]) -> str | None:
-    """Why a run has no losses: a stage recorded as not_run/failed, or nothing written yet."""
+    """Why a run has no losses: a stage recorded as not run or failed, or nothing written yet."""
     latest = {r.get("name"): r for r in metrics.of_kind(records, "stage")}  # a retried stage counts as its last try
     for r in latest.values():
-        if r.get("status") in ("not_run", "failed"):
-            status = "not run" if r["status"] == "not_run" else "failed"
-            return f"{r.get('name', 'stage')} {status}" + (f": {r['reason']}" if r.get("reason") else "")
+        if r.get("status") in (metrics.NOT_RUN, "failed"):
+            return f"{r.get('name', 'stage')} {r['status']}" + (f": {r['reason']}" if r.get("reason") else "")
     if not records:
         return "no metrics yet"
     return None
@@ -85,8 +82,6 @@ def reference_lines(references: bool | list[dict[str, Any]], datasets: set[str])
     if references is False:
         return []
     if references is True:
-        from .report import load_references  # report imports this module; import late
-
         references = load_references()["claims"]
     return [c for c in references if c.get("metric") == "best_val_loss" and c.get("value") is not None
             and c.get("dataset") in datasets]

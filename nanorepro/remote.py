@@ -8,7 +8,8 @@ the same stage again while it is still going attaches to it instead of starting 
 Layout on the node: the code in `remote_dir` (default `~/nanorepro`), its venv in `<remote_dir>/.venv`,
 and a local work folder inside the checkout (e.g. `results/chameleon`) mirrored at the same relative
 path under `remote_dir`. The SSH private key is read from its path; it is never copied anywhere.
-No torch here, and paramiko is imported only when a connection is made.
+`Connection` is the SSH side (connect, host-key pinning, reconnect and retry, exec, SFTP); `SSHRunner`
+uses it for the stages (setup, jobs, files). No torch here; paramiko is imported only to connect.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import UserError
+from .files import project_root
+from .fmt import duration
 
 if TYPE_CHECKING:
     import paramiko
@@ -56,13 +59,10 @@ print(smi)
 """
 
 
-def load_node(state_dir: Path) -> dict[str, Any]:
-    """The node record written by `chameleon.reserve`, or a UserError saying how to make one."""
+def read_node_record(state_dir: Path) -> dict[str, Any]:
+    """The node record `chameleon.reserve` keeps in `state_dir` ({} when there is none): the one reader."""
     path = Path(state_dir) / NODE_FILE
-    if not path.is_file():
-        raise UserError(f"no reserved node recorded in {path}",
-                        "run 00_reserve_node with target='chameleon' and the same results_dir first")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _q(path: str | PurePosixPath) -> str:
@@ -75,6 +75,31 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"  # new at every boot: a pid from bef
 def _same_boot(boot_file: str) -> str:
     """A shell test: the boot id a job recorded (a quoted path) is this boot's, or none was recorded."""
     return f'{{ [ ! -s {boot_file} ] || [ "$(cat {boot_file})" = "$(cat {BOOT_ID} 2>/dev/null)" ]; }}'
+
+
+# How a stage starts on the node (sent over SSH, run by sh in the remote home). Placeholders are
+# shell-quoted paths relative to the stage folder {cwd}; {cmd} is the quoted command line.
+JOB_SCRIPT = """\
+mkdir -p -- {cwd} && cd -- {cwd} || exit 97
+# The same job still runs (pid alive, recorded in this boot, no exit code yet): attach to it instead.
+if [ -f {pid} ] && [ ! -f {rc} ] && kill -0 "$(cat {pid})" 2>/dev/null && {same_boot}; then echo running; exit 0; fi
+rm -rf -- {job}; mkdir -p -- {job}
+# The job's own script, kept in its folder: it records its boot and pid, runs the command, then
+# writes the exit code by rename, so a reader never sees half of it.
+cat > {job}/run.sh <<'{end}'
+cat {boot_id} > {boot} 2>/dev/null
+echo $$ > {pid}
+export PYTHONUNBUFFERED=1
+{cmd}
+echo $? > {rc}.tmp && mv {rc}.tmp {rc}
+{end}
+# setsid nohup: the job outlives this SSH session and the hub's kernel. Alone on its line (not in an
+# &&-list, which would hold the SSH channel open until the job ends).
+setsid nohup sh {job}/run.sh > {log} 2>&1 < /dev/null &
+# Wait for the pid file, so that a job without one later is known to be gone (see SSHRunner._follow).
+i=0; while [ ! -s {pid} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+echo started
+"""
 
 
 def check_key_file(path: str | Path) -> Path:
@@ -118,70 +143,28 @@ def source_tar(root: Path) -> tuple[bytes, str]:
     return buf.getvalue(), digest.hexdigest()
 
 
-class SSHRunner:
-    """Runs `python -m nanorepro <args>` on a node as detached jobs and copies results back.
-
-    `workdir` is the local results folder; stages run in its mirror on the node (see module doc).
-    """
-
-    target = "chameleon"
+class Connection:
+    """One SSH connection to a node, made again when it drops: the key checked, the host key pinned
+    in `known_hosts` on first use, short commands run, files moved over SFTP."""
 
     def __init__(self, host: str, *, key_path: str | Path, user: str = "cc", port: int = 22,
-                 remote_dir: str = "nanorepro", workdir: str | Path = ".", local_root: Path | None = None,
-                 state_dir: Path | None = None, poll_s: float = 2.0, reconnect_timeout_s: float = 600.0,
-                 connect_timeout_s: float = 15.0, out: Callable[[str], None] | None = None):
+                 known_hosts: Path | None = None, connect_timeout_s: float = 15.0,
+                 reconnect_timeout_s: float = 600.0, say: Callable[[str], None] = print):
         self.host, self.port, self.user = host, int(port), user
         self.key_path = Path(key_path).expanduser()
-        self.remote_dir = PurePosixPath(remote_dir)
-        self.local_root = Path(local_root or _project_root()).resolve()
-        self.workdir_rel = self._mirror(Path(workdir))
-        self.state_dir = Path(state_dir) if state_dir else None
-        self.poll_s, self.reconnect_timeout_s, self.connect_timeout_s = poll_s, reconnect_timeout_s, connect_timeout_s
-        self._print = out or (lambda s: print(s, flush=True))
+        self.known_hosts = known_hosts
+        self.connect_timeout_s, self.reconnect_timeout_s = connect_timeout_s, reconnect_timeout_s
+        self.say = say
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._ever_connected = False
 
-    @classmethod
-    def from_state(cls, state_dir: Path, workdir: Path | None = None, **kwargs: Any) -> "SSHRunner":
-        """The runner for the node recorded in `<state_dir>/chameleon_node.json` by `00_reserve_node`."""
-        node = load_node(Path(state_dir))
-        if node.get("status") == "released":
-            raise UserError(f"the node recorded in {state_dir} was released ({node.get('updated')})",
-                            "run 00_reserve_node with target='chameleon' to reserve a new one")
-        for key in ("host", "key_path"):
-            if not node.get(key):
-                raise UserError(f"the node record in {state_dir} has no {key} (the reservation did not finish)",
-                                "re-run 00_reserve_node: it reuses the lease and server it already made")
-        poll = kwargs.pop("poll_s", None) or float(os.environ.get("NANOREPRO_SSH_POLL_S", 2.0))
-        return cls(node["host"], key_path=node["key_path"], user=node.get("user", "cc"),
-                   port=node.get("port", 22), remote_dir=node.get("remote_dir", "nanorepro"),
-                   workdir=workdir if workdir is not None else Path(state_dir), state_dir=Path(state_dir),
-                   poll_s=poll, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"SSHRunner({self.user}@{self.host}:{self.port}, {self.remote_dir})"
-
-    def _mirror(self, workdir: Path) -> PurePosixPath:
-        """The stage folder on the node, relative to remote_dir."""
-        if not workdir.is_absolute():
-            return PurePosixPath(workdir.as_posix())
-        try:
-            return PurePosixPath(workdir.resolve().relative_to(self.local_root).as_posix())
-        except ValueError:  # outside the checkout: keep only its name
-            return PurePosixPath("work") / workdir.name
-
-    @property
-    def stage_dir(self) -> PurePosixPath:
-        return self.remote_dir / self.workdir_rel
-
-    # -- connection --------------------------------------------------------------------------
     def _connect(self) -> "paramiko.SSHClient":
         import paramiko
 
         check_key_file(self.key_path)
         client = paramiko.SSHClient()
-        known = self.state_dir / KNOWN_HOSTS if self.state_dir else None
+        known = self.known_hosts
         if known and known.is_file():
             client.load_host_keys(str(known))
         # A new bare-metal node has a new host key: trust it the first time, then pin it in the state folder.
@@ -205,18 +188,19 @@ class SSHRunner:
             transport.set_keepalive(30)  # keeps NAT state alive between polls of a long stage
         return client
 
-    def _conn(self) -> "paramiko.SSHClient":
+    def client(self) -> "paramiko.SSHClient":
+        """The live connection, made (again) if there is none."""
         transport = self._client.get_transport() if self._client else None
         if transport is None or not transport.is_active():
             if self._client is not None:
-                self._print(f"connection to {self.host} lost; reconnecting - jobs on the node keep running")
+                self.say(f"connection to {self.host} lost; reconnecting - jobs on the node keep running")
             self.close()
             self._client = self._connect()
         return self._client
 
-    def _sftp_client(self) -> "paramiko.SFTPClient":
+    def sftp(self) -> "paramiko.SFTPClient":
         if self._sftp is None or self._sftp.get_channel() is None or self._sftp.get_channel().closed:
-            self._sftp = self._conn().open_sftp()
+            self._sftp = self.client().open_sftp()
         return self._sftp
 
     def close(self) -> None:
@@ -228,7 +212,7 @@ class SSHRunner:
                 pass
         self._sftp = self._client = None
 
-    def _retrying(self, what: str, fn: Callable[[], Any]) -> Any:
+    def retrying(self, what: str, fn: Callable[[], Any]) -> Any:
         """Call fn; on a dropped connection reconnect (with backoff) and call it again.
 
         fn must be safe to repeat: job launches check for a running copy first.
@@ -249,8 +233,8 @@ class SSHRunner:
                                     "it reuses both), then retry") from e
                 if deadline is None:
                     deadline = time.monotonic() + self.reconnect_timeout_s
-                    self._print(f"[{what}] connection to {self.host} lost ({type(e).__name__}: {e}); "
-                                "reconnecting - jobs on the node keep running")
+                    self.say(f"[{what}] connection to {self.host} lost ({type(e).__name__}: {e}); "
+                             "reconnecting - jobs on the node keep running")
                 if time.monotonic() > deadline:
                     raise UserError(f"lost the connection to {self.host} and could not reconnect for "
                                     f"{self.reconnect_timeout_s:.0f} s ({e})",
@@ -260,31 +244,93 @@ class SSHRunner:
                 time.sleep(delay)
                 delay = min(delay * 2, 15.0)
 
-    def _exec(self, command: str, timeout: float = 120.0) -> tuple[int, str]:
+    def exec(self, command: str, timeout: float = 120.0) -> tuple[int, str]:
         """Run a short shell command on the node; its exit code and combined output."""
         def go() -> tuple[int, str]:
-            chan = self._conn().get_transport().open_session(timeout=self.connect_timeout_s)
+            chan = self.client().get_transport().open_session(timeout=self.connect_timeout_s)
             chan.settimeout(timeout)
             chan.set_combine_stderr(True)
             chan.exec_command(command)
             data = b""
-            while True:
-                chunk = chan.recv(65536)
-                if not chunk:
-                    break
+            while chunk := chan.recv(65536):
                 data += chunk
             code = chan.recv_exit_status()
             chan.close()
             return code, data.decode("utf-8", "replace")
 
-        return self._retrying("ssh", go)
+        return self.retrying("ssh", go)
 
     def check(self, command: str, what: str) -> str:
-        code, out = self._exec(command)
+        """exec, with a failure as a UserError naming `what`."""
+        code, out = self.exec(command)
         if code:
             raise UserError(f"{what} failed on {self.host} (exit {code}): {out.strip()[-2000:]}",
                             "read the message above; the node may be out of disk or still booting")
         return out
+
+
+class SSHRunner:
+    """Runs `python -m nanorepro <args>` on a node as detached jobs and copies results back.
+
+    `workdir` is the local results folder; stages run in its mirror on the node (see module doc).
+    """
+
+    target = "chameleon"
+
+    def __init__(self, host: str, *, key_path: str | Path, user: str = "cc", port: int = 22,
+                 remote_dir: str = "nanorepro", workdir: str | Path = ".", local_root: Path | None = None,
+                 state_dir: Path | None = None, poll_s: float = 2.0, reconnect_timeout_s: float = 600.0,
+                 connect_timeout_s: float = 15.0, out: Callable[[str], None] | None = None):
+        self._print = out or (lambda s: print(s, flush=True))
+        self.ssh = Connection(host, key_path=key_path, user=user, port=port,
+                              known_hosts=Path(state_dir) / KNOWN_HOSTS if state_dir else None,
+                              connect_timeout_s=connect_timeout_s, reconnect_timeout_s=reconnect_timeout_s,
+                              say=lambda s: self._print(s))  # through _print, which callers may replace
+        self.host, self.user = self.ssh.host, user
+        self.remote_dir = PurePosixPath(remote_dir)
+        self.local_root = Path(local_root or project_root()).resolve()
+        self.workdir_rel = self._mirror(Path(workdir))
+        self.poll_s = poll_s
+        self._gpus: int | None = None
+
+    @classmethod
+    def from_state(cls, state_dir: Path, workdir: Path | None = None, **kwargs: Any) -> "SSHRunner":
+        """The runner for the node recorded in `<state_dir>/chameleon_node.json` by `00_reserve_node`."""
+        node = read_node_record(Path(state_dir))
+        if not node:
+            raise UserError(f"no reserved node recorded in {Path(state_dir) / NODE_FILE}",
+                            "run 00_reserve_node with target='chameleon' and the same results_dir first")
+        if node.get("status") == "released":
+            raise UserError(f"the node recorded in {state_dir} was released ({node.get('updated')})",
+                            "run 00_reserve_node with target='chameleon' to reserve a new one")
+        for key in ("host", "key_path"):
+            if not node.get(key):
+                raise UserError(f"the node record in {state_dir} has no {key} (the reservation did not finish)",
+                                "re-run 00_reserve_node: it reuses the lease and server it already made")
+        poll = kwargs.pop("poll_s", None) or float(os.environ.get("NANOREPRO_SSH_POLL_S", 2.0))
+        return cls(node["host"], key_path=node["key_path"], user=node.get("user", "cc"),
+                   port=node.get("port", 22), remote_dir=node.get("remote_dir", "nanorepro"),
+                   workdir=workdir if workdir is not None else Path(state_dir), state_dir=Path(state_dir),
+                   poll_s=poll, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"SSHRunner({self.user}@{self.host}:{self.ssh.port}, {self.remote_dir})"
+
+    def _mirror(self, workdir: Path) -> PurePosixPath:
+        """The stage folder on the node, relative to remote_dir."""
+        if not workdir.is_absolute():
+            return PurePosixPath(workdir.as_posix())
+        try:
+            return PurePosixPath(workdir.resolve().relative_to(self.local_root).as_posix())
+        except ValueError:  # outside the checkout: keep only its name
+            return PurePosixPath("work") / workdir.name
+
+    @property
+    def stage_dir(self) -> PurePosixPath:
+        return self.remote_dir / self.workdir_rel
+
+    def close(self) -> None:
+        self.ssh.close()
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self, install_cmd: str | None = None) -> None:
@@ -298,21 +344,21 @@ class SSHRunner:
         data, digest = source_tar(self.local_root)
         marker = f"{digest} {install_cmd}"
         here = _q(self.remote_dir)
-        done = self._exec(f"cat -- {here}/.nanorepro-installed 2>/dev/null")[1].strip()
-        if done == marker and self._exec(f"test -x {here}/.venv/bin/python")[0] == 0:
+        done = self.ssh.exec(f"cat -- {here}/.nanorepro-installed 2>/dev/null")[1].strip()
+        if done == marker and self.ssh.exec(f"test -x {here}/.venv/bin/python")[0] == 0:
             self._print(f"the node already has this code installed ({self.remote_dir})")
         else:
             self._print(f"copying the code ({len(data) / 1e3:.0f} kB) to {self.user}@{self.host}:{self.remote_dir}")
-            self.check(f"mkdir -p -- {here}", "creating the code folder")
+            self.ssh.check(f"mkdir -p -- {here}", "creating the code folder")
             archive = self.remote_dir / ".nanorepro-src.tar.gz"
-            self._retrying("copy", lambda: self._sftp_client().putfo(io.BytesIO(data), str(archive)))
-            self.check(f"cd -- {here} && tar -xzf .nanorepro-src.tar.gz && rm -f .nanorepro-src.tar.gz "
-                       "&& rm -f .nanorepro-installed", "unpacking the code")
+            self.ssh.retrying("copy", lambda: self.ssh.sftp().putfo(io.BytesIO(data), str(archive)))
+            self.ssh.check(f"cd -- {here} && tar -xzf .nanorepro-src.tar.gz && rm -f .nanorepro-src.tar.gz "
+                           "&& rm -f .nanorepro-installed", "unpacking the code")
             self._print(f"installing on the node: {install_cmd}")
             self.run_command(["sh", "-c", install_cmd], stage="setup", cwd=self.remote_dir)
-            self.check(f"printf '%s\\n' {_q(marker)} > {here}/.nanorepro-installed", "marking the install")
-        self.check(f"mkdir -p -- {_q(self.stage_dir)}", "creating the work folder")
-        self._print(f"node ready in {time.time() - started:.0f} s")
+            self.ssh.check(f"printf '%s\\n' {_q(marker)} > {here}/.nanorepro-installed", "marking the install")
+        self.ssh.check(f"mkdir -p -- {_q(self.stage_dir)}", "creating the work folder")
+        self._print(f"node ready in {duration(time.time() - started)}")
 
     def record_node(self, rel_dir: str = "node") -> None:
         """Write the node's `nvidia-smi` report and environment record into `<workdir>/<rel_dir>/` on the node."""
@@ -323,17 +369,17 @@ class SSHRunner:
         depth = len(self.workdir_rel.parts) if str(self.workdir_rel) != "." else 0
         return posixpath.join(*([".."] * depth), ".venv", "bin", "python") if depth else ".venv/bin/python"
 
-    # -- stages ------------------------------------------------------------------------------
-    def run(self, args: list[str], *, stage: str, check: bool = True) -> int:
-        """`python -m nanorepro <args>` on the node in the stage folder, its log streamed here; a
-        train stage with --parallel=ddp|fsdp runs under torchrun, one process per GPU of the node."""
-        gpus = self.gpu_count() if parallel_of(args) not in (None, "none") else 1
-        return self.run_command(stage_argv(self._python(), args, gpus), stage=stage, check=check)
+    # -- jobs --------------------------------------------------------------------------------
+    def run(self, args: list[str], *, stage: str, check: bool = True, parallel: str = "none") -> int:
+        """`python -m nanorepro <args>` on the node in the stage folder, its log streamed here; with
+        parallel=ddp|fsdp (the stage's config says which) under torchrun, one process per GPU of the node."""
+        gpus = self.gpu_count() if parallel != "none" else 1
+        return self.run_command(stage_argv(self._python(), args, parallel, gpus), stage=stage, check=check)
 
     def gpu_count(self) -> int:
         """GPUs on the node (`nvidia-smi -L`), asked once per runner; 0 without a working nvidia-smi."""
-        if getattr(self, "_gpus", None) is None:
-            code, out = self._exec("nvidia-smi -L 2>/dev/null")
+        if self._gpus is None:
+            code, out = self.ssh.exec("nvidia-smi -L 2>/dev/null")
             self._gpus = sum(line.startswith("GPU ") for line in out.splitlines()) if code == 0 else 0
         return self._gpus
 
@@ -357,25 +403,16 @@ class SSHRunner:
 
     def _launch(self, cmd: str, job: PurePosixPath, cwd: PurePosixPath) -> str:
         """Start the job unless the same one still runs ("running"); safe to repeat after a dropped connection."""
-        pid, rc, tmp, boot = _q(job / "pid"), _q(job / "rc"), _q(job / "rc.tmp"), _q(job / "boot")
-        inner = (f"cat {BOOT_ID} > {boot} 2>/dev/null; echo $$ > {pid}; export PYTHONUNBUFFERED=1; {cmd}; "
-                 f"echo $? > {tmp} && mv {tmp} {rc}")
-        # `cd X;` rather than `cd X &&`: an &&-list sent to the background holds the SSH channel open until it ends.
-        # The pid file exists when this returns, so a job without one later is gone (see _follow).
-        script = (f"mkdir -p -- {_q(cwd)} && cd -- {_q(cwd)} || exit 97\n"
-                  f"if [ -f {pid} ] && [ ! -f {rc} ] && kill -0 \"$(cat {pid})\" 2>/dev/null && {_same_boot(boot)}; "
-                  "then echo running; exit 0; fi\n"
-                  f"rm -rf -- {_q(job)}; mkdir -p -- {_q(job)}\n"
-                  f"setsid nohup sh -c {_q(inner)} > {_q(job / 'log')} 2>&1 < /dev/null &\n"
-                  f"i=0; while [ ! -s {pid} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n"
-                  "echo started\n")
-        return self.check(script, "starting the job").strip()
+        end = "NANOREPRO_JOB_" + hashlib.sha1(cmd.encode()).hexdigest()[:12]  # never a line of the quoted cmd
+        script = JOB_SCRIPT.format(cwd=_q(cwd), job=_q(job), pid=_q(job / "pid"), rc=_q(job / "rc"),
+                                   boot=_q(job / "boot"), log=_q(job / "log"), boot_id=BOOT_ID, cmd=cmd, end=end,
+                                   same_boot=_same_boot(_q(job / "boot")))
+        return self.ssh.check(script, "starting the job").strip()
 
     def _follow(self, stage: str, job: PurePosixPath) -> tuple[int, list[str]]:
         """Stream the job's log until its exit code appears; reconnect on drops."""
         offset, pending = 0, b""
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        log, rc_path, pid_path, boot_path = str(job / "log"), str(job / "rc"), str(job / "pid"), str(job / "boot")
 
         def emit(data: bytes) -> None:
             text = data.decode("utf-8", "replace")
@@ -383,34 +420,8 @@ class SSHRunner:
                 self._print(line)  # progress bars' \r stay in: Jupyter and terminals overwrite, as for local runs
                 tail.append(line.rstrip("\r").split("\r")[-1])  # a progress bar's last state
 
-        def poll() -> tuple[bytes, int | None, bool]:
-            sftp = self._sftp_client()
-            code = None
-            try:
-                with sftp.open(rc_path) as f:
-                    code = int(f.read().decode().strip() or "1")
-            except FileNotFoundError:
-                pass
-            try:
-                with sftp.open(log) as f:  # read after rc: once rc exists, the log is complete
-                    f.seek(offset)
-                    data = f.read()
-            except FileNotFoundError:
-                data = b""  # the job's shell has not opened it yet
-            alive = True
-            if code is None:
-                try:
-                    with sftp.open(pid_path) as f:
-                        pid = f.read().decode().strip()
-                except FileNotFoundError:
-                    pid = ""  # _launch waited for it: the job folder was wiped
-                # a pid from before a reboot may belong to another process now: the boot id must match too
-                alive = bool(pid) and self._exec(f"[ -f {_q(rc_path)} ] || {{ kill -0 {_q(pid)} 2>/dev/null && "
-                                                 f"{_same_boot(_q(boot_path))}; }}")[0] == 0
-            return data, code, alive
-
         while True:
-            data, code, alive = self._retrying(stage, poll)
+            data, code, alive = self.ssh.retrying(stage, lambda: self._poll(job, offset))
             offset += len(data)
             pending += data
             if code is not None:
@@ -427,6 +438,33 @@ class SSHRunner:
                                 "`dmesg` on the node if it happens again")
             time.sleep(self.poll_s)
 
+    def _poll(self, job: PurePosixPath, offset: int) -> tuple[bytes, int | None, bool]:
+        """The job's new log bytes from `offset`, its exit code (None while it runs), and whether it is alive."""
+        sftp = self.ssh.sftp()
+        code = None
+        try:
+            with sftp.open(str(job / "rc")) as f:
+                code = int(f.read().decode().strip() or "1")
+        except FileNotFoundError:
+            pass
+        try:
+            with sftp.open(str(job / "log")) as f:  # read after rc: once rc exists, the log is complete
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""  # the job's shell has not opened it yet
+        if code is not None:
+            return data, code, True
+        try:
+            with sftp.open(str(job / "pid")) as f:
+                pid = f.read().decode().strip()
+        except FileNotFoundError:
+            pid = ""  # _launch waited for it: the job folder was wiped
+        # a pid from before a reboot may belong to another process now: the boot id must match too
+        alive = bool(pid) and self.ssh.exec(f"[ -f {_q(job / 'rc')} ] || {{ kill -0 {_q(pid)} 2>/dev/null && "
+                                            f"{_same_boot(_q(job / 'boot'))}; }}")[0] == 0
+        return data, code, alive
+
     # -- files -------------------------------------------------------------------------------
     def fetch(self, rel_path: str, local_dir: Path, *, checkpoints: bool = False) -> Path:
         """Copy `<workdir>/<rel_path>` (file or folder) to `local_dir/<rel_path>`; return the local path.
@@ -438,7 +476,7 @@ class SSHRunner:
         dest = Path(local_dir) / rel_path
 
         def go() -> Path:
-            sftp = self._sftp_client()
+            sftp = self.ssh.sftp()
             try:
                 st = sftp.stat(str(src))
             except FileNotFoundError:
@@ -451,7 +489,7 @@ class SSHRunner:
                 sftp.get(str(src), str(dest))
             return dest
 
-        return self._retrying("fetch", go)
+        return self.ssh.retrying("fetch", go)
 
     def _get_dir(self, sftp: "paramiko.SFTPClient", src: PurePosixPath, dest: Path, checkpoints: bool) -> None:
         dest.mkdir(parents=True, exist_ok=True)
@@ -462,30 +500,20 @@ class SSHRunner:
                 sftp.get(str(src / entry.filename), str(dest / entry.filename))
 
     def put(self, local_path: Path, rel_path: str) -> str:
-        """Copy a local file (e.g. an input text) to `<workdir>/<rel_path>` on the node; the remote path."""
+        """Copy a local file (e.g. an input text) to `<workdir>/<rel_path>` on the node; returns the path
+        a stage command should use: `rel_path`, since stages run in the stage folder."""
         dest = self.stage_dir / rel_path
-        self.check(f"mkdir -p -- {_q(dest.parent)}", "creating a folder")
-        self._retrying("put", lambda: self._sftp_client().put(str(local_path), str(dest)))
-        return str(dest)
+        self.ssh.check(f"mkdir -p -- {_q(dest.parent)}", "creating a folder")
+        self.ssh.retrying("put", lambda: self.ssh.sftp().put(str(local_path), str(dest)))
+        return rel_path
 
 
-def parallel_of(args: list[str]) -> str | None:
-    """The --parallel value of a `train` command line (`--parallel=x` or `--parallel x`), else None."""
-    if not args or args[0] != "train":
-        return None
-    for i, a in enumerate(args):
-        if a.startswith("--parallel="):
-            return a.split("=", 1)[1]
-        if a == "--parallel" and i + 1 < len(args):
-            return args[i + 1]
-    return None
 
-
-def stage_argv(python: str, args: list[str], gpus: int) -> list[str]:
-    """The command for a stage: `python -m nanorepro ...`, or for a parallel train stage
+def stage_argv(python: str, args: list[str], parallel: str = "none", gpus: int = 1) -> list[str]:
+    """The command for a stage: `python -m nanorepro ...`, or with parallel=ddp|fsdp
     `python -m torch.distributed.run --standalone --nproc_per_node=<gpus> -m nanorepro ...` (torchrun
     from the same venv). No GPU: one CPU process (gloo), which still runs the same code."""
-    if parallel_of(args) in (None, "none"):
+    if parallel == "none":
         return [python, "-m", "nanorepro", *args]
     return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={max(1, gpus)}",
             "-m", "nanorepro", *args]
@@ -500,9 +528,3 @@ def remote_env() -> list[str]:
         raise UserError(f"NANOREPRO_REMOTE_ENV has entries that are not NAME=VALUE: {bad}",
                         "write it as NAME=VALUE pairs separated by spaces")
     return ["env", *pairs] if pairs else []
-
-
-def _project_root() -> Path:
-    from .pipeline import project_root
-
-    return project_root()

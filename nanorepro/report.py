@@ -10,7 +10,6 @@ run of that kind, with the reason), and "new result" for a claim with no publish
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import json
 import math
@@ -19,59 +18,22 @@ import statistics
 import tarfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable
 
 from . import __version__, envinfo, metrics, plots
+from .config import GPT2_SIZES, PRESETS, resolve
 from .errors import UserError
-
-REFERENCES_FILE = Path(__file__).with_name("references.json")
+from .files import sha256_file, write_atomic, write_text_atomic
+from .fmt import duration, markdown_table
+from .references import DATA_METRICS, RUN_METRICS, load_references
 
 # Fields a run may change and still be "the published recipe": where files go, which seed,
 # which device/precision/compiler runs it, how often it prints. Everything else must match the preset.
 NEUTRAL_FIELDS = {"out_dir", "data_root", "seed", "device", "dtype", "compile", "log_interval",
-                  "always_save_checkpoint", "vocab_size", "parallel", "activation_checkpointing"}
+                  "always_save_checkpoint", "vocab_size", "parallel", "activation_checkpointing", "preset"}
 # For a GPT-2 init the model's shape comes from the checkpoint, whatever the config said.
 PRETRAINED_SHAPE_FIELDS = {"n_layer", "n_head", "n_embd", "bias"}
-# (n_layer, n_head, n_embd) of OpenAI's checkpoints: a local copy of gpt2-xl is still gpt2-xl
-PRETRAINED_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
-                     "gpt2-xl": (48, 25, 1600)}
-RUN_METRICS = {"best_val_loss", "wall_time_s"}
-DATA_METRICS = {"input_chars", "vocab_size", "train_tokens", "val_tokens"}
-# meta.json key spellings accepted for each data metric (the first found wins)
-DATA_KEYS = {
-    "input_chars": ("input_chars", "n_chars", "num_chars", "chars", "source_chars", "text_chars"),
-    "vocab_size": ("vocab_size",),
-    "train_tokens": ("train_tokens", "n_train_tokens", "num_train_tokens"),
-    "val_tokens": ("val_tokens", "n_val_tokens", "num_val_tokens"),
-}
 EPS = 1e-9
-
-
-# ----------------------------------------------------------------------------- references
-
-def load_references(path: Path | None = None) -> dict[str, Any]:
-    """references.json (or another file of the same shape), checked so a typo fails loudly."""
-    path = Path(path) if path else REFERENCES_FILE
-    try:
-        refs = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read references {path}: {e}", "restore nanorepro/references.json from git") from e
-    sources = refs.get("sources", {})
-    for c in refs.get("claims", []):
-        missing = [k for k in ("id", "description", "metric", "value", "tolerance", "source") if k not in c]
-        if missing:
-            raise UserError(f"claim {c.get('id', '?')} in {path} lacks {', '.join(missing)}", "add those keys")
-        if c["metric"] not in RUN_METRICS | DATA_METRICS:
-            raise UserError(f"claim {c['id']}: unknown metric {c['metric']!r}",
-                            f"use one of {', '.join(sorted(RUN_METRICS | DATA_METRICS))}")
-        if c["source"] not in sources:
-            raise UserError(f"claim {c['id']}: source {c['source']!r} is not in 'sources'", "add it to 'sources'")
-        if c["metric"] in RUN_METRICS and not c.get("presets"):
-            raise UserError(f"claim {c['id']}: a run metric needs 'presets'", "list the presets it applies to")
-        if c["metric"] in DATA_METRICS and not c.get("dataset"):
-            raise UserError(f"claim {c['id']}: a data metric needs 'dataset'",
-                            "name the data folder, e.g. shakespeare_char")
-    return refs
 
 
 # ----------------------------------------------------------------------------- one run
@@ -120,29 +82,19 @@ def _find_data_dir(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
 
 
 def _data_value(meta: dict[str, Any], metric: str) -> int | None:
-    """A count from meta.json, at the top level or one level down (e.g. {"counts": {...}})."""
-    scopes = [meta] + [v for v in meta.values() if isinstance(v, dict)]
-    for scope in scopes:
-        for key in DATA_KEYS[metric]:
-            if isinstance(scope.get(key), (int, float)) and not isinstance(scope.get(key), bool):
-                return int(scope[key])
-    if metric == "input_chars" and meta.get("encoding") == "char":
-        # one token per character, split 90/10: the two files together are the whole text
-        if isinstance(meta.get("train_tokens"), int) and isinstance(meta.get("val_tokens"), int):
-            return meta["train_tokens"] + meta["val_tokens"]
-    split = {"train_tokens": "train", "val_tokens": "val"}.get(metric)
-    if split:  # {"splits": {"train": {"tokens": N}}} or {"train": {"tokens": N}}
-        for scope in scopes:
-            sub = scope.get(split)
-            if isinstance(sub, dict) and isinstance(sub.get("tokens"), int):
-                return sub["tokens"]
-    return None
+    """A count from meta.json (as `nanorepro prepare` writes it). The text's length is not stored:
+    a character encoding has one token per character, so it is the two splits together."""
+    if metric == "input_chars":
+        if meta.get("encoding") != "char":
+            return None
+        metric_values = [meta.get("train_tokens"), meta.get("val_tokens")]
+        return sum(metric_values) if all(isinstance(v, int) for v in metric_values) else None
+    value = meta.get(metric)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def deviations(cfg: dict[str, Any], preset: str | None) -> list[str] | None:
     """Settings where a run differs from its preset beyond NEUTRAL_FIELDS; None if the preset is unknown."""
-    from .config import PRESETS, resolve
-
     if not preset or preset not in PRESETS:
         return None
     ref = resolve(preset).to_dict()
@@ -153,8 +105,9 @@ def deviations(cfg: dict[str, Any], preset: str | None) -> list[str] | None:
             continue
         mine = cfg[k]
         same = math.isclose(mine, v) if isinstance(v, float) and isinstance(mine, (int, float)) else mine == v
-        if k == "init_from" and not same and v in PRETRAINED_SHAPES and mine not in PRETRAINED_SHAPES:
-            same = tuple(cfg.get(f) for f in ("n_layer", "n_head", "n_embd")) == PRETRAINED_SHAPES[v]
+        if k == "init_from" and not same and v in GPT2_SIZES and mine not in GPT2_SIZES:
+            # a local copy of gpt2-xl is still gpt2-xl: the same shape
+            same = all(cfg.get(f) == getattr(GPT2_SIZES[v], f) for f in ("n_layer", "n_head", "n_embd"))
         if not same:
             out.append(f"{k}={mine!r} (preset {v!r})")
     return out
@@ -209,7 +162,7 @@ def summarize_run(run_dir: Path, base: Path | None = None) -> dict[str, Any]:
     if metrics.finished(recs):
         status = "finished"
     elif reason:
-        status = "failed" if " failed" in reason else "not run"
+        status = "failed" if " failed" in reason else metrics.NOT_RUN
     elif ends:
         status = str(ends[-1].get("status") or "ended")
     else:
@@ -290,7 +243,7 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
                 users.append(r["name"])
         values = [v for v in found.values() if v is not None]
         if not values:
-            row["verdict"] = "not run"
+            row["verdict"] = metrics.NOT_RUN
             where = f"{claim['dataset']}/meta.json"
             row["notes"].append(f"{where} has no {claim['metric']}" if found
                                 else f"no {where} with {claim['metric']} found through the runs' configs")
@@ -305,13 +258,12 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
 
     mine = [r for r in runs if r["preset"] in claim["presets"]]
     if not mine:
-        row["verdict"] = "not run"
+        row["verdict"] = metrics.NOT_RUN
         row["notes"].append(f"no run of preset {' / '.join(claim['presets'])}")
         latest = {s.get("name"): s for s in stages or []}
         for s in latest.values():
             if s.get("preset") in claim["presets"] and s.get("status") != "finished":
-                status = "not run" if s["status"] == "not_run" else s["status"]
-                row["notes"].append(f"stage {s['name']} {status}" + (f": {s['reason']}" if s.get("reason") else ""))
+                row["notes"].append(f"stage {s['name']} {s['status']}" + (f": {s['reason']}" if s.get("reason") else ""))
         return row
     recipe = [r for r in mine if not r["deviations"]]
     for r in mine:
@@ -332,7 +284,7 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
             why = r["reason"] or f"stopped at iter {r['last_iter']} of {r['max_iters']}"
             row["notes"].append(f"{r['name']}: {r['status']} ({why})")
     if not done:
-        row["verdict"] = "not run"
+        row["verdict"] = metrics.NOT_RUN
         return row
     row["runs"] = [r["name"] for r in done]
     verdict_from([float(r[claim["metric"]]) for r in done])
@@ -385,17 +337,7 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 
 def _secs(s: float | None) -> str:
-    if s is None:
-        return "–"
-    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
+    return "–" if s is None else duration(s)
 
 
 def _measured_text(row: dict[str, Any]) -> str:
@@ -440,7 +382,7 @@ def claims_table(rows: list[dict[str, Any]], compact: bool = False) -> str:
     """The claims as a markdown table; `compact` (what `nanorepro report` prints) leaves out
     descriptions and sources, which REPORT.md carries."""
     if compact:
-        return _table(["claim", "published", "measured", "tolerance", "verdict", "runs / notes"],
+        return markdown_table(["claim", "published", "measured", "tolerance", "verdict", "runs / notes"],
                       [[r["id"], _published_text(r), _measured_text(r), _tolerance_text(r), r["verdict"],
                         "; ".join(r["notes"]) or ", ".join(r["runs"])] for r in rows])
     body = []
@@ -448,7 +390,7 @@ def claims_table(rows: list[dict[str, Any]], compact: bool = False) -> str:
         src = f"[{r['source']}]({r['source_url']})" if r.get("source_url") else (r.get("source") or "")
         body.append([f"**{r['id']}**: {r['description']}", src, _published_text(r), _measured_text(r),
                      _tolerance_text(r), f"**{r['verdict']}**", "; ".join(r["notes"]) or ", ".join(r["runs"])])
-    return _table(["claim", "source", "published", "measured", "tolerance", "verdict", "runs / notes"], body)
+    return markdown_table(["claim", "source", "published", "measured", "tolerance", "verdict", "runs / notes"], body)
 
 
 def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
@@ -457,7 +399,7 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     L.append(f"Generated {rep['generated_at']} by nanorepro {rep['nanorepro_version']} from "
              f"{len(runs)} run folder(s): " + ", ".join(f"`{r['name']}`" for r in runs) + ".\n")
     counts = {v: sum(1 for c in rep["claims"] if c["verdict"] == v)
-              for v in ("reproduced", "not reproduced", "not run", "new result")}
+              for v in ("reproduced", "not reproduced", metrics.NOT_RUN, "new result")}
     L.append("**Verdicts:** " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".\n")
     L.append("Losses are cross-entropy in nats per token. Character models also show bits per character "
              "(loss / ln 2); GPT-2 BPE models show perplexity (exp(loss)).\n")
@@ -491,7 +433,7 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             rows.append([g["preset"], ", ".join(str(s) for s in g["seeds"]), g["n"], f"{g['mean']:.4f}",
                          f"{g['std']:.4f}", f"{g['min']:.4f}–{g['max']:.4f}", _fmt(g["published"]),
                          _fmt(g["published_in_range"]), _fmt(g["within_tolerance_of_mean"])])
-        L.append(_table(["preset", "seeds", "n", "mean best val", "std (n−1)", "min–max", "published",
+        L.append(markdown_table(["preset", "seeds", "n", "mean best val", "std (n−1)", "min–max", "published",
                          "published in [min, max]", "within ±tol of mean"], rows) + "\n")
     else:
         L.append("No group of finished runs that differ only by seed.\n")
@@ -508,7 +450,7 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         rows.append([f"`{r['name']}`", r["preset"] or "–", r["seed"], status, _fmt(r["best_val_loss"]), unit,
                      f"{_fmt(r['last_iter'])} / {_fmt(r['max_iters'])}", _secs(r["wall_time_s"]),
                      _fmt(r["tokens_per_s"], 0), r["device"]])
-    L.append(_table(["run", "preset", "seed", "status", "best val (nats)", "best val", "iters",
+    L.append(markdown_table(["run", "preset", "seed", "status", "best val (nats)", "best val", "iters",
                      "wall time", "tokens/s", "device"], rows) + "\n")
 
     L.append("## Wall time per stage\n")
@@ -517,7 +459,7 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     for r in runs:
         rows.append([f"`{r['name']}`", "training run (metrics)", r["status"], _secs(r["wall_time_s"]),
                      r["reason"] or ""])
-    L.append(_table(["where", "stage", "status", "wall time", "reason"], rows) + "\n")
+    L.append(markdown_table(["where", "stage", "status", "wall time", "reason"], rows) + "\n")
     what = "pipeline stages" if rep["pipeline_stages"] else "runs"
     L.append(f"Total wall time over all {what}: {_secs(rep['total_wall_time_s'])}.\n")
 
@@ -540,7 +482,7 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
                f"{pk.get('transformers')}, tiktoken {pk.get('tiktoken')}, numpy {pk.get('numpy')}",
                f"{git.get('version')} @ {commit}")
         rows.setdefault(key, []).append(f"`{r['name']}`")
-    L.append(_table(["runs", "host", "CPU", "memory", "GPU", "driver / CUDA", "OS", "software", "nanorepro"],
+    L.append(markdown_table(["runs", "host", "CPU", "memory", "GPU", "driver / CUDA", "OS", "software", "nanorepro"],
                     [[", ".join(names), *key] for key, names in rows.items()]) + "\n")
     if rep["warnings"]:
         L.append("## Warnings\n")
@@ -569,7 +511,7 @@ def default_out_dir(run_dirs: Iterable[Path]) -> Path:
 
 def _pipeline_stages(dirs: list[Path], out_dir: Path) -> list[dict[str, Any]]:
     """Every stage in the pipeline's stages.jsonl (in out_dir, or one or two folders above a run)."""
-    files = dict.fromkeys(p.resolve() / plots.STAGES_FILE
+    files = dict.fromkeys(p.resolve() / metrics.STAGES_FILE
                           for p in [out_dir] + [q for d in dirs for q in list(d.resolve().parents)[:2]])
     out = []
     for f in files:
@@ -643,8 +585,8 @@ def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path |
         "warnings": caught,
     }
     rep = _jsonable(rep)
-    (out_dir / "REPORT.md").write_text(_markdown(rep, runs), encoding="utf-8")
-    (out_dir / "report.json").write_text(json.dumps(rep, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    write_text_atomic(out_dir / "REPORT.md", _markdown(rep, runs))
+    write_text_atomic(out_dir / "report.json", json.dumps(rep, indent=2, allow_nan=False) + "\n")
     rep["out_dir"] = str(out_dir)
     return rep
 
@@ -695,25 +637,20 @@ def bundle(run_dirs: list[Path], out_path: Path | None = None, include_checkpoin
             files.append(d / "ckpt.pt")
         for f in dict.fromkeys(files):
             members.append((f, f"{root}/runs/{name}/{f.relative_to(d).as_posix()}"))
-    manifest = []
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        for f, arc in members:
-            if f.resolve() == out_path.resolve():
-                continue
-            tar.add(f, arcname=arc, recursive=False)
-            manifest.append({"path": arc, "bytes": f.stat().st_size, "sha256": _sha256(f)})
-        data = json.dumps({"created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                           "nanorepro_version": __version__, "checkpoints_included": include_checkpoints,
-                           "files": manifest}, indent=2).encode()
-        info = tarfile.TarInfo(f"{root}/MANIFEST.json")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, out_path)
+    members = [(f, arc) for f, arc in members if f.resolve() != out_path.resolve()]
+
+    def write(f: BinaryIO) -> None:
+        with tarfile.open(fileobj=f, mode="w:gz") as tar:
+            for member, arc in members:
+                tar.add(member, arcname=arc, recursive=False)
+            manifest = [{"path": arc, "bytes": m.stat().st_size, "sha256": sha256_file(m)} for m, arc in members]
+            data = json.dumps({"created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                               "nanorepro_version": __version__, "checkpoints_included": include_checkpoints,
+                               "files": manifest}, indent=2).encode()
+            info = tarfile.TarInfo(f"{root}/MANIFEST.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    write_atomic(out_path, write)
     return out_path
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import UserError
+from .remote import SSHRunner
 
 TARGETS = ("local", "chameleon")
 
@@ -21,8 +22,9 @@ TARGETS = ("local", "chameleon")
 class Runner(Protocol):
     target: str
 
-    def run(self, args: list[str], *, stage: str, check: bool = True) -> int:
-        """Run `python -m nanorepro <args>` in the target's work folder, streaming its output live."""
+    def run(self, args: list[str], *, stage: str, check: bool = True, parallel: str = "none") -> int:
+        """Run `python -m nanorepro <args>` in the target's work folder, streaming its output live;
+        `parallel` (a train stage's config value) says whether it needs one process per GPU."""
 
     def fetch(self, rel_path: str, local_dir: Path) -> Path:
         """Copy a file or folder (relative to the work folder) into `local_dir`; return the local path."""
@@ -33,14 +35,15 @@ class Runner(Protocol):
 
 
 class LocalRunner:
-    """Runs stages as child processes of this kernel, in `workdir`."""
+    """Runs stages as child processes of this kernel, in `workdir`: one process each (a parallel
+    train stage refuses to start outside torchrun and says how to launch it)."""
 
     target = "local"
 
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
 
-    def run(self, args: list[str], *, stage: str, check: bool = True) -> int:
+    def run(self, args: list[str], *, stage: str, check: bool = True, parallel: str = "none") -> int:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "nanorepro", *args]
         tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -78,7 +81,5 @@ def get_runner(target: str, workdir: Path, state_dir: Path | None = None) -> Run
     if target == "local":
         return LocalRunner(workdir)
     if target == "chameleon":
-        from .remote import SSHRunner
-
         return SSHRunner.from_state(Path(state_dir or workdir), workdir=workdir)
     raise UserError(f"unknown target {target!r}", f"use one of: {', '.join(TARGETS)}")

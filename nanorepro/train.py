@@ -199,7 +199,7 @@ def _check_memory(cfg: Config, meta: dict[str, Any], ckpt: dict[str, Any] | None
         refused = refused or memory.WontFit("another rank's device cannot fit this run", "see rank 0's message")
         path = Path(cfg.out_dir) / metrics.METRICS_FILE
         if world.main and not path.exists():  # why this run has no losses, for reports and the size comparison
-            metrics.append(path, {"kind": "stage", "name": f"train {Path(cfg.out_dir).name}", "status": "not_run",
+            metrics.append(path, {"kind": "stage", "name": f"train {Path(cfg.out_dir).name}", "status": metrics.NOT_RUN,
                                   "reason": f"does not fit: {refused.problem}; {refused.fix}"})
         raise refused
     line = f"memory: {est.describe()} of {free / memory.GiB:.1f} GiB free on {where}" if est else "memory: not checked"

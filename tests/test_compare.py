@@ -44,7 +44,7 @@ def test_sizes_are_fine_tuned_with_one_recipe_and_compared(sizes, tmp_path, shak
     assert huge["status"] == "not run" and "does not fit" in huge["reason"] and "has 819.2 MiB" in huge["reason"]
     results = tmp_path / "cmp"
     stages = {r["name"]: r for r in metrics.read(results / "stages.jsonl")}
-    assert stages["train compare-gpt2-huge"]["status"] == "not_run"
+    assert stages["train compare-gpt2-huge"]["status"] == "not run"
     table = (results / compare.TABLE_FILE).read_text()
     assert "| `tiny-gpt20` |" in table and "| `gpt2-huge` |" in table and "not run: does not fit" in table
     assert json.loads((results / compare.JSON_FILE).read_text())["rows"][1]["model"] == sizes[1]

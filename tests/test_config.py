@@ -1,5 +1,6 @@
 """The one config type: presets match nanoGPT's configs, overrides are typed, bad values refused."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_overrides_are_typed_in_every_spelling():
     (["--batch_size=ten"], "batch_size='ten' is not a valid int"),
     (["--dropout=1.5"], "dropout must be in [0, 1)"),
     (["--n_embd=33"], "not divisible by n_head"),
-    (["--device=tpu"], "unknown device 'tpu'"),
+    (["--device=tpu"], "unknown device='tpu'"),
     (["--dtype=int8"], "unknown dtype"),
     (["--init_from=gpt5"], "init_from='gpt5'"),
     (["--min_lr=1"], "min_lr=1.0 is above learning_rate"),
@@ -86,3 +87,34 @@ def test_light_modules_do_not_import_torch():
             "nanorepro.notebooks, nanorepro.cli; nanorepro.cli.build_parser(); print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+def test_help_fields_shows_allowed_values_and_meaning_from_the_source_validate_checks(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "nanorepro", "train", "--help-fields"], capture_output=True, text=True,
+                       cwd=tmp_path, check=True)
+    lines = {line.split(":")[0].strip(): line for line in r.stdout.splitlines()}
+    assert set(lines) == {f.name for f in dataclasses.fields(config.Config)}  # every field, one line each
+    assert lines["parallel"].startswith("  parallel: none | ddp | fsdp, default 'none'. ")
+    assert "torchrun" in lines["parallel"]
+    assert "block_size: int > 0, default 1024. context length" in lines["block_size"]
+    for f in dataclasses.fields(config.Config):
+        for value in f.metadata["allowed"] or ():
+            if value.isupper() or value.endswith(":N"):  # a placeholder: FOLDER, cuda:N
+                continue
+            other = "ddp" if f.name == "optimizer" else None  # muon + fsdp is refused on purpose
+            config.resolve("tiny", {f.name: value, **({"parallel": other} if other else {})})  # each one passes
+            assert value in lines[f.name]
+        if f.metadata["allowed"] and f.name != "init_from":
+            with pytest.raises(UserError, match=f"unknown {f.name}='bogus'.*fix: use {f.metadata['allowed'][0]}"):
+                config.resolve("tiny", {f.name: "bogus"})
+
+
+def test_a_run_config_file_is_what_train_reads(tmp_path):
+    cfg = config.resolve("tiny", {"max_iters": 0, "out_dir": str(tmp_path / "run"), "data_root": str(tmp_path)})
+    cfg.save(tmp_path / "config.json")
+    assert config.Config.load(tmp_path / "config.json") == cfg and cfg.preset == "tiny"
+    bad = json.loads((tmp_path / "config.json").read_text()) | {"block_size": 0}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    r = subprocess.run([sys.executable, "-m", "nanorepro", "train", "--config", str(tmp_path / "bad.json")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "block_size must be > 0, got 0" in r.stderr and not (tmp_path / "run").exists()

@@ -27,7 +27,7 @@ from nanorepro import metrics
 from nanorepro.config import resolve
 from nanorepro.errors import UserError
 from nanorepro.model import GPT
-from nanorepro.remote import parallel_of, stage_argv
+from nanorepro.remote import stage_argv
 from nanorepro.sample import sample
 from nanorepro.train import train
 
@@ -192,11 +192,10 @@ def test_activation_checkpointing_gives_the_same_losses(char_data_root, tmp_path
 
 
 def test_the_node_runner_launches_parallel_train_stages_under_torchrun():
-    args = ["train", "--preset", "train-gpt2", "--out-dir", "runs/owt", "--parallel=fsdp"]
-    assert stage_argv("../.venv/bin/python", args, gpus=4) == [
+    args = ["train", "--config", "runs/owt/config.json"]
+    assert stage_argv("../.venv/bin/python", args, "fsdp", gpus=4) == [
         "../.venv/bin/python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
         "-m", "nanorepro", *args]
-    assert parallel_of(["train", "--parallel", "ddp"]) == "ddp"
-    assert stage_argv("py", ["train", "--parallel=ddp"], gpus=0)[4] == "--nproc_per_node=1"  # no GPU: one CPU rank
-    for plain in (["train", "--preset", "tiny"], ["train", "--parallel=none"], ["prepare", "--parallel=ddp"]):
+    assert stage_argv("py", args, "ddp", gpus=0)[4] == "--nproc_per_node=1"  # no GPU: one CPU rank
+    for plain in (["train", "--preset", "tiny"], ["prepare", "--encoding", "char"]):
         assert stage_argv("py", plain, gpus=4) == ["py", "-m", "nanorepro", *plain]

@@ -131,7 +131,7 @@ def test_train_refuses_before_loading_the_model(gpt2_data_root, wider_gpt2, tmp_
     with pytest.raises(memory.WontFit, match="wider-gpt2.* needs ~.* RAM has 102.4 MiB"):
         train(cfg)
     stage = metrics.of_kind(metrics.read(tmp_path / "ft" / "metrics.jsonl"), "stage")
-    assert stage[-1]["status"] == "not_run" and "does not fit" in stage[-1]["reason"]
+    assert stage[-1]["status"] == "not run" and "does not fit" in stage[-1]["reason"]
 
 
 def test_time_estimate_for_nanogpts_gpt2_run_is_about_four_days():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,7 @@ def test_offline_finetune_is_recorded_not_run_and_the_rest_completes(tmp_path, s
     assert r.returncode == 0, r.stderr[-2000:]
     assert "not run" in outputs_text(tmp_path / "notebooks" / "03_finetune_gpt2.ipynb")
     stage = [s for s in metrics.read(tmp_path / "stages.jsonl") if s["name"] == "train finetune"][0]
-    assert stage["status"] == "not_run" and "not available offline" in stage["reason"]
+    assert stage["status"] == "not run" and "not available offline" in stage["reason"]
     report = json.loads((tmp_path / "report.json").read_text())
     assert {c["id"]: c["verdict"] for c in report["claims"]}["char-vocab-size"] == "reproduced"
 
@@ -126,3 +127,36 @@ def test_unknown_parameter_is_refused_before_anything_runs(tmp_path):
     r = run_notebooks(f"results_dir={tmp_path}", "char_presett=tiny")
     assert r.returncode == 2 and "unknown notebook parameter(s): char_presett" in r.stderr
     assert not (tmp_path / "notebooks").exists()
+
+
+def execute(notebook: str, out: Path, **parameters):
+    """One notebook through papermill, in the repo root as `run-notebooks` runs it."""
+    import papermill as pm
+
+    root = Path(__file__).parents[1]
+    return pm.execute_notebook(str(root / "notebooks" / notebook), str(out), parameters=parameters, cwd=str(root),
+                               progress_bar=False)
+
+
+def test_block_size_set_in_the_parameters_cell_reaches_the_run(tmp_path, char_data_root):
+    shutil.copytree(char_data_root, tmp_path / "data")
+    execute("02_train_char.ipynb", tmp_path / "02.ipynb", results_dir=str(tmp_path), char_preset="tiny",
+            char_max_iters=4, char_overrides={"block_size": 16, "eval_interval": 2})
+    run = tmp_path / "runs" / "char"
+    assert json.loads((run / "config.json").read_text())["block_size"] == 16
+    meta = metrics.meta(metrics.read(run / "metrics.jsonl"))
+    assert meta["preset"] == "tiny" and meta["config"]["block_size"] == 16  # what the job trained with
+
+
+def test_a_bad_override_fails_in_the_notebook_before_a_job_starts(tmp_path):
+    import papermill as pm
+
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        execute("02_train_char.ipynb", tmp_path / "02.ipynb", results_dir=str(tmp_path), char_preset="tiny",
+                char_overrides={"block_size": 0})
+    assert e.value.ename == "UserError" and "\n" not in e.value.evalue
+    assert "block_size must be > 0, got 0 (fix: set block_size to a positive value)" in e.value.evalue
+    assert not (tmp_path / "runs").exists()  # no config written, no job started
+    errors = [o for c in json.loads((tmp_path / "02.ipynb").read_text())["cells"] for o in c.get("outputs", [])
+              if o["output_type"] == "error"]
+    assert [o["traceback"] for o in errors] == [[f"UserError: {e.value.evalue}"]]  # one line, as on the CLI

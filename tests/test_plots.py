@@ -73,7 +73,7 @@ def test_a_stage_that_did_not_run_is_shown_with_its_reason(tmp_path):
     results = tmp_path / "results"
     run = results / "runs" / "finetune"
     run.mkdir(parents=True)
-    metrics.append(results / "stages.jsonl", {"kind": "stage", "name": "train finetune", "status": "not_run",
+    metrics.append(results / "stages.jsonl", {"kind": "stage", "name": "train finetune", "status": "not run",
                                               "elapsed_s": 1.5, "reason": "gpt2-xl weights are not available offline"})
     with pytest.warns(UserWarning, match="train finetune not run: gpt2-xl weights are not available offline"):
         out = plots.loss_curves([run], tmp_path / "nothing.png")

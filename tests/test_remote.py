@@ -154,21 +154,21 @@ def test_dropped_connection_reconnects_and_the_job_keeps_running(node, server, m
     runner, out, _ = node
     out.lines.clear()
     dropped, killed, midway = threading.Event(), threading.Event(), threading.Event()
-    get_sftp = runner._sftp_client
+    get_sftp = runner.ssh.sftp
 
     def sftp_that_dies_in_use():
         sftp = get_sftp()
         if killed.is_set() and not midway.is_set() and any(line == "tick 6" for _, line in out.lines):
             midway.set()
-            runner._client.get_transport().close()  # dies between two reads of one poll
+            runner.ssh._client.get_transport().close()  # dies between two reads of one poll
         return sftp
 
-    monkeypatch.setattr(runner, "_sftp_client", sftp_that_dies_in_use)
+    monkeypatch.setattr(runner.ssh, "sftp", sftp_that_dies_in_use)
 
     def drop(line: str) -> None:
         if line == "tick 1" and not dropped.is_set():
             dropped.set()
-            runner._client.get_transport().close()  # the hub side gives up on the connection
+            runner.ssh._client.get_transport().close()  # the hub side gives up on the connection
         if line == "tick 4" and not killed.is_set():
             killed.set()
             for pid in server.session_pids():  # the node side drops it mid-poll (a network blip)
@@ -259,4 +259,4 @@ def test_a_changed_host_key_is_refused(server, tmp_path):
     (state / remote.KNOWN_HOSTS).write_text(f"[127.0.0.1]:{server.port} {other.get_name()} {other.get_base64()}\n")
     r = SSHRunner(server.host, key_path=server.key_path, user=server.user, port=server.port, state_dir=state)
     with pytest.raises(UserError, match="host key of 127.0.0.1 changed"):
-        r.check("true", "test")
+        r.ssh.check("true", "test")

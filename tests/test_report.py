@@ -203,7 +203,7 @@ def test_a_stage_that_did_not_run_is_reported_with_its_reason(results, tmp_path)
     shutil.copytree(seed_runs(results)[0], res / "runs" / "char")
     metrics.append(res / "stages.jsonl", {"kind": "stage", "name": "train char", "status": "finished",
                                           "elapsed_s": 4.0})
-    metrics.append(res / "stages.jsonl", {"kind": "stage", "name": "train finetune", "status": "not_run",
+    metrics.append(res / "stages.jsonl", {"kind": "stage", "name": "train finetune", "status": "not run",
                                           "elapsed_s": 2.5, "reason": "gpt2-xl is not available offline",
                                           "preset": "finetune-shakespeare"})
     with pytest.warns(UserWarning, match="not available offline"):
@@ -217,7 +217,7 @@ def test_a_stage_that_did_not_run_is_reported_with_its_reason(results, tmp_path)
     assert ft["verdict"] == "not run"
     assert "stage train finetune not run: gpt2-xl is not available offline" in ft["notes"]
     md = (res / "REPORT.md").read_text()
-    assert "| pipeline | train finetune | not_run | 2.5 s | gpt2-xl is not available offline |" in md
+    assert "| pipeline | train finetune | not run | 2.5 s | gpt2-xl is not available offline |" in md
 
 
 def test_bundle_packs_the_reproduction_without_checkpoints_by_default(results, tmp_path):

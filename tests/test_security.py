@@ -173,13 +173,13 @@ def test_the_private_key_is_refused_when_others_can_read_it(node, tmp_path):
     r = remote.SSHRunner(server.host, key_path=key, user=server.user, port=server.port, state_dir=tmp_path / "st")
     before = len(server.session_pids())
     with pytest.raises(UserError) as e:
-        r.check("true", "test")
+        r.ssh.check("true", "test")
     assert f"SSH private key {key} is readable by other users (mode 644)" in str(e.value)
     assert e.value.fix == f"chmod 600 '{key}'"
     assert len(server.session_pids()) == before  # refused before connecting
     key.chmod(0o600)
     try:
-        assert r.check("echo ok", "test").strip() == "ok"  # the fix works
+        assert r.ssh.check("echo ok", "test").strip() == "ok"  # the fix works
     finally:
         r.close()
     key.chmod(0o640)
