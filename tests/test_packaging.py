@@ -141,7 +141,7 @@ def test_trovi_launches_in_chameleon_jupyterlab(crate_root):
 
 def test_trovi_version_license_date_match_the_package(crate_root, pyproject):
     assert crate_root.get("version") == pyproject["project"]["version"]
-    assert crate_root.get("license") == pyproject["project"]["license"]["text"]
+    assert crate_root.get("license") == pyproject["project"]["license"]
     published = dt.datetime.fromisoformat(crate_root.get("datePublished"))
     assert published.tzinfo is not None
 
