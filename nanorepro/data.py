@@ -3,6 +3,7 @@
 Tiny Shakespeare and GPT-2's BPE files ship inside the package (`bundled/`, gzipped, each checked
 against its published sha256 when read), so preparing needs no network. A download (`url=`) is
 still there for a mirror of the same file, verified the same way and cached.
+
 `prepare` writes `<data_root>/<name>_<encoding>/{train.bin, val.bin, meta.json}` exactly as nanoGPT's
 data/shakespeare_char and data/shakespeare prepare.py do (first 90% of the characters train, the rest
 val; uint16 ids), with the vocabulary as JSON instead of a pickle. meta.json is written last: a folder
@@ -69,7 +70,7 @@ def one_line(e: BaseException, limit: int = 200) -> str:
 def bundled(name: str, sha256: str) -> bytes:
     """The decompressed bytes of a file shipped in nanorepro/bundled/, checked against `sha256`."""
     try:
-        raw = gzip.decompress(importlib.resources.files(__package__).joinpath(BUNDLED, name).read_bytes())
+        raw = gzip.decompress((importlib.resources.files(__package__) / BUNDLED / name).read_bytes())
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise UserError(f"the bundled {name} cannot be read: {one_line(e)}", "reinstall nanorepro") from e
     if hashlib.sha256(raw).hexdigest() != sha256:
@@ -200,8 +201,8 @@ def gpt2_encoding():
         return tiktoken.get_encoding("gpt2")
     except (OSError, ValueError, ImportError) as e:  # requests' errors are OSErrors; ValueError: bad hash
         raise ModelUnavailable(f"tiktoken could not get the GPT-2 BPE files ({type(e).__name__}: {one_line(e)})",
-                               "unset TIKTOKEN_CACHE_DIR (set empty, it turns off the cache that nanorepro "
-                               "fills from its bundled copy), or connect to the network") from e
+                               "set TIKTOKEN_CACHE_DIR to a folder, or unset it (set empty, it turns off the "
+                               "cache that nanorepro fills from its bundled copy), or connect to the network") from e
     finally:
         if ours:
             os.environ.pop("TIKTOKEN_CACHE_DIR", None)
