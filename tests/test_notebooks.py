@@ -110,6 +110,9 @@ def test_offline_finetune_is_recorded_not_run_and_the_rest_completes(tmp_path, s
     assert stage["status"] == "not_run" and "not available offline" in stage["reason"]
     report = json.loads((tmp_path / "report.json").read_text())
     assert {c["id"]: c["verdict"] for c in report["claims"]}["char-vocab-size"] == "reproduced"
+    # the GPT-2 counts come from the prepared data even though no run used it
+    verdicts = {c["id"]: c["verdict"] for c in report["claims"]}
+    assert verdicts["gpt2-train-tokens"] == verdicts["gpt2-val-tokens"] == "reproduced"
 
 
 def test_a_failing_cell_names_the_notebook_and_keeps_it(tmp_path):
