@@ -49,11 +49,11 @@ def test_main_job_runs_every_notebook_in_order(tiny_results):
     assert len(names) >= 5
     for i, name in enumerate(names, 1):
         assert f"[{i}/{len(names)}] {name} done in" in r.stdout  # a progress line per notebook
-    assert "without encryption" not in r.stdout + r.stderr  # kernels talk over private Unix sockets
         executed = results / "notebooks" / name
         nb = json.loads(executed.read_text())
         assert all(c.get("execution_count") for c in nb["cells"] if c["cell_type"] == "code")
         assert "ERROR" not in outputs_text(executed)
+    assert "without encryption" not in r.stdout + r.stderr  # kernels talk over private Unix sockets
 
 
 def test_prepare_notebook_shows_the_published_token_counts(tiny_results):
