@@ -64,7 +64,7 @@ def node(server, tmp_path_factory):
     (not a git checkout: the fallback file list), so edits to the working tree cannot change it mid-test."""
     base = tmp_path_factory.mktemp("node")
     src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src)
     shutil.copytree(REPO / "nanorepro", src / "nanorepro", ignore=shutil.ignore_patterns("__pycache__"))
     out = Lines()
