@@ -6,9 +6,8 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
-# A local copy of Tiny Shakespeare, used instead of the download when given (or when this workplace's
-# shared copy sits beside the checkout, as on machines that cannot reach GitHub).
-INPUT ?= $(firstword $(wildcard ../shared/data/tinyshakespeare/input.txt))
+# Another UTF-8 text to use instead of Tiny Shakespeare (which ships with the package; nothing is downloaded).
+INPUT ?=
 
 .PHONY: install reproduce test clean-results
 

@@ -43,6 +43,7 @@ from typing import Any
 from . import __version__, config as config_mod, data, metrics
 from .config import Config
 from .errors import UserError
+from .files import sha256_file
 
 NANOGPT_FILES = ("train.py", "model.py", "configurator.py", "data/shakespeare_char/prepare.py")
 # nanoGPT's command-line knobs that nanorepro's Config shares, by the same names
@@ -113,9 +114,9 @@ def _input_text(meta: dict[str, Any], input_path: str | None) -> Path:
         if meta.get("source") and Path(meta["source"]).is_file():
             candidates.append(Path(meta["source"]))
         if want == data.SHAKESPEARE_SHA256:
-            candidates.append(data.fetch_shakespeare())
+            candidates.append(data.shakespeare_file())
     for path in candidates:
-        if path.is_file() and data._sha256_file(path) == want:
+        if path.is_file() and sha256_file(path) == want:
             return path
     raise UserError(f"no local copy of the text dataset {meta.get('name')} was made from (sha256 {str(want)[:12]}...)",
                     "pass it with --input (the same input.txt given to `nanorepro prepare`)")

@@ -30,7 +30,7 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> None:
         raise UserError("--source and --num-proc are for --dataset openwebtext", "use --input FILE for a text file")
     encodings = ("char", "gpt2") if args.encoding == "all" else (args.encoding,)
     for meta in data.prepare(input_path=args.input, name=args.name or "shakespeare", encodings=encodings,
-                             data_root=args.data_root, cache_dir=args.cache_dir):
+                             data_root=args.data_root, cache_dir=args.cache_dir, url=args.url):
         print(data.summary(meta))
 
 
@@ -233,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("prepare", allow_abbrev=False, help="download Tiny Shakespeare (or read --input) and write token files")
-    s.add_argument("--input", help="a local UTF-8 text file instead of the download (or $NANOREPRO_INPUT)")
+    s = sub.add_parser("prepare", allow_abbrev=False, help="Tiny Shakespeare (bundled, or --input) into token files")
+    s.add_argument("--input", help="a local UTF-8 text file instead of Tiny Shakespeare (or $NANOREPRO_INPUT)")
+    s.add_argument("--url", default=None, help="download Tiny Shakespeare from this mirror (sha256-checked, cached) "
+                   "instead of using the bundled copy")
     s.add_argument("--dataset", default="shakespeare", choices=("shakespeare", "openwebtext"),
                    help="openwebtext: GPT-2 BPE of a Hugging Face text dataset (default Skylion007/openwebtext)")
     s.add_argument("--source", default=None, help="openwebtext only: a local copy (save_to_disk folder, "

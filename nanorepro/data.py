@@ -1,4 +1,8 @@
-"""Data: download + verify Tiny Shakespeare, encode text (char or GPT-2 BPE) into token files, batches.
+"""Data: Tiny Shakespeare (bundled, or downloaded) and text files into token files (char or GPT-2 BPE), batches.
+
+Tiny Shakespeare and GPT-2's BPE files ship inside the package (`bundled/`, gzipped, each checked
+against its published sha256 when read), so preparing needs no network. A download (`url=`) is
+still there for a mirror of the same file, verified the same way and cached.
 
 `prepare` writes `<data_root>/<name>_<encoding>/{train.bin, val.bin, meta.json}` exactly as nanoGPT's
 data/shakespeare_char and data/shakespeare prepare.py do (first 90% of the characters train, the rest
@@ -9,8 +13,10 @@ imported only for the gpt2 encoding.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
+import importlib.resources
 import json
 import os
 import re
@@ -19,11 +25,12 @@ import tempfile
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
 from .errors import ModelUnavailable, UserError
+from .files import sha256_file, write_atomic
 
 CANONICAL_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -35,6 +42,18 @@ TRAIN_FRACTION = 0.9
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _CHUNK = 1 << 16
 
+BUNDLED = "bundled"  # the package folder holding the gzipped copies below
+SHAKESPEARE_BUNDLED = "tinyshakespeare.txt.gz"  # char-rnn's data/tinyshakespeare/input.txt
+BUNDLED_SOURCE = f"nanorepro/{BUNDLED}/{SHAKESPEARE_BUNDLED} (a copy of {CANONICAL_URL})"
+# tiktoken's gpt2 encoding: the bundled copy, the URL tiktoken reads (its cache names files by the
+# URL's sha1) and the sha256 tiktoken checks (tiktoken_ext/openai_public.py)
+GPT2_BPE_FILES = {
+    "gpt2-vocab.bpe.gz": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                          "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+    "gpt2-encoder.json.gz": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                             "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+}
+
 
 def default_cache_dir() -> Path:
     """$NANOREPRO_CACHE, else ~/.cache/nanorepro."""
@@ -42,20 +61,49 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "nanorepro"
 
 
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
+def one_line(e: BaseException, limit: int = 200) -> str:
     """An exception as one short line (the CLI prints errors as one line)."""
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def bundled(name: str, sha256: str) -> bytes:
+    """The decompressed bytes of a file shipped in nanorepro/bundled/, checked against `sha256`."""
+    try:
+        raw = gzip.decompress((importlib.resources.files(__package__) / BUNDLED / name).read_bytes())
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"the bundled {name} cannot be read: {one_line(e)}", "reinstall nanorepro") from e
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise UserError(f"the bundled {name} does not match sha256 {sha256[:12]}... (damaged install)",
+                        "reinstall nanorepro")
+    return raw
+
+
+def shakespeare_text() -> str:
+    """Tiny Shakespeare from the package's own verified copy: no network needed."""
+    return bundled(SHAKESPEARE_BUNDLED, SHAKESPEARE_SHA256).decode("utf-8")
+
+
+def shakespeare_file(cache_dir: str | Path | None = None) -> Path:
+    """A verified Tiny Shakespeare `input.txt` in the cache (where a download would go), written from
+    the bundled copy when missing or changed: for tools that need a file, such as nanoGPT's prepare.py."""
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    dest = cache / "tinyshakespeare" / "input.txt"
+    if not (dest.is_file() and sha256_file(dest) == SHAKESPEARE_SHA256):
+        raw = bundled(SHAKESPEARE_BUNDLED, SHAKESPEARE_SHA256)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(dest, lambda f: f.write(raw))
+        except OSError as e:
+            raise UserError(f"cannot write the cache {cache}: {one_line(e)}",
+                            "set NANOREPRO_CACHE or --cache-dir to a writable folder") from e
+    return dest
+
+
 def fetch_shakespeare(cache_dir: str | Path | None = None, url: str = CANONICAL_URL,
                       sha256: str = SHAKESPEARE_SHA256, timeout: float = 60) -> Path:
-    """Return the path of a verified Tiny Shakespeare in the cache, downloading it if needed.
+    """Return the path of a verified Tiny Shakespeare in the cache, downloading it from `url` if needed
+    (for a mirror; `shakespeare_text()` needs no network).
 
     The cached copy is re-hashed on every call; a download goes to a temp file that replaces the
     cached one only after its sha256 matches, so a failed download never leaves a file that passes.
@@ -65,15 +113,16 @@ def fetch_shakespeare(cache_dir: str | Path | None = None, url: str = CANONICAL_
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     dest = cache / "tinyshakespeare" / "input.txt"
     if dest.is_file():
-        if _sha256_file(dest) == sha256:
+        if sha256_file(dest) == sha256:
             return dest
         print(f"cached {dest} does not match sha256 {sha256[:12]}..., downloading it again")
-    fix = "check the network (or the URL), or pass --input / set NANOREPRO_INPUT to a local copy"
+    fix = ("check the network (or the URL), or leave out the URL to use the bundled copy, "
+           "or pass --input / set NANOREPRO_INPUT to a local copy")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".input.txt.", suffix=".part")
     except OSError as e:
-        raise UserError(f"cannot write the download cache {cache}: {_one_line(e)}",
+        raise UserError(f"cannot write the download cache {cache}: {one_line(e)}",
                         "set NANOREPRO_CACHE or --cache-dir to a writable folder") from e
     tmp = Path(tmp_name)
     try:
@@ -96,25 +145,67 @@ def fetch_shakespeare(cache_dir: str | Path | None = None, url: str = CANONICAL_
         os.replace(tmp, dest)
     except (OSError, http.client.HTTPException, ValueError) as e:
         # URLError, HTTPError and timeouts are OSErrors; a connection closed early can be IncompleteRead
-        raise UserError(f"could not download {url}: {_one_line(e)}", fix) from e
+        raise UserError(f"could not download {url}: {one_line(e)}", fix) from e
     finally:
         tmp.unlink(missing_ok=True)
     return dest
 
 
+_TIKTOKEN_VARS = ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")  # where tiktoken looks, in its order
+
+
+def tiktoken_cache_dir() -> Path | None:
+    """Where tiktoken reads the gpt2 files: $TIKTOKEN_CACHE_DIR (or $DATA_GYM_CACHE_DIR) when set, else
+    <cache>/tiktoken (see `gpt2_encoding`); None when the user turned tiktoken's cache off (set empty)."""
+    for var in _TIKTOKEN_VARS:
+        if var in os.environ:
+            return Path(os.environ[var]).expanduser() if os.environ[var] else None
+    return default_cache_dir() / "tiktoken"
+
+
+def install_gpt2_bpe() -> Path | None:
+    """Put the bundled GPT-2 BPE files where tiktoken looks for them (named by the sha1 of the URL it
+    would download them from) unless a verified copy is already there; that folder, or None when
+    tiktoken's cache is turned off. tiktoken checks the same sha256 again when it reads them."""
+    folder = tiktoken_cache_dir()
+    if folder is None:
+        return None
+    for name, (url, sha256) in GPT2_BPE_FILES.items():
+        dest = folder / hashlib.sha1(url.encode()).hexdigest()
+        if dest.is_file() and sha256_file(dest) == sha256:
+            continue
+        raw = bundled(name, sha256)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(dest, lambda f: f.write(raw))
+        except OSError as e:
+            raise UserError(f"cannot write tiktoken's cache {folder}: {one_line(e)}",
+                            "set TIKTOKEN_CACHE_DIR (or NANOREPRO_CACHE) to a writable folder") from e
+    return folder
+
+
 def gpt2_encoding():
-    """tiktoken's `gpt2` encoding, or a UserError saying how to make its files available."""
+    """tiktoken's own `gpt2` encoding, read from the bundled BPE files: never a download."""
     try:
         import tiktoken
     except ImportError as e:
         raise UserError("the gpt2 encoding needs tiktoken, which is not installed",
                         "pip install 'nanorepro[train]' (or tiktoken==0.14.0)") from e
+    folder = install_gpt2_bpe()
+    # Without a folder of the user's, point tiktoken at ours while it loads (it keeps the encoding
+    # in memory afterwards), rather than at its default shared temp folder.
+    ours = not any(v in os.environ for v in _TIKTOKEN_VARS)
     try:
+        if ours:
+            os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
         return tiktoken.get_encoding("gpt2")
     except (OSError, ValueError, ImportError) as e:  # requests' errors are OSErrors; ValueError: bad hash
-        raise ModelUnavailable(f"tiktoken could not get the GPT-2 BPE files ({type(e).__name__}: {_one_line(e)})",
-                        "connect to the network once, or set TIKTOKEN_CACHE_DIR to a folder holding "
-                        "vocab.bpe and encoder.json named by the sha1 of their URLs") from e
+        raise ModelUnavailable(f"tiktoken could not get the GPT-2 BPE files ({type(e).__name__}: {one_line(e)})",
+                               "set TIKTOKEN_CACHE_DIR to a folder, or unset it (set empty, it turns off the "
+                               "cache that nanorepro fills from its bundled copy), or connect to the network") from e
+    finally:
+        if ours:
+            os.environ.pop("TIKTOKEN_CACHE_DIR", None)
 
 
 def _read_text(path: Path) -> tuple[str, str]:
@@ -126,7 +217,7 @@ def _read_text(path: Path) -> tuple[str, str]:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise UserError(f"cannot read input file {path}: {_one_line(e)}", "check its permissions") from e
+        raise UserError(f"cannot read input file {path}: {one_line(e)}", "check its permissions") from e
     if not raw:
         raise UserError(f"input file {path} is empty", "pass a text file with some text in it")
     try:
@@ -163,22 +254,6 @@ def _encode(text: str, encoding: str) -> tuple[np.ndarray, np.ndarray, dict[str,
     return train, val, {"vocab_size": GPT2_VOCAB_SIZE}
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call write(f) on a temp file in the same folder, fsync, then rename, so readers never see half
-    a file and a crash leaves the old one. The file is world-readable like any other (mkstemp's is not)."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _bins_match(out: Path, meta: dict) -> bool:
     try:
         return all((out / f"{s}.bin").stat().st_size == 2 * int(meta[f"{s}_tokens"]) for s in ("train", "val"))
@@ -198,10 +273,15 @@ def _reusable(out: Path, sha: str, encoding: str) -> dict | None:
     return None
 
 
-def _check_args(name: str, encodings: Iterable[str]) -> tuple[str, ...]:
+def check_name(name: str) -> str:
+    """A dataset name usable as a folder name (`<name>_<encoding>`), or a UserError."""
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise UserError(f"bad dataset name {name!r}",
                         "use letters, digits, '.', '_' or '-' (it becomes the folder <name>_<encoding>)")
+    return name
+
+
+def _check_encodings(encodings: Iterable[str]) -> tuple[str, ...]:
     encodings = (encodings,) if isinstance(encodings, str) else tuple(encodings)
     if not encodings:
         raise UserError("no encoding given", f"use one of: {', '.join(ENCODINGS)} or all")
@@ -213,14 +293,17 @@ def _check_args(name: str, encodings: Iterable[str]) -> tuple[str, ...]:
 
 def prepare(input_path: str | Path | None = None, name: str = "shakespeare",
             encodings: tuple[str, ...] = ENCODINGS, data_root: str | Path = "data",
-            cache_dir: str | Path | None = None, url: str = CANONICAL_URL) -> list[dict]:
+            cache_dir: str | Path | None = None, url: str | None = None) -> list[dict]:
     """Encode a text into `<data_root>/<name>_<encoding>/` for each encoding; return their metas.
 
-    The text is `input_path`, else $NANOREPRO_INPUT, else Tiny Shakespeare downloaded (and verified)
-    from `url` into the cache. A folder already holding the same source (by sha256) in the same
-    encoding is reused as it is.
+    The text is `input_path`, else $NANOREPRO_INPUT, else Tiny Shakespeare: the package's bundled
+    copy, or downloaded (and verified) from `url` into the cache when a URL is given. A folder
+    already holding the same source (by sha256) in the same encoding is reused as it is.
     """
-    encodings = _check_args(name, encodings)
+    check_name(name)
+    encodings = _check_encodings(encodings)
+    if input_path and url:
+        raise UserError("both an input file and a URL were given", "pass one: --input FILE or --url URL")
     input_path = input_path or os.environ.get("NANOREPRO_INPUT") or None
     if input_path:
         path = Path(input_path).expanduser()
@@ -228,13 +311,15 @@ def prepare(input_path: str | Path | None = None, name: str = "shakespeare",
         source = str(path.resolve())
     else:
         ready = [_reusable(Path(data_root) / f"{name}_{enc}", SHAKESPEARE_SHA256, enc) for enc in encodings]
-        if url == CANONICAL_URL and all(ready):  # everything asked for is made: no download needed
+        if all(ready):  # everything asked for is made: nothing to read or download
             for enc, meta in zip(encodings, ready):
                 print(f"reusing {Path(data_root) / f'{name}_{enc}'}: it already holds Tiny Shakespeare as {enc}")
             return [{**m, "data_dir": str(Path(data_root) / f"{name}_{enc}")} for enc, m in zip(encodings, ready)]
-        path = fetch_shakespeare(cache_dir, url=url)
-        text, sha = _read_text(path)
-        source = url
+        if url:
+            text, sha = _read_text(fetch_shakespeare(cache_dir, url=url))
+            source = url
+        else:
+            text, sha, source = shakespeare_text(), SHAKESPEARE_SHA256, BUNDLED_SOURCE
 
     metas = []
     for encoding in encodings:
@@ -271,7 +356,7 @@ def _write_dataset(out: Path, text: str, name: str, encoding: str, source: str, 
         payload = ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
         write_atomic(out / "meta.json", lambda f: f.write(payload))
     except OSError as e:
-        reason, needed = _one_line(e), 2 * (len(train) + len(val))
+        reason, needed = one_line(e), 2 * (len(train) + len(val))
         try:  # numpy reports a short write without an errno: say when it is a full disk
             free = shutil.disk_usage(out).free
             reason += f"; the disk is full ({free:,} bytes free, {needed:,} needed)" if free < needed else ""
@@ -301,7 +386,7 @@ def load_meta(data_dir: str | Path) -> dict:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {_one_line(e)}", "re-run `nanorepro prepare`") from e
+        raise UserError(f"cannot read {path}: {one_line(e)}", "re-run `nanorepro prepare`") from e
     missing = [k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta]
     if missing or meta["encoding"] not in ENCODINGS or (meta["encoding"] == "char" and "itos" not in meta):
         raise UserError(f"{path} is not a nanorepro meta.json (missing or bad: {', '.join(missing) or 'encoding'})",

@@ -8,7 +8,11 @@ stops the sequence with the notebook and cell named; the partly executed copy is
 from __future__ import annotations
 
 import ast
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -120,6 +124,19 @@ def check_params(params: dict[str, Any], defaults: dict[str, str] | None = None)
                                 f"{e.fix}, e.g. -p {stage}_overrides '{{block_size: 128}}'") from e
 
 
+def kernel_transport() -> dict[str, Any]:
+    """papermill's options for kernels that talk over Unix sockets in a private temp folder instead of
+    TCP on localhost: nothing else on the machine can connect to them, and ipykernel has no reason
+    to warn about unencrypted TCP (once per notebook). TCP where there are no Unix sockets."""
+    if os.name != "posix":
+        return {}
+    from traitlets.config import Config
+
+    folder = tempfile.mkdtemp(prefix="nanorepro-kernel-")  # 0700; each kernel removes its sockets
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return {"config": Config({"KernelManager": {"transport": "ipc", "ip": str(Path(folder) / "kernel")}})}
+
+
 def run_notebooks(params: dict[str, Any], only: list[str] | None = None) -> list[Path]:
     """Execute the notebooks in order; return the executed copies."""
     import papermill as pm
@@ -144,6 +161,7 @@ def run_notebooks(params: dict[str, Any], only: list[str] | None = None) -> list
         raise UserError(f"cannot create the results folder {results}: {e.strerror}",
                         "pass -p results_dir with a writable folder") from e
     done = []
+    kernel = kernel_transport()
     start_all = time.time()
     for i, nb in enumerate(paths, 1):
         mine = {k: v for k, v in params.items() if k in declared_by[nb]}
@@ -152,7 +170,7 @@ def run_notebooks(params: dict[str, Any], only: list[str] | None = None) -> list
         start = time.time()
         try:
             pm.execute_notebook(str(nb), str(out), parameters=mine, cwd=str(root), progress_bar=False,
-                                stdout_file=sys.stdout, stderr_file=sys.stderr)
+                                stdout_file=sys.stdout, stderr_file=sys.stderr, **kernel)
         except pm.PapermillExecutionError as e:
             raise UserError(f"{nb.name} failed in code cell {e.exec_count} (cell index {e.cell_index}): "
                             f"{e.ename}: {e.evalue.splitlines()[0] if e.evalue else ''}; the partly executed "

@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .data import GPT2_VOCAB_SIZE, _check_args, _one_line, gpt2_encoding, write_atomic
+from .data import GPT2_VOCAB_SIZE, check_name, gpt2_encoding, one_line
 from .errors import ModelUnavailable, UserError
+from .files import write_atomic
 
 DEFAULT_SOURCE = "Skylion007/openwebtext"  # nanoGPT's "openwebtext"
 VAL_FRACTION = 0.0005
@@ -79,10 +80,10 @@ def load_source(source: str, text_column: str = "text", num_proc: int | None = N
     except UserError:
         raise
     except RuntimeError as e:  # e.g. a Hub dataset that still needs a loading script
-        raise UserError(f"cannot load dataset {source}: {_one_line(e)}",
+        raise UserError(f"cannot load dataset {source}: {one_line(e)}",
                         "pass --source a local copy or a Hub dataset stored as Parquet/Arrow") from e
     except _hub_errors() as e:
-        raise ModelUnavailable(f"dataset {source} is not available here: {_one_line(e)}",
+        raise ModelUnavailable(f"dataset {source} is not available here: {one_line(e)}",
                                "connect to the network once (it is cached), or pass --source a local copy "
                                "(a save_to_disk folder or .parquet/.jsonl files)") from e
     if isinstance(ds, datasets.DatasetDict):
@@ -218,7 +219,7 @@ def prepare(source: str = DEFAULT_SOURCE, name: str = "openwebtext", data_root: 
     reuses a finished folder and resumes an interrupted one."""
     from tqdm import tqdm
 
-    _check_args(name, ("gpt2",))
+    check_name(name)
     num_proc = max(1, num_proc or os.cpu_count() or 1)
     if shard_docs < 1:
         raise UserError(f"shard_docs must be >= 1, got {shard_docs}", "use e.g. 50000")
@@ -251,7 +252,7 @@ def prepare(source: str = DEFAULT_SOURCE, name: str = "openwebtext", data_root: 
         print(check_disk(out, estimate_bytes(ds.data.column(text_column).nbytes, len(ds))))
         splits = _split(ds, out / PARTS)
     except OSError as e:
-        raise UserError(f"cannot write {out}: {_one_line(e)}", "check that --data-root is writable") from e
+        raise UserError(f"cannot write {out}: {one_line(e)}", "check that --data-root is writable") from e
 
     import datasets
 
@@ -278,7 +279,7 @@ def prepare(source: str = DEFAULT_SOURCE, name: str = "openwebtext", data_root: 
                 tokens[split] = _assemble(out, split, n)
                 bar.set_postfix({f"{s}_tokens": f"{t:,}" for s, t in tokens.items()}, refresh=False)
     except OSError as e:
-        raise UserError(f"cannot write {out}: {_one_line(e)}",
+        raise UserError(f"cannot write {out}: {one_line(e)}",
                         "free disk space, then run the same command again: finished shards are kept") from e
     finally:
         if bars_were_on:

@@ -122,8 +122,9 @@ def source_files(root: Path) -> list[Path]:
                              cwd=root, capture_output=True, check=True, timeout=60).stdout
         names = sorted({n for n in out.decode().split("\0") if n})
     except (OSError, subprocess.SubprocessError):
-        names = ["pyproject.toml", "README.md"] + [str(p.relative_to(root)) for p in (root / "nanorepro").rglob("*")
-                                                    if p.is_file() and "__pycache__" not in p.parts]
+        names = ["pyproject.toml", "README.md", "LICENSE"]
+        names += [str(p.relative_to(root)) for p in (root / "nanorepro").rglob("*")
+                  if p.is_file() and "__pycache__" not in p.parts]
     # shared/ (data beside some checkouts) and results are not code
     return [root / n for n in names if (root / n).is_file() and not n.startswith(("shared/", "results/"))]
 

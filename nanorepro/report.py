@@ -216,9 +216,11 @@ def _agrees(measured: float, claim: dict[str, Any]) -> bool:
 
 
 def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, Any],
-          stages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+          stages: list[dict[str, Any]] | None = None,
+          datasets: dict[str, tuple[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
     """One row of the claims table: the measured value and the verdict, with why. `stages` (the
-    pipeline's) explain a missing run when they name the preset of a stage that did not run."""
+    pipeline's) explain a missing run when they name the preset of a stage that did not run;
+    `datasets` (name -> (folder, meta) of the pipeline's prepared data) count when no run used one."""
     src = sources.get(claim["source"], {})
     row = {k: claim.get(k) for k in ("id", "description", "metric", "unit", "value", "tolerance", "direction",
                                      "tolerance_reason", "presets", "dataset", "requires")}
@@ -241,6 +243,10 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
             if r["dataset"] == claim["dataset"] and r["data_meta"] is not None:
                 found.setdefault(r["data_dir"], _data_value(r["data_meta"], claim["metric"]))
                 users.append(r["name"])
+        prepared = (datasets or {}).get(claim["dataset"])
+        if not found and prepared:  # prepared by the pipeline, used by no run (e.g. a fine-tune not run)
+            found[prepared[0]] = _data_value(prepared[1], claim["metric"])
+            row["notes"].append(f"from the prepared {claim['dataset']}/meta.json (no run used it)")
         values = [v for v in found.values() if v is not None]
         if not values:
             row["verdict"] = metrics.NOT_RUN
@@ -521,6 +527,17 @@ def _pipeline_stages(dirs: list[Path], out_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _prepared_datasets(out_dir: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The datasets whose meta.json the pipeline's prepare stages copied into <results>/data/."""
+    found = {}
+    for path in sorted((out_dir / "data").glob("*/meta.json")):
+        try:
+            found[path.parent.name] = (str(path.parent), json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -553,7 +570,8 @@ def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path |
         warnings.warn(m.message, stacklevel=2)  # pass on: a torn metrics line must stay visible
 
     pipeline_stages = _pipeline_stages(dirs, out_dir)
-    claims = [judge(c, runs, refs.get("sources", {}), pipeline_stages) for c in refs["claims"]]
+    claims = [judge(c, runs, refs.get("sources", {}), pipeline_stages, _prepared_datasets(out_dir))
+              for c in refs["claims"]]
     new_results = []
     for c in claims:
         if c["verdict"] != "new result":

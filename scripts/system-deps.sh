@@ -2,10 +2,11 @@
 # Install the Debian packages the test suite needs, only when they are missing.
 #   openssh-server: a private sshd on 127.0.0.1 for the runner tests
 #   chromium:       headless browser for the real-JupyterLab "Run All" test
+#   git:            the env.json tests make small repositories
 # Idempotent: a second run installs nothing. Run as root (or via sudo).
 set -euo pipefail
 
-PACKAGES=(openssh-server chromium)
+PACKAGES=(openssh-server chromium git)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

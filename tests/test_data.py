@@ -1,4 +1,5 @@
-"""nanorepro.data: exact token counts, the verified download, bad input, atomic writes, batches."""
+"""nanorepro.data: exact token counts, the bundled copies (no network), the verified download, bad input,
+atomic writes, batches."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -70,6 +72,87 @@ def test_gpt2_counts_and_roundtrip(gpt2_data_root, shakespeare_path):
     assert codec.decode(val) == text[1_003_854:]
     assert codec.encode("<|endoftext|>") == [50256]
     assert data.summary(meta).startswith("shakespeare_gpt2: gpt2, vocab 50,257, train 301,966 tokens, val 36,059")
+
+
+# ---------------------------------------------------------------------------- the bundled copies, offline
+
+# Run in a fresh process (tiktoken keeps a loaded encoding for the process's life) with every socket
+# connection refused, so success means nothing needed the network.
+_NO_NETWORK = """
+import socket, sys
+def refuse(self, address):
+    print(f"connection attempted: {address}", file=sys.stderr)
+    raise OSError(f"no network in this test ({address})")
+socket.socket.connect = socket.socket.connect_ex = refuse
+from nanorepro.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _no_network_env(tmp_path: Path, repo_root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
+    return {**env, "PYTHONPATH": str(repo_root), "NANOREPRO_CACHE": str(tmp_path / "cache")}
+
+
+def test_prepare_without_input_uses_the_bundled_copies_and_no_network(tmp_path, repo_root):
+    r = subprocess.run([sys.executable, "-c", _NO_NETWORK, "prepare", "--encoding", "all"], cwd=tmp_path,
+                       env=_no_network_env(tmp_path, repo_root), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "connection attempted" not in r.stderr
+    assert r.stdout.splitlines() == [
+        "shakespeare_char: char, vocab 65, train 1,003,854 tokens, val 111,540 tokens -> data/shakespeare_char",
+        "shakespeare_gpt2: gpt2, vocab 50,257, train 301,966 tokens, val 36,059 tokens -> data/shakespeare_gpt2"]
+    for enc in ("char", "gpt2"):
+        meta = data.load_meta(tmp_path / "data" / f"shakespeare_{enc}")
+        assert (meta["source"], meta["source_sha256"]) == (data.BUNDLED_SOURCE, data.SHAKESPEARE_SHA256)
+    # tiktoken read GPT-2's files from nanorepro's cache, named as tiktoken names its downloads
+    names = sorted(hashlib.sha1(url.encode()).hexdigest() for url, _ in data.GPT2_BPE_FILES.values())
+    assert _entries(tmp_path / "cache" / "tiktoken") == names
+    # the same again: reused, nothing read
+    r = subprocess.run([sys.executable, "-c", _NO_NETWORK, "prepare"], cwd=tmp_path,
+                       env=_no_network_env(tmp_path, repo_root), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.count("reusing data/shakespeare_") == 2, r.stdout + r.stderr
+
+
+def test_bundled_gpt2_files_are_the_ones_tiktoken_checks(monkeypatch):
+    from tiktoken_ext import openai_public
+
+    seen: dict[str, str] = {}
+    monkeypatch.setattr(openai_public, "data_gym_to_mergeable_bpe_ranks", lambda **kw: seen.update(kw) or {})
+    openai_public.gpt2()  # tiktoken's own recipe for "gpt2": the URLs and sha256s it reads and checks
+    assert sorted(data.GPT2_BPE_FILES.values()) == sorted([(seen["vocab_bpe_file"], seen["vocab_bpe_hash"]),
+                                                           (seen["encoder_json_file"], seen["encoder_json_hash"])])
+    for name, (_, sha256) in data.GPT2_BPE_FILES.items():
+        assert hashlib.sha256(data.bundled(name, sha256)).hexdigest() == sha256
+
+
+def test_bundled_copy_is_checked_and_the_cache_repaired(tmp_path, monkeypatch):
+    text = data.shakespeare_text()
+    assert len(text) == 1_115_394 and text.startswith("First Citizen:\n")
+    with pytest.raises(UserError, match="does not match sha256") as err:
+        data.bundled(data.SHAKESPEARE_BUNDLED, "0" * 64)
+    assert "reinstall" in err.value.fix
+    path = data.shakespeare_file(tmp_path)
+    assert path == tmp_path / "tinyshakespeare" / "input.txt" and path.read_text(encoding="utf-8") == text
+    path.write_bytes(path.read_bytes()[:-1])  # a changed copy is written again
+    assert data.shakespeare_file(tmp_path).read_text(encoding="utf-8") == text
+
+    # tiktoken's files: in the user's TIKTOKEN_CACHE_DIR when set, a damaged one replaced
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tk"))
+    assert data.install_gpt2_bpe() == tmp_path / "tk"
+    vocab_url, vocab_sha = data.GPT2_BPE_FILES["gpt2-vocab.bpe.gz"]
+    vocab = tmp_path / "tk" / hashlib.sha1(vocab_url.encode()).hexdigest()
+    vocab.write_bytes(b"not the vocabulary")
+    data.install_gpt2_bpe()
+    assert hashlib.sha256(vocab.read_bytes()).hexdigest() == vocab_sha
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # the user turned tiktoken's cache off: left alone
+    assert data.install_gpt2_bpe() is None
+
+
+def test_input_and_url_together_are_refused(tmp_path, shakespeare_path):
+    with pytest.raises(UserError, match="both an input file and a URL") as err:
+        data.prepare(input_path=shakespeare_path, url="http://127.0.0.1:9/input.txt", data_root=tmp_path)
+    assert "--input" in err.value.fix and not (tmp_path / "shakespeare_char").exists()
 
 
 def test_rerun_reuses_and_new_source_rewrites(tmp_path, capsys):
@@ -207,7 +290,7 @@ def test_bad_download_is_refused_and_not_cached(server, tmp_path, mode, message)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == data.SHAKESPEARE_SHA256
 
 
-def test_download_errors(server, tmp_path):
+def test_download_errors(server, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     with pytest.raises(UserError, match="404"):
         data.fetch_shakespeare(cache_dir=cache, url=server.url.replace("input.txt", "nope.txt"))
@@ -216,11 +299,13 @@ def test_download_errors(server, tmp_path):
         closed_port = s.getsockname()[1]
     with pytest.raises(UserError, match="could not download"):
         data.fetch_shakespeare(cache_dir=cache, url=f"http://127.0.0.1:{closed_port}/input.txt")
-    server.mode = "slow"
-    t0 = time.monotonic()
+    server.mode = "slow"  # answers after 3 s: only a timeout shorter than that gives "timed out"
+    timeouts = []
+    urlopen = urllib.request.urlopen
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **kw: timeouts.append(kw["timeout"]) or urlopen(*a, **kw))
     with pytest.raises(UserError, match="timed out"):
         data.fetch_shakespeare(cache_dir=cache, url=server.url, timeout=0.3)
-    assert time.monotonic() - t0 < 2.5
+    assert timeouts == [0.3]  # the caller's timeout reaches the socket
     with pytest.raises(UserError, match="could not download"):
         data.fetch_shakespeare(cache_dir=cache, url="not a url")
     assert _entries(cache) == []
@@ -334,8 +419,8 @@ def test_cli_prepare_and_tiktoken_without_files(tmp_path, repo_root):
     with socket.socket() as s:  # a proxy that refuses: tiktoken's download fails at once, offline or not
         s.bind(("127.0.0.1", 0))
         proxy = f"http://127.0.0.1:{s.getsockname()[1]}"
-    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_tiktoken"), "HTTPS_PROXY": proxy, "https_proxy": proxy,
-           "NO_PROXY": "", "no_proxy": ""}
+    # tiktoken's cache turned off (set empty), so the bundled files cannot be handed to it
+    env = {"TIKTOKEN_CACHE_DIR": "", "HTTPS_PROXY": proxy, "https_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
     r = _run_cli(["prepare", "--input", str(src), "--name", "q", "--encoding", "char"], tmp_path, repo_root, **env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("q_char: char, vocab 15, train 184 tokens, val 21 tokens -> data/q_char")

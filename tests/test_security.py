@@ -122,7 +122,7 @@ def node(tmp_path_factory):
     except RuntimeError as e:
         pytest.fail(str(e))
     base, src = tmp_path_factory.mktemp("node"), tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src)
     shutil.copytree(PACKAGE, src / "nanorepro", ignore=shutil.ignore_patterns("__pycache__"))
     lines: list[str] = []
