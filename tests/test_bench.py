@@ -152,10 +152,10 @@ def test_nanogpt_args_are_python_literals_of_the_config_types():
 
 
 def test_fast_dtype_resolves_to_a_real_dtype_and_says_why(char_data_root, tmp_path):
-    from nanorepro import memory, metrics, train
+    from nanorepro import metrics, train
 
     cfg = config.resolve("tiny", {"dtype": "fast"})
-    dtype, attention, why = hardware.fast_cpu_dtype(cfg, memory.shape_of(cfg, 65), budget_s=0.2)
+    dtype, attention, why = hardware.fast_cpu_dtype(cfg.model_config(65), cfg.batch_size, budget_s=0.2)
     assert (dtype, attention) in {("float32", "default"), ("bfloat16", "default"), ("bfloat16", "math")} and why
     if not hardware.cpu_has_native_bf16():
         assert dtype == "float32" and "no native bf16" in why
