@@ -67,7 +67,7 @@ def vocabulary(meta: dict[str, Any]) -> dict[str, Any]:
     """What token ids mean in a dataset: its encoding, size and (char) vocabulary's digest."""
     itos = meta.get("itos")
     digest = hashlib.sha256(json.dumps(itos).encode()).hexdigest() if itos is not None else None
-    return {"encoding": meta.get("encoding"), "vocab_size": int(meta["vocab_size"]), "itos_sha256": digest}
+    return {"encoding": meta["encoding"], "vocab_size": int(meta["vocab_size"]), "itos_sha256": digest}
 
 
 def model_config(ckpt: dict[str, Any]) -> GPTConfig:
@@ -81,7 +81,7 @@ def check_resumable(ckpt: dict[str, Any], cfg: Config, wanted: GPTConfig, meta: 
     was = ckpt.get("vocabulary", vocabulary(meta))
     if was != vocabulary(meta):
         raise UserError(f"the checkpoint in {cfg.out_dir} was trained on another vocabulary ({was['encoding']}, "
-                        f"{was['vocab_size']} tokens) than dataset {cfg.dataset} ({meta.get('encoding')}, "
+                        f"{was['vocab_size']} tokens) than dataset {cfg.dataset} ({meta['encoding']}, "
                         f"{meta['vocab_size']} tokens)", "use a new --out-dir for this dataset, or the "
                         "dataset the run was made with (the existing checkpoint is kept)")
     has = model_config(ckpt)

@@ -183,8 +183,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Tuned on a 2-core CPU (benchmarks/tuning-log.md), additions to nanoGPT's recipes. Both use Muon
     # (optim.py), bf16 where the CPU has it and it is faster (dtype=fast), and evaluate on 100 batches.
-    # quick: nanoGPT's CPU target, val <= 1.88, in under a third of its time: two wide layers, 600 steps
-    # (val 1.83 in ~19 s here; nanoGPT's recipe: 1.886 in ~75 s).
+    # quick: nanoGPT's CPU target, val <= 1.88, in under a third of its time: two wide layers, 600 steps.
     "shakespeare-char-cpu-quick": dict(
         out_dir="runs/shakespeare-char-cpu-quick", dataset="shakespeare_char",
         eval_interval=600, eval_iters=100, log_interval=10, always_save_checkpoint=False,

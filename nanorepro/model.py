@@ -211,8 +211,8 @@ def _offline() -> bool:
 def _reachable(url: str, timeout: float = 5.0) -> bool:
     """Can a TCP connection to url's host be opened within timeout? (DNS included, hence the thread.)
 
-    huggingface_hub retries a refused connection for ~23 s; this answers in milliseconds
-    for a closed port and in `timeout` seconds for a black hole.
+    huggingface_hub retries a refused connection for tens of seconds; this answers at once for a
+    closed port and in `timeout` seconds for a black hole.
     """
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)

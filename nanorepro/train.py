@@ -70,25 +70,47 @@ def train_seeds(cfg: Config, n: int, preset: str | None = None) -> list[dict[str
             for s in range(cfg.seed, cfg.seed + n)]
 
 
-def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
-    """One process's run: setup, then the loop.
+@dataclasses.dataclass
+class _Run:
+    """What the setup hands the loop: the resolved config (with the network trained), where and how
+    it runs, the model and its optimizer, the data, and where the loop starts."""
 
-    Longer than the other functions on purpose: like nanoGPT's train.py, the loop reads top to bottom
-    in one place, each block commented; everything before it is a call to a named helper below."""
+    cfg: Config
+    world: World
+    out: Path
+    device: str
+    dtype: str
+    attention: str  # the SDPA kernel: "default", or "math" where dtype=fast found it faster
+    meta: dict[str, Any]
+    model: GPT
+    wrapped: torch.nn.Module  # what the step calls: the model, DDP around it, or FSDP-sharded
+    optimizer: Any
+    batches: data.Batches
+    batch_gen: torch.Generator  # the training batches' own stream: exact resume
+    iter_num: int = 0
+    best_val: float = math.inf
+    elapsed_before: float = 0.0  # seconds spent in earlier sessions of this run
+
+
+def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
     say = print if world.main else _silent
-    log = metrics.append if world.main else _silent  # only rank 0 writes files
     out = Path(cfg.out_dir)
     if _finished_already(out, cfg):
         best = metrics.best_val_loss(metrics.read(out / metrics.METRICS_FILE))
         say(f"{out}: already finished at iter {cfg.max_iters} (best val {best:.4f}); nothing to do")
         return {"out_dir": str(out), "best_val_loss": best, "skipped": True}
+    return _loop(_setup(cfg, world, preset, say), say)
 
-    # -- setup -------------------------------------------------------------------------------------
+
+def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
+    """Device, data, checkpoint, network, memory check, model, optimizer, records: in this order, so
+    that every refusal comes before anything large is loaded."""
     device, dtype = hardware.pick_device(cfg.device, cfg.dtype)
     device = world.device(device)
     device_type = "cuda" if device.startswith("cuda") else device
     data_dir = Path(cfg.data_root) / cfg.dataset
     meta = data.load_meta(data_dir)
+    out = Path(cfg.out_dir)
     _make_folder(out)
     torch.manual_seed(cfg.seed)
     if device_type == "cuda":  # TF32 matmuls, as nanoGPT
@@ -110,31 +132,38 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
         torch.manual_seed(cfg.seed + world.rank)  # same init everywhere (above), own dropout masks from here
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
                                            cfg.optimizer)
-    batch_gen = torch.Generator().manual_seed(cfg.seed)  # the training batches' own stream: exact resume
-    iter_num, best_val, elapsed_before = 0, float("inf"), 0.0
+    run = _Run(cfg, world, out, device, dtype, attention, meta, model, wrapped, optimizer, batches,
+               torch.Generator().manual_seed(cfg.seed))
     if ckpt is not None:
-        iter_num, best_val, elapsed_before = checkpoint.restore_training(ckpt, model, optimizer, world, batch_gen,
-                                                                         device)
+        run.iter_num, run.best_val, run.elapsed_before = checkpoint.restore_training(
+            ckpt, model, optimizer, world, run.batch_gen, device)
         del ckpt  # the optimizer state can be large; keep one copy
-        say(f"resuming {out} from iter {iter_num} (best val {best_val:.4f})")
-    metrics_path = out / metrics.METRICS_FILE
+        say(f"resuming {out} from iter {run.iter_num} (best val {run.best_val:.4f})")
     if world.main:
-        _start_records(out, cfg, preset, iter_num, {
+        _start_records(out, cfg, preset, run.iter_num, {
             "device": device, "dtype": dtype, "n_params": model.get_num_params(),
-            "tokens_per_iter": cfg.tokens_per_iter, "dataset_encoding": meta.get("encoding"),
+            "tokens_per_iter": cfg.tokens_per_iter, "dataset_encoding": meta["encoding"],
             "config": cfg.to_dict(), "world_size": world.size, "threads": torch.get_num_threads(),
             "attention": attention})
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    autocast = hardware.StepContext(device_type, dtype, attention)  # autocast unless float32
-    step_model = torch.compile(wrapped) if cfg.compile else wrapped
     say(f"{out}: {model.get_num_params() / 1e6:.2f}M parameters, {cfg.tokens_per_iter:,} tokens/iter, "
-        f"{device} {dtype}, iters {iter_num}->{cfg.max_iters}")
+        f"{device} {dtype}, iters {run.iter_num}->{cfg.max_iters}")
+    return run
 
-    # -- the loop ----------------------------------------------------------------------------------
-    t_origin = time.perf_counter() - elapsed_before  # elapsed_s counts earlier sessions of this run too
+
+def _loop(run: _Run, say) -> dict[str, Any]:
+    """nanoGPT's training loop, one commented block per step; returns the run's summary."""
+    cfg, world, model, optimizer, batches, device = run.cfg, run.world, run.model, run.optimizer, run.batches, run.device
+    iter_num, best_val = run.iter_num, run.best_val
+    log = metrics.append if world.main else _silent  # only rank 0 writes files
+    metrics_path, ckpt_path = run.out / metrics.METRICS_FILE, run.out / checkpoint.CKPT_FILE
+    device_type = "cuda" if device.startswith("cuda") else device
+    scaler = torch.amp.GradScaler(device_type, enabled=(run.dtype == "float16"))
+    autocast = hardware.StepContext(device_type, run.dtype, run.attention)  # autocast unless float32
+    step_model = torch.compile(run.wrapped) if cfg.compile else run.wrapped
+    t_origin = time.perf_counter() - run.elapsed_before  # elapsed_s counts earlier sessions of this run too
     window_t, window_iters = time.perf_counter(), 0  # tokens/s over the iterations since the last log
     loss_acc, loss_iters = torch.zeros((), device=device), 0  # summed on the device: one sync per log
-    with _StopSignals() as stop, tqdm(total=cfg.max_iters, initial=iter_num, desc=out.name, unit="it",
+    with _StopSignals() as stop, tqdm(total=cfg.max_iters, initial=iter_num, desc=run.out.name, unit="it",
                                       dynamic_ncols=True, mininterval=1.0, disable=not world.main) as bar:
         note = bar.write if world.main else _silent
         while True:
@@ -156,7 +185,7 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
                 if iter_num > 0 and (improved or cfg.always_save_checkpoint):
                     checkpoint.save_training(ckpt_path, model, optimizer, world, iter_num=iter_num,
                                              best_val_loss=best_val, elapsed_s=time.perf_counter() - t_origin,
-                                             batch_gen=batch_gen, device=device, meta=meta)
+                                             batch_gen=run.batch_gen, device=device, meta=run.meta)
                 window_t, window_iters = time.perf_counter(), 0  # keep eval time out of tokens/s
             if iter_num >= cfg.max_iters or (iter_num == 0 and cfg.eval_only):
                 break
@@ -165,7 +194,7 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
             if world.any(bool(stop.received)):
                 checkpoint.save_training(ckpt_path, model, optimizer, world, iter_num=iter_num,
                                          best_val_loss=best_val, elapsed_s=time.perf_counter() - t_origin,
-                                         batch_gen=batch_gen, device=device, meta=meta)
+                                         batch_gen=run.batch_gen, device=device, meta=run.meta)
                 name = signal.Signals(stop.signum).name
                 log(metrics_path, {"kind": "end", "iter": iter_num, "best_val_loss": best_val,
                                    "elapsed_s": time.perf_counter() - t_origin, "status": "interrupted",
@@ -176,11 +205,11 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
             # forward and backward over the micro-steps, gradients accumulated (this rank's share of them)
             mine = world.micro_steps(cfg.gradient_accumulation_steps)  # all of them in a single process
             for k in range(cfg.gradient_accumulation_steps):
-                ix = batches.draw("train", batch_gen)  # every rank draws every micro-batch: one shared stream
+                ix = batches.draw("train", run.batch_gen)  # every rank draws every micro-batch: one shared stream
                 if k not in mine:
                     continue
                 x, y = batches.read("train", ix)
-                with distributed.sync_gradients(wrapped, world, last=k == mine[-1]):
+                with distributed.sync_gradients(run.wrapped, world, last=k == mine[-1]):
                     with autocast:
                         _, loss = step_model(x, y)
                         loss = loss / len(mine)
@@ -216,8 +245,8 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
     status = "finished" if not cfg.eval_only else "evaluated"
     log(metrics_path, {"kind": "end", "iter": iter_num, "best_val_loss": best_val,
                        "elapsed_s": total, "status": status, "peak_memory_bytes": peak_memory_bytes(device)})
-    say(f"{out}: {status} at iter {iter_num}, best val loss {best_val:.4f}, {total:.1f} s")
-    return {"out_dir": str(out), "best_val_loss": best_val, "iter": iter_num, "elapsed_s": total, "skipped": False}
+    say(f"{run.out}: {status} at iter {iter_num}, best val loss {best_val:.4f}, {total:.1f} s")
+    return {"out_dir": str(run.out), "best_val_loss": best_val, "iter": iter_num, "elapsed_s": total, "skipped": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,9 +275,9 @@ def _make_folder(out: Path) -> None:
 def _network(cfg: Config, meta: dict[str, Any], ckpt: dict[str, Any] | None) -> GPTConfig:
     """The network to train: the checkpoint's when resuming (refused if it is not this config's), else
     the config's own or a pretrained model's shape."""
-    if cfg.init_from != "scratch" and meta.get("encoding") != "gpt2":
+    if cfg.init_from != "scratch" and meta["encoding"] != "gpt2":
         raise UserError(f"init_from={cfg.init_from} needs GPT-2 BPE data but dataset {cfg.dataset} is "
-                        f"{meta.get('encoding')}-encoded", "use --dataset=shakespeare_gpt2 (see `nanorepro prepare`)")
+                        f"{meta['encoding']}-encoded", "use --dataset=shakespeare_gpt2 (see `nanorepro prepare`)")
     wanted = cfg.model_config(meta["vocab_size"])
     if ckpt is not None:
         checkpoint.check_resumable(ckpt, cfg, wanted, meta)
