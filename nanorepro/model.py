@@ -326,6 +326,17 @@ def require_download_possible(name: str) -> None:
                                OFFLINE_FIX)
 
 
+def require_pretrained(name_or_path: str) -> None:
+    """ModelUnavailable when OpenAI's `name_or_path` is neither cached nor downloadable here, found
+    without loading anything (the same places, in the same order, as load_pretrained looks in)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(name_or_path).is_dir() or any(isinstance(try_to_load_from_cache(repo, "config.json"), str)
+                                          for repo in (name_or_path, f"openai-community/{name_or_path}")):
+        return
+    require_download_possible(name_or_path)
+
+
 def load_pretrained(name_or_path: str, dropout: float = 0.0) -> tuple[GPT, GPTConfig]:
     """A GPT with OpenAI's GPT-2 weights ("gpt2" ... "gpt2-xl") or a local Hugging Face GPT-2 folder:
     the model (fp32, train mode, its full context) and its config."""

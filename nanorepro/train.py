@@ -30,7 +30,7 @@ from . import __version__, checkpoint, data, distributed, envinfo, faults, fmt, 
 from .config import PRETRAINED, Config, GPTConfig, validate
 from .distributed import World
 from .errors import Interrupted, UserError, WontFit
-from .model import GPT, load_pretrained, require_download_possible
+from .model import GPT, load_pretrained, require_pretrained
 
 
 def lr_at(it: int, cfg: Config) -> float:
@@ -93,6 +93,7 @@ class _Run:
 
 
 def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
+    """Skip a finished run; else set up, then loop."""
     say = print if world.main else _silent
     out = Path(cfg.out_dir)
     if _finished_already(out, cfg):
@@ -352,7 +353,7 @@ def _check_memory(cfg: Config, model_cfg: GPTConfig, start_iter: int | None, dev
         except WontFit as e:
             refused = e
             if start_iter is None and cfg.init_from in PRETRAINED:
-                _require_pretrained(cfg.init_from)  # weights that cannot be had here: say that first (exit 3)
+                require_pretrained(cfg.init_from)  # weights that cannot be had here: say that first (exit 3)
     if world.any(refused is not None):
         refused = refused or WontFit("another rank's device cannot fit this run", "see rank 0's message")
         path = Path(cfg.out_dir) / metrics.METRICS_FILE
@@ -365,17 +366,6 @@ def _check_memory(cfg: Config, model_cfg: GPTConfig, start_iter: int | None, dev
     if secs is not None:
         line += f"; time: ~{fmt.duration(secs)} at {memory.ASSUMED_MFU:.0%} MFU on {world.size}x {gpu}"
     return line
-
-
-def _require_pretrained(name: str) -> None:
-    """ModelUnavailable when OpenAI's `name` is neither cached nor downloadable here, found without
-    loading anything (the same order of places as model.load_pretrained looks in)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    if Path(name).is_dir() or any(isinstance(try_to_load_from_cache(repo, "config.json"), str)
-                                  for repo in (name, f"openai-community/{name}")):
-        return
-    require_download_possible(name)
 
 
 # ---------------------------------------------------------------------------------------------
