@@ -58,10 +58,6 @@ class GPTConfig:
         T = block_size or self.block_size
         return 6 * self.non_embedding_params + 12 * self.n_layer * self.n_embd * T
 
-    def mfu(self, tokens_per_s: float, peak_flops: float, block_size: int | None = None) -> float:
-        """Model FLOPs utilisation: the FLOP/s that `tokens_per_s` training tokens imply, over `peak_flops`."""
-        return tokens_per_s * self.flops_per_token(block_size) / peak_flops
-
 
 # OpenAI's GPT-2 checkpoints: context 1024, the unpadded 50257-token vocabulary, biases everywhere.
 GPT2_SIZES: dict[str, GPTConfig] = {

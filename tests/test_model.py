@@ -47,10 +47,7 @@ def test_shakespeare_char_parameter_count_matches_nanogpt():
     assert f"number of parameters: {model.get_num_params() / 1e6:.2f}M" == "number of parameters: 10.65M"
     # PaLM FLOPs per token: 6N + 12*L*H*Q*T, times T tokens per sequence, 64 sequences per iteration
     per_seq = (6 * 10_646_784 + 12 * 6 * 6 * 64 * 256) * 256
-    assert model_cfg.flops_per_token() * 256 == per_seq
-    # MFU (nanoGPT's estimate_mfu): 64 sequences in 0.5 s against a 1 TFLOP/s peak, and against an A100's
-    assert model_cfg.mfu(64 * 256 / 0.5, 1e12) == pytest.approx(64 * per_seq / 0.5 / 1e12)
-    assert model_cfg.mfu(256 / 1.0, 312e12) == pytest.approx(per_seq / 312e12)
+    assert model_cfg.flops_per_token() * 256 == per_seq  # MFU from it: tests/test_bench.py
 
 
 def test_vocab_size_required():
