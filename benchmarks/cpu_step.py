@@ -35,7 +35,7 @@ def step_times(shape: tuple[int, int, int, int], dtype: str, optimizer: str, ste
     cfg = resolve(None, dict(n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd, block_size=block,
                              batch_size=batch, vocab_size=65, dropout=0.0))
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = GPT(cfg.model_config())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **({"fused": True} if optimizer == "fused" else
                                                            {"foreach": False}))
     ctx = nullcontext() if dtype == "float32" else torch.autocast("cpu", dtype=torch.bfloat16)

@@ -23,7 +23,6 @@ pair gives a ratio.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -40,7 +39,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import __version__, config as config_mod, data, metrics
+import torch
+from tqdm import tqdm
+
+from . import __version__, config as config_mod, data, hardware, metrics
 from .config import Config
 from .errors import UserError
 from .files import sha256_file
@@ -68,27 +70,10 @@ def stats(values: list[float]) -> dict[str, float | int] | None:
             "mean": statistics.fmean(s)}
 
 
-def flops_per_iter(cfg: Config) -> tuple[int, float]:
-    """(non-embedding parameter count, training FLOPs per iteration) as nanoGPT's estimate_mfu counts them."""
-    import torch
-
-    from .model import GPT
-
-    with torch.device("meta"):  # shapes only: no memory, no init
-        n = GPT(cfg).get_num_params()
-    L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-    return n, float((6 * n + 12 * L * H * Q * T) * cfg.tokens_per_iter)
-
-
-def peak_flops(device: str, dtype: str) -> tuple[float | None, str]:
-    from . import hardware
-
-    if device.startswith("cuda"):
-        return hardware.gpu_peak_flops(dtype, device)
-    if device == "cpu":
-        hardware.set_cpu_threads()  # as the runs will: MFU against the same thread count
-        return hardware.measured_cpu_peak(dtype)
-    return None, f"no known peak for {device}"
+def flops_per_iter(cfg: Config, vocab_size: int) -> tuple[int, float]:
+    """(non-embedding parameter count, training FLOPs per iteration), as nanoGPT's estimate_mfu counts them."""
+    model_cfg = cfg.model_config(vocab_size)
+    return model_cfg.non_embedding_params, model_cfg.flops_per_token() * cfg.tokens_per_iter
 
 
 def nanogpt_args(cfg: Config, device: str, out_dir: Path) -> list[str]:
@@ -144,14 +129,10 @@ def prepare_nanogpt(checkout: str | Path, data_dir: Path, workdir: Path, input_p
                         "it needs numpy and requests in this Python environment")
     for split in ("train", "val"):
         ours, theirs = data_dir / f"{split}.bin", prep / f"{split}.bin"
-        if not theirs.is_file() or _digest(ours) != _digest(theirs):
+        if not theirs.is_file() or sha256_file(ours) != sha256_file(theirs):
             raise UserError(f"nanoGPT's {split}.bin differs from {ours}: the two would not train on the same data",
                             f"re-run `nanorepro prepare` on the same input.txt, or pass it with --input")
     return dest
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclasses.dataclass
@@ -209,8 +190,6 @@ def _evals(lines: list[tuple[float, str]]) -> list[tuple[float, int, float]]:
 def run_one(impl: str, cmd: list[str], cwd: Path, env: dict[str, str], workdir: Path, label: str,
             total_iters: int, target_loss: float | None, progress_of) -> dict[str, Any]:
     """Launch one training child, follow it (progress bar, target loss), reap it; return the raw facts."""
-    from tqdm import tqdm
-
     log = workdir / f"{label}.stderr"
     child = _Child.start(cmd, cwd, env, log)
     target = None
@@ -288,8 +267,6 @@ def _run_ours(preset: str | None, overrides_cli: list[str], cfg: Config, workdir
 def _run_nanogpt(upstream: Path, cfg: Config, device: str, workdir: Path, label: str, env: dict[str, str],
                  target_loss: float | None) -> dict[str, Any]:
     """One nanoGPT `python train.py ...` child in the prepared copy; its steps from its own log lines."""
-    from .train import pick_device
-
     def progress(child: _Child) -> int:
         its = [int(m.group(1)) for _, line in child.lines[-5:] if (m := NANOGPT_ITER_RE.match(line))]
         return its[-1] if its else 0
@@ -298,7 +275,7 @@ def _run_nanogpt(upstream: Path, cfg: Config, device: str, workdir: Path, label:
     run = run_one("nanogpt", cmd, upstream, env, workdir, label, cfg.max_iters, target_loss, progress)
     run["steps"] = _nanogpt_steps(run["lines"], cfg.eval_interval)
     # nanoGPT autocasts only on CUDA: on a CPU it trains in float32 whatever --dtype says
-    run["dtype"] = "float32" if device == "cpu" else pick_device(cfg)[1]
+    run["dtype"] = "float32" if device == "cpu" else hardware.pick_device(cfg.device, cfg.dtype)[1]
     run["peak_memory_mb"] = run["max_rss_mb"]  # host memory: nanoGPT does not report its CUDA peak
     return run
 
@@ -327,10 +304,6 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
     target. With `nanogpt`, upstream runs the same config (or `nanogpt_preset` with the same
     overrides) alternately with ours, `pairs` times.
     """
-    import torch
-
-    from .train import pick_device
-
     if iters < 1 or warmup < 0 or pairs < 1:
         raise UserError(f"need iters >= 1, warmup >= 0, pairs >= 1 (got {iters}, {warmup}, {pairs})",
                         "e.g. --iters 50 --warmup 10 --pairs 3")
@@ -343,11 +316,10 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
     cfg = config_mod.resolve(preset, {**overrides, **runs_cfg})
     if cfg.eval_interval <= warmup and target_loss is None:
         raise UserError("eval_interval must exceed warmup", "leave eval_interval unset for throughput runs")
-    device, dtype = pick_device(cfg)
+    device, dtype = hardware.pick_device(cfg.device, cfg.dtype)
     data_dir = Path(cfg.data_root) / cfg.dataset
     meta = data.load_meta(data_dir)
-    cfg_full = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or meta["vocab_size"])
-    n_params, flops = flops_per_iter(cfg_full)
+    n_params, flops = flops_per_iter(cfg, meta["vocab_size"])
     other_cfg = config_mod.resolve(nanogpt_preset, {**overrides, **runs_cfg}) if nanogpt_preset else cfg
     if nanogpt and other_cfg.dataset != cfg.dataset:
         raise UserError("the nanoGPT preset uses another dataset", "pick presets on the same dataset")
@@ -366,7 +338,7 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
 
         def peak_for(dt: str) -> tuple[float | None, str]:
             if dt not in peaks:
-                peaks[dt] = peak_flops(device, dt)
+                peaks[dt] = hardware.peak_flops(device, dt)
             return peaks[dt]
 
         for pair in range(pairs):
@@ -380,8 +352,7 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
                 else:
                     run = _run_nanogpt(upstream, other_cfg, device, workdir, label, env, target_loss)
                     run_cfg = other_cfg
-                    run_flops = flops_per_iter(dataclasses.replace(
-                        other_cfg, vocab_size=other_cfg.vocab_size or meta["vocab_size"]))[1]
+                    run_flops = flops_per_iter(other_cfg, meta["vocab_size"])[1]
                 peak, peak_src = peak_for(run["dtype"] or dtype)
                 run = _summarise(run, warmup, run_cfg, run_flops, peak)
                 run.update(pair=pair + 1, peak_flops=peak, peak_source=peak_src)
@@ -436,11 +407,7 @@ def _last_iter(path: Path) -> int:
 
 def _host(device: str) -> str:
     if device.startswith("cuda"):
-        import torch
-
         return torch.cuda.get_device_name(device)
-    from . import hardware
-
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, chameleon, compare, config, data, memory, notebooks, openwebtext, report
+from . import __version__, chameleon, compare, config, data, fmt, memory, notebooks, openwebtext, report
 from .config import PRESETS, PRETRAINED
 from .errors import UserError
 from .files import write_text_atomic
@@ -48,7 +48,7 @@ def _estimate(args: argparse.Namespace, extra: list[str]) -> None:
         vocab = data.load_meta(Path(cfg.data_root) / cfg.dataset)["vocab_size"]
     except UserError:
         vocab = data.GPT2_VOCAB_SIZE  # not prepared here (e.g. on the hub): GPT-2's
-    shape = memory.shape_of(cfg, vocab)
+    shape = cfg.model_config(vocab)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if args.gpu or args.gpu_memory_gib else "float32")
     world = args.gpus if cfg.parallel != "none" else 1
     est = memory.estimate_for(cfg, shape, dtype, world)
@@ -59,7 +59,7 @@ def _estimate(args: argparse.Namespace, extra: list[str]) -> None:
         print(f"fits in {args.gpu_memory_gib:g} GiB")
     secs = memory.estimate_seconds(cfg, shape, args.gpu, args.gpus if cfg.parallel != "none" else 1, dtype)
     if secs is not None:
-        print(f"time: ~{memory.human_time(secs)} at {memory.ASSUMED_MFU:.0%} MFU on {world}x {args.gpu}")
+        print(f"time: ~{fmt.duration(secs)} at {memory.ASSUMED_MFU:.0%} MFU on {world}x {args.gpu}")
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> None:

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics, plots
-from .config import PRESETS, PRETRAINED
+from .config import PRESETS, PRETRAINED, pretrained_config
 from .errors import UserError
+from .fmt import markdown_table
+from .pipeline import Pipeline
+from .report import summarize_run
 
 DEFAULT_PRESET = "finetune-shakespeare"  # nanoGPT's recipe (batch 1 x 32 accumulation, 20 iters, lr 3e-5)
 TABLE_FILE, JSON_FILE = "COMPARE.md", "compare.json"
@@ -31,8 +34,6 @@ def run(models: list[str] | tuple[str, ...] = PRETRAINED, preset: str = DEFAULT_
         results_dir: str | Path = "results/compare", target: str = "local", max_iters: int | None = None,
         input_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune each model with `preset` (the same recipe for all) and summarize; returns summarize()'s dict."""
-    from .pipeline import Pipeline
-
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}", f"use one of: {', '.join(PRESETS)}")
     if not models:
@@ -51,8 +52,6 @@ def run(models: list[str] | tuple[str, ...] = PRETRAINED, preset: str = DEFAULT_
 
 
 def _row(model: str, run_dir: Path, base: Path) -> dict[str, Any]:
-    from .report import summarize_run
-
     recs = plots.read_records(run_dir)
     evals = metrics.of_kind(recs, "eval")
     ends = metrics.of_kind(recs, "end")
@@ -61,6 +60,10 @@ def _row(model: str, run_dir: Path, base: Path) -> dict[str, Any]:
         stages = [r for r in metrics.of_kind(recs, "stage") + plots.stage_records(run_dir) if r.get("reason")]
         row["status"] = "not run"
         row["reason"] = stages[-1]["reason"] if stages else "no metrics"
+        try:  # its size from the one GPT-2 table, or the folder's config.json
+            row["n_params"] = row["n_params"] or pretrained_config(model).n_params
+        except UserError:
+            pass
         return row
     s = summarize_run(run_dir, base)
     row.update(status=s["status"], reason=s["reason"], val_before=evals[0]["val_loss"] if evals[0]["iter"] == 0 else None,
@@ -77,16 +80,16 @@ def _fmt(v: Any, spec: str) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The comparison as a Markdown table (losses in nats per token)."""
     head = ["model", "params", "val before", "val after", "time (s)", "peak memory (GiB)", "tokens/s", "status"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = []
     for r in rows:
         reason = (r.get("reason") or "").split(" (the estimate is approximate")[0]
         status = r["status"] + (f": {reason}" if reason and r["status"] != "finished" else "")
         peak = r.get("peak_memory_bytes")
-        lines.append("| " + " | ".join([
-            f"`{Path(r['model']).name}`", _fmt(r.get("n_params") and r["n_params"] / 1e6, ".1f") + ("M" if r.get("n_params") else ""),
-            _fmt(r.get("val_before"), ".4f"), _fmt(r.get("val_after"), ".4f"), _fmt(r.get("wall_time_s"), ".1f"),
-            _fmt(peak and peak / 2**30, ".2f"), _fmt(r.get("tokens_per_s"), ",.0f"), status.replace("|", "/")]) + " |")
-    return "\n".join(lines)
+        table.append([f"`{Path(r['model']).name}`", _fmt(r.get("n_params") and r["n_params"] / 1e6, ".1f") +
+                      ("M" if r.get("n_params") else ""), _fmt(r.get("val_before"), ".4f"),
+                      _fmt(r.get("val_after"), ".4f"), _fmt(r.get("wall_time_s"), ".1f"),
+                      _fmt(peak and peak / 2**30, ".2f"), _fmt(r.get("tokens_per_s"), ",.0f"), status])
+    return markdown_table(head, table)
 
 
 def summarize(results: str | Path, models: list[str]) -> dict[str, Any]:

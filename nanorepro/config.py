@@ -47,11 +47,16 @@ class GPTConfig:
         C, b = self.n_embd, int(self.bias)
         return self.vocab_size * C + self.block_size * C + self.n_layer * self.block_params + C + C * b
 
+    @property
+    def non_embedding_params(self) -> int:
+        """nanoGPT's headline count (`get_num_params()`): position embeddings out, the tied head in."""
+        return self.n_params - self.block_size * self.n_embd
+
     def flops_per_token(self, block_size: int | None = None) -> float:
-        """Forward + backward FLOPs per token (PaLM, appendix B): 6N for the matmuls, N without the position
-        embeddings as nanoGPT's estimate_mfu counts, plus 12 L C T for attention over T tokens."""
+        """Forward + backward FLOPs per token (PaLM, appendix B), as nanoGPT's estimate_mfu counts them:
+        6N for the matmuls (N without position embeddings), plus 12 L C T for attention over T tokens."""
         T = block_size or self.block_size
-        return 6 * (self.n_params - self.block_size * self.n_embd) + 12 * self.n_layer * self.n_embd * T
+        return 6 * self.non_embedding_params + 12 * self.n_layer * self.n_embd * T
 
 
 # OpenAI's GPT-2 checkpoints: context 1024, the unpadded 50257-token vocabulary, biases everywhere.
@@ -59,6 +64,20 @@ GPT2_SIZES: dict[str, GPTConfig] = {
     name: GPTConfig(n_layer=L, n_head=H, n_embd=C, block_size=1024, vocab_size=50257, bias=True)
     for name, (L, H, C) in zip(PRETRAINED, [(12, 12, 768), (24, 16, 1024), (36, 20, 1280), (48, 25, 1600)])
 }
+
+
+def pretrained_config(init_from: str) -> GPTConfig:
+    """The shape of OpenAI's GPT-2 `init_from` (GPT2_SIZES) or of a local Hugging Face GPT-2 folder
+    (its config.json), read without loading any weights."""
+    if init_from in GPT2_SIZES:
+        return GPT2_SIZES[init_from]
+    path = Path(init_from) / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}", "pass a Hugging Face GPT-2 folder (config.json + weights)") from e
+    return GPTConfig(n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=hf.get("n_embd", 768),
+                     block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257), bias=True)
 
 
 def _field(default: Any, meaning: str, allowed: tuple[str, ...] | None = None) -> Any:
@@ -144,6 +163,22 @@ class Config:
     @property
     def tokens_per_iter(self) -> int:
         return self.gradient_accumulation_steps * self.batch_size * self.block_size
+
+    def model_config(self, vocab_size: int | None = None) -> GPTConfig:
+        """The network this run trains: its own shape fields (`vocab_size`, the dataset's, when the config
+        leaves it unset), or a pretrained model's shape with this config's context and dropout."""
+        if self.init_from == "scratch":
+            vocab = self.vocab_size or vocab_size
+            if vocab is None:
+                raise UserError("the model needs vocab_size, which is not set",
+                                "prepare the dataset first (its meta.json has it), or set vocab_size")
+            return GPTConfig(self.n_layer, self.n_head, self.n_embd, self.block_size, int(vocab), self.bias,
+                             self.dropout)
+        base = pretrained_config(self.init_from)
+        if self.block_size > base.block_size:  # refused before gigabytes of weights are loaded
+            raise UserError(f"block_size={self.block_size} is above {self.init_from}'s {base.block_size}",
+                            f"use --block_size={base.block_size} or less")
+        return dataclasses.replace(base, block_size=self.block_size, dropout=self.dropout)
 
 
 # Presets reproduce nanoGPT's configs field for field; comments name the source.

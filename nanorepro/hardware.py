@@ -1,21 +1,52 @@
-"""What this machine can do: physical cores, native bf16, peak FLOP/s, and the faster CPU dtype.
+"""What this machine can do: which device and dtype a run gets, physical cores, native bf16, the
+device's peak FLOP/s, and the faster CPU dtype.
 
-Used by `train` (thread count, `dtype=fast`) and `bench` (the peak that MFU is measured against).
+Used by `train` (device, thread count, `dtype=fast`), `sample` (device) and `bench` (the peak that MFU
+is measured against).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import memory
+from .config import GPTConfig
+from .errors import UserError
+from .model import GPT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # bf16 must beat float32 by this factor to be picked: a tie is not worth the lower precision.
 FAST_MARGIN = 1.1
+
+
+def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """Resolve a config's `device` and `dtype`, refusing a device that is not there."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={device} was asked for but no CUDA GPU is visible",
+                            "use --device=cpu, or run on a GPU node (target=chameleon)")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device={device} does not exist: {torch.cuda.device_count()} GPU(s) visible",
+                            f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device=mps was asked for but MPS is not available", "use --device=cpu")
+    if dtype in ("auto", "fast"):
+        # nanoGPT trains in float32 on CPU and bf16 (else fp16) on CUDA; "fast" on a CPU is left
+        # for train to settle by timing the run's own model (fast_cpu_dtype)
+        if device.startswith("cuda"):
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        elif dtype == "auto" or device != "cpu":
+            dtype = "float32"
+    return device, dtype
 
 
 def physical_cores() -> int:
@@ -56,8 +87,6 @@ class StepContext:
         self.device_type, self.dtype, self.attention = device_type, dtype, attention
 
     def __enter__(self) -> "StepContext":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         self._stack = contextlib.ExitStack()
         if self.dtype != "float32":
             self._stack.enter_context(torch.autocast(self.device_type, dtype=DTYPES[self.dtype]))
@@ -79,13 +108,13 @@ def _step_seconds(model: torch.nn.Module, x: torch.Tensor, ctx: StepContext) -> 
     return time.thread_time() - t
 
 
-def fast_cpu_dtype(cfg, shape, budget_s: float = 2.0) -> tuple[str, str, str]:
+def fast_cpu_dtype(model_cfg: GPTConfig, batch_size: int, budget_s: float = 2.0) -> tuple[str, str, str]:
     """(dtype, attention, why): the fastest way to train this model on this CPU.
 
-    Times a few forward+backward passes of the run's own model (`shape`: a memory.Shape) at its
-    batch size, within about `budget_s`, without touching the global RNG state the run is seeded
-    with: float32, bf16 autocast, and bf16 with the math attention kernel (PyTorch's CPU flash
-    kernel is several times slower in bf16 at short contexts: 6.4 vs 2.0 ms for 12x4x64x48 here).
+    Times a few forward+backward passes of the run's own model at its batch size, within about
+    `budget_s`, without touching the global RNG state the run is seeded with: float32, bf16
+    autocast, and bf16 with the math attention kernel (PyTorch's CPU flash kernel can be several
+    times slower in bf16 at short contexts).
     bf16 is picked only where the CPU has it natively and it beats float32 by FAST_MARGIN.
     The passes run on one thread and are timed in this thread's CPU time: on a machine shared with
     other processes, wall time with several threads swings by 10-100x (a descheduled thread stalls
@@ -93,16 +122,13 @@ def fast_cpu_dtype(cfg, shape, budget_s: float = 2.0) -> tuple[str, str, str]:
     """
     if not cpu_has_native_bf16():
         return "float32", "default", "this CPU has no native bf16 (emulated bf16 is slower)"
-    from .model import GPT
-
-    fields = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = GPT(dataclasses.replace(cfg, init_from="scratch", **{k: getattr(shape, k) for k in fields}))
-            x = torch.randint(shape.vocab_size, (cfg.batch_size, shape.block_size))
+            model = GPT(model_cfg)
+            x = torch.randint(model_cfg.vocab_size, (batch_size, model_cfg.block_size))
             ways = [("float32", "default"), ("bfloat16", "default"), ("bfloat16", "math")]
             first = [_step_seconds(model, x, StepContext("cpu", *w)) for w in ways]  # warm-up and size probe
             steps = int(min(6, max(3, budget_s / max(sum(first), 1e-3))))
@@ -121,17 +147,18 @@ def fast_cpu_dtype(cfg, shape, budget_s: float = 2.0) -> tuple[str, str, str]:
     return "float32", "default", why
 
 
-def gpu_peak_flops(dtype: str, device: str = "cuda") -> tuple[float | None, str]:
-    """(peak FLOP/s, source) for a known GPU (memory.py's table: dense bf16; float32 runs as TF32, half
-    of it), or (None, why not)."""
-    from .memory import PEAK_BF16_FLOPS
-
-    name = torch.cuda.get_device_name(device)
-    for key, bf16 in PEAK_BF16_FLOPS.items():
-        if key in name:
-            peak = bf16 if dtype in ("bfloat16", "float16") else bf16 / 2
-            return peak, f"{name}: data-sheet dense {'tf32' if dtype == 'float32' else dtype} peak"
-    return None, f"{name}: no known peak"
+def peak_flops(device: str, dtype: str) -> tuple[float | None, str]:
+    """(peak FLOP/s, source) that MFU is measured against: a GPU's data sheet (memory.peak_flops, the
+    one table), a timed matmul on a CPU, or (None, why not)."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        peak = memory.peak_flops(name, dtype)
+        kind = "tf32" if dtype == "float32" else dtype
+        return peak, f"{name}: data-sheet dense {kind} peak" if peak else f"{name}: no known peak"
+    if device == "cpu":
+        set_cpu_threads()  # as the runs will: MFU against the same thread count
+        return measured_cpu_peak(dtype)
+    return None, f"no known peak for {device}"
 
 
 def measured_cpu_peak(dtype: str, sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 6) -> tuple[float, str]:

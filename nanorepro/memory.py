@@ -19,24 +19,18 @@ No torch here: the hub kernel sizes runs before sending them to a node.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from .config import PRETRAINED, Config
+from .config import Config, GPTConfig
 from .errors import UserError, WontFit
+from .fmt import GiB, human_bytes
 
-GiB = 1024**3
-# (n_layer, n_head, n_embd) of OpenAI's GPT-2 checkpoints (all: vocab 50257, context 1024, biases)
-GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
-               "gpt2-xl": (48, 25, 1600)}
-assert tuple(GPT2_SHAPES) == PRETRAINED
 OVERHEAD_BYTES = GiB // 2  # CUDA context / interpreter and torch runtime, not in the tensors above
-# Dense bf16 tensor-core peak FLOP/s by GPU name (fp32 runs use TF32: half of it)
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100": 756e12, "A100": 312e12,
-                   "A30": 165e12, "A10": 125e12, "A40": 150e12, "L40S": 362e12, "RTX 6000 Ada": 364e12,
+# Dense bf16 tensor-core peak FLOP/s by GPU name (fp32 runs use TF32: half of it): the one table
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100": 756e12,
+                   "A100": 312e12, "A30": 165e12, "A10": 125e12, "A40": 150e12, "L40S": 362e12, "RTX 6000 Ada": 364e12,
                    "RTX A6000": 155e12, "V100": 125e12, "T4": 65e12}
 # Model FLOPs utilisation assumed for time estimates: nanoGPT's 124M run (4 days on 8x A100) is ~0.3
 ASSUMED_MFU = 0.3
@@ -44,63 +38,12 @@ SKIP_ENV = "NANOREPRO_SKIP_MEMORY_CHECK"  # 1: run even when the estimate says i
 LIMIT_ENV = "NANOREPRO_MEMORY_LIMIT_GIB"  # use at most this much of the device (a shared GPU, tests)
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The network's dimensions: all the estimate needs."""
-
-    n_layer: int
-    n_head: int
-    n_embd: int
-    block_size: int
-    vocab_size: int
-    bias: bool = True
-
-    @property
-    def n_params(self) -> int:
-        """Exact parameter count of `model.GPT` (the tied embedding/head once, position embeddings in)."""
-        C, b = self.n_embd, int(self.bias)
-        per_layer = 12 * C * C + 2 * C + 11 * C * b  # 4 linear weights, 2 LayerNorm gains (+ 9C linear, 2C LN biases)
-        return self.vocab_size * C + self.block_size * C + self.n_layer * per_layer + C + C * b
-
-    @property
-    def block_params(self) -> int:
-        C, b = self.n_embd, int(self.bias)
-        return 12 * C * C + 2 * C + 11 * C * b
-
-    @property
-    def root_params(self) -> int:
-        """Parameters outside the blocks (embeddings, final LayerNorm): FSDP's root unit."""
-        return self.n_params - self.n_layer * self.block_params
-
-
-def shape_of(cfg: Config, vocab_size: int | None = None, model_args: dict[str, Any] | None = None) -> Shape:
-    """The shape a run will train: a checkpoint's (`model_args`), a GPT-2's, a local Hugging Face
-    folder's config.json, or the config's own (vocab from the dataset when the config has none)."""
-    if model_args is not None:
-        return Shape(*(int(model_args[k]) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")),
-                     bool(model_args.get("bias", True)))
-    if cfg.init_from in GPT2_SHAPES:
-        return Shape(*GPT2_SHAPES[cfg.init_from], min(cfg.block_size, 1024), 50257, True)
-    if cfg.init_from != "scratch":
-        path = Path(cfg.init_from) / "config.json"
-        try:
-            hf = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {path}: {e}", "pass a Hugging Face GPT-2 folder (config.json + weights)") from e
-        return Shape(hf.get("n_layer", 12), hf.get("n_head", 12), hf.get("n_embd", 768),
-                     min(cfg.block_size, hf.get("n_positions", 1024)), hf.get("vocab_size", 50257), True)
-    vocab = cfg.vocab_size or vocab_size
-    if vocab is None:
-        raise UserError("the estimate needs the vocabulary size", "prepare the dataset first, or set vocab_size")
-    return Shape(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, int(vocab), cfg.bias)
-
-
 @dataclass
 class Estimate:
     """Bytes at the peak of one training step, per process, by part."""
 
     parts: dict[str, int]
-    shape: Shape
+    shape: GPTConfig
     batch_size: int
     block_size: int
     dtype: str
@@ -125,15 +68,11 @@ class Estimate:
         return f"~{self.total / scale:.1f} {unit} ({parts} {unit}; {', '.join(how)})"
 
 
-def human_bytes(n: float) -> str:
-    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
-
-
 def _compute_bytes(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
-def estimate(shape: Shape, batch_size: int, dtype: str = "bfloat16", parallel: str = "none", world_size: int = 1,
+def estimate(shape: GPTConfig, batch_size: int, dtype: str = "bfloat16", parallel: str = "none", world_size: int = 1,
              activation_checkpointing: bool = False, training: bool = True, block_size: int | None = None) -> Estimate:
     """Peak memory of one training step (or one evaluation forward, `training=False`) per process."""
     T = block_size or shape.block_size
@@ -151,7 +90,8 @@ def estimate(shape: Shape, batch_size: int, dtype: str = "bfloat16", parallel: s
     W = world_size if parallel == "fsdp" else 1
     # FSDP: each rank holds 1/W of the blocks, whole root (gathered for forward and backward) and two
     # gathered blocks in flight (the current one and the prefetched next)
-    sharded = N if W == 1 else (N - shape.root_params) / W + shape.root_params + 2 * shape.block_params
+    root = N - L * shape.block_params  # embeddings and final LayerNorm: FSDP's root unit
+    sharded = N if W == 1 else (N - root) / W + root + 2 * shape.block_params
     parts["weights"] = int(4 * sharded)
     parts["gradients"] = int(4 * sharded)
     parts["adamw_state"] = int(8 * (N / W))
@@ -167,7 +107,7 @@ def estimate(shape: Shape, batch_size: int, dtype: str = "bfloat16", parallel: s
     return Estimate(parts, shape, batch_size, T, dtype, parallel, world_size, activation_checkpointing, True)
 
 
-def estimate_for(cfg: Config, shape: Shape, dtype: str, world_size: int = 1) -> Estimate:
+def estimate_for(cfg: Config, shape: GPTConfig, dtype: str, world_size: int = 1) -> Estimate:
     return estimate(shape, cfg.batch_size, dtype, cfg.parallel, world_size, cfg.activation_checkpointing,
                     training=not cfg.eval_only, block_size=min(cfg.block_size, shape.block_size))
 
@@ -199,7 +139,7 @@ def _fits(est: Estimate, capacity: int) -> bool:
     return est.total + OVERHEAD_BYTES <= capacity
 
 
-def suggest(cfg: Config, shape: Shape, dtype: str, capacity: int, world_size: int = 1,
+def suggest(cfg: Config, shape: GPTConfig, dtype: str, capacity: int, world_size: int = 1,
             gpus_on_node: int = 1) -> tuple[str, Estimate] | None:
     """The largest setting that fits, keeping the tokens per step: a smaller micro-batch with more
     accumulation, then activation checkpointing, then FSDP over the node's GPUs. None if nothing does."""
@@ -224,7 +164,7 @@ def suggest(cfg: Config, shape: Shape, dtype: str, capacity: int, world_size: in
     return None
 
 
-def min_fsdp_gpus(cfg: Config, shape: Shape, dtype: str, capacity: int, most: int = 64) -> int | None:
+def min_fsdp_gpus(cfg: Config, shape: GPTConfig, dtype: str, capacity: int, most: int = 64) -> int | None:
     """Fewest GPUs of this size over which FSDP (batch 1, activation checkpointing) would fit."""
     T = min(cfg.block_size, shape.block_size)
     for W in range(2, most + 1):
@@ -233,7 +173,7 @@ def min_fsdp_gpus(cfg: Config, shape: Shape, dtype: str, capacity: int, most: in
     return None
 
 
-def check(cfg: Config, shape: Shape, dtype: str, capacity: int, where: str, world_size: int = 1,
+def check(cfg: Config, shape: GPTConfig, dtype: str, capacity: int, where: str, world_size: int = 1,
           gpus_on_node: int = 1) -> Estimate:
     """The estimate when it fits `capacity` bytes; else WontFit naming the largest setting that would."""
     est = estimate_for(cfg, shape, dtype, world_size)
@@ -261,16 +201,9 @@ def check(cfg: Config, shape: Shape, dtype: str, capacity: int, where: str, worl
 # ---------------------------------------------------------------------------------------------
 # Time
 
-def flops_per_token(shape: Shape, block_size: int | None = None) -> float:
-    """Forward + backward FLOPs per token: 6N for the matmuls plus 12 L C T for attention (PaLM, app. B);
-    N without the position embeddings, as nanoGPT's estimate_mfu counts."""
-    T = block_size or shape.block_size
-    n = shape.n_params - shape.block_size * shape.n_embd
-    return 6 * n + 12 * shape.n_layer * shape.n_embd * T
-
-
 def peak_flops(gpu_name: str | None, dtype: str) -> float | None:
-    """Dense peak FLOP/s of a named GPU at the run's precision; None when unknown (or a CPU)."""
+    """Dense peak FLOP/s of a named GPU at the run's precision; None when unknown (or a CPU).
+    hardware.peak_flops adds a CPU's, measured."""
     if not gpu_name:
         return None
     for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
@@ -279,7 +212,7 @@ def peak_flops(gpu_name: str | None, dtype: str) -> float | None:
     return None
 
 
-def estimate_seconds(cfg: Config, shape: Shape, gpu_name: str | None, n_gpus: int, dtype: str,
+def estimate_seconds(cfg: Config, shape: GPTConfig, gpu_name: str | None, n_gpus: int, dtype: str,
                      start_iter: int = 0) -> float | None:
     """Wall time of the rest of the run at ASSUMED_MFU of the GPUs' peak; None on unknown hardware."""
     peak = peak_flops(gpu_name, dtype)
@@ -287,21 +220,10 @@ def estimate_seconds(cfg: Config, shape: Shape, gpu_name: str | None, n_gpus: in
         return None
     T = min(cfg.block_size, shape.block_size)
     if cfg.eval_only:  # forward only (a third of forward + backward), both splits
-        flops = 2 * cfg.eval_iters * cfg.batch_size * T * flops_per_token(shape, T) / 3
+        flops = 2 * cfg.eval_iters * cfg.batch_size * T * shape.flops_per_token(T) / 3
     else:
-        flops = max(0, cfg.max_iters - start_iter) * cfg.tokens_per_iter * flops_per_token(shape, T)
+        flops = max(0, cfg.max_iters - start_iter) * cfg.tokens_per_iter * shape.flops_per_token(T)
     return flops / (peak * ASSUMED_MFU * max(1, n_gpus))
-
-
-def human_time(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 3 * 3600:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 3 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
-
 
 
 def available_ram() -> int | None:

@@ -20,26 +20,17 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .config import PRETRAINED, Config
+from . import optim
+from .config import GPT2_SIZES, PRETRAINED, GPTConfig
 from .errors import ModelUnavailable, UserError
 
-# (n_layer, n_head, n_embd) of the published checkpoints; all have vocab 50257, context 1024, biases.
-GPT2_SHAPES: dict[str, tuple[int, int, int]] = {
-    "gpt2": (12, 12, 768),  # 124M
-    "gpt2-medium": (24, 16, 1024),  # 350M
-    "gpt2-large": (36, 20, 1280),  # 774M
-    "gpt2-xl": (48, 25, 1600),  # 1558M
-}
-assert tuple(GPT2_SHAPES) == PRETRAINED
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout")
-A100_BF16_PEAK_FLOPS = 312e12
 OFFLINE_FIX = "connect to the internet once, or pass a local Hugging Face folder (init_from=PATH or --model PATH)"
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees only itself and earlier positions."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
@@ -60,7 +51,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """Position-wise feed-forward: widen 4x, GELU (tanh form, as GPT-2 was trained), project back."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.gelu = nn.GELU(approximate="tanh")
@@ -74,7 +65,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
@@ -89,15 +80,12 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """GPT-2: token + learned position embeddings, n_layer blocks, final LayerNorm, tied output head."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
-        if cfg.vocab_size is None:
-            raise UserError("the model needs vocab_size, which is not set",
-                            "set vocab_size, or resolve it from the dataset's meta.json before building the model")
         if cfg.n_embd % cfg.n_head:
             raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}",
                             "pick n_embd a multiple of n_head")
-        self.config = dataclasses.replace(cfg)  # a copy: crop_block_size changes it
+        self.config = cfg  # frozen: crop_block_size replaces it
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
@@ -138,10 +126,6 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def describe(self) -> str:
-        """nanoGPT's start-up line, e.g. 'number of parameters: 10.65M'."""
-        return f"number of parameters: {self.get_num_params() / 1e6:.2f}M"
-
     def forward(self, idx: torch.Tensor,
                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits, loss).
@@ -172,28 +156,13 @@ class GPT(nn.Module):
                             f"use block_size <= {self.config.block_size}")
         if block_size <= 0:
             raise UserError(f"block_size must be > 0, got {block_size}", "use a positive block_size")
-        self.config.block_size = block_size
+        self.config = dataclasses.replace(self.config, block_size=block_size)
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
                              device_type: str, kind: str = "adamw") -> torch.optim.Optimizer:
         """AdamW (or Muon + AdamW, see optim.py) with weight decay on matrices and embeddings only."""
-        from . import optim
-
         return optim.build(self, kind, weight_decay, learning_rate, betas, device_type)
-
-    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float = A100_BF16_PEAK_FLOPS) -> float:
-        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (default: A100 bf16 dense).
-
-        FLOPs per token as in the PaLM paper (appendix B): 6N for the matmuls of forward + backward,
-        plus 12*L*H*Q*T for attention over a full block.
-        """
-        N = self.get_num_params()
-        cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        flops_per_token = 6 * N + 12 * L * H * Q * T
-        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
-        return flops_per_iter / dt / peak_flops
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -242,8 +211,8 @@ def _offline() -> bool:
 def _reachable(url: str, timeout: float = 5.0) -> bool:
     """Can a TCP connection to url's host be opened within timeout? (DNS included, hence the thread.)
 
-    huggingface_hub retries a refused connection for ~23 s; this answers in milliseconds
-    for a closed port and in `timeout` seconds for a black hole.
+    huggingface_hub retries a refused connection for tens of seconds; this answers at once for a
+    closed port and in `timeout` seconds for a black hole.
     """
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
@@ -288,12 +257,12 @@ def _check_hf_config(hf: dict[str, Any], where: str) -> None:
                             f"use a GPT-2 model with {field}={want}")
 
 
-def _load_hf(name_or_path: str) -> tuple[Any, dict[str, Any]]:
+def _load_hf(name_or_path: str) -> tuple[Any, GPTConfig]:
     """The Hugging Face GPT2LMHeadModel (fp32) and its shape; never waits long for a network that is not there."""
     from transformers import GPT2LMHeadModel
 
     kwargs = dict(dtype=torch.float32)
-    if name_or_path not in GPT2_SHAPES:  # a local folder
+    if name_or_path not in GPT2_SIZES:  # a local folder
         folder = Path(name_or_path).resolve()
         cfg_file = folder / "config.json"
         if not cfg_file.is_file():
@@ -306,22 +275,17 @@ def _load_hf(name_or_path: str) -> tuple[Any, dict[str, Any]]:
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load a GPT-2 from {folder}: {str(e).splitlines()[0]}",
                             "pass a folder written by GPT2LMHeadModel.save_pretrained (config.json + weights)") from e
-        shape = dict(n_layer=hf.config.n_layer, n_head=hf.config.n_head, n_embd=hf.config.n_embd,
-                     block_size=hf.config.n_positions, vocab_size=hf.config.vocab_size)
-        return hf, shape
+        return hf, _shape_of(hf)
 
     name = name_or_path
-    n_layer, n_head, n_embd = GPT2_SHAPES[name]
-    shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_size=50257)
     from huggingface_hub import constants
 
-    def checked(hf: Any) -> tuple[Any, dict[str, Any]]:
+    def checked(hf: Any) -> tuple[Any, GPTConfig]:
         # transformers prefers a folder of the same name in the working directory over the hub
-        got = (hf.config.n_layer, hf.config.n_head, hf.config.n_embd, hf.config.n_positions, hf.config.vocab_size)
-        if got != tuple(shape.values()):
-            raise UserError(f"{name} loaded with shape {got}, not GPT-2's {tuple(shape.values())}",
+        if _shape_of(hf) != GPT2_SIZES[name]:
+            raise UserError(f"{name} loaded with shape {_shape_of(hf)}, not GPT-2's {GPT2_SIZES[name]}",
                             f"rename the local folder ./{name}, or pass its path to use it")
-        return hf, shape
+        return hf, GPT2_SIZES[name]
 
     # The cache first: no network at all when the weights are already here.
     for repo in (name, f"openai-community/{name}"):
@@ -345,6 +309,11 @@ def _load_hf(name_or_path: str) -> tuple[Any, dict[str, Any]]:
     return checked(hf)
 
 
+def _shape_of(hf: Any) -> GPTConfig:
+    c = hf.config
+    return GPTConfig(c.n_layer, c.n_head, c.n_embd, block_size=c.n_positions, vocab_size=c.vocab_size, bias=True)
+
+
 def require_download_possible(name: str) -> None:
     """ModelUnavailable, at once, when `name` is not cached and the hub is off or out of reach."""
     from huggingface_hub import constants
@@ -357,26 +326,34 @@ def require_download_possible(name: str) -> None:
                                OFFLINE_FIX)
 
 
-def load_pretrained(name_or_path: str, dropout: float = 0.0) -> tuple[GPT, dict[str, Any]]:
-    """A GPT with OpenAI's GPT-2 weights ("gpt2" ... "gpt2-xl") or a local Hugging Face GPT-2 folder.
+def require_pretrained(name_or_path: str) -> None:
+    """ModelUnavailable when OpenAI's `name_or_path` is neither cached nor downloadable here, found
+    without loading anything (the same places, in the same order, as load_pretrained looks in)."""
+    from huggingface_hub import try_to_load_from_cache
 
-    Returns the model (fp32, train mode) and its shape fields (n_layer, n_head, n_embd, block_size,
-    vocab_size, bias, dropout) for the run's config.json.
-    """
+    if Path(name_or_path).is_dir() or any(isinstance(try_to_load_from_cache(repo, "config.json"), str)
+                                          for repo in (name_or_path, f"openai-community/{name_or_path}")):
+        return
+    require_download_possible(name_or_path)
+
+
+def load_pretrained(name_or_path: str, dropout: float = 0.0) -> tuple[GPT, GPTConfig]:
+    """A GPT with OpenAI's GPT-2 weights ("gpt2" ... "gpt2-xl") or a local Hugging Face GPT-2 folder:
+    the model (fp32, train mode, its full context) and its config."""
     name_or_path = str(name_or_path)
-    if name_or_path not in GPT2_SHAPES and not Path(name_or_path).is_dir():
+    if name_or_path not in GPT2_SIZES and not Path(name_or_path).is_dir():
         raise UserError(f"unknown pretrained model {name_or_path!r}: neither a GPT-2 name nor an existing folder",
                         f"use one of {', '.join(PRETRAINED)}, or the path of a local Hugging Face GPT-2 folder")
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {dropout}", "use e.g. dropout=0.0 for fine-tuning")
     hf, shape = _load_hf(name_or_path)
-    shape.update(bias=True, dropout=float(dropout))  # GPT-2 has biases everywhere
+    shape = dataclasses.replace(shape, dropout=float(dropout))
 
     state = hf.state_dict()
     del hf  # from here the only references to the weights are in `state`, released one by one below
     # Built on the meta device: no memory and no random init for weights about to be replaced.
     with torch.device("meta"):
-        model = GPT(Config(**shape))
+        model = GPT(shape)
     ours = set(model.state_dict())
     converted: dict[str, torch.Tensor] = {}
     for key in list(state):
@@ -399,4 +376,4 @@ def load_pretrained(name_or_path: str, dropout: float = 0.0) -> tuple[GPT, dict[
         raise UserError(f"{name_or_path} lacks weights {sorted(missing)[:3]}", "pass a complete GPT-2 checkpoint")
     model.load_state_dict(converted, strict=True, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced both; tie them again
-    return model, {k: shape[k] for k in SHAPE_FIELDS}
+    return model, shape

@@ -6,24 +6,9 @@ from pathlib import Path
 
 import torch
 
-from . import data
-from .config import Config
+from . import checkpoint, data, hardware
 from .errors import UserError
-from .model import GPT, load_pretrained
-from .train import CKPT_FILE, SHAPE_FIELDS, load_checkpoint, pick_device
-
-
-def _from_run(run_dir: Path, data_root: str | None) -> tuple[GPT, data.Codec]:
-    ckpt_path = run_dir / CKPT_FILE
-    if not (run_dir / "config.json").exists() or not ckpt_path.exists():
-        raise UserError(f"{run_dir} has no config.json and ckpt.pt", "train first: `nanorepro train --out-dir ...`")
-    cfg = Config.load(run_dir / "config.json")
-    ckpt = load_checkpoint(ckpt_path)
-    shape = {k: ckpt["model_args"][k] for k in SHAPE_FIELDS}
-    model = GPT(Config(**{**cfg.to_dict(), **shape, "dropout": 0.0}))
-    model.load_state_dict(ckpt["model"])
-    codec = data.Codec.from_meta(data.load_meta(Path(data_root or cfg.data_root) / cfg.dataset))
-    return model, codec
+from .model import load_pretrained
 
 
 def sample(run_dir: str | Path | None = None, model: str | None = None, prompt: str = "\n",
@@ -36,9 +21,10 @@ def sample(run_dir: str | Path | None = None, model: str | None = None, prompt: 
         raise UserError(f"temperature must be > 0, got {temperature}", "use e.g. --temperature 0.8")
     if top_k is not None and top_k < 1:
         top_k = None
-    dev, _ = pick_device(Config(device=device))
+    dev, _ = hardware.pick_device(device)
     if run_dir is not None:
-        net, codec = _from_run(Path(run_dir), data_root)
+        net, cfg = checkpoint.load_model(Path(run_dir))
+        codec = data.Codec.from_meta(data.load_meta(Path(data_root or cfg.data_root) / cfg.dataset))
     elif model is not None:
         net, _ = load_pretrained(model)
         codec = data.Codec.from_meta({"encoding": "gpt2", "vocab_size": 50257})

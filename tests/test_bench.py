@@ -79,6 +79,19 @@ def test_cli_bench_writes_a_well_formed_record(char_data_root, tmp_path, capsys)
     assert "tiny" in rec["summary_line"] and "ms/iter" in rec["summary_line"]
 
 
+def test_mfu_is_nanogpts_estimate():
+    """nanoGPT's estimate_mfu for the baby GPT: PaLM's 6N + 12*L*H*Q*T FLOPs per token, 64 x 256 tokens an
+    iteration, against a peak (the model's own FLOPs formula lives in GPTConfig.flops_per_token)."""
+    cfg = config.resolve("shakespeare-char")
+    n_params, flops = bench.flops_per_iter(cfg, 65)
+    per_seq = (6 * 10_646_784 + 12 * 6 * 6 * 64 * 256) * 256
+    assert n_params == 10_646_784 and flops == 64 * per_seq
+    for dt, peak in [(0.5, 1e12), (1.0, 312e12)]:
+        run = bench._summarise({"steps": [(5, dt)], "lines": []}, 0, cfg, flops, peak)
+        assert run["mfu"] == pytest.approx(64 * per_seq / dt / peak)
+        assert run["tokens_per_s"] == 64 * 256 / dt
+
+
 def test_target_loss_stops_the_run_at_the_first_evaluation_reaching_it(char_data_root, tmp_path):
     # 5000 iterations would take minutes: the bench must stop the run once the target is met
     rec = bench.bench("tiny", tiny(char_data_root, max_iters=5000, lr_decay_iters=5000, eval_interval=5),
@@ -152,10 +165,10 @@ def test_nanogpt_args_are_python_literals_of_the_config_types():
 
 
 def test_fast_dtype_resolves_to_a_real_dtype_and_says_why(char_data_root, tmp_path):
-    from nanorepro import memory, metrics, train
+    from nanorepro import metrics, train
 
     cfg = config.resolve("tiny", {"dtype": "fast"})
-    dtype, attention, why = hardware.fast_cpu_dtype(cfg, memory.shape_of(cfg, 65), budget_s=0.2)
+    dtype, attention, why = hardware.fast_cpu_dtype(cfg.model_config(65), cfg.batch_size, budget_s=0.2)
     assert (dtype, attention) in {("float32", "default"), ("bfloat16", "default"), ("bfloat16", "math")} and why
     if not hardware.cpu_has_native_bf16():
         assert dtype == "float32" and "no native bf16" in why

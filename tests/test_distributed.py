@@ -115,7 +115,7 @@ def test_resume_under_torchrun_is_exact(runs, mode):
 def test_checkpoint_is_one_full_state_dict_a_single_process_loads(runs, mode, char_data_root):
     ckpt = torch.load(runs / mode / "ckpt.pt", weights_only=True)
     single = torch.load(runs / "single" / "ckpt.pt", weights_only=True)
-    model = GPT(resolve("tiny", {"vocab_size": 65}))
+    model = GPT(resolve("tiny").model_config(vocab_size=65))
     assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert all(type(v) is torch.Tensor for v in ckpt["model"].values())  # plain tensors, not shards
     model.load_state_dict(ckpt["model"])

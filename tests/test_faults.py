@@ -26,11 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanorepro import data, metrics, report
+from nanorepro import checkpoint, data, metrics, report
 from nanorepro.config import Config, resolve
 from nanorepro.errors import UserError
 from nanorepro.model import GPT
-from nanorepro.train import SHAPE_FIELDS, train
+from nanorepro.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 # one torch thread per process: two processes fighting over 2 cores run ~100x slower
@@ -89,7 +89,7 @@ def test_sigkill_at_random_points_never_corrupts_or_loses_more_than_one_interval
         if (run / "ckpt.pt").exists():
             ckpt = torch.load(run / "ckpt.pt", weights_only=True)  # never torn: the rename is atomic
             ckpt_iter = ckpt["iter_num"]
-            GPT(Config(**{k: ckpt["model_args"][k] for k in SHAPE_FIELDS})).load_state_dict(ckpt["model"])
+            GPT(checkpoint.model_config(ckpt)).load_state_dict(ckpt["model"])
         assert ckpt_iter % INTERVAL == 0 and ckpt_iter >= ckpt_before, where  # never goes back
         logged = [r["iter"] for r in metrics.of_kind(quiet_read(run / "metrics.jsonl"), "train")]
         assert max(logged, default=0) - ckpt_iter <= INTERVAL, f"{where}: more than one interval of work lost"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanorepro import memory, metrics
-from nanorepro.config import Config, resolve
+from nanorepro.config import GPTConfig, resolve
 from nanorepro.model import GPT, load_pretrained
 from nanorepro.train import train
 
@@ -34,17 +34,17 @@ def wider_gpt2(tmp_path_factory):
                                    (48, 25, 1600, 1024, 50257, True)])
 def test_parameter_count_is_the_models(shape):
     with torch.device("meta"):  # gpt2-xl's shape without its memory
-        model = GPT(Config(**dict(zip(("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias"), shape))))
-    assert memory.Shape(*shape).n_params == sum(p.numel() for p in model.parameters())
+        model = GPT(GPTConfig(*shape))
+    assert GPTConfig(*shape).n_params == sum(p.numel() for p in model.parameters())
 
 
 def test_gpt2_xl_fp32_adamw_needs_16_bytes_per_parameter():
-    shape = memory.shape_of(resolve("finetune-shakespeare"))
+    shape = resolve("finetune-shakespeare").model_config()
     assert shape.n_params == 1_557_611_200
     est = memory.estimate(shape, batch_size=1, dtype="float32")
     states = est.parts["weights"] + est.parts["gradients"] + est.parts["adamw_state"]
     assert states == 16 * 1_557_611_200 and round(states / 1e9, 1) == 24.9
-    assert memory.shape_of(resolve("train-gpt2"), 50257).n_params == 124_337_664  # no biases (nanoGPT's bias=False)
+    assert resolve("train-gpt2").model_config(50257).n_params == 124_337_664  # no biases (nanoGPT's bias=False)
 
 
 def saved_bytes(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> int:
@@ -68,7 +68,7 @@ def test_activation_estimate_matches_what_autograd_keeps(tiny_gpt2, wider_gpt2, 
     measured_ratio = []
     for folder in (tiny_gpt2, wider_gpt2):
         cfg = resolve("finetune-shakespeare-cpu", {"init_from": str(folder), "block_size": 128})
-        shape = memory.shape_of(cfg)
+        shape = cfg.model_config()
         model, _ = load_pretrained(str(folder))
         assert shape.n_params == sum(p.numel() for p in model.parameters())
         B = 2
@@ -84,7 +84,7 @@ def test_activation_estimate_matches_what_autograd_keeps(tiny_gpt2, wider_gpt2, 
 def test_refusal_names_the_largest_setting_that_fits(wider_gpt2):
     cfg = resolve("finetune-shakespeare-cpu", {"init_from": str(wider_gpt2), "block_size": 128, "batch_size": 16,
                                                "gradient_accumulation_steps": 2})
-    shape = memory.shape_of(cfg)
+    shape = cfg.model_config()
     full = memory.estimate_for(cfg, shape, "float32")
     cap = full.total + memory.OVERHEAD_BYTES - full.parts["logits"] // 2  # a bit too small for batch 16
     with pytest.raises(memory.WontFit) as e:
@@ -107,7 +107,7 @@ def test_refusal_names_the_largest_setting_that_fits(wider_gpt2):
 def test_fsdp_is_suggested_when_the_states_alone_do_not_fit():
     # 8 wide blocks and a 65-character vocabulary: the blocks hold nearly all parameters, so sharding helps
     cfg = resolve("tiny", {"n_layer": 8, "n_head": 4, "n_embd": 256, "block_size": 64, "vocab_size": 65})
-    shape = memory.shape_of(cfg)
+    shape = cfg.model_config()
     cap = memory.OVERHEAD_BYTES + 12 * shape.n_params  # less than the 16 bytes/param of one process
     with pytest.raises(memory.WontFit, match=r"torchrun --nproc_per_node=4 \.\.\. with --parallel=fsdp --batch_size=1 "
                                            r"--gradient_accumulation_steps=4 \(same tokens per step"):
@@ -124,7 +124,7 @@ def test_train_refuses_before_loading_the_model(gpt2_data_root, wider_gpt2, tmp_
     def never(*args):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(train_module, "_model_for", never)
+    monkeypatch.setattr(train_module, "_build_model", never)
     monkeypatch.setenv(memory.LIMIT_ENV, "0.1")
     cfg = resolve("finetune-shakespeare-cpu", {"init_from": str(wider_gpt2), "data_root": str(gpt2_data_root),
                                                "out_dir": str(tmp_path / "ft")})
@@ -136,9 +136,9 @@ def test_train_refuses_before_loading_the_model(gpt2_data_root, wider_gpt2, tmp_
 
 def test_time_estimate_for_nanogpts_gpt2_run_is_about_four_days():
     cfg = resolve("train-gpt2")
-    secs = memory.estimate_seconds(cfg, memory.shape_of(cfg, 50257), "NVIDIA A100-SXM4-40GB", 8, "bfloat16")
+    secs = memory.estimate_seconds(cfg, cfg.model_config(50257), "NVIDIA A100-SXM4-40GB", 8, "bfloat16")
     assert 3.5 < secs / 86400 < 4.5  # nanoGPT: "about 4 days" on 8x A100 40GB
-    assert memory.estimate_seconds(cfg, memory.shape_of(cfg, 50257), "Some CPU", 1, "float32") is None
+    assert memory.estimate_seconds(cfg, cfg.model_config(50257), "Some CPU", 1, "float32") is None
     assert memory.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
 
 

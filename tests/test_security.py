@@ -27,7 +27,7 @@ import torch
 import sshd as sshd_helper
 from nanorepro import remote
 from nanorepro.errors import UserError
-from nanorepro.train import load_checkpoint
+from nanorepro.checkpoint import load as load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "nanorepro"
