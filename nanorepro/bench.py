@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -42,7 +41,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__, config as config_mod, data, hardware, metrics
+from . import __version__, config as config_mod, data, envinfo, hardware, metrics
 from .config import Config
 from .errors import UserError
 from .files import sha256_file
@@ -368,7 +367,7 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
         "kind": "bench", "nanorepro": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "preset": preset, "nanogpt_preset": (nanogpt_preset or preset) if nanogpt else None,
         "overrides": overrides, "forced": runs_cfg, "config": cfg.to_dict(), "device": device,
-        "dtype": ours_dtype, "host": _host(device), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "dtype": ours_dtype, "host": _host(device), "cpu_features": hardware.cpu_features(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "torch": torch.__version__, "n_params": n_params, "flops_per_iter": flops,
         "tokens_per_iter": cfg.tokens_per_iter, "iters": iters, "warmup": warmup, "target_loss": target_loss,
         "nanogpt": str(nanogpt) if nanogpt else None, "loadavg_before": list(load_before),
@@ -408,15 +407,8 @@ def _last_iter(path: Path) -> int:
 def _host(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {hardware.physical_cores()} physical cores"
+    return (f"{envinfo.cpu_model()}, {hardware.physical_cores()} physical cores, "
+            f"{hardware.describe_cpu_features(hardware.cpu_features())}")
 
 
 def _summary(record: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -77,6 +78,21 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_features() -> dict[str, Any]:
+    """What decides CPU speed here, for every benchmark figure to name: the vector ISA torch dispatches
+    to (e.g. AVX2, AVX512), the bf16 and AMX extensions, and whether bf16 matmuls are native."""
+    caps = torch.cpu.get_capabilities()
+    flags = ("avx2", "avx512_f", "avx512_bf16", "amx_bf16", "amx_tile", "neon", "bf16", "sve")
+    return {"isa": torch.backends.cpu.get_cpu_capability(), **{k: bool(caps.get(k)) for k in flags if k in caps},
+            "native_bf16": cpu_has_native_bf16()}
+
+
+def describe_cpu_features(features: dict[str, Any]) -> str:
+    """e.g. 'AVX2, bf16 emulated' or 'AVX512, AMX, bf16 native'."""
+    parts = [features["isa"]] + (["AMX"] if features.get("amx_bf16") else [])
+    return ", ".join(parts + ["bf16 native" if features["native_bf16"] else "bf16 emulated"])
 
 
 class StepContext:

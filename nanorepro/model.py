@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from . import optim
 from .config import GPT2_SIZES, PRETRAINED, GPTConfig
 from .errors import ModelUnavailable, UserError
 
@@ -158,11 +157,6 @@ class GPT(nn.Module):
             raise UserError(f"block_size must be > 0, got {block_size}", "use a positive block_size")
         self.config = dataclasses.replace(self.config, block_size=block_size)
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
-
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                             device_type: str, kind: str = "adamw") -> torch.optim.Optimizer:
-        """AdamW (or Muon + AdamW, see optim.py) with weight decay on matrices and embeddings only."""
-        return optim.build(self, kind, weight_decay, learning_rate, betas, device_type)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

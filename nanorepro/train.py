@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__, checkpoint, data, distributed, envinfo, faults, fmt, hardware, memory, metrics
+from . import __version__, checkpoint, data, distributed, envinfo, faults, fmt, hardware, memory, metrics, optim
 from .config import PRETRAINED, Config, GPTConfig, validate
 from .distributed import World
 from .errors import Interrupted, UserError, WontFit
@@ -131,8 +131,8 @@ def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
     wrapped = distributed.wrap(model, world, device, dtype, cfg.activation_checkpointing)  # FSDP: before the optimizer
     if world.active:
         torch.manual_seed(cfg.seed + world.rank)  # same init everywhere (above), own dropout masks from here
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
-                                           cfg.optimizer)
+    optimizer = optim.build(model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                            device_type)
     run = _Run(cfg, world, out, device, dtype, attention, meta, model, wrapped, optimizer, batches,
                torch.Generator().manual_seed(cfg.seed))
     if ckpt is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 
 from nanorepro import bench, cli, config, hardware
 from nanorepro.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
 
 # nanoGPT's train.py as far as the bench sees it: it takes --key=value words, prints the same
 # "step"/"iter" lines, and here also writes the arguments it got where the test can read them.
@@ -216,3 +219,22 @@ def test_per_iteration_speedup_only_compares_the_same_config():
     assert pair["time_to_target_ratio"] == pytest.approx(19.0 / 76.0) and not pair["nanogpt_reached_target"]
     same = bench._summary({"runs": runs, "target_loss": 1.88, "preset": "shakespeare-char-cpu", "nanogpt_preset": None})
     assert same["pairs"][0]["speedup_per_iter"] == pytest.approx(35.0 / 20.0)
+
+
+def test_bench_names_the_cpu_kind_each_figure_came_from():
+    features = hardware.cpu_features()
+    assert features["isa"] and isinstance(features["native_bf16"], bool)
+    words = hardware.describe_cpu_features(features)
+    assert words.startswith(features["isa"]) and words.endswith("native" if features["native_bf16"] else "emulated")
+    assert words in bench._host("cpu")
+
+
+def test_gpu_script_dry_run_runs_every_step_on_the_cpu(tmp_path):
+    """benchmarks/gpu.sh is one command for whoever has a GPU; the dry run keeps it from rotting."""
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    record = json.loads((tmp_path / "gpu.json").read_text())
+    assert record["dry_run"] and len(record["steps"]) == 4
+    assert all(step["status"] == "ok" for step in record["steps"].values()), record["steps"]
+    assert "| gpt2-xl shape, fine-tune recipe | ok |" in r.stdout

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanorepro import optim
 from nanorepro.config import Config, GPTConfig, resolve
 from nanorepro.errors import UserError
 from nanorepro.model import GPT, load_pretrained
@@ -136,7 +137,7 @@ def test_generate_length_greedy_crop_and_seed():
 
 def test_optimizer_groups():
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = optim.build(model, "adamw", 0.1, 1e-3, (0.9, 0.95), "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
@@ -154,7 +155,7 @@ def test_optimizer_groups():
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    opt = optim.build(model, "muon", 0.1, 1e-3, (0.9, 0.95), "cpu")
     muon, adamw = opt.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     blocks = {id(p) for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
@@ -173,12 +174,12 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert model.lm_head.weight is model.transformer.wte.weight and all(p.grad is None for p in model.parameters())
     state = opt.state_dict()
-    fresh = tiny().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    fresh = optim.build(tiny(), "muon", 0.1, 1e-3, (0.9, 0.95), "cpu")
     fresh.load_state_dict(state)
     assert torch.equal(fresh.optimizers[0].state_dict()["state"][0]["momentum_buffer"],
                        state["chain"][0]["state"][0]["momentum_buffer"])
     with pytest.raises(ValueError, match="not from the same optimizer"):
-        fresh.load_state_dict(model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").state_dict())
+        fresh.load_state_dict(optim.build(model, "adamw", 0.1, 1e-3, (0.9, 0.95), "cpu").state_dict())
 
 
 # --- pretrained loading ----------------------------------------------------------------------

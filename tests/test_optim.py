@@ -5,7 +5,7 @@ import torch
 
 from nanorepro import hardware, optim
 from nanorepro.model import GPT
-from nanorepro.config import Config
+from nanorepro.config import GPTConfig
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -54,6 +54,6 @@ def test_state_dicts_are_interchangeable_with_torchs_muon():
 @pytest.mark.parametrize("native, want", [(False, torch.float32), (True, torch.bfloat16)])
 def test_muon_orthogonalises_in_bf16_only_where_the_cpu_has_it(monkeypatch, native, want):
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
-    model = GPT(Config(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
     muon, _ = optim.build(model, "muon", 0.1, 1e-3, (0.9, 0.95), "cpu").optimizers
     assert muon.ns_dtype == want
