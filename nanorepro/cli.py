@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__, chameleon, compare, config, data, fmt, memory, notebooks, openwebtext, report
 from .config import PRESETS, PRETRAINED
@@ -127,7 +127,6 @@ def _bundle(args: argparse.Namespace, extra: list[str]) -> None:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
-# -- reserve / release (Chameleon) ----------------------------------------------------------------
 def _reserve(args: argparse.Namespace, extra: list[str]) -> None:
     chameleon.reserve("chameleon", site=args.site, node_type=args.node_type, lease_hours=args.hours,
                       image=args.image, lease_name=args.lease_name, server_name=args.server_name,
@@ -141,7 +140,6 @@ def _release(args: argparse.Namespace, extra: list[str]) -> None:
                       server_name=args.server_name, project=args.project)
 
 
-# -- bench ---------------------------------------------------------------------------------------
 def _bench(args: argparse.Namespace, extra: list[str]) -> None:
     from . import bench
 
@@ -154,7 +152,10 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its usage errors as the same one line as every other error (exit 2)."""
+    """argparse without abbreviated options, its usage errors the same one line as every other error (exit 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"nanorepro: error: {message} (fix: see `{self.prog} --help`)\n")
@@ -162,7 +163,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_node_commands(sub: argparse._SubParsersAction) -> None:
     """reserve and release: the Chameleon node."""
-    s = sub.add_parser("reserve", allow_abbrev=False, help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
+    s = sub.add_parser("reserve", help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
     s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="where the node record goes")
     s.add_argument("--site", default=None, help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
     s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
@@ -176,7 +177,7 @@ def _add_node_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--no-setup", action="store_true", help="do not install nanorepro on the node")
     s.set_defaults(func=_reserve)
 
-    s = sub.add_parser("release", allow_abbrev=False, help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
+    s = sub.add_parser("release", help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
     s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="the folder holding the node record")
     s.add_argument("--site", default=None, help="default: the recorded site")
     s.add_argument("--lease-name", default=None, help="release this lease (and its server) even without a record")
@@ -187,7 +188,7 @@ def _add_node_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_scaling_commands(sub: argparse._SubParsersAction) -> None:
     """compare-gpt2, estimate and bench: scaling out (GPT-2 sizes, memory, speed)."""
-    s = sub.add_parser("compare-gpt2", allow_abbrev=False,
+    s = sub.add_parser("compare-gpt2",
                        help="fine-tune several GPT-2 sizes with one recipe: a table and overlaid loss curves")
     s.add_argument("--models", nargs="+", default=list(PRETRAINED),
                    help="GPT-2 names or local Hugging Face folders (default: all four sizes)")
@@ -199,8 +200,7 @@ def _add_scaling_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--input", default=None, help="a local Tiny Shakespeare instead of the download")
     s.set_defaults(func=_compare_gpt2)
 
-    s = sub.add_parser("estimate", allow_abbrev=False,
-                       help="memory and time a run needs (no torch): --preset P [--field=value ...]",
+    s = sub.add_parser("estimate", help="memory and time a run needs (no torch): --preset P [--field=value ...]",
                        epilog="Override any config field with --field=value, as for train.")
     s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
     s.add_argument("--gpus", type=int, default=1, help="GPUs (processes) when parallel is ddp or fsdp")
@@ -208,7 +208,7 @@ def _add_scaling_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--gpu-memory-gib", type=float, default=None, help="refuse (exit 4) when it does not fit this")
     s.set_defaults(func=_estimate)
 
-    s = sub.add_parser("bench", allow_abbrev=False, help="ms/iter, tokens/s, MFU, memory, time to a target loss; "
+    s = sub.add_parser("bench", help="ms/iter, tokens/s, MFU, memory, time to a target loss; "
                        "optionally side by side with an upstream nanoGPT checkout",
                        epilog="Override any config field with --field=value (applied to both sides).")
     s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
@@ -228,12 +228,12 @@ def _add_scaling_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nanorepro", allow_abbrev=False, description=__doc__.splitlines()[0])
+    p = _Parser(prog="nanorepro", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nanorepro {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("prepare", allow_abbrev=False, help="Tiny Shakespeare (bundled, or --input) into token files")
+    s = sub.add_parser("prepare", help="Tiny Shakespeare (bundled, or --input) into token files")
     s.add_argument("--input", help="a local UTF-8 text file instead of Tiny Shakespeare (or $NANOREPRO_INPUT)")
     s.add_argument("--url", default=None, help="download Tiny Shakespeare from this mirror (sha256-checked, cached) "
                    "instead of using the bundled copy")
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir", default=None, help="download cache (default ~/.cache/nanorepro or $NANOREPRO_CACHE)")
     s.set_defaults(func=_prepare)
 
-    s = sub.add_parser("train", allow_abbrev=False, help="train or fine-tune; any config field as --field=value",
+    s = sub.add_parser("train", help="train or fine-tune; any config field as --field=value",
                        epilog="Override any field with --field=value; list them with --help-fields.")
     s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
     s.add_argument("--out-dir", default=None, help="run folder (resumed if it holds a checkpoint)")
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--help-fields", action="store_true", help="list every config field and exit")
     s.set_defaults(func=_train)
 
-    s = sub.add_parser("sample", allow_abbrev=False, help="generate text from a run folder or a pretrained GPT-2")
+    s = sub.add_parser("sample", help="generate text from a run folder or a pretrained GPT-2")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a run folder with ckpt.pt")
     src.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face folder")
@@ -276,19 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="also write the samples to this file")
     s.set_defaults(func=_sample)
 
-    s = sub.add_parser("run-notebooks", allow_abbrev=False, help="run notebooks/ in order with papermill (the main job)")
+    s = sub.add_parser("run-notebooks", help="run notebooks/ in order with papermill (the main job)")
     s.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="a notebook parameter, e.g. -p char_max_iters 200 (repeatable)")
     s.add_argument("-f", "--params-file", default=None, help="YAML or JSON file of notebook parameters")
     s.add_argument("--only", nargs="*", default=None, help="run only notebooks whose names start with these")
     s.set_defaults(func=_run_notebooks)
 
-    s = sub.add_parser("report", allow_abbrev=False, help="judge runs against the published numbers: REPORT.md, report.json, plots")
+    s = sub.add_parser("report", help="judge runs against the published numbers: REPORT.md, report.json, plots")
     s.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<run>)")
     s.add_argument("--out", default=None, help="where to write the report (default: the runs' common parent)")
     s.set_defaults(func=_report)
 
-    s = sub.add_parser("bundle", allow_abbrev=False, help="pack report, metrics, plots, samples, configs and notebooks in a .tar.gz")
+    s = sub.add_parser("bundle", help="pack report, metrics, plots, samples, configs and notebooks in a .tar.gz")
     s.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<run>)")
     s.add_argument("--out", default=None, help="the .tar.gz to write (default: <common parent>/<name>-bundle.tar.gz)")
     s.add_argument("--with-checkpoints", action="store_true", help="also pack each run's ckpt.pt (large)")

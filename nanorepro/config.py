@@ -309,10 +309,6 @@ def coerce(name: str, value: Any) -> Any:
     raise UserError(f"{name}={value!r} is not a valid {kind.__name__}", f"give {name} a {kind.__name__} value")
 
 
-def _allowed(name: str) -> tuple[str, ...] | None:
-    return {f.name: f.metadata["allowed"] for f in dataclasses.fields(Config)}[name]
-
-
 def validate(cfg: Config) -> Config:
     """Refuse values no run can use, naming the field and the fix. The one place each field is checked."""
     for name in POSITIVE:
@@ -327,7 +323,7 @@ def validate(cfg: Config) -> Config:
     if cfg.vocab_size is not None and cfg.vocab_size <= 0:
         raise UserError(f"vocab_size must be > 0, got {cfg.vocab_size}", "leave vocab_size unset to read it from the data")
     for name in ("optimizer", "dtype", "parallel", "device"):
-        value, allowed = getattr(cfg, name), _allowed(name)
+        value, allowed = getattr(cfg, name), Config.__dataclass_fields__[name].metadata["allowed"]
         if value not in allowed and not (name == "device" and value.startswith("cuda:") and value[5:].isdigit()):
             raise UserError(f"unknown {name}={value!r}", f"use {', '.join(allowed)}"
                             + (" (the last two under torchrun)" if name == "parallel" else ""))
@@ -371,7 +367,7 @@ def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None) 
     """Defaults, then the preset, then overrides; checked as a whole."""
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}", f"use one of: {', '.join(PRESETS)}")
-    values = dict(PRESETS.get(preset, {}) if preset else {}, preset=preset)
+    values = dict(PRESETS.get(preset, {}), preset=preset)
     values.update(overrides or {})
     return from_dict(values)
 

@@ -12,7 +12,7 @@ import importlib.metadata
 import json
 import os
 import platform
-import shutil
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .files import write_text_atomic
+from .files import read_json, write_text_atomic
 
 PACKAGES = ("nanorepro", "torch", "transformers", "tiktoken", "numpy", "datasets", "matplotlib")
 _TIMEOUT_S = 10
@@ -46,22 +46,14 @@ def cpu_model() -> str:
 
 
 def memory_total_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
+    try:  # on Linux the same total as /proc/meminfo's MemTotal
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
         return None
 
 
 def gpus_from_nvidia_smi() -> tuple[list[dict[str, Any]], str | None]:
     """GPUs (name, memory, driver) and the driver's CUDA version, from nvidia-smi if it is on PATH."""
-    if shutil.which("nvidia-smi") is None:
-        return [], None
     out = _run(["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version",
                 "--format=csv,noheader,nounits"])
     gpus = []
@@ -74,11 +66,10 @@ def gpus_from_nvidia_smi() -> tuple[list[dict[str, Any]], str | None]:
         except ValueError:
             mem_mib = None
         gpus.append({"index": parts[0], "name": parts[1], "memory_total_mib": mem_mib, "driver_version": parts[3]})
-    cuda = None
-    header = _run(["nvidia-smi"]) or ""
-    if "CUDA Version:" in header:
-        cuda = header.split("CUDA Version:", 1)[1].split()[0].strip("|")
-    return gpus, cuda
+    if not gpus:
+        return [], None
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", _run(["nvidia-smi"]) or "")
+    return gpus, cuda[1] if cuda else None
 
 
 def torch_info() -> dict[str, Any] | None:
@@ -104,9 +95,9 @@ def torch_info() -> dict[str, Any] | None:
     return info
 
 
-def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+def package_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
-    for name in names:
+    for name in PACKAGES:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -115,22 +106,14 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
 
 
 def git_info(root: Path | None = None) -> dict[str, Any]:
-    """Commit and dirty flag of the checkout the package runs from; nulls when it is not one."""
+    """Commit, dirty flag and branch of the checkout the package runs from; nulls when it is not one."""
     root = Path(root) if root else Path(__file__).resolve().parent.parent
-    info: dict[str, Any] = {"commit": None, "dirty": None, "branch": None}
-    if shutil.which("git") is None:
-        return info
-    top = _run(["git", "rev-parse", "--show-toplevel"], cwd=root)
+    lines = (_run(["git", "rev-parse", "--show-toplevel", "HEAD", "--abbrev-ref", "HEAD"], cwd=root) or "").splitlines()
     # an installed copy under some unrelated checkout (a venv inside a repo) is not our history
-    if top is None or Path(top.strip()).resolve() != root.resolve():
-        return info
-    commit = _run(["git", "rev-parse", "HEAD"], cwd=root)
+    if len(lines) != 3 or Path(lines[0]).resolve() != root.resolve():
+        return {"commit": None, "dirty": None, "branch": None}
     status = _run(["git", "status", "--porcelain"], cwd=root)
-    branch = _run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=root)
-    info["commit"] = commit.strip() if commit else None
-    info["dirty"] = bool(status.strip()) if status is not None else None
-    info["branch"] = branch.strip() if branch else None
-    return info
+    return {"commit": lines[1], "dirty": bool(status.strip()) if status is not None else None, "branch": lines[2]}
 
 
 def capture(cfg_dict: dict[str, Any] | None = None, seeds: list[int] | None = None) -> dict[str, Any]:
@@ -173,12 +156,7 @@ def write(path: Path, info: dict[str, Any]) -> Path:
 def read(path: Path) -> dict[str, Any]:
     """env.json of a run folder (or the file itself); {} when absent, so old runs still report."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "env.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
+    return read_json(path / "env.json" if path.is_dir() else path) or {}
 
 
 def summary(info: dict[str, Any]) -> str:

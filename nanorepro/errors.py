@@ -4,7 +4,6 @@ import os
 import sys
 
 
-
 class UserError(Exception):
     """Bad input or an unmet requirement. The CLI prints it as one line and exits with `exit_code`."""
 

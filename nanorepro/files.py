@@ -1,12 +1,13 @@
-"""Files written whole or not at all, their hashes, and where the checkout is: one home each (torch-free)."""
+"""Files written whole or not at all, optional JSON records, hashes, the checkout's root: one home each (torch-free)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -29,6 +30,14 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """write_atomic for text (UTF-8)."""
     write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or not JSON (for records a reader can do without)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def sha256_file(path: Path) -> str:

@@ -21,6 +21,18 @@ from .errors import UserError
 from .references import load_references
 
 X_AXES = {"iter": "iteration", "elapsed": "wall time"}
+PNG_FILES = {"iter": "loss_vs_iter.png", "elapsed": "loss_vs_time.png"}
+
+
+def check_run_dirs(run_dirs: Iterable[Path]) -> list[Path]:
+    """The run folders as paths; a UserError when there are none or one does not exist."""
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise UserError("no run folders given", "pass one or more runs/<run> folders")
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f"run folder {d} does not exist", "pass folders made by `nanorepro train`")
+    return dirs
 
 
 def run_config(run_dir: Path, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -43,12 +55,10 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_label(run_dir: Path, base: Path | None = None) -> str:
+    """The run's folder relative to `base` (e.g. tiny/seed-1), else its name."""
     run_dir = Path(run_dir)
-    if base is not None:
-        try:
-            return run_dir.resolve().relative_to(Path(base).resolve()).as_posix()
-        except ValueError:
-            pass
+    if base is not None and run_dir.resolve().is_relative_to(Path(base).resolve()):
+        return run_dir.resolve().relative_to(Path(base).resolve()).as_posix()
     return run_dir.name
 
 
@@ -56,7 +66,7 @@ def stage_records(run_dir: Path) -> list[dict[str, Any]]:
     """Stage records about this run: its own, and the pipeline's `train <run>` entries in a
     stages.jsonl one or two folders up (results/<id>/stages.jsonl for results/<id>/runs/<run>)."""
     run_dir = Path(run_dir)
-    out = metrics.of_kind(read_records(run_dir), "stage") if run_dir.is_dir() else []
+    out = metrics.of_kind(read_records(run_dir), "stage")
     for folder in list(run_dir.resolve().parents)[:2]:
         path = folder / metrics.STAGES_FILE
         if path.is_file():
@@ -87,11 +97,6 @@ def reference_lines(references: bool | list[dict[str, Any]], datasets: set[str])
             and c.get("dataset") in datasets]
 
 
-def _x(record: dict[str, Any], x: str, scale: float) -> float | None:
-    v = record.get("iter") if x == "iter" else record.get("elapsed_s")
-    return None if v is None else v / scale
-
-
 def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
                 references: bool | list[dict[str, Any]] = True, title: str | None = None,
                 base: Path | None = None) -> Path:
@@ -99,14 +104,8 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
     (x="elapsed"), with the published values that apply to their datasets as horizontal lines."""
     if x not in X_AXES:
         raise UserError(f"unknown x axis {x!r}", "use x='iter' or x='elapsed'")
-    run_dirs = [Path(d) for d in run_dirs]
-    if not run_dirs:
-        raise UserError("no run folders to plot", "pass at least one runs/<run> folder")
-    for d in run_dirs:
-        if not d.is_dir():
-            raise UserError(f"run folder {d} does not exist", "pass folders made by `nanorepro train`")
     loaded = []
-    for d in run_dirs:
+    for d in check_run_dirs(run_dirs):
         recs = read_records(d)
         loaded.append((d, recs, run_config(d, recs)))
 
@@ -120,18 +119,20 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
 
     fig = Figure(figsize=(8, 5), dpi=110)
     ax = fig.add_subplot()
-    colors = [f"C{i}" for i in range(10)]
+    key = "iter" if x == "iter" else "elapsed_s"
+
+    def points(records: list[dict[str, Any]], loss: str) -> list[tuple[float, float]]:
+        return [(r[key] / scale, r[loss]) for r in records if r.get(key) is not None and r.get(loss) is not None]
+
     notes, datasets, plotted = [], set(), 0
     for i, (d, recs, cfg) in enumerate(loaded):
-        name, color = run_label(d, base), colors[i % len(colors)]
+        name, color = run_label(d, base), f"C{i % 10}"
         if cfg.get("dataset"):
             datasets.add(cfg["dataset"])
-        train = [(_x(r, x, scale), r["loss"]) for r in metrics.of_kind(recs, "train")
-                 if r.get("loss") is not None and _x(r, x, scale) is not None]
-        evals = [r for r in metrics.of_kind(recs, "eval") if _x(r, x, scale) is not None]
-        val = [(_x(r, x, scale), r["val_loss"]) for r in evals if r.get("val_loss") is not None]
+        train = points(metrics.of_kind(recs, "train"), "loss")
+        val = points(metrics.of_kind(recs, "eval"), "val_loss")
+        etrain = points(metrics.of_kind(recs, "eval"), "train_loss")
         finite = [v for _, v in val if math.isfinite(v)]
-        etrain = [(_x(r, x, scale), r["train_loss"]) for r in evals if r.get("train_loss") is not None]
         if train:
             # per-iteration loss is one noisy batch: faint, labelled only when no evaluation exists
             ax.plot(*zip(*train), color=color, alpha=0.25 if val else 0.8, lw=0.8,
@@ -157,9 +158,8 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
     if x == "iter":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cross-entropy loss (nats per token)")
-    what = "iteration" if x == "iter" else "wall time"
     on = f" ({', '.join(sorted(datasets))})" if datasets else ""
-    ax.set_title(title or f"Train and validation loss vs {what}{on}")
+    ax.set_title(title or f"Train and validation loss vs {X_AXES[x]}{on}")
     ax.grid(True, alpha=0.3)
     if notes:
         # under the x axis, where it hides neither curves nor reference lines
@@ -182,9 +182,5 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
 
 def plot_run(run_dir: Path, out_dir: Path | None = None, references: bool | list[dict[str, Any]] = True) -> list[Path]:
     """loss_vs_iter.png and loss_vs_time.png for one run (into the run folder by default)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist", "pass a folder made by `nanorepro train`")
-    out_dir = Path(out_dir) if out_dir else run_dir
-    return [loss_curves([run_dir], out_dir / "loss_vs_iter.png", x="iter", references=references),
-            loss_curves([run_dir], out_dir / "loss_vs_time.png", x="elapsed", references=references)]
+    out_dir = Path(out_dir or run_dir)
+    return [loss_curves([run_dir], out_dir / png, x=x, references=references) for x, png in PNG_FILES.items()]

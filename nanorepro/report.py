@@ -23,9 +23,9 @@ from typing import Any, BinaryIO, Iterable
 from . import __version__, envinfo, metrics, plots
 from .config import GPT2_SIZES, PRESETS, resolve
 from .errors import UserError
-from .files import sha256_file, write_atomic, write_text_atomic
+from .files import read_json, sha256_file, write_atomic, write_text_atomic
 from .fmt import duration, markdown_table
-from .references import DATA_METRICS, RUN_METRICS, load_references
+from .references import DATA_METRICS, load_references
 
 # Fields a run may change and still be "the published recipe": where files go, which seed,
 # which device/precision/compiler runs it, how often it prints. Everything else must match the preset.
@@ -70,15 +70,9 @@ def _find_data_dir(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
     from the run folder's ancestors (runs/<run> sits next to data/ in a checkout)."""
     if not cfg.get("dataset"):
         return None
-    root = Path(cfg.get("data_root") or "data")
-    if root.is_absolute():
-        candidates = [root]
-    else:
-        candidates = [Path.cwd() / root] + [p / root for p in Path(run_dir).resolve().parents[:4]]
-    for c in candidates:
-        if (c / cfg["dataset"] / "meta.json").is_file():
-            return c / cfg["dataset"]
-    return None
+    root = Path(cfg.get("data_root") or "data") / cfg["dataset"]  # an absolute root ignores the folder before it
+    found = (base / root for base in [Path.cwd(), *Path(run_dir).resolve().parents[:4]])
+    return next((d for d in found if (d / "meta.json").is_file()), None)
 
 
 def _data_value(meta: dict[str, Any], metric: str) -> int | None:
@@ -87,8 +81,8 @@ def _data_value(meta: dict[str, Any], metric: str) -> int | None:
     if metric == "input_chars":
         if meta.get("encoding") != "char":
             return None
-        metric_values = [meta.get("train_tokens"), meta.get("val_tokens")]
-        return sum(metric_values) if all(isinstance(v, int) for v in metric_values) else None
+        splits = [meta.get("train_tokens"), meta.get("val_tokens")]
+        return sum(splits) if all(isinstance(v, int) for v in splits) else None
     value = meta.get(metric)
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -134,25 +128,20 @@ def summarize_run(run_dir: Path, base: Path | None = None) -> dict[str, Any]:
     env = envinfo.read(run_dir)
     preset = meta.get("preset") or cfg.get("preset")
     data_dir = _find_data_dir(run_dir, cfg)
-    data_meta = None
-    if data_dir:
-        try:
-            data_meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            data_meta = None
+    data_meta = read_json(data_dir / "meta.json") if data_dir else None
     encoding = _encoding(cfg, data_meta)
 
     evals = [r for r in metrics.of_kind(recs, "eval") if _finite(r.get("val_loss")) is not None]
     best = min(evals, key=lambda r: r["val_loss"]) if evals else None
     ends = metrics.of_kind(recs, "end")
-    elapsed = [r["elapsed_s"] for r in recs if _finite(r.get("elapsed_s")) is not None]
-    wall = _finite(ends[-1].get("elapsed_s")) if ends and _finite(ends[-1].get("elapsed_s")) is not None \
-        else (max(elapsed) if elapsed else None)
+    end_wall = _finite(ends[-1].get("elapsed_s")) if ends else None
+    wall = end_wall if end_wall is not None else max(
+        (e for r in recs if (e := _finite(r.get("elapsed_s"))) is not None), default=None)
     trains = metrics.of_kind(recs, "train")
     # the first logged iteration carries start-up (and torch.compile) time: leave it out of the rate
     rates = [r["tokens_per_s"] for r in trains[1:] if _finite(r.get("tokens_per_s"))]
-    iters = [r["iter"] for r in recs if r.get("kind") in ("train", "eval", "end") and isinstance(r.get("iter"), int)]
-    last_iter = max(iters) if iters else None
+    last_iter = max((r["iter"] for r in recs if r.get("kind") in ("train", "eval", "end")
+                     and isinstance(r.get("iter"), int)), default=None)
     tpi = None
     if all(isinstance(cfg.get(k), int) for k in ("batch_size", "gradient_accumulation_steps", "block_size")):
         tpi = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
@@ -215,9 +204,14 @@ def _agrees(measured: float, claim: dict[str, Any]) -> bool:
     return abs(measured - value) <= tol + EPS
 
 
+def _spread_vs(st: dict[str, Any], claim: dict[str, Any]) -> dict[str, bool]:
+    """How several runs' values stand against a published one."""
+    return {"published_in_range": st["min"] - EPS <= claim["value"] <= st["max"] + EPS,
+            "within_tolerance_of_mean": _agrees(st["mean"], claim)}
+
+
 def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, Any],
-          stages: list[dict[str, Any]] | None = None,
-          datasets: dict[str, tuple[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
+          stages: list[dict[str, Any]], datasets: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """One row of the claims table: the measured value and the verdict, with why. `stages` (the
     pipeline's) explain a missing run when they name the preset of a stage that did not run;
     `datasets` (name -> (folder, meta) of the pipeline's prepared data) count when no run used one."""
@@ -234,8 +228,7 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
             return
         row["verdict"] = "reproduced" if _agrees(st["mean"], claim) else "not reproduced"
         if st["n"] > 1:
-            st["published_in_range"] = st["min"] - EPS <= claim["value"] <= st["max"] + EPS
-            st["within_tolerance_of_mean"] = _agrees(st["mean"], claim)
+            st.update(_spread_vs(st, claim))
 
     if claim["metric"] in DATA_METRICS:
         found, users = {}, []
@@ -243,7 +236,7 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
             if r["dataset"] == claim["dataset"] and r["data_meta"] is not None:
                 found.setdefault(r["data_dir"], _data_value(r["data_meta"], claim["metric"]))
                 users.append(r["name"])
-        prepared = (datasets or {}).get(claim["dataset"])
+        prepared = datasets.get(claim["dataset"])
         if not found and prepared:  # prepared by the pipeline, used by no run (e.g. a fine-tune not run)
             found[prepared[0]] = _data_value(prepared[1], claim["metric"])
             row["notes"].append(f"from the prepared {claim['dataset']}/meta.json (no run used it)")
@@ -256,17 +249,19 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
             return row
         row["runs"], row["data_dirs"] = users, sorted(found)
         verdict_from([float(v) for v in values])
-        if len(set(values)) > 1:
-            row["verdict"] = "not reproduced" if claim["value"] is not None else row["verdict"]
+        if len(set(values)) == 1:
+            row["measured"] = values[0]  # the count itself, not a float mean
+        else:
             row["notes"].append(f"data folders disagree: {sorted(set(values))}")
-        row["measured"] = values[0] if len(set(values)) == 1 else row["measured"]
+            if claim["value"] is not None:
+                row["verdict"] = "not reproduced"
         return row
 
     mine = [r for r in runs if r["preset"] in claim["presets"]]
     if not mine:
         row["verdict"] = metrics.NOT_RUN
         row["notes"].append(f"no run of preset {' / '.join(claim['presets'])}")
-        latest = {s.get("name"): s for s in stages or []}
+        latest = {s.get("name"): s for s in stages}
         for s in latest.values():
             if s.get("preset") in claim["presets"] and s.get("status") != "finished":
                 row["notes"].append(f"stage {s['name']} {s['status']}" + (f": {s['reason']}" if s.get("reason") else ""))
@@ -321,9 +316,7 @@ def seed_groups(runs: list[dict[str, Any]], claims: list[dict[str, Any]]) -> lis
                    and preset in (c.get("presets") or [])]
         if applies and not members[0]["deviations"]:
             c = applies[0]
-            g.update(claim=c["id"], published=c["value"], tolerance=c["tolerance"],
-                     published_in_range=st["min"] - EPS <= c["value"] <= st["max"] + EPS,
-                     within_tolerance_of_mean=_agrees(st["mean"], c))
+            g.update(claim=c["id"], published=c["value"], tolerance=c["tolerance"], **_spread_vs(st, c))
         out.append(g)
     return out
 
@@ -351,7 +344,7 @@ def _measured_text(row: dict[str, Any]) -> str:
     if m is None:
         return "–"
     if row["metric"] == "wall_time_s":
-        text = _secs(m)
+        text = duration(m)
     elif row["metric"] in DATA_METRICS:
         text = _fmt(int(m)) if float(m).is_integer() else _fmt(m)
     else:
@@ -370,7 +363,7 @@ def _published_text(row: dict[str, Any]) -> str:
     if v is None:
         return "no published number"
     if row["metric"] == "wall_time_s":
-        return f"about {_secs(v)}" + (f" on {row['requires']['gpu']}" if row.get("requires") else "")
+        return f"about {duration(v)}" + (f" on {row['requires']['gpu']}" if row.get("requires") else "")
     return _fmt(v) if isinstance(v, int) else f"{v:g}"
 
 
@@ -380,23 +373,21 @@ def _tolerance_text(row: dict[str, Any]) -> str:
         return "–"
     if t == 0:
         return "exact"
-    t_txt = _secs(t) if row["metric"] == "wall_time_s" else f"{t:g}"
+    t_txt = duration(t) if row["metric"] == "wall_time_s" else f"{t:g}"
     return f"≤ +{t_txt}" if row.get("direction") == "at_most" else f"±{t_txt}"
 
 
 def claims_table(rows: list[dict[str, Any]], compact: bool = False) -> str:
     """The claims as a markdown table; `compact` (what `nanorepro report` prints) leaves out
     descriptions and sources, which REPORT.md carries."""
-    if compact:
-        return markdown_table(["claim", "published", "measured", "tolerance", "verdict", "runs / notes"],
-                      [[r["id"], _published_text(r), _measured_text(r), _tolerance_text(r), r["verdict"],
-                        "; ".join(r["notes"]) or ", ".join(r["runs"])] for r in rows])
     body = []
     for r in rows:
+        cells = [_published_text(r), _measured_text(r), _tolerance_text(r),
+                 r["verdict"] if compact else f"**{r['verdict']}**", "; ".join(r["notes"]) or ", ".join(r["runs"])]
         src = f"[{r['source']}]({r['source_url']})" if r.get("source_url") else (r.get("source") or "")
-        body.append([f"**{r['id']}**: {r['description']}", src, _published_text(r), _measured_text(r),
-                     _tolerance_text(r), f"**{r['verdict']}**", "; ".join(r["notes"]) or ", ".join(r["runs"])])
-    return markdown_table(["claim", "source", "published", "measured", "tolerance", "verdict", "runs / notes"], body)
+        body.append([r["id"], *cells] if compact else [f"**{r['id']}**: {r['description']}", src, *cells])
+    header = ["published", "measured", "tolerance", "verdict", "runs / notes"]
+    return markdown_table(["claim", *header] if compact else ["claim", "source", *header], body)
 
 
 def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
@@ -499,16 +490,6 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
 
 # ----------------------------------------------------------------------------- entry points
 
-def _check_runs(run_dirs: Iterable[Path]) -> list[Path]:
-    dirs = [Path(d) for d in run_dirs]
-    if not dirs:
-        raise UserError("no run folders given", "pass one or more runs/<run> folders")
-    for d in dirs:
-        if not d.is_dir():
-            raise UserError(f"run folder {d} does not exist", "pass folders made by `nanorepro train`")
-    return dirs
-
-
 def default_out_dir(run_dirs: Iterable[Path]) -> Path:
     """The common parent of the runs: runs/x for runs/x/seed-*, runs for runs/a and runs/b."""
     parents = [str(Path(d).resolve().parent) for d in run_dirs]
@@ -529,13 +510,8 @@ def _pipeline_stages(dirs: list[Path], out_dir: Path) -> list[dict[str, Any]]:
 
 def _prepared_datasets(out_dir: Path) -> dict[str, tuple[str, dict[str, Any]]]:
     """The datasets whose meta.json the pipeline's prepare stages copied into <results>/data/."""
-    found = {}
-    for path in sorted((out_dir / "data").glob("*/meta.json")):
-        try:
-            found[path.parent.name] = (str(path.parent), json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            continue
-    return found
+    found = {p.parent.name: (str(p.parent), read_json(p)) for p in sorted((out_dir / "data").glob("*/meta.json"))}
+    return {name: entry for name, entry in found.items() if entry[1] is not None}
 
 
 def _jsonable(x: Any) -> Any:
@@ -550,23 +526,20 @@ def _jsonable(x: Any) -> Any:
 
 def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path | None = None) -> dict[str, Any]:
     """Write REPORT.md, report.json and the loss-curve PNGs into out_dir; return report.json's content."""
-    dirs = _check_runs(run_dirs)
-    out_dir = Path(out_dir) if out_dir else default_out_dir(dirs)
+    dirs = plots.check_run_dirs(run_dirs)
+    base = default_out_dir(dirs)
+    out_dir = Path(out_dir) if out_dir else base
     out_dir.mkdir(parents=True, exist_ok=True)
     refs = load_references(references)
-    base = default_out_dir(dirs)
-    caught: list[str] = []
+    plot_files = [{"file": plots.PNG_FILES[x], "title": f"train and val loss vs {name}", "x": x}
+                  for x, name in plots.X_AXES.items()]
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         runs = [summarize_run(d, base) for d in dirs]
-        plot_files = [
-            {"file": "loss_vs_iter.png", "title": "train and val loss vs iteration", "x": "iter"},
-            {"file": "loss_vs_time.png", "title": "train and val loss vs wall time", "x": "elapsed"},
-        ]
         for p in plot_files:
             plots.loss_curves(dirs, out_dir / p["file"], x=p["x"], references=refs["claims"], base=base)
+    caught = [str(m.message) for m in w]
     for m in w:
-        caught.append(str(m.message))
         warnings.warn(m.message, stacklevel=2)  # pass on: a torn metrics line must stay visible
 
     pipeline_stages = _pipeline_stages(dirs, out_dir)
@@ -613,12 +586,12 @@ RUN_FILES = ("config.json", "env.json", "metrics.jsonl", "samples.txt")
 RESULT_SUFFIXES = (".md", ".json", ".jsonl", ".png", ".ipynb", ".html", ".txt")
 
 
-def _notebooks(folder: Path, depth: int = 2) -> list[Path]:
+def _notebooks(folder: Path) -> list[Path]:
     """Executed notebooks in a folder or its subfolders, leaving out other run folders' and checkpoints."""
     out = []
     for p in sorted(folder.rglob("*.ipynb")):
         rel = p.relative_to(folder)
-        if len(rel.parts) > depth or ".ipynb_checkpoints" in rel.parts:
+        if len(rel.parts) > 2 or ".ipynb_checkpoints" in rel.parts:
             continue
         between = [folder.joinpath(*rel.parts[:i]) for i in range(1, len(rel.parts))]
         if any((b / metrics.METRICS_FILE).is_file() for b in between):
@@ -631,7 +604,7 @@ def bundle(run_dirs: list[Path], out_path: Path | None = None, include_checkpoin
            results_dir: Path | None = None) -> Path:
     """One .tar.gz with a fresh report, each run's config/env/metrics/samples/plots, executed notebooks,
     and MANIFEST.json (sha256 of every member). Checkpoints only when asked: they are large."""
-    dirs = _check_runs(run_dirs)
+    dirs = plots.check_run_dirs(run_dirs)
     base = default_out_dir(dirs)
     results_dir = Path(results_dir) if results_dir else base
     out_path = Path(out_path) if out_path else base / f"{base.name or 'nanorepro'}-bundle.tar.gz"
