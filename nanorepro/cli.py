@@ -50,14 +50,14 @@ def _estimate(args: argparse.Namespace, extra: list[str]) -> None:
         vocab = data.GPT2_VOCAB_SIZE  # not prepared here (e.g. on the hub): GPT-2's
     shape = cfg.model_config(vocab)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if args.gpu or args.gpu_memory_gib else "float32")
-    world = args.gpus if cfg.parallel != "none" else 1
+    world = args.gpus if cfg.parallel != "none" else 1  # processes: a single one without ddp or fsdp
     est = memory.estimate_for(cfg, shape, dtype, world)
     print(f"{shape.n_params / 1e6:.1f}M parameters, {cfg.tokens_per_iter:,} tokens/iter; per process {est.describe()}")
     if args.gpu_memory_gib:
         memory.check(cfg, shape, dtype, int(args.gpu_memory_gib * 2**30), f"a {args.gpu_memory_gib:g} GiB GPU",
                      world, args.gpus)
         print(f"fits in {args.gpu_memory_gib:g} GiB")
-    secs = memory.estimate_seconds(cfg, shape, args.gpu, args.gpus if cfg.parallel != "none" else 1, dtype)
+    secs = memory.estimate_seconds(cfg, shape, args.gpu, world, dtype)
     if secs is not None:
         print(f"time: ~{fmt.duration(secs)} at {memory.ASSUMED_MFU:.0%} MFU on {world}x {args.gpu}")
 
@@ -300,7 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "help_fields", False):

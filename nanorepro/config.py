@@ -88,11 +88,15 @@ def _field(default: Any, meaning: str, allowed: tuple[str, ...] | None = None) -
 
 DTYPES = ("auto", "fast", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
-# Value rules for numeric fields, checked by validate() and listed by --help-fields.
-POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-            "eval_interval", "eval_iters", "log_interval", "learning_rate")
-NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "seed")
-BELOW_ONE = ("dropout", "beta1", "beta2")  # in [0, 1)
+# Ranges of numeric fields, checked by validate() and listed by --help-fields: the fields, the test, the fix.
+RANGES = {
+    "> 0": (("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+             "eval_interval", "eval_iters", "log_interval", "learning_rate"), lambda v: v > 0,
+            "set {} to a positive value"),
+    ">= 0": (("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "seed"),
+             lambda v: v >= 0, "set {} to 0 or more"),
+    "in [0, 1)": (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "use e.g. {}=0.2"),
+}
 
 
 @dataclass
@@ -275,17 +279,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
-
-
 _WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def coerce(name: str, value: Any) -> Any:
     """Convert a value (often a command-line string) to the type of field `name` (its type hint), or refuse."""
-    types_ = _field_types()
+    types_ = typing.get_type_hints(Config)
     if name not in types_:
         close = [k for k in types_ if name.replace("-", "_") == k or name in k]
         hint = f"did you mean {close[0]!r}?" if close else "see `nanorepro train --help-fields`"
@@ -311,15 +310,10 @@ def coerce(name: str, value: Any) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Refuse values no run can use, naming the field and the fix. The one place each field is checked."""
-    for name in POSITIVE:
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"{name} must be > 0, got {getattr(cfg, name)}", f"set {name} to a positive value")
-    for name in NON_NEGATIVE:
-        if getattr(cfg, name) < 0:
-            raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)}", f"set {name} to 0 or more")
-    for name in BELOW_ONE:
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise UserError(f"{name} must be in [0, 1), got {getattr(cfg, name)}", f"use e.g. {name}=0.2")
+    for rule, (names, ok, fix) in RANGES.items():
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise UserError(f"{name} must be {rule}, got {getattr(cfg, name)}", fix.format(name))
     if cfg.vocab_size is not None and cfg.vocab_size <= 0:
         raise UserError(f"vocab_size must be > 0, got {cfg.vocab_size}", "leave vocab_size unset to read it from the data")
     for name in ("optimizer", "dtype", "parallel", "device"):
@@ -347,19 +341,15 @@ def from_dict(values: dict[str, Any]) -> Config:
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """Turn `key=value`, `--key=value` or `--key value` words into typed overrides."""
     out: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        word = args[i].lstrip("-") if args[i].startswith("--") else args[i]
-        if "=" in word:
-            key, value = word.split("=", 1)
-        elif args[i].startswith("--") and i + 1 < len(args):
-            key, value = word, args[i + 1]
-            i += 1
-        else:
-            raise UserError(f"cannot read option {args[i]!r}", "write overrides as --field=value, e.g. --max_iters=100")
+    words = iter(args)
+    for word in words:
+        key, eq, value = word.removeprefix("--").partition("=")
+        if not eq:  # `--key value`
+            value = next(words, None) if word.startswith("--") else None
+            if value is None:
+                raise UserError(f"cannot read option {word!r}", "write overrides as --field=value, e.g. --max_iters=100")
         key = key.replace("-", "_")
         out[key] = coerce(key, value)
-        i += 1
     return out
 
 
@@ -367,16 +357,13 @@ def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None) 
     """Defaults, then the preset, then overrides; checked as a whole."""
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}", f"use one of: {', '.join(PRESETS)}")
-    values = dict(PRESETS.get(preset, {}), preset=preset)
-    values.update(overrides or {})
-    return from_dict(values)
+    return from_dict({**PRESETS.get(preset, {}), "preset": preset, **(overrides or {})})
 
 
 def describe_fields() -> str:
     """`nanorepro train --help-fields`: each field's type, default, allowed values or range, and meaning."""
-    types_ = _field_types()
-    rules = {**dict.fromkeys(POSITIVE, "> 0"), **dict.fromkeys(NON_NEGATIVE, ">= 0"),
-             **dict.fromkeys(BELOW_ONE, "in [0, 1)")}
+    types_ = typing.get_type_hints(Config)
+    rules = {name: rule for rule, (names, _, _) in RANGES.items() for name in names}
     lines = []
     for f in dataclasses.fields(Config):
         tp = types_[f.name]

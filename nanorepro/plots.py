@@ -124,7 +124,7 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
     def points(records: list[dict[str, Any]], loss: str) -> list[tuple[float, float]]:
         return [(r[key] / scale, r[loss]) for r in records if r.get(key) is not None and r.get(loss) is not None]
 
-    notes, datasets, plotted = [], set(), 0
+    notes, datasets = [], set()
     for i, (d, recs, cfg) in enumerate(loaded):
         name, color = run_label(d, base), f"C{i % 10}"
         if cfg.get("dataset"):
@@ -142,12 +142,11 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
         if val:
             best = f"best {min(finite):.4f}" if finite else "diverged"
             ax.plot(*zip(*val), color=color, marker="o", ms=3.5, lw=1.8, label=f"{name}: val ({best})")
-        if train or val:
-            plotted += 1
         if not val:
             reason = (not_run_reason(recs + stage_records(d))
                       or ("no evaluation yet" if train else "no losses recorded yet"))
             notes.append(f"{name}: {reason}")
+    plotted = bool(ax.lines)  # before the reference lines join them
 
     styles = [":", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 3))]
     for j, c in enumerate(reference_lines(references, datasets)):
@@ -180,7 +179,6 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
     return out_png
 
 
-def plot_run(run_dir: Path, out_dir: Path | None = None, references: bool | list[dict[str, Any]] = True) -> list[Path]:
+def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """loss_vs_iter.png and loss_vs_time.png for one run (into the run folder by default)."""
-    out_dir = Path(out_dir or run_dir)
-    return [loss_curves([run_dir], out_dir / png, x=x, references=references) for x, png in PNG_FILES.items()]
+    return [loss_curves([run_dir], Path(out_dir or run_dir) / png, x=x) for x, png in PNG_FILES.items()]

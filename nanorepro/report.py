@@ -266,24 +266,22 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
             if s.get("preset") in claim["presets"] and s.get("status") != "finished":
                 row["notes"].append(f"stage {s['name']} {s['status']}" + (f": {s['reason']}" if s.get("reason") else ""))
         return row
-    recipe = [r for r in mine if not r["deviations"]]
+    gpu = (claim.get("requires") or {}).get("gpu")
+    done = []  # the runs that count: the published recipe, finished, on the hardware the claim needs
     for r in mine:
         if r["deviations"]:
             row["notes"].append(f"{r['name']} changed the recipe ({', '.join(r['deviations'])}): not counted")
-        elif r["deviations"] is None:
+            continue
+        if r["deviations"] is None:
             row["notes"].append(f"{r['name']}: preset {r['preset']!r} unknown to this version, settings not checked")
-    gpu = (claim.get("requires") or {}).get("gpu")
-    if gpu:
-        other = [r for r in recipe if gpu.lower() not in r["device"].lower()]
-        for r in other:
+        if gpu and gpu.lower() not in r["device"].lower():
             t = f", {r['wall_time_s']:.0f} s" if r["wall_time_s"] is not None else ""
             row["notes"].append(f"{r['name']} ran on {r['device']}{t}, not an {gpu}: not comparable")
-        recipe = [r for r in recipe if r not in other]
-    done = [r for r in recipe if r["status"] == "finished" and r[claim["metric"]] is not None]
-    for r in recipe:
-        if r not in done:
+        elif r["status"] != "finished" or r[claim["metric"]] is None:
             why = r["reason"] or f"stopped at iter {r['last_iter']} of {r['max_iters']}"
             row["notes"].append(f"{r['name']}: {r['status']} ({why})")
+        else:
+            done.append(r)
     if not done:
         row["verdict"] = metrics.NOT_RUN
         return row
@@ -339,6 +337,13 @@ def _secs(s: float | None) -> str:
     return "–" if s is None else duration(s)
 
 
+def _units_text(units: dict[str, float | None]) -> str:
+    """The reader's unit of a loss_units() dict: bits/char or perplexity."""
+    if units.get("bits_per_char") is not None:
+        return f"{units['bits_per_char']:.3f} bits/char"
+    return f"ppl {units['perplexity']:.2f}" if units.get("perplexity") is not None else "–"
+
+
 def _measured_text(row: dict[str, Any]) -> str:
     m = row["measured"]
     if m is None:
@@ -348,10 +353,8 @@ def _measured_text(row: dict[str, Any]) -> str:
     elif row["metric"] in DATA_METRICS:
         text = _fmt(int(m)) if float(m).is_integer() else _fmt(m)
     else:
-        text = f"{m:.4f}"
         enc = "char" if str(row.get("dataset")).endswith("_char") else "gpt2"
-        u = loss_units(m, enc)
-        text += f" ({u['bits_per_char']:.3f} bits/char)" if "bits_per_char" in u else f" (ppl {u['perplexity']:.2f})"
+        text = f"{m:.4f} ({_units_text(loss_units(m, enc))})"
     st = row["stats"]
     if st and st["n"] > 1:
         text += f", mean of {st['n']} (std {st['std']:.4f}, {st['min']:.4f}–{st['max']:.4f})"
@@ -440,11 +443,9 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         L.append(f"![{p['title']}]({p['file']})\n")
     rows = []
     for r in runs:
-        u = r["best_val_units"]
-        unit = (f"{u['bits_per_char']:.3f} bits/char" if u.get("bits_per_char") is not None
-                else f"ppl {u['perplexity']:.2f}" if u.get("perplexity") is not None else "–")
         status = r["status"] + (f" ({r['reason']})" if r["reason"] else "")
-        rows.append([f"`{r['name']}`", r["preset"] or "–", r["seed"], status, _fmt(r["best_val_loss"]), unit,
+        rows.append([f"`{r['name']}`", r["preset"] or "–", r["seed"], status, _fmt(r["best_val_loss"]),
+                     _units_text(r["best_val_units"]),
                      f"{_fmt(r['last_iter'])} / {_fmt(r['max_iters'])}", _secs(r["wall_time_s"]),
                      _fmt(r["tokens_per_s"], 0), r["device"]])
     L.append(markdown_table(["run", "preset", "seed", "status", "best val (nats)", "best val", "iters",
@@ -514,16 +515,6 @@ def _prepared_datasets(out_dir: Path) -> dict[str, tuple[str, dict[str, Any]]]:
     return {name: entry for name, entry in found.items() if entry[1] is not None}
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
 def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path | None = None) -> dict[str, Any]:
     """Write REPORT.md, report.json and the loss-curve PNGs into out_dir; return report.json's content."""
     dirs = plots.check_run_dirs(run_dirs)
@@ -575,7 +566,7 @@ def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path |
         "total_wall_time_s": sum(walls) if walls else None,
         "warnings": caught,
     }
-    rep = _jsonable(rep)
+    rep = json.loads(json.dumps(rep), parse_constant=lambda _: None)  # NaN and infinities (a diverged run): null
     write_text_atomic(out_dir / "REPORT.md", _markdown(rep, runs))
     write_text_atomic(out_dir / "report.json", json.dumps(rep, indent=2, allow_nan=False) + "\n")
     rep["out_dir"] = str(out_dir)
