@@ -165,24 +165,24 @@ def _add_node_commands(sub: argparse._SubParsersAction) -> None:
     """reserve and release: the Chameleon node."""
     s = sub.add_parser("reserve", help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
     s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="where the node record goes")
-    s.add_argument("--site", default=None, help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
+    s.add_argument("--site", help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
     s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
     s.add_argument("--hours", type=float, default=chameleon.DEFAULT_LEASE_HOURS,
                    help="lease length (default %(default)s); it costs SUs until released")
     s.add_argument("--image", default="CC-Ubuntu22.04-CUDA")
-    s.add_argument("--lease-name", default=None, help="default nanorepro-<user>; a live lease of this name is reused")
-    s.add_argument("--server-name", default=None, help="default <lease-name>-node")
-    s.add_argument("--project", default=None, help="default $OS_PROJECT_NAME")
+    s.add_argument("--lease-name", help="default nanorepro-<user>; a live lease of this name is reused")
+    s.add_argument("--server-name", help="default <lease-name>-node")
+    s.add_argument("--project", help="default $OS_PROJECT_NAME")
     s.add_argument("--keep-on-failure", action="store_true", help="keep the lease when a later step fails")
     s.add_argument("--no-setup", action="store_true", help="do not install nanorepro on the node")
     s.set_defaults(func=_reserve)
 
     s = sub.add_parser("release", help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
     s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="the folder holding the node record")
-    s.add_argument("--site", default=None, help="default: the recorded site")
-    s.add_argument("--lease-name", default=None, help="release this lease (and its server) even without a record")
-    s.add_argument("--server-name", default=None)
-    s.add_argument("--project", default=None)
+    s.add_argument("--site", help="default: the recorded site")
+    s.add_argument("--lease-name", help="release this lease (and its server) even without a record")
+    s.add_argument("--server-name")
+    s.add_argument("--project")
     s.set_defaults(func=_release)
 
 
@@ -195,34 +195,34 @@ def _add_scaling_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--preset", default=compare.DEFAULT_PRESET, help="the recipe every model gets")
     s.add_argument("--results-dir", default="results/compare")
     s.add_argument("--target", default="local", help="local or chameleon (a node reserved into --results-dir)")
-    s.add_argument("--max-iters", type=int, default=None)
-    s.add_argument("--device", default=None, help="override the preset's device (e.g. cpu)")
-    s.add_argument("--input", default=None, help="a local Tiny Shakespeare instead of the download")
+    s.add_argument("--max-iters", type=int)
+    s.add_argument("--device", help="override the preset's device (e.g. cpu)")
+    s.add_argument("--input", help="a local Tiny Shakespeare instead of the download")
     s.set_defaults(func=_compare_gpt2)
 
     s = sub.add_parser("estimate", help="memory and time a run needs (no torch): --preset P [--field=value ...]",
                        epilog="Override any config field with --field=value, as for train.")
-    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
     s.add_argument("--gpus", type=int, default=1, help="GPUs (processes) when parallel is ddp or fsdp")
-    s.add_argument("--gpu", default=None, help="GPU name for the time estimate, e.g. A100")
-    s.add_argument("--gpu-memory-gib", type=float, default=None, help="refuse (exit 4) when it does not fit this")
+    s.add_argument("--gpu", help="GPU name for the time estimate, e.g. A100")
+    s.add_argument("--gpu-memory-gib", type=float, help="refuse (exit 4) when it does not fit this")
     s.set_defaults(func=_estimate)
 
     s = sub.add_parser("bench", help="ms/iter, tokens/s, MFU, memory, time to a target loss; "
                        "optionally side by side with an upstream nanoGPT checkout",
                        epilog="Override any config field with --field=value (applied to both sides).")
-    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
-    s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the preset's)")
+    s.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the preset's)")
     s.add_argument("--iters", type=int, default=50, help="timed iterations per run (without --target-loss)")
     s.add_argument("--warmup", type=int, default=10, help="iterations left out of the timing at the start")
-    s.add_argument("--target-loss", type=float, default=None,
+    s.add_argument("--target-loss", type=float,
                    help="train the config as given until an evaluation reaches this val loss; report the wall time")
-    s.add_argument("--out", default=None, help="the JSON record (default results/bench/<preset>-<time>.json)")
-    s.add_argument("--nanogpt", default=None, metavar="PATH",
+    s.add_argument("--out", help="the JSON record (default results/bench/<preset>-<time>.json)")
+    s.add_argument("--nanogpt", metavar="PATH",
                    help="a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): run it alternately")
-    s.add_argument("--nanogpt-preset", default=None, help="nanoGPT runs this preset instead (e.g. shakespeare-char-cpu)")
+    s.add_argument("--nanogpt-preset", help="nanoGPT runs this preset instead (e.g. shakespeare-char-cpu)")
     s.add_argument("--pairs", type=int, default=1, help="alternating (nanorepro, nanoGPT) pairs, or runs without --nanogpt")
-    s.add_argument("--input", default=None, help="the input.txt the dataset was prepared from (for nanoGPT's prepare.py)")
+    s.add_argument("--input", help="the input.txt the dataset was prepared from (for nanoGPT's prepare.py)")
     s.add_argument("--keep", action="store_true", help="keep the temp folder with the runs and logs")
     s.set_defaults(func=_bench)
 
@@ -235,26 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prepare", help="Tiny Shakespeare (bundled, or --input) into token files")
     s.add_argument("--input", help="a local UTF-8 text file instead of Tiny Shakespeare (or $NANOREPRO_INPUT)")
-    s.add_argument("--url", default=None, help="download Tiny Shakespeare from this mirror (sha256-checked, cached) "
+    s.add_argument("--url", help="download Tiny Shakespeare from this mirror (sha256-checked, cached) "
                    "instead of using the bundled copy")
     s.add_argument("--dataset", default="shakespeare", choices=("shakespeare", "openwebtext"),
                    help="openwebtext: GPT-2 BPE of a Hugging Face text dataset (default Skylion007/openwebtext)")
-    s.add_argument("--source", default=None, help="openwebtext only: a local copy (save_to_disk folder, "
+    s.add_argument("--source", help="openwebtext only: a local copy (save_to_disk folder, "
                    ".parquet/.jsonl files) or a Hugging Face dataset name")
-    s.add_argument("--num-proc", type=int, default=None, help="openwebtext only: tokenising processes (default: all cores)")
+    s.add_argument("--num-proc", type=int, help="openwebtext only: tokenising processes (default: all cores)")
     s.add_argument("--text-column", default="text", help="openwebtext only: the column holding the documents")
-    s.add_argument("--name", default=None, help="dataset name (default shakespeare / openwebtext); "
+    s.add_argument("--name", help="dataset name (default shakespeare / openwebtext); "
                    "folders are <data-root>/<name>_<encoding>")
     s.add_argument("--encoding", default="all", help="char, gpt2 or all")
     s.add_argument("--data-root", default="data")
-    s.add_argument("--cache-dir", default=None, help="download cache (default ~/.cache/nanorepro or $NANOREPRO_CACHE)")
+    s.add_argument("--cache-dir", help="download cache (default ~/.cache/nanorepro or $NANOREPRO_CACHE)")
     s.set_defaults(func=_prepare)
 
     s = sub.add_parser("train", help="train or fine-tune; any config field as --field=value",
                        epilog="Override any field with --field=value; list them with --help-fields.")
-    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
-    s.add_argument("--out-dir", default=None, help="run folder (resumed if it holds a checkpoint)")
-    s.add_argument("--config", default=None, metavar="FILE",
+    s.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--out-dir", help="run folder (resumed if it holds a checkpoint)")
+    s.add_argument("--config", metavar="FILE",
                    help="a run's config.json, already resolved (what notebooks launch); no preset or overrides")
     s.add_argument("--seeds", type=int, default=1, help="run N seeds (seed, seed+1, ...) into <out-dir>/seed-<s>")
     s.add_argument("--help-fields", action="store_true", help="list every config field and exit")
@@ -265,32 +265,32 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", help="a run folder with ckpt.pt")
     src.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face folder")
     s.add_argument("--prompt", default="\n")
-    s.add_argument("--prompt-file", default=None)
+    s.add_argument("--prompt-file")
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--max-new-tokens", type=int, default=500)
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=200)
     s.add_argument("--seed", type=int, default=1337)
     s.add_argument("--device", default="auto")
-    s.add_argument("--data-root", default=None, help="where the run's dataset lives (default: the run's config)")
-    s.add_argument("--out", default=None, help="also write the samples to this file")
+    s.add_argument("--data-root", help="where the run's dataset lives (default: the run's config)")
+    s.add_argument("--out", help="also write the samples to this file")
     s.set_defaults(func=_sample)
 
     s = sub.add_parser("run-notebooks", help="run notebooks/ in order with papermill (the main job)")
     s.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="a notebook parameter, e.g. -p char_max_iters 200 (repeatable)")
-    s.add_argument("-f", "--params-file", default=None, help="YAML or JSON file of notebook parameters")
-    s.add_argument("--only", nargs="*", default=None, help="run only notebooks whose names start with these")
+    s.add_argument("-f", "--params-file", help="YAML or JSON file of notebook parameters")
+    s.add_argument("--only", nargs="*", help="run only notebooks whose names start with these")
     s.set_defaults(func=_run_notebooks)
 
     s = sub.add_parser("report", help="judge runs against the published numbers: REPORT.md, report.json, plots")
     s.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<run>)")
-    s.add_argument("--out", default=None, help="where to write the report (default: the runs' common parent)")
+    s.add_argument("--out", help="where to write the report (default: the runs' common parent)")
     s.set_defaults(func=_report)
 
     s = sub.add_parser("bundle", help="pack report, metrics, plots, samples, configs and notebooks in a .tar.gz")
     s.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<run>)")
-    s.add_argument("--out", default=None, help="the .tar.gz to write (default: <common parent>/<name>-bundle.tar.gz)")
+    s.add_argument("--out", help="the .tar.gz to write (default: <common parent>/<name>-bundle.tar.gz)")
     s.add_argument("--with-checkpoints", action="store_true", help="also pack each run's ckpt.pt (large)")
     s.set_defaults(func=_bundle)
 

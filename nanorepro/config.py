@@ -21,8 +21,7 @@ PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """The network's shape: all `model.GPT` needs, and all a memory or FLOPs estimate, a report or a
-    checkpoint needs to know about the network. Torch-free, so the hub kernel can use it."""
+    """The network's shape: all that `model.GPT`, memory and FLOPs estimates, reports and checkpoints need."""
 
     n_layer: int = 12
     n_head: int = 12
@@ -67,8 +66,7 @@ GPT2_SIZES: dict[str, GPTConfig] = {
 
 
 def pretrained_config(init_from: str) -> GPTConfig:
-    """The shape of OpenAI's GPT-2 `init_from` (GPT2_SIZES) or of a local Hugging Face GPT-2 folder
-    (its config.json), read without loading any weights."""
+    """The shape of GPT-2 `init_from` (GPT2_SIZES) or of a local Hugging Face folder (its config.json, no weights)."""
     if init_from in GPT2_SIZES:
         return GPT2_SIZES[init_from]
     path = Path(init_from) / "config.json"
@@ -81,8 +79,7 @@ def pretrained_config(init_from: str) -> GPTConfig:
 
 
 def _field(default: Any, meaning: str, allowed: tuple[str, ...] | None = None) -> Any:
-    """A Config field with its one-line meaning and, for a choice, its allowed values: the one source
-    that validate() checks and `nanorepro train --help-fields` shows."""
+    """A Config field with its meaning and allowed values, which validate() checks and --help-fields shows."""
     return dataclasses.field(default=default, metadata={"meaning": meaning, "allowed": allowed})
 
 
@@ -347,7 +344,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if not eq:  # `--key value`
             value = next(words, None) if word.startswith("--") else None
             if value is None:
-                raise UserError(f"cannot read option {word!r}", "write overrides as --field=value, e.g. --max_iters=100")
+                raise UserError(f"cannot read option {word!r}",
+                                "write overrides as --field=value, e.g. --max_iters=100")
         key = key.replace("-", "_")
         out[key] = coerce(key, value)
     return out

@@ -56,16 +56,9 @@ def gpus_from_nvidia_smi() -> tuple[list[dict[str, Any]], str | None]:
     """GPUs (name, memory, driver) and the driver's CUDA version, from nvidia-smi if it is on PATH."""
     out = _run(["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version",
                 "--format=csv,noheader,nounits"])
-    gpus = []
-    for line in (out or "").strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 4:
-            continue
-        try:
-            mem_mib = int(float(parts[2]))
-        except ValueError:
-            mem_mib = None
-        gpus.append({"index": parts[0], "name": parts[1], "memory_total_mib": mem_mib, "driver_version": parts[3]})
+    rows = [[p.strip() for p in line.split(",")] for line in (out or "").splitlines()]
+    gpus = [{"index": i, "name": name, "memory_total_mib": int(mib) if mib.isdigit() else None, "driver_version": d}
+            for i, name, mib, d in (r for r in rows if len(r) == 4)]  # memory is "[N/A]" on some boards
     if not gpus:
         return [], None
     cuda = re.search(r"CUDA Version:\s*([\d.]+)", _run(["nvidia-smi"]) or "")
@@ -77,18 +70,15 @@ def torch_info() -> dict[str, Any] | None:
     torch = sys.modules.get("torch")
     if torch is None:
         return None
-    info: dict[str, Any] = {"version": getattr(torch, "__version__", None),
-                            "cuda_build": getattr(torch.version, "cuda", None)}
+    info: dict[str, Any] = {"version": torch.__version__, "cuda_build": torch.version.cuda}
     try:
         info["cuda_available"] = bool(torch.cuda.is_available())
         if info["cuda_available"]:
             info["cudnn"] = torch.backends.cudnn.version()
-            info["devices"] = []
-            for i in range(torch.cuda.device_count()):
-                p = torch.cuda.get_device_properties(i)
-                info["devices"].append({"name": p.name, "memory_total_mib": p.total_memory // 2**20,
-                                        "capability": f"{p.major}.{p.minor}"})
-        info["mps_available"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+            props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+            info["devices"] = [{"name": p.name, "memory_total_mib": p.total_memory // 2**20,
+                                "capability": f"{p.major}.{p.minor}"} for p in props]
+        info["mps_available"] = bool(torch.backends.mps.is_available())
         info["num_threads"] = torch.get_num_threads()
     except Exception as e:  # a half-initialised CUDA must not stop a run from being recorded
         info["error"] = f"{type(e).__name__}: {e}"

@@ -16,15 +16,13 @@ class UserError(Exception):
 
 
 class ModelUnavailable(UserError):
-    """Pretrained weights that cannot be had here (no network, not cached). The CLI exits with 3 so
-    a pipeline can record the stage as not run and go on."""
+    """Pretrained weights not to be had here (no network, not cached): exit 3, a pipeline's stage "not run"."""
 
     exit_code = 3
 
 
 class WontFit(UserError):
-    """A run whose estimated memory exceeds the device's; exits with 4 so a pipeline can record it
-    as not run and go on to the next model."""
+    """A run whose estimated memory exceeds the device's: exit 4, a pipeline's stage "not run"."""
 
     exit_code = 4
 

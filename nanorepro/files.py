@@ -46,10 +46,9 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def project_root(start: Path | None = None) -> Path:
-    """The repo root (the folder with pyproject.toml and nanorepro/) above `start` (default: the working
-    folder), so notebooks run from notebooks/ or the root; `start` itself when there is none."""
-    here = (start or Path.cwd()).resolve()
+def project_root() -> Path:
+    """The repo root (pyproject.toml and nanorepro/) at or above the working folder, else the working folder."""
+    here = Path.cwd().resolve()
     for folder in (here, *here.parents):
         if (folder / "pyproject.toml").exists() and (folder / "nanorepro").is_dir():
             return folder

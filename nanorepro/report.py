@@ -578,17 +578,10 @@ RESULT_SUFFIXES = (".md", ".json", ".jsonl", ".png", ".ipynb", ".html", ".txt")
 
 
 def _notebooks(folder: Path) -> list[Path]:
-    """Executed notebooks in a folder or its subfolders, leaving out other run folders' and checkpoints."""
-    out = []
-    for p in sorted(folder.rglob("*.ipynb")):
-        rel = p.relative_to(folder)
-        if len(rel.parts) > 2 or ".ipynb_checkpoints" in rel.parts:
-            continue
-        between = [folder.joinpath(*rel.parts[:i]) for i in range(1, len(rel.parts))]
-        if any((b / metrics.METRICS_FILE).is_file() for b in between):
-            continue
-        out.append(p)
-    return out
+    """Executed notebooks in a folder or one folder down, but not in another run folder or Jupyter's checkpoints."""
+    found = sorted([*folder.glob("*.ipynb"), *folder.glob("*/*.ipynb")])
+    return [p for p in found if p.parent == folder
+            or (p.parent.name != ".ipynb_checkpoints" and not (p.parent / metrics.METRICS_FILE).is_file())]
 
 
 def bundle(run_dirs: list[Path], out_path: Path | None = None, include_checkpoints: bool = False,
@@ -603,13 +596,9 @@ def bundle(run_dirs: list[Path], out_path: Path | None = None, include_checkpoin
         raise UserError(f"bundle name {out_path.name!r} is not a .tar.gz", "end the name with .tar.gz")
     report(dirs, results_dir)
     root = out_path.name.removesuffix(".tar.gz").removesuffix(".tgz")
-    members: list[tuple[Path, str]] = []
-    for f in sorted(results_dir.iterdir()):
-        if f.is_file() and f.suffix in RESULT_SUFFIXES:
-            members.append((f, f"{root}/report/{f.name}"))
-    for nb in _notebooks(results_dir):
-        if nb.parent != results_dir:
-            members.append((nb, f"{root}/report/{nb.relative_to(results_dir).as_posix()}"))
+    results = [f for f in sorted(results_dir.iterdir()) if f.is_file() and f.suffix in RESULT_SUFFIXES]
+    results += [nb for nb in _notebooks(results_dir) if nb.parent != results_dir]
+    members = [(f, f"{root}/report/{f.relative_to(results_dir).as_posix()}") for f in results]
     for d in dirs:
         name = plots.run_label(d, base)
         files = [d / f for f in RUN_FILES if (d / f).is_file()]
