@@ -116,14 +116,13 @@ def _run_notebooks(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _report(args: argparse.Namespace, extra: list[str]) -> None:
-    rep = report.report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
+    rep = report.report(args.runs, args.out)
     print(report.claims_table(rep["claims"], compact=True))
     print(f"\nwrote {Path(rep['out_dir']) / 'REPORT.md'} and report.json")
 
 
 def _bundle(args: argparse.Namespace, extra: list[str]) -> None:
-    path = report.bundle([Path(r) for r in args.runs], Path(args.out) if args.out else None,
-                         include_checkpoints=args.with_checkpoints)
+    path = report.bundle(args.runs, args.out, include_checkpoints=args.with_checkpoints)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
@@ -159,72 +158,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"nanorepro: error: {message} (fix: see `{self.prog} --help`)\n")
-
-
-def _add_node_commands(sub: argparse._SubParsersAction) -> None:
-    """reserve and release: the Chameleon node."""
-    s = sub.add_parser("reserve", help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
-    s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="where the node record goes")
-    s.add_argument("--site", help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
-    s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
-    s.add_argument("--hours", type=float, default=chameleon.DEFAULT_LEASE_HOURS,
-                   help="lease length (default %(default)s); it costs SUs until released")
-    s.add_argument("--image", default="CC-Ubuntu22.04-CUDA")
-    s.add_argument("--lease-name", help="default nanorepro-<user>; a live lease of this name is reused")
-    s.add_argument("--server-name", help="default <lease-name>-node")
-    s.add_argument("--project", help="default $OS_PROJECT_NAME")
-    s.add_argument("--keep-on-failure", action="store_true", help="keep the lease when a later step fails")
-    s.add_argument("--no-setup", action="store_true", help="do not install nanorepro on the node")
-    s.set_defaults(func=_reserve)
-
-    s = sub.add_parser("release", help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
-    s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="the folder holding the node record")
-    s.add_argument("--site", help="default: the recorded site")
-    s.add_argument("--lease-name", help="release this lease (and its server) even without a record")
-    s.add_argument("--server-name")
-    s.add_argument("--project")
-    s.set_defaults(func=_release)
-
-
-def _add_scaling_commands(sub: argparse._SubParsersAction) -> None:
-    """compare-gpt2, estimate and bench: scaling out (GPT-2 sizes, memory, speed)."""
-    s = sub.add_parser("compare-gpt2",
-                       help="fine-tune several GPT-2 sizes with one recipe: a table and overlaid loss curves")
-    s.add_argument("--models", nargs="+", default=list(PRETRAINED),
-                   help="GPT-2 names or local Hugging Face folders (default: all four sizes)")
-    s.add_argument("--preset", default=compare.DEFAULT_PRESET, help="the recipe every model gets")
-    s.add_argument("--results-dir", default="results/compare")
-    s.add_argument("--target", default="local", help="local or chameleon (a node reserved into --results-dir)")
-    s.add_argument("--max-iters", type=int)
-    s.add_argument("--device", help="override the preset's device (e.g. cpu)")
-    s.add_argument("--input", help="a local Tiny Shakespeare instead of the download")
-    s.set_defaults(func=_compare_gpt2)
-
-    s = sub.add_parser("estimate", help="memory and time a run needs (no torch): --preset P [--field=value ...]",
-                       epilog="Override any config field with --field=value, as for train.")
-    s.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
-    s.add_argument("--gpus", type=int, default=1, help="GPUs (processes) when parallel is ddp or fsdp")
-    s.add_argument("--gpu", help="GPU name for the time estimate, e.g. A100")
-    s.add_argument("--gpu-memory-gib", type=float, help="refuse (exit 4) when it does not fit this")
-    s.set_defaults(func=_estimate)
-
-    s = sub.add_parser("bench", help="ms/iter, tokens/s, MFU, memory, time to a target loss; "
-                       "optionally side by side with an upstream nanoGPT checkout",
-                       epilog="Override any config field with --field=value (applied to both sides).")
-    s.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
-    s.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the preset's)")
-    s.add_argument("--iters", type=int, default=50, help="timed iterations per run (without --target-loss)")
-    s.add_argument("--warmup", type=int, default=10, help="iterations left out of the timing at the start")
-    s.add_argument("--target-loss", type=float,
-                   help="train the config as given until an evaluation reaches this val loss; report the wall time")
-    s.add_argument("--out", help="the JSON record (default results/bench/<preset>-<time>.json)")
-    s.add_argument("--nanogpt", metavar="PATH",
-                   help="a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): run it alternately")
-    s.add_argument("--nanogpt-preset", help="nanoGPT runs this preset instead (e.g. shakespeare-char-cpu)")
-    s.add_argument("--pairs", type=int, default=1, help="alternating (nanorepro, nanoGPT) pairs, or runs without --nanogpt")
-    s.add_argument("--input", help="the input.txt the dataset was prepared from (for nanoGPT's prepare.py)")
-    s.add_argument("--keep", action="store_true", help="keep the temp folder with the runs and logs")
-    s.set_defaults(func=_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,8 +227,67 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--with-checkpoints", action="store_true", help="also pack each run's ckpt.pt (large)")
     s.set_defaults(func=_bundle)
 
-    _add_node_commands(sub)
-    _add_scaling_commands(sub)
+    # the Chameleon node
+    s = sub.add_parser("reserve", help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
+    s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="where the node record goes")
+    s.add_argument("--site", help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
+    s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
+    s.add_argument("--hours", type=float, default=chameleon.DEFAULT_LEASE_HOURS,
+                   help="lease length (default %(default)s); it costs SUs until released")
+    s.add_argument("--image", default="CC-Ubuntu22.04-CUDA")
+    s.add_argument("--lease-name", help="default nanorepro-<user>; a live lease of this name is reused")
+    s.add_argument("--server-name", help="default <lease-name>-node")
+    s.add_argument("--project", help="default $OS_PROJECT_NAME")
+    s.add_argument("--keep-on-failure", action="store_true", help="keep the lease when a later step fails")
+    s.add_argument("--no-setup", action="store_true", help="do not install nanorepro on the node")
+    s.set_defaults(func=_reserve)
+
+    s = sub.add_parser("release", help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
+    s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="the folder holding the node record")
+    s.add_argument("--site", help="default: the recorded site")
+    s.add_argument("--lease-name", help="release this lease (and its server) even without a record")
+    s.add_argument("--server-name")
+    s.add_argument("--project")
+    s.set_defaults(func=_release)
+
+    # scaling out: GPT-2 sizes, memory, speed
+    s = sub.add_parser("compare-gpt2",
+                       help="fine-tune several GPT-2 sizes with one recipe: a table and overlaid loss curves")
+    s.add_argument("--models", nargs="+", default=list(PRETRAINED),
+                   help="GPT-2 names or local Hugging Face folders (default: all four sizes)")
+    s.add_argument("--preset", default=compare.DEFAULT_PRESET, help="the recipe every model gets")
+    s.add_argument("--results-dir", default="results/compare")
+    s.add_argument("--target", default="local", help="local or chameleon (a node reserved into --results-dir)")
+    s.add_argument("--max-iters", type=int)
+    s.add_argument("--device", help="override the preset's device (e.g. cpu)")
+    s.add_argument("--input", help="a local Tiny Shakespeare instead of the download")
+    s.set_defaults(func=_compare_gpt2)
+
+    s = sub.add_parser("estimate", help="memory and time a run needs (no torch): --preset P [--field=value ...]",
+                       epilog="Override any config field with --field=value, as for train.")
+    s.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--gpus", type=int, default=1, help="GPUs (processes) when parallel is ddp or fsdp")
+    s.add_argument("--gpu", help="GPU name for the time estimate, e.g. A100")
+    s.add_argument("--gpu-memory-gib", type=float, help="refuse (exit 4) when it does not fit this")
+    s.set_defaults(func=_estimate)
+
+    s = sub.add_parser("bench", help="ms/iter, tokens/s, MFU, memory, time to a target loss; "
+                       "optionally side by side with an upstream nanoGPT checkout",
+                       epilog="Override any config field with --field=value (applied to both sides).")
+    s.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the preset's)")
+    s.add_argument("--iters", type=int, default=50, help="timed iterations per run (without --target-loss)")
+    s.add_argument("--warmup", type=int, default=10, help="iterations left out of the timing at the start")
+    s.add_argument("--target-loss", type=float,
+                   help="train the config as given until an evaluation reaches this val loss; report the wall time")
+    s.add_argument("--out", help="the JSON record (default results/bench/<preset>-<time>.json)")
+    s.add_argument("--nanogpt", metavar="PATH",
+                   help="a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): run it alternately")
+    s.add_argument("--nanogpt-preset", help="nanoGPT runs this preset instead (e.g. shakespeare-char-cpu)")
+    s.add_argument("--pairs", type=int, default=1, help="alternating (nanorepro, nanoGPT) pairs, or runs without --nanogpt")
+    s.add_argument("--input", help="the input.txt the dataset was prepared from (for nanoGPT's prepare.py)")
+    s.add_argument("--keep", action="store_true", help="keep the temp folder with the runs and logs")
+    s.set_defaults(func=_bench)
     return p
 
 

@@ -7,7 +7,6 @@ never recorded: their values can hold secrets (tokens, passwords, OpenStack cred
 
 from __future__ import annotations
 
-import datetime as _dt
 import importlib.metadata
 import json
 import os
@@ -21,6 +20,7 @@ from typing import Any
 
 from . import __version__
 from .files import read_json, write_text_atomic
+from .fmt import utc_timestamp
 
 PACKAGES = ("nanorepro", "torch", "transformers", "tiktoken", "numpy", "datasets", "matplotlib")
 _TIMEOUT_S = 10
@@ -113,7 +113,7 @@ def capture(cfg_dict: dict[str, Any] | None = None, seeds: list[int] | None = No
     if not gpus and tinfo and tinfo.get("devices"):
         gpus = [{"index": str(i), **d} for i, d in enumerate(tinfo["devices"])]
     return {
-        "captured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "captured_at": utc_timestamp(),
         "hostname": socket.gethostname(),
         "os": {"system": platform.system(), "release": platform.release(), "version": platform.version(),
                "platform": platform.platform()},
@@ -153,8 +153,7 @@ def summary(info: dict[str, Any]) -> str:
     """One line: device, OS, Python, torch, commit."""
     hw = info.get("hardware", {})
     dev = f"{hw.get('gpu_count')}x {hw.get('gpu_model')}" if hw.get("gpu_count") else f"CPU {hw.get('cpu_model')}"
-    pk = info.get("packages", {})
-    git = info.get("nanorepro", {})
+    pk, git = info.get("packages", {}), info.get("nanorepro", {})
     commit = (git.get("commit") or "no git")[:10] + ("+dirty" if git.get("dirty") else "")
     return (f"{dev}, {hw.get('cpu_count')} cores, {info.get('os', {}).get('system')} "
             f"{info.get('os', {}).get('release')}, Python {info.get('python', {}).get('version')}, "

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 from typing import Any
 
 GiB = 1024**3
+
+
+def utc_timestamp() -> str:
+    """Now, as records carry it: e.g. '2026-12-01T08:55:29+00:00'."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def duration(seconds: float) -> str:

@@ -55,8 +55,7 @@ def read(path: Path) -> list[dict[str, Any]]:
     if path.is_dir():
         path = path / METRICS_FILE
     records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -89,13 +88,11 @@ def of_kind(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def meta(records: list[dict[str, Any]]) -> dict[str, Any]:
-    found = of_kind(records, "meta")
-    return found[0] if found else {}
+    return next((r for r in records if r.get("kind") == "meta"), {})
 
 
 def best_val_loss(records: list[dict[str, Any]]) -> float | None:
-    vals = [r["val_loss"] for r in of_kind(records, "eval") if r.get("val_loss") is not None]
-    return min(vals) if vals else None
+    return min((r["val_loss"] for r in of_kind(records, "eval") if r.get("val_loss") is not None), default=None)
 
 
 def finished(records: list[dict[str, Any]]) -> bool:

@@ -9,7 +9,6 @@ run of that kind, with the reason), and "new result" for a claim with no publish
 
 from __future__ import annotations
 
-import datetime as _dt
 import io
 import json
 import math
@@ -24,7 +23,7 @@ from . import __version__, envinfo, metrics, plots
 from .config import GPT2_SIZES, PRESETS, resolve
 from .errors import UserError
 from .files import read_json, sha256_file, write_atomic, write_text_atomic
-from .fmt import duration, markdown_table
+from .fmt import duration, markdown_table, utc_timestamp
 from .references import DATA_METRICS, load_references
 
 # Fields a run may change and still be "the published recipe": where files go, which seed,
@@ -142,9 +141,8 @@ def summarize_run(run_dir: Path, base: Path | None = None) -> dict[str, Any]:
     rates = [r["tokens_per_s"] for r in trains[1:] if _finite(r.get("tokens_per_s"))]
     last_iter = max((r["iter"] for r in recs if r.get("kind") in ("train", "eval", "end")
                      and isinstance(r.get("iter"), int)), default=None)
-    tpi = None
-    if all(isinstance(cfg.get(k), int) for k in ("batch_size", "gradient_accumulation_steps", "block_size")):
-        tpi = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
+    batch = [cfg.get(k) for k in ("batch_size", "gradient_accumulation_steps", "block_size")]
+    tpi = math.prod(batch) if all(isinstance(v, int) for v in batch) else None
 
     stage_recs = plots.stage_records(run_dir)
     reason = plots.not_run_reason(recs + stage_recs)
@@ -231,11 +229,8 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
             st.update(_spread_vs(st, claim))
 
     if claim["metric"] in DATA_METRICS:
-        found, users = {}, []
-        for r in runs:
-            if r["dataset"] == claim["dataset"] and r["data_meta"] is not None:
-                found.setdefault(r["data_dir"], _data_value(r["data_meta"], claim["metric"]))
-                users.append(r["name"])
+        users = [r for r in runs if r["dataset"] == claim["dataset"] and r["data_meta"] is not None]
+        found = {r["data_dir"]: _data_value(r["data_meta"], claim["metric"]) for r in users}
         prepared = datasets.get(claim["dataset"])
         if not found and prepared:  # prepared by the pipeline, used by no run (e.g. a fine-tune not run)
             found[prepared[0]] = _data_value(prepared[1], claim["metric"])
@@ -247,7 +242,7 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
             row["notes"].append(f"{where} has no {claim['metric']}" if found
                                 else f"no {where} with {claim['metric']} found through the runs' configs")
             return row
-        row["runs"], row["data_dirs"] = users, sorted(found)
+        row["runs"], row["data_dirs"] = [r["name"] for r in users], sorted(found)
         verdict_from([float(v) for v in values])
         if len(set(values)) == 1:
             row["measured"] = values[0]  # the count itself, not a float mean
@@ -428,11 +423,9 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
 
     L.append("## Variance across seeds\n")
     if rep["seed_groups"]:
-        rows = []
-        for g in rep["seed_groups"]:
-            rows.append([g["preset"], ", ".join(str(s) for s in g["seeds"]), g["n"], f"{g['mean']:.4f}",
-                         f"{g['std']:.4f}", f"{g['min']:.4f}–{g['max']:.4f}", _fmt(g["published"]),
-                         _fmt(g["published_in_range"]), _fmt(g["within_tolerance_of_mean"])])
+        rows = [[g["preset"], ", ".join(str(s) for s in g["seeds"]), g["n"], f"{g['mean']:.4f}", f"{g['std']:.4f}",
+                 f"{g['min']:.4f}–{g['max']:.4f}", _fmt(g["published"]), _fmt(g["published_in_range"]),
+                 _fmt(g["within_tolerance_of_mean"])] for g in rep["seed_groups"]]
         L.append(markdown_table(["preset", "seeds", "n", "mean best val", "std (n−1)", "min–max", "published",
                          "published in [min, max]", "within ±tol of mean"], rows) + "\n")
     else:
@@ -493,20 +486,15 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
 
 def default_out_dir(run_dirs: Iterable[Path]) -> Path:
     """The common parent of the runs: runs/x for runs/x/seed-*, runs for runs/a and runs/b."""
-    parents = [str(Path(d).resolve().parent) for d in run_dirs]
-    return Path(os.path.commonpath(parents))
+    return Path(os.path.commonpath([Path(d).resolve().parent for d in run_dirs]))
 
 
 def _pipeline_stages(dirs: list[Path], out_dir: Path) -> list[dict[str, Any]]:
     """Every stage in the pipeline's stages.jsonl (in out_dir, or one or two folders above a run)."""
     files = dict.fromkeys(p.resolve() / metrics.STAGES_FILE
                           for p in [out_dir] + [q for d in dirs for q in list(d.resolve().parents)[:2]])
-    out = []
-    for f in files:
-        if f.is_file():
-            out += [{k: r.get(k) for k in ("name", "status", "elapsed_s", "reason", "preset")}
-                    for r in metrics.of_kind(metrics.read(f), "stage")]
-    return out
+    return [{k: r.get(k) for k in ("name", "status", "elapsed_s", "reason", "preset")}
+            for f in files if f.is_file() for r in metrics.of_kind(metrics.read(f), "stage")]
 
 
 def _prepared_datasets(out_dir: Path) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -554,7 +542,7 @@ def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path |
     walls = ([s["elapsed_s"] for s in pipeline_stages if _finite(s.get("elapsed_s")) is not None] if pipeline_stages
              else [r["wall_time_s"] for r in runs if r["wall_time_s"] is not None])
     rep = {
-        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": utc_timestamp(),
         "nanorepro_version": __version__,
         "claims": claims,
         "new_results": new_results,
@@ -616,9 +604,8 @@ def bundle(run_dirs: list[Path], out_path: Path | None = None, include_checkpoin
             for member, arc in members:
                 tar.add(member, arcname=arc, recursive=False)
             manifest = [{"path": arc, "bytes": m.stat().st_size, "sha256": sha256_file(m)} for m, arc in members]
-            data = json.dumps({"created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                               "nanorepro_version": __version__, "checkpoints_included": include_checkpoints,
-                               "files": manifest}, indent=2).encode()
+            data = json.dumps({"created_at": utc_timestamp(), "nanorepro_version": __version__,
+                               "checkpoints_included": include_checkpoints, "files": manifest}, indent=2).encode()
             info = tarfile.TarInfo(f"{root}/MANIFEST.json")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
