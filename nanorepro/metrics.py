@@ -51,9 +51,7 @@ def append(path: Path, record: dict[str, Any]) -> None:
 
 def read(path: Path) -> list[dict[str, Any]]:
     """All records; a torn last line (a run killed mid-write) is skipped with a warning."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
+    path = Path(path) / METRICS_FILE if Path(path).is_dir() else Path(path)
     records = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

@@ -82,9 +82,7 @@ def not_run_reason(records: list[dict[str, Any]]) -> str | None:
     for r in latest.values():
         if r.get("status") in (metrics.NOT_RUN, "failed"):
             return f"{r.get('name', 'stage')} {r['status']}" + (f": {r['reason']}" if r.get("reason") else "")
-    if not records:
-        return "no metrics yet"
-    return None
+    return None if records else "no metrics yet"
 
 
 def reference_lines(references: bool | list[dict[str, Any]], datasets: set[str]) -> list[dict[str, Any]]:

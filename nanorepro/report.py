@@ -54,12 +54,10 @@ def _encoding(cfg: dict[str, Any], data_meta: dict[str, Any] | None) -> str | No
 
 def loss_units(loss: float | None, encoding: str | None) -> dict[str, float | None]:
     """A loss in nats per token, and the unit readers compare: bits/char (char) or perplexity (BPE)."""
-    if loss is None:
-        return {"loss_nats": None}
     out: dict[str, float | None] = {"loss_nats": loss}
-    if encoding == "char":
+    if loss is not None and encoding == "char":
         out["bits_per_char"] = loss / math.log(2)
-    elif encoding is not None:
+    elif loss is not None and encoding is not None:
         out["perplexity"] = math.exp(loss)
     return out
 
@@ -305,10 +303,9 @@ def seed_groups(runs: list[dict[str, Any]], claims: list[dict[str, Any]]) -> lis
              "values": [r["best_val_loss"] for r in members], **st,
              "claim": None, "published": None, "tolerance": None,
              "published_in_range": None, "within_tolerance_of_mean": None}
-        applies = [c for c in claims if c["metric"] == "best_val_loss" and c["value"] is not None
-                   and preset in (c.get("presets") or [])]
-        if applies and not members[0]["deviations"]:
-            c = applies[0]
+        c = next((c for c in claims if c["metric"] == "best_val_loss" and c["value"] is not None
+                  and preset in (c.get("presets") or [])), None)
+        if c and not members[0]["deviations"]:
             g.update(claim=c["id"], published=c["value"], tolerance=c["tolerance"], **_spread_vs(st, c))
         out.append(g)
     return out
@@ -587,13 +584,12 @@ def bundle(run_dirs: list[Path], out_path: Path | None = None, include_checkpoin
     results = [f for f in sorted(results_dir.iterdir()) if f.is_file() and f.suffix in RESULT_SUFFIXES]
     results += [nb for nb in _notebooks(results_dir) if nb.parent != results_dir]
     members = [(f, f"{root}/report/{f.relative_to(results_dir).as_posix()}") for f in results]
+    wanted = RUN_FILES + (("ckpt.pt",) if include_checkpoints else ())
     for d in dirs:
         name = plots.run_label(d, base)
-        files = [d / f for f in RUN_FILES if (d / f).is_file()]
+        files = [d / f for f in wanted if (d / f).is_file()]
         files += sorted(p for p in d.iterdir() if p.suffix in (".png", ".log", ".txt") and p.is_file())
         files += _notebooks(d)
-        if include_checkpoints and (d / "ckpt.pt").is_file():
-            files.append(d / "ckpt.pt")
         for f in dict.fromkeys(files):
             members.append((f, f"{root}/runs/{name}/{f.relative_to(d).as_posix()}"))
     out_path.parent.mkdir(parents=True, exist_ok=True)
