@@ -111,8 +111,7 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _run_notebooks(args: argparse.Namespace, extra: list[str]) -> None:
-    params = notebooks.parse_params(args.param, args.params_file)
-    notebooks.run_notebooks(params, only=args.only)
+    notebooks.run_notebooks(notebooks.parse_params(args.param, args.params_file), only=args.only)
 
 
 def _report(args: argparse.Namespace, extra: list[str]) -> None:

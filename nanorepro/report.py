@@ -134,9 +134,8 @@ def summarize_run(run_dir: Path, base: Path | None = None) -> dict[str, Any]:
     end_wall = _finite(ends[-1].get("elapsed_s")) if ends else None
     wall = end_wall if end_wall is not None else max(
         (e for r in recs if (e := _finite(r.get("elapsed_s"))) is not None), default=None)
-    trains = metrics.of_kind(recs, "train")
     # the first logged iteration carries start-up (and torch.compile) time: leave it out of the rate
-    rates = [r["tokens_per_s"] for r in trains[1:] if _finite(r.get("tokens_per_s"))]
+    rates = [r["tokens_per_s"] for r in metrics.of_kind(recs, "train")[1:] if _finite(r.get("tokens_per_s"))]
     last_iter = max((r["iter"] for r in recs if r.get("kind") in ("train", "eval", "end")
                      and isinstance(r.get("iter"), int)), default=None)
     batch = [cfg.get(k) for k in ("batch_size", "gradient_accumulation_steps", "block_size")]
