@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .files import write_text_atomic
+from .files import load_json, write_text_atomic
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -69,11 +69,8 @@ def pretrained_config(init_from: str) -> GPTConfig:
     """The shape of GPT-2 `init_from` (GPT2_SIZES) or of a local Hugging Face folder (its config.json, no weights)."""
     if init_from in GPT2_SIZES:
         return GPT2_SIZES[init_from]
-    path = Path(init_from) / "config.json"
-    try:
-        hf = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}", "pass a Hugging Face GPT-2 folder (config.json + weights)") from e
+    hf = load_json(Path(init_from) / "config.json", "the model's config",
+                   "pass a Hugging Face GPT-2 folder (config.json + weights)")
     return GPTConfig(n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=hf.get("n_embd", 768),
                      block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257), bias=True)
 
@@ -155,11 +152,7 @@ class Config:
     @classmethod
     def load(cls, path: Path) -> "Config":
         """A config.json, checked like any other config."""
-        try:
-            values = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read the config {path}: {e}", "give the config.json of a run") from e
-        return from_dict(values)
+        return from_dict(load_json(path, "the config", "give the config.json of a run"))
 
     @property
     def tokens_per_iter(self) -> int:

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+from .errors import UserError
+
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call write(f) on a temp file in the same folder, fsync, then rename, so readers never see half
@@ -30,6 +32,14 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """write_atomic for text (UTF-8)."""
     write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def load_json(path: Path, what: str, fix: str) -> Any:
+    """A JSON file's content; a UserError naming the file (`what` it is) and the fix when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {what} {path}: {e}", fix) from e
 
 
 def read_json(path: Path) -> Any:

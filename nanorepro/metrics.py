@@ -28,10 +28,8 @@ NOT_RUN = "not run"  # the status of a stage that could not run here (and the ve
 
 
 def append(path: Path, record: dict[str, Any]) -> None:
-    """Add one record and flush it to disk, so a killed run keeps every line it reported.
-
-    After a torn last line (a writer killed mid-line) the record starts on a new line, so only the
-    torn one is lost; a failed write (disk full) is a UserError."""
+    """Add one record and flush it to disk, so a killed run keeps every line it reported. After a torn
+    last line (a writer killed mid-line) it starts a new line; a failed write (disk full) is a UserError."""
     line = json.dumps(record, allow_nan=True) + "\n"
     try:
         with open(path, "a+b") as f:
@@ -72,8 +70,7 @@ def truncate_after(path: Path, iter_num: int) -> None:
     """Keep what a checkpoint at `iter_num` already covers: a resumed run re-logs the rest exactly once.
 
     Train records carry the iteration count after their step (1..N), so the one at N stays; the
-    evaluation at N happens again on resume, so it goes, with any end record.
-    """
+    evaluation at N happens again on resume, so it goes, with any end record."""
     def covered(r: dict[str, Any]) -> bool:
         kind, it = r.get("kind"), r.get("iter", -1)
         return kind == "meta" or (kind == "train" and it <= iter_num) or (kind == "eval" and it < iter_num)

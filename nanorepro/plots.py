@@ -98,8 +98,7 @@ def reference_lines(references: bool | list[dict[str, Any]], datasets: set[str])
 def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
                 references: bool | list[dict[str, Any]] = True, title: str | None = None,
                 base: Path | None = None) -> Path:
-    """Overlay train and val loss of several runs against iteration (x="iter") or wall time
-    (x="elapsed"), with the published values that apply to their datasets as horizontal lines."""
+    """Train and val loss of runs against x ("iter" or "elapsed"), and the published losses for their datasets."""
     if x not in X_AXES:
         raise UserError(f"unknown x axis {x!r}", "use x='iter' or x='elapsed'")
     loaded = []

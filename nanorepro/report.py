@@ -109,8 +109,7 @@ def device_name(env: dict[str, Any], device: str | None) -> str:
     hw = env.get("hardware", {})
     want = str(device or "")
     if hw.get("gpu_count") and not want.startswith(("cpu", "mps")):
-        n = hw["gpu_count"]
-        return f"{n}x {hw.get('gpu_model')}" if n > 1 else str(hw.get("gpu_model"))
+        return (f"{hw['gpu_count']}x " if hw["gpu_count"] > 1 else "") + str(hw.get("gpu_model"))
     if hw.get("cpu_model"):
         return f"CPU: {hw['cpu_model']} ({hw.get('cpu_count')} cores)"
     return want or "unknown"
@@ -372,8 +371,7 @@ def _tolerance_text(row: dict[str, Any]) -> str:
 
 
 def claims_table(rows: list[dict[str, Any]], compact: bool = False) -> str:
-    """The claims as a markdown table; `compact` (what `nanorepro report` prints) leaves out
-    descriptions and sources, which REPORT.md carries."""
+    """The claims as a markdown table; `compact` (for the terminal) leaves out descriptions and sources."""
     body = []
     for r in rows:
         cells = [_published_text(r), _measured_text(r), _tolerance_text(r),
@@ -472,9 +470,7 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     L.append(markdown_table(["runs", "host", "CPU", "memory", "GPU", "driver / CUDA", "OS", "software", "nanorepro"],
                     [[", ".join(names), *key] for key, names in rows.items()]) + "\n")
     if rep["warnings"]:
-        L.append("## Warnings\n")
-        L += [f"- {w}" for w in rep["warnings"]]
-        L.append("")
+        L += ["## Warnings\n", *[f"- {w}" for w in rep["warnings"]], ""]
     return "\n".join(L)
 
 
