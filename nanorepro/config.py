@@ -80,8 +80,6 @@ def _field(default: Any, meaning: str, allowed: tuple[str, ...] | None = None) -
     return dataclasses.field(default=default, metadata={"meaning": meaning, "allowed": allowed})
 
 
-DTYPES = ("auto", "fast", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 # Ranges of numeric fields, checked by validate() and listed by --help-fields: the fields, the test, the fix.
 RANGES = {
     "> 0": (("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
@@ -134,9 +132,10 @@ class Config:
     eval_only: bool = _field(False, "evaluate once and stop")
     always_save_checkpoint: bool = _field(True, "False: save only when the val loss improves (nanoGPT)")
     # system
-    device: str = _field("auto", "where to train; auto: a GPU if there is one", DEVICES)
+    device: str = _field("auto", "where to train; auto: a GPU if there is one",
+                         ("auto", "cpu", "cuda", "cuda:N", "mps"))
     dtype: str = _field("auto", "auto: bf16 (or fp16) on a GPU, float32 elsewhere; fast: also bf16 on a CPU "
-                        "where it is faster", DTYPES)
+                        "where it is faster", ("auto", "fast", "float32", "bfloat16", "float16"))
     compile: bool = _field(False, "torch.compile the model")
     seed: int = _field(1337, "seeds the initialisation, the batches and dropout")
     parallel: str = _field("none", "several processes under torchrun, gradient_accumulation_steps split over them",

@@ -7,6 +7,7 @@ never recorded: their values can hold secrets (tokens, passwords, OpenStack cred
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -29,19 +30,16 @@ _TIMEOUT_S = 10
 def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
     """stdout of a command, or None when it is missing, fails or hangs."""
     try:
-        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=_TIMEOUT_S, check=True)
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=_TIMEOUT_S, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout
 
 
 def cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):  # no /proc (macOS, Windows)
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith(("model name", "hardware")):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
@@ -86,12 +84,10 @@ def torch_info() -> dict[str, Any] | None:
 
 
 def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
+    out: dict[str, str | None] = dict.fromkeys(PACKAGES)
     for name in PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
     return out
 
 

@@ -36,9 +36,8 @@ class Interrupted(UserError):
 
 
 def one_line_in_notebooks() -> None:
-    """In a Jupyter (IPython) kernel, show a UserError as its one line, `UserError: problem (fix: ...)`,
-    as the CLI does, instead of a traceback through the package; NANOREPRO_DEBUG=1 keeps tracebacks.
-    Does nothing outside IPython (and never imports it)."""
+    """In a Jupyter (IPython) kernel, show a UserError as its one line, as the CLI does, not a traceback through
+    the package; NANOREPRO_DEBUG=1 keeps tracebacks. Does nothing outside IPython (and never imports it)."""
     ipython = sys.modules.get("IPython")
     shell = ipython.get_ipython() if ipython and hasattr(ipython, "get_ipython") else None
     if shell is None or os.environ.get("NANOREPRO_DEBUG"):

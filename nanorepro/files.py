@@ -59,7 +59,5 @@ def sha256_file(path: Path) -> str:
 def project_root() -> Path:
     """The repo root (pyproject.toml and nanorepro/) at or above the working folder, else the working folder."""
     here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").exists() and (folder / "nanorepro").is_dir():
-            return folder
-    return here
+    roots = (f for f in (here, *here.parents) if (f / "pyproject.toml").exists() and (f / "nanorepro").is_dir())
+    return next(roots, here)

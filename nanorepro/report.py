@@ -206,9 +206,8 @@ def _spread_vs(st: dict[str, Any], claim: dict[str, Any]) -> dict[str, bool]:
 
 def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, Any],
           stages: list[dict[str, Any]], datasets: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    """One row of the claims table: the measured value and the verdict, with why. `stages` (the
-    pipeline's) explain a missing run when they name the preset of a stage that did not run;
-    `datasets` (name -> (folder, meta) of the pipeline's prepared data) count when no run used one."""
+    """One row of the claims table: the measured value and the verdict, with why. The pipeline's `stages` explain
+    a missing run; its prepared `datasets` (name -> (folder, meta)) count when no run used one."""
     src = sources.get(claim["source"], {})
     row = {k: claim.get(k) for k in ("id", "description", "metric", "unit", "value", "tolerance", "direction",
                                      "tolerance_reason", "presets", "dataset", "requires")}
@@ -323,10 +322,6 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
-def _secs(s: float | None) -> str:
-    return "–" if s is None else duration(s)
-
-
 def _units_text(units: dict[str, float | None]) -> str:
     """The reader's unit of a loss_units() dict: bits/char or perplexity."""
     if units.get("bits_per_char") is not None:
@@ -412,7 +407,7 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             L.append(f"- **{n['claim']}** — run `{n['run']}`: best validation loss **{n['best_val_loss']:.4f}** "
                      f"nats{extra} at iteration {n['best_val_iter']}. Conditions: model {n['model']}, "
                      f"{n['iters']} iterations, batch {n['batch']}, ≈{_fmt(n['tokens'])} training tokens, "
-                     f"{n['device']}, dtype {n['dtype']}, wall time {_secs(n['wall_time_s'])}.")
+                     f"{n['device']}, dtype {n['dtype']}, wall time {duration(n['wall_time_s'])}.")
         L.append("")
 
     L.append("## Variance across seeds\n")
@@ -433,20 +428,19 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         status = r["status"] + (f" ({r['reason']})" if r["reason"] else "")
         rows.append([f"`{r['name']}`", r["preset"] or "–", r["seed"], status, _fmt(r["best_val_loss"]),
                      _units_text(r["best_val_units"]),
-                     f"{_fmt(r['last_iter'])} / {_fmt(r['max_iters'])}", _secs(r["wall_time_s"]),
+                     f"{_fmt(r['last_iter'])} / {_fmt(r['max_iters'])}", duration(r["wall_time_s"]),
                      _fmt(r["tokens_per_s"], 0), r["device"]])
     L.append(markdown_table(["run", "preset", "seed", "status", "best val (nats)", "best val", "iters",
                      "wall time", "tokens/s", "device"], rows) + "\n")
 
     L.append("## Wall time per stage\n")
-    rows = [["pipeline", s["name"], s["status"], _secs(s["elapsed_s"]), s.get("reason") or ""]
+    rows = [["pipeline", s["name"], s["status"], duration(s["elapsed_s"]), s.get("reason") or ""]
             for s in rep["pipeline_stages"]]
-    for r in runs:
-        rows.append([f"`{r['name']}`", "training run (metrics)", r["status"], _secs(r["wall_time_s"]),
-                     r["reason"] or ""])
+    rows += [[f"`{r['name']}`", "training run (metrics)", r["status"], duration(r["wall_time_s"]), r["reason"] or ""]
+             for r in runs]
     L.append(markdown_table(["where", "stage", "status", "wall time", "reason"], rows) + "\n")
     what = "pipeline stages" if rep["pipeline_stages"] else "runs"
-    L.append(f"Total wall time over all {what}: {_secs(rep['total_wall_time_s'])}.\n")
+    L.append(f"Total wall time over all {what}: {duration(rep['total_wall_time_s'])}.\n")
 
     L.append("## Environment\n")
     rows: dict[tuple, list[str]] = {}  # runs on the same machine and software share a row
