@@ -7,7 +7,6 @@ and a notebook's own backend is left alone.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -18,6 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 from . import metrics
 from .errors import UserError
+from .files import read_json
 from .references import load_references
 
 X_AXES = {"iter": "iteration", "elapsed": "wall time"}
@@ -38,11 +38,11 @@ def check_run_dirs(run_dirs: Iterable[Path]) -> list[Path]:
 def run_config(run_dir: Path, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The run's resolved config: config.json, else the one in the metrics meta record, else {}."""
     path = Path(run_dir) / "config.json"
+    cfg = read_json(path)
+    if cfg is not None:
+        return cfg
     if path.is_file():
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            warnings.warn(f"{path} is not valid JSON; using the config in metrics.jsonl", stacklevel=2)
+        warnings.warn(f"{path} is not valid JSON; using the config in metrics.jsonl", stacklevel=2)
     if records is None:
         records = read_records(run_dir)
     return dict(metrics.meta(records).get("config") or {})

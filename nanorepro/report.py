@@ -427,9 +427,8 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     for r in runs:
         status = r["status"] + (f" ({r['reason']})" if r["reason"] else "")
         rows.append([f"`{r['name']}`", r["preset"] or "–", r["seed"], status, _fmt(r["best_val_loss"]),
-                     _units_text(r["best_val_units"]),
-                     f"{_fmt(r['last_iter'])} / {_fmt(r['max_iters'])}", duration(r["wall_time_s"]),
-                     _fmt(r["tokens_per_s"], 0), r["device"]])
+                     _units_text(r["best_val_units"]), f"{_fmt(r['last_iter'])} / {_fmt(r['max_iters'])}",
+                     duration(r["wall_time_s"]), _fmt(r["tokens_per_s"], 0), r["device"]])
     L.append(markdown_table(["run", "preset", "seed", "status", "best val (nats)", "best val", "iters",
                      "wall time", "tokens/s", "device"], rows) + "\n")
 
