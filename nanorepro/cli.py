@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__, chameleon, compare, config, data, fmt, memory, notebooks, openwebtext, report
 from .config import PRESETS, PRETRAINED
@@ -50,14 +50,14 @@ def _estimate(args: argparse.Namespace, extra: list[str]) -> None:
         vocab = data.GPT2_VOCAB_SIZE  # not prepared here (e.g. on the hub): GPT-2's
     shape = cfg.model_config(vocab)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if args.gpu or args.gpu_memory_gib else "float32")
-    world = args.gpus if cfg.parallel != "none" else 1
+    world = args.gpus if cfg.parallel != "none" else 1  # processes: a single one without ddp or fsdp
     est = memory.estimate_for(cfg, shape, dtype, world)
     print(f"{shape.n_params / 1e6:.1f}M parameters, {cfg.tokens_per_iter:,} tokens/iter; per process {est.describe()}")
     if args.gpu_memory_gib:
         memory.check(cfg, shape, dtype, int(args.gpu_memory_gib * 2**30), f"a {args.gpu_memory_gib:g} GiB GPU",
                      world, args.gpus)
         print(f"fits in {args.gpu_memory_gib:g} GiB")
-    secs = memory.estimate_seconds(cfg, shape, args.gpu, args.gpus if cfg.parallel != "none" else 1, dtype)
+    secs = memory.estimate_seconds(cfg, shape, args.gpu, world, dtype)
     if secs is not None:
         print(f"time: ~{fmt.duration(secs)} at {memory.ASSUMED_MFU:.0%} MFU on {world}x {args.gpu}")
 
@@ -111,23 +111,20 @@ def _sample(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _run_notebooks(args: argparse.Namespace, extra: list[str]) -> None:
-    params = notebooks.parse_params(args.param, args.params_file)
-    notebooks.run_notebooks(params, only=args.only)
+    notebooks.run_notebooks(notebooks.parse_params(args.param, args.params_file), only=args.only)
 
 
 def _report(args: argparse.Namespace, extra: list[str]) -> None:
-    rep = report.report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
+    rep = report.report(args.runs, args.out)
     print(report.claims_table(rep["claims"], compact=True))
     print(f"\nwrote {Path(rep['out_dir']) / 'REPORT.md'} and report.json")
 
 
 def _bundle(args: argparse.Namespace, extra: list[str]) -> None:
-    path = report.bundle([Path(r) for r in args.runs], Path(args.out) if args.out else None,
-                         include_checkpoints=args.with_checkpoints)
+    path = report.bundle(args.runs, args.out, include_checkpoints=args.with_checkpoints)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
-# -- reserve / release (Chameleon) ----------------------------------------------------------------
 def _reserve(args: argparse.Namespace, extra: list[str]) -> None:
     chameleon.reserve("chameleon", site=args.site, node_type=args.node_type, lease_hours=args.hours,
                       image=args.image, lease_name=args.lease_name, server_name=args.server_name,
@@ -141,7 +138,6 @@ def _release(args: argparse.Namespace, extra: list[str]) -> None:
                       server_name=args.server_name, project=args.project)
 
 
-# -- bench ---------------------------------------------------------------------------------------
 def _bench(args: argparse.Namespace, extra: list[str]) -> None:
     from . import bench
 
@@ -154,153 +150,147 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its usage errors as the same one line as every other error (exit 2)."""
+    """argparse without abbreviated options, its usage errors the same one line as every other error (exit 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"nanorepro: error: {message} (fix: see `{self.prog} --help`)\n")
 
 
-def _add_node_commands(sub: argparse._SubParsersAction) -> None:
-    """reserve and release: the Chameleon node."""
-    s = sub.add_parser("reserve", allow_abbrev=False, help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
-    s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="where the node record goes")
-    s.add_argument("--site", default=None, help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
-    s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
-    s.add_argument("--hours", type=float, default=chameleon.DEFAULT_LEASE_HOURS,
-                   help="lease length (default %(default)s); it costs SUs until released")
-    s.add_argument("--image", default="CC-Ubuntu22.04-CUDA")
-    s.add_argument("--lease-name", default=None, help="default nanorepro-<user>; a live lease of this name is reused")
-    s.add_argument("--server-name", default=None, help="default <lease-name>-node")
-    s.add_argument("--project", default=None, help="default $OS_PROJECT_NAME")
-    s.add_argument("--keep-on-failure", action="store_true", help="keep the lease when a later step fails")
-    s.add_argument("--no-setup", action="store_true", help="do not install nanorepro on the node")
-    s.set_defaults(func=_reserve)
-
-    s = sub.add_parser("release", allow_abbrev=False, help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
-    s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="the folder holding the node record")
-    s.add_argument("--site", default=None, help="default: the recorded site")
-    s.add_argument("--lease-name", default=None, help="release this lease (and its server) even without a record")
-    s.add_argument("--server-name", default=None)
-    s.add_argument("--project", default=None)
-    s.set_defaults(func=_release)
-
-
-def _add_scaling_commands(sub: argparse._SubParsersAction) -> None:
-    """compare-gpt2, estimate and bench: scaling out (GPT-2 sizes, memory, speed)."""
-    s = sub.add_parser("compare-gpt2", allow_abbrev=False,
-                       help="fine-tune several GPT-2 sizes with one recipe: a table and overlaid loss curves")
-    s.add_argument("--models", nargs="+", default=list(PRETRAINED),
-                   help="GPT-2 names or local Hugging Face folders (default: all four sizes)")
-    s.add_argument("--preset", default=compare.DEFAULT_PRESET, help="the recipe every model gets")
-    s.add_argument("--results-dir", default="results/compare")
-    s.add_argument("--target", default="local", help="local or chameleon (a node reserved into --results-dir)")
-    s.add_argument("--max-iters", type=int, default=None)
-    s.add_argument("--device", default=None, help="override the preset's device (e.g. cpu)")
-    s.add_argument("--input", default=None, help="a local Tiny Shakespeare instead of the download")
-    s.set_defaults(func=_compare_gpt2)
-
-    s = sub.add_parser("estimate", allow_abbrev=False,
-                       help="memory and time a run needs (no torch): --preset P [--field=value ...]",
-                       epilog="Override any config field with --field=value, as for train.")
-    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
-    s.add_argument("--gpus", type=int, default=1, help="GPUs (processes) when parallel is ddp or fsdp")
-    s.add_argument("--gpu", default=None, help="GPU name for the time estimate, e.g. A100")
-    s.add_argument("--gpu-memory-gib", type=float, default=None, help="refuse (exit 4) when it does not fit this")
-    s.set_defaults(func=_estimate)
-
-    s = sub.add_parser("bench", allow_abbrev=False, help="ms/iter, tokens/s, MFU, memory, time to a target loss; "
-                       "optionally side by side with an upstream nanoGPT checkout",
-                       epilog="Override any config field with --field=value (applied to both sides).")
-    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
-    s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the preset's)")
-    s.add_argument("--iters", type=int, default=50, help="timed iterations per run (without --target-loss)")
-    s.add_argument("--warmup", type=int, default=10, help="iterations left out of the timing at the start")
-    s.add_argument("--target-loss", type=float, default=None,
-                   help="train the config as given until an evaluation reaches this val loss; report the wall time")
-    s.add_argument("--out", default=None, help="the JSON record (default results/bench/<preset>-<time>.json)")
-    s.add_argument("--nanogpt", default=None, metavar="PATH",
-                   help="a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): run it alternately")
-    s.add_argument("--nanogpt-preset", default=None, help="nanoGPT runs this preset instead (e.g. shakespeare-char-cpu)")
-    s.add_argument("--pairs", type=int, default=1, help="alternating (nanorepro, nanoGPT) pairs, or runs without --nanogpt")
-    s.add_argument("--input", default=None, help="the input.txt the dataset was prepared from (for nanoGPT's prepare.py)")
-    s.add_argument("--keep", action="store_true", help="keep the temp folder with the runs and logs")
-    s.set_defaults(func=_bench)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nanorepro", allow_abbrev=False, description=__doc__.splitlines()[0])
+    p = _Parser(prog="nanorepro", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nanorepro {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("prepare", allow_abbrev=False, help="Tiny Shakespeare (bundled, or --input) into token files")
+    s = sub.add_parser("prepare", help="Tiny Shakespeare (bundled, or --input) into token files")
     s.add_argument("--input", help="a local UTF-8 text file instead of Tiny Shakespeare (or $NANOREPRO_INPUT)")
-    s.add_argument("--url", default=None, help="download Tiny Shakespeare from this mirror (sha256-checked, cached) "
+    s.add_argument("--url", help="download Tiny Shakespeare from this mirror (sha256-checked, cached) "
                    "instead of using the bundled copy")
     s.add_argument("--dataset", default="shakespeare", choices=("shakespeare", "openwebtext"),
                    help="openwebtext: GPT-2 BPE of a Hugging Face text dataset (default Skylion007/openwebtext)")
-    s.add_argument("--source", default=None, help="openwebtext only: a local copy (save_to_disk folder, "
+    s.add_argument("--source", help="openwebtext only: a local copy (save_to_disk folder, "
                    ".parquet/.jsonl files) or a Hugging Face dataset name")
-    s.add_argument("--num-proc", type=int, default=None, help="openwebtext only: tokenising processes (default: all cores)")
+    s.add_argument("--num-proc", type=int, help="openwebtext only: tokenising processes (default: all cores)")
     s.add_argument("--text-column", default="text", help="openwebtext only: the column holding the documents")
-    s.add_argument("--name", default=None, help="dataset name (default shakespeare / openwebtext); "
+    s.add_argument("--name", help="dataset name (default shakespeare / openwebtext); "
                    "folders are <data-root>/<name>_<encoding>")
     s.add_argument("--encoding", default="all", help="char, gpt2 or all")
     s.add_argument("--data-root", default="data")
-    s.add_argument("--cache-dir", default=None, help="download cache (default ~/.cache/nanorepro or $NANOREPRO_CACHE)")
+    s.add_argument("--cache-dir", help="download cache (default ~/.cache/nanorepro or $NANOREPRO_CACHE)")
     s.set_defaults(func=_prepare)
 
-    s = sub.add_parser("train", allow_abbrev=False, help="train or fine-tune; any config field as --field=value",
+    s = sub.add_parser("train", help="train or fine-tune; any config field as --field=value",
                        epilog="Override any field with --field=value; list them with --help-fields.")
-    s.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)}")
-    s.add_argument("--out-dir", default=None, help="run folder (resumed if it holds a checkpoint)")
-    s.add_argument("--config", default=None, metavar="FILE",
+    s.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--out-dir", help="run folder (resumed if it holds a checkpoint)")
+    s.add_argument("--config", metavar="FILE",
                    help="a run's config.json, already resolved (what notebooks launch); no preset or overrides")
     s.add_argument("--seeds", type=int, default=1, help="run N seeds (seed, seed+1, ...) into <out-dir>/seed-<s>")
     s.add_argument("--help-fields", action="store_true", help="list every config field and exit")
     s.set_defaults(func=_train)
 
-    s = sub.add_parser("sample", allow_abbrev=False, help="generate text from a run folder or a pretrained GPT-2")
+    s = sub.add_parser("sample", help="generate text from a run folder or a pretrained GPT-2")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a run folder with ckpt.pt")
     src.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local Hugging Face folder")
     s.add_argument("--prompt", default="\n")
-    s.add_argument("--prompt-file", default=None)
+    s.add_argument("--prompt-file")
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--max-new-tokens", type=int, default=500)
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=200)
     s.add_argument("--seed", type=int, default=1337)
     s.add_argument("--device", default="auto")
-    s.add_argument("--data-root", default=None, help="where the run's dataset lives (default: the run's config)")
-    s.add_argument("--out", default=None, help="also write the samples to this file")
+    s.add_argument("--data-root", help="where the run's dataset lives (default: the run's config)")
+    s.add_argument("--out", help="also write the samples to this file")
     s.set_defaults(func=_sample)
 
-    s = sub.add_parser("run-notebooks", allow_abbrev=False, help="run notebooks/ in order with papermill (the main job)")
+    s = sub.add_parser("run-notebooks", help="run notebooks/ in order with papermill (the main job)")
     s.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="a notebook parameter, e.g. -p char_max_iters 200 (repeatable)")
-    s.add_argument("-f", "--params-file", default=None, help="YAML or JSON file of notebook parameters")
-    s.add_argument("--only", nargs="*", default=None, help="run only notebooks whose names start with these")
+    s.add_argument("-f", "--params-file", help="YAML or JSON file of notebook parameters")
+    s.add_argument("--only", nargs="*", help="run only notebooks whose names start with these")
     s.set_defaults(func=_run_notebooks)
 
-    s = sub.add_parser("report", allow_abbrev=False, help="judge runs against the published numbers: REPORT.md, report.json, plots")
+    s = sub.add_parser("report", help="judge runs against the published numbers: REPORT.md, report.json, plots")
     s.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<run>)")
-    s.add_argument("--out", default=None, help="where to write the report (default: the runs' common parent)")
+    s.add_argument("--out", help="where to write the report (default: the runs' common parent)")
     s.set_defaults(func=_report)
 
-    s = sub.add_parser("bundle", allow_abbrev=False, help="pack report, metrics, plots, samples, configs and notebooks in a .tar.gz")
+    s = sub.add_parser("bundle", help="pack report, metrics, plots, samples, configs and notebooks in a .tar.gz")
     s.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<run>)")
-    s.add_argument("--out", default=None, help="the .tar.gz to write (default: <common parent>/<name>-bundle.tar.gz)")
+    s.add_argument("--out", help="the .tar.gz to write (default: <common parent>/<name>-bundle.tar.gz)")
     s.add_argument("--with-checkpoints", action="store_true", help="also pack each run's ckpt.pt (large)")
     s.set_defaults(func=_bundle)
 
-    _add_node_commands(sub)
-    _add_scaling_commands(sub)
+    # the Chameleon node
+    s = sub.add_parser("reserve", help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
+    s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="where the node record goes")
+    s.add_argument("--site", help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
+    s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
+    s.add_argument("--hours", type=float, default=chameleon.DEFAULT_LEASE_HOURS,
+                   help="lease length (default %(default)s); it costs SUs until released")
+    s.add_argument("--image", default="CC-Ubuntu22.04-CUDA")
+    s.add_argument("--lease-name", help="default nanorepro-<user>; a live lease of this name is reused")
+    s.add_argument("--server-name", help="default <lease-name>-node")
+    s.add_argument("--project", help="default $OS_PROJECT_NAME")
+    s.add_argument("--keep-on-failure", action="store_true", help="keep the lease when a later step fails")
+    s.add_argument("--no-setup", action="store_true", help="do not install nanorepro on the node")
+    s.set_defaults(func=_reserve)
+
+    s = sub.add_parser("release", help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
+    s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="the folder holding the node record")
+    s.add_argument("--site", help="default: the recorded site")
+    s.add_argument("--lease-name", help="release this lease (and its server) even without a record")
+    s.add_argument("--server-name")
+    s.add_argument("--project")
+    s.set_defaults(func=_release)
+
+    # scaling out: GPT-2 sizes, memory, speed
+    s = sub.add_parser("compare-gpt2",
+                       help="fine-tune several GPT-2 sizes with one recipe: a table and overlaid loss curves")
+    s.add_argument("--models", nargs="+", default=list(PRETRAINED),
+                   help="GPT-2 names or local Hugging Face folders (default: all four sizes)")
+    s.add_argument("--preset", default=compare.DEFAULT_PRESET, help="the recipe every model gets")
+    s.add_argument("--results-dir", default="results/compare")
+    s.add_argument("--target", default="local", help="local or chameleon (a node reserved into --results-dir)")
+    s.add_argument("--max-iters", type=int)
+    s.add_argument("--device", help="override the preset's device (e.g. cpu)")
+    s.add_argument("--input", help="a local Tiny Shakespeare instead of the download")
+    s.set_defaults(func=_compare_gpt2)
+
+    s = sub.add_parser("estimate", help="memory and time a run needs (no torch): --preset P [--field=value ...]",
+                       epilog="Override any config field with --field=value, as for train.")
+    s.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--gpus", type=int, default=1, help="GPUs (processes) when parallel is ddp or fsdp")
+    s.add_argument("--gpu", help="GPU name for the time estimate, e.g. A100")
+    s.add_argument("--gpu-memory-gib", type=float, help="refuse (exit 4) when it does not fit this")
+    s.set_defaults(func=_estimate)
+
+    s = sub.add_parser("bench", help="ms/iter, tokens/s, MFU, memory, time to a target loss; "
+                       "optionally side by side with an upstream nanoGPT checkout",
+                       epilog="Override any config field with --field=value (applied to both sides).")
+    s.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    s.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the preset's)")
+    s.add_argument("--iters", type=int, default=50, help="timed iterations per run (without --target-loss)")
+    s.add_argument("--warmup", type=int, default=10, help="iterations left out of the timing at the start")
+    s.add_argument("--target-loss", type=float,
+                   help="train the config as given until an evaluation reaches this val loss; report the wall time")
+    s.add_argument("--out", help="the JSON record (default results/bench/<preset>-<time>.json)")
+    s.add_argument("--nanogpt", metavar="PATH",
+                   help="a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): run it alternately")
+    s.add_argument("--nanogpt-preset", help="nanoGPT runs this preset instead (e.g. shakespeare-char-cpu)")
+    s.add_argument("--pairs", type=int, default=1, help="alternating (nanorepro, nanoGPT) pairs, or runs without --nanogpt")
+    s.add_argument("--input", help="the input.txt the dataset was prepared from (for nanoGPT's prepare.py)")
+    s.add_argument("--keep", action="store_true", help="keep the temp folder with the runs and logs")
+    s.set_defaults(func=_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "help_fields", False):

@@ -57,7 +57,7 @@ def _row(model: str, run_dir: Path, base: Path) -> dict[str, Any]:
     ends = metrics.of_kind(recs, "end")
     row: dict[str, Any] = {"model": model, "run": run_dir.name, "n_params": metrics.meta(recs).get("n_params")}
     if not evals:
-        stages = [r for r in metrics.of_kind(recs, "stage") + plots.stage_records(run_dir) if r.get("reason")]
+        stages = [r for r in plots.stage_records(run_dir) if r.get("reason")]
         row["status"] = "not run"
         row["reason"] = stages[-1]["reason"] if stages else "no metrics"
         try:  # its size from the one GPT-2 table, or the folder's config.json
@@ -96,8 +96,7 @@ def summarize(results: str | Path, models: list[str]) -> dict[str, Any]:
     """Table rows, COMPARE.md, compare.json and the overlaid loss curves of `results/runs/compare-*`."""
     results = Path(results)
     rows = [_row(m, results / "runs" / run_name(m), results) for m in models]
-    ran = [results / "runs" / run_name(r["model"]) for r in rows]
-    ran = [d for d in ran if d.is_dir()]  # runs that did not start are noted on the plot, with why
+    ran = [d for d in (results / "runs" / run_name(m) for m in models) if d.is_dir()]
     figures = []
     if any(r["status"] != "not run" for r in rows):
         with warnings.catch_warnings():  # runs that did not start are noted on the plots and in the table

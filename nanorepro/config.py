@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .files import write_text_atomic
+from .files import load_json, write_text_atomic
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """The network's shape: all `model.GPT` needs, and all a memory or FLOPs estimate, a report or a
-    checkpoint needs to know about the network. Torch-free, so the hub kernel can use it."""
+    """The network's shape: all that `model.GPT`, memory and FLOPs estimates, reports and checkpoints need."""
 
     n_layer: int = 12
     n_head: int = 12
@@ -67,32 +66,29 @@ GPT2_SIZES: dict[str, GPTConfig] = {
 
 
 def pretrained_config(init_from: str) -> GPTConfig:
-    """The shape of OpenAI's GPT-2 `init_from` (GPT2_SIZES) or of a local Hugging Face GPT-2 folder
-    (its config.json), read without loading any weights."""
+    """The shape of GPT-2 `init_from` (GPT2_SIZES) or of a local Hugging Face folder (its config.json, no weights)."""
     if init_from in GPT2_SIZES:
         return GPT2_SIZES[init_from]
-    path = Path(init_from) / "config.json"
-    try:
-        hf = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}", "pass a Hugging Face GPT-2 folder (config.json + weights)") from e
+    hf = load_json(Path(init_from) / "config.json", "the model's config",
+                   "pass a Hugging Face GPT-2 folder (config.json + weights)")
     return GPTConfig(n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=hf.get("n_embd", 768),
                      block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257), bias=True)
 
 
 def _field(default: Any, meaning: str, allowed: tuple[str, ...] | None = None) -> Any:
-    """A Config field with its one-line meaning and, for a choice, its allowed values: the one source
-    that validate() checks and `nanorepro train --help-fields` shows."""
+    """A Config field with its meaning and allowed values, which validate() checks and --help-fields shows."""
     return dataclasses.field(default=default, metadata={"meaning": meaning, "allowed": allowed})
 
 
-DTYPES = ("auto", "fast", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
-# Value rules for numeric fields, checked by validate() and listed by --help-fields.
-POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-            "eval_interval", "eval_iters", "log_interval", "learning_rate")
-NON_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "seed")
-BELOW_ONE = ("dropout", "beta1", "beta2")  # in [0, 1)
+# Ranges of numeric fields, checked by validate() and listed by --help-fields: the fields, the test, the fix.
+RANGES = {
+    "> 0": (("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+             "eval_interval", "eval_iters", "log_interval", "learning_rate"), lambda v: v > 0,
+            "set {} to a positive value"),
+    ">= 0": (("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "seed"),
+             lambda v: v >= 0, "set {} to 0 or more"),
+    "in [0, 1)": (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "use e.g. {}=0.2"),
+}
 
 
 @dataclass
@@ -136,9 +132,10 @@ class Config:
     eval_only: bool = _field(False, "evaluate once and stop")
     always_save_checkpoint: bool = _field(True, "False: save only when the val loss improves (nanoGPT)")
     # system
-    device: str = _field("auto", "where to train; auto: a GPU if there is one", DEVICES)
+    device: str = _field("auto", "where to train; auto: a GPU if there is one",
+                         ("auto", "cpu", "cuda", "cuda:N", "mps"))
     dtype: str = _field("auto", "auto: bf16 (or fp16) on a GPU, float32 elsewhere; fast: also bf16 on a CPU "
-                        "where it is faster", DTYPES)
+                        "where it is faster", ("auto", "fast", "float32", "bfloat16", "float16"))
     compile: bool = _field(False, "torch.compile the model")
     seed: int = _field(1337, "seeds the initialisation, the batches and dropout")
     parallel: str = _field("none", "several processes under torchrun, gradient_accumulation_steps split over them",
@@ -154,11 +151,7 @@ class Config:
     @classmethod
     def load(cls, path: Path) -> "Config":
         """A config.json, checked like any other config."""
-        try:
-            values = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read the config {path}: {e}", "give the config.json of a run") from e
-        return from_dict(values)
+        return from_dict(load_json(path, "the config", "give the config.json of a run"))
 
     @property
     def tokens_per_iter(self) -> int:
@@ -275,17 +268,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
-
-
 _WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def coerce(name: str, value: Any) -> Any:
     """Convert a value (often a command-line string) to the type of field `name` (its type hint), or refuse."""
-    types_ = _field_types()
+    types_ = typing.get_type_hints(Config)
     if name not in types_:
         close = [k for k in types_ if name.replace("-", "_") == k or name in k]
         hint = f"did you mean {close[0]!r}?" if close else "see `nanorepro train --help-fields`"
@@ -309,25 +297,16 @@ def coerce(name: str, value: Any) -> Any:
     raise UserError(f"{name}={value!r} is not a valid {kind.__name__}", f"give {name} a {kind.__name__} value")
 
 
-def _allowed(name: str) -> tuple[str, ...] | None:
-    return {f.name: f.metadata["allowed"] for f in dataclasses.fields(Config)}[name]
-
-
 def validate(cfg: Config) -> Config:
     """Refuse values no run can use, naming the field and the fix. The one place each field is checked."""
-    for name in POSITIVE:
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"{name} must be > 0, got {getattr(cfg, name)}", f"set {name} to a positive value")
-    for name in NON_NEGATIVE:
-        if getattr(cfg, name) < 0:
-            raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)}", f"set {name} to 0 or more")
-    for name in BELOW_ONE:
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise UserError(f"{name} must be in [0, 1), got {getattr(cfg, name)}", f"use e.g. {name}=0.2")
+    for rule, (names, ok, fix) in RANGES.items():
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise UserError(f"{name} must be {rule}, got {getattr(cfg, name)}", fix.format(name))
     if cfg.vocab_size is not None and cfg.vocab_size <= 0:
         raise UserError(f"vocab_size must be > 0, got {cfg.vocab_size}", "leave vocab_size unset to read it from the data")
     for name in ("optimizer", "dtype", "parallel", "device"):
-        value, allowed = getattr(cfg, name), _allowed(name)
+        value, allowed = getattr(cfg, name), Config.__dataclass_fields__[name].metadata["allowed"]
         if value not in allowed and not (name == "device" and value.startswith("cuda:") and value[5:].isdigit()):
             raise UserError(f"unknown {name}={value!r}", f"use {', '.join(allowed)}"
                             + (" (the last two under torchrun)" if name == "parallel" else ""))
@@ -351,19 +330,16 @@ def from_dict(values: dict[str, Any]) -> Config:
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """Turn `key=value`, `--key=value` or `--key value` words into typed overrides."""
     out: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        word = args[i].lstrip("-") if args[i].startswith("--") else args[i]
-        if "=" in word:
-            key, value = word.split("=", 1)
-        elif args[i].startswith("--") and i + 1 < len(args):
-            key, value = word, args[i + 1]
-            i += 1
-        else:
-            raise UserError(f"cannot read option {args[i]!r}", "write overrides as --field=value, e.g. --max_iters=100")
+    words = iter(args)
+    for word in words:
+        key, eq, value = word.removeprefix("--").partition("=")
+        if not eq:  # `--key value`
+            value = next(words, None) if word.startswith("--") else None
+            if value is None:
+                raise UserError(f"cannot read option {word!r}",
+                                "write overrides as --field=value, e.g. --max_iters=100")
         key = key.replace("-", "_")
         out[key] = coerce(key, value)
-        i += 1
     return out
 
 
@@ -371,16 +347,13 @@ def resolve(preset: str | None = None, overrides: dict[str, Any] | None = None) 
     """Defaults, then the preset, then overrides; checked as a whole."""
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}", f"use one of: {', '.join(PRESETS)}")
-    values = dict(PRESETS.get(preset, {}) if preset else {}, preset=preset)
-    values.update(overrides or {})
-    return from_dict(values)
+    return from_dict({**PRESETS.get(preset, {}), "preset": preset, **(overrides or {})})
 
 
 def describe_fields() -> str:
     """`nanorepro train --help-fields`: each field's type, default, allowed values or range, and meaning."""
-    types_ = _field_types()
-    rules = {**dict.fromkeys(POSITIVE, "> 0"), **dict.fromkeys(NON_NEGATIVE, ">= 0"),
-             **dict.fromkeys(BELOW_ONE, "in [0, 1)")}
+    types_ = typing.get_type_hints(Config)
+    rules = {name: rule for rule, (names, _, _) in RANGES.items() for name in names}
     lines = []
     for f in dataclasses.fields(Config):
         tp = types_[f.name]

@@ -7,12 +7,12 @@ never recorded: their values can hold secrets (tokens, passwords, OpenStack cred
 
 from __future__ import annotations
 
-import datetime as _dt
+import contextlib
 import importlib.metadata
 import json
 import os
 import platform
-import shutil
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .files import write_text_atomic
+from .files import read_json, write_text_atomic
+from .fmt import utc_timestamp
 
 PACKAGES = ("nanorepro", "torch", "transformers", "tiktoken", "numpy", "datasets", "matplotlib")
 _TIMEOUT_S = 10
@@ -29,56 +30,37 @@ _TIMEOUT_S = 10
 def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
     """stdout of a command, or None when it is missing, fails or hangs."""
     try:
-        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=_TIMEOUT_S, check=True)
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=_TIMEOUT_S, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout
 
 
 def cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):  # no /proc (macOS, Windows)
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith(("model name", "hardware")):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
 def memory_total_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
+    try:  # on Linux the same total as /proc/meminfo's MemTotal
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
         return None
 
 
 def gpus_from_nvidia_smi() -> tuple[list[dict[str, Any]], str | None]:
     """GPUs (name, memory, driver) and the driver's CUDA version, from nvidia-smi if it is on PATH."""
-    if shutil.which("nvidia-smi") is None:
-        return [], None
     out = _run(["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version",
                 "--format=csv,noheader,nounits"])
-    gpus = []
-    for line in (out or "").strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 4:
-            continue
-        try:
-            mem_mib = int(float(parts[2]))
-        except ValueError:
-            mem_mib = None
-        gpus.append({"index": parts[0], "name": parts[1], "memory_total_mib": mem_mib, "driver_version": parts[3]})
-    cuda = None
-    header = _run(["nvidia-smi"]) or ""
-    if "CUDA Version:" in header:
-        cuda = header.split("CUDA Version:", 1)[1].split()[0].strip("|")
-    return gpus, cuda
+    rows = [[p.strip() for p in line.split(",")] for line in (out or "").splitlines()]
+    gpus = [{"index": i, "name": name, "memory_total_mib": int(mib) if mib.isdigit() else None, "driver_version": d}
+            for i, name, mib, d in (r for r in rows if len(r) == 4)]  # memory is "[N/A]" on some boards
+    if not gpus:
+        return [], None
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", _run(["nvidia-smi"]) or "")
+    return gpus, cuda[1] if cuda else None
 
 
 def torch_info() -> dict[str, Any] | None:
@@ -86,51 +68,38 @@ def torch_info() -> dict[str, Any] | None:
     torch = sys.modules.get("torch")
     if torch is None:
         return None
-    info: dict[str, Any] = {"version": getattr(torch, "__version__", None),
-                            "cuda_build": getattr(torch.version, "cuda", None)}
+    info: dict[str, Any] = {"version": torch.__version__, "cuda_build": torch.version.cuda}
     try:
         info["cuda_available"] = bool(torch.cuda.is_available())
         if info["cuda_available"]:
             info["cudnn"] = torch.backends.cudnn.version()
-            info["devices"] = []
-            for i in range(torch.cuda.device_count()):
-                p = torch.cuda.get_device_properties(i)
-                info["devices"].append({"name": p.name, "memory_total_mib": p.total_memory // 2**20,
-                                        "capability": f"{p.major}.{p.minor}"})
-        info["mps_available"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+            props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+            info["devices"] = [{"name": p.name, "memory_total_mib": p.total_memory // 2**20,
+                                "capability": f"{p.major}.{p.minor}"} for p in props]
+        info["mps_available"] = bool(torch.backends.mps.is_available())
         info["num_threads"] = torch.get_num_threads()
     except Exception as e:  # a half-initialised CUDA must not stop a run from being recorded
         info["error"] = f"{type(e).__name__}: {e}"
     return info
 
 
-def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in names:
-        try:
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = dict.fromkeys(PACKAGES)
+    for name in PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
     return out
 
 
 def git_info(root: Path | None = None) -> dict[str, Any]:
-    """Commit and dirty flag of the checkout the package runs from; nulls when it is not one."""
+    """Commit, dirty flag and branch of the checkout the package runs from; nulls when it is not one."""
     root = Path(root) if root else Path(__file__).resolve().parent.parent
-    info: dict[str, Any] = {"commit": None, "dirty": None, "branch": None}
-    if shutil.which("git") is None:
-        return info
-    top = _run(["git", "rev-parse", "--show-toplevel"], cwd=root)
+    lines = (_run(["git", "rev-parse", "--show-toplevel", "HEAD", "--abbrev-ref", "HEAD"], cwd=root) or "").splitlines()
     # an installed copy under some unrelated checkout (a venv inside a repo) is not our history
-    if top is None or Path(top.strip()).resolve() != root.resolve():
-        return info
-    commit = _run(["git", "rev-parse", "HEAD"], cwd=root)
+    if len(lines) != 3 or Path(lines[0]).resolve() != root.resolve():
+        return {"commit": None, "dirty": None, "branch": None}
     status = _run(["git", "status", "--porcelain"], cwd=root)
-    branch = _run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=root)
-    info["commit"] = commit.strip() if commit else None
-    info["dirty"] = bool(status.strip()) if status is not None else None
-    info["branch"] = branch.strip() if branch else None
-    return info
+    return {"commit": lines[1], "dirty": bool(status.strip()) if status is not None else None, "branch": lines[2]}
 
 
 def capture(cfg_dict: dict[str, Any] | None = None, seeds: list[int] | None = None) -> dict[str, Any]:
@@ -140,7 +109,7 @@ def capture(cfg_dict: dict[str, Any] | None = None, seeds: list[int] | None = No
     if not gpus and tinfo and tinfo.get("devices"):
         gpus = [{"index": str(i), **d} for i, d in enumerate(tinfo["devices"])]
     return {
-        "captured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "captured_at": utc_timestamp(),
         "hostname": socket.gethostname(),
         "os": {"system": platform.system(), "release": platform.release(), "version": platform.version(),
                "platform": platform.platform()},
@@ -173,20 +142,14 @@ def write(path: Path, info: dict[str, Any]) -> Path:
 def read(path: Path) -> dict[str, Any]:
     """env.json of a run folder (or the file itself); {} when absent, so old runs still report."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "env.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
+    return read_json(path / "env.json" if path.is_dir() else path) or {}
 
 
 def summary(info: dict[str, Any]) -> str:
     """One line: device, OS, Python, torch, commit."""
     hw = info.get("hardware", {})
     dev = f"{hw.get('gpu_count')}x {hw.get('gpu_model')}" if hw.get("gpu_count") else f"CPU {hw.get('cpu_model')}"
-    pk = info.get("packages", {})
-    git = info.get("nanorepro", {})
+    pk, git = info.get("packages", {}), info.get("nanorepro", {})
     commit = (git.get("commit") or "no git")[:10] + ("+dirty" if git.get("dirty") else "")
     return (f"{dev}, {hw.get('cpu_count')} cores, {info.get('os', {}).get('system')} "
             f"{info.get('os', {}).get('release')}, Python {info.get('python', {}).get('version')}, "

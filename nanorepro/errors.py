@@ -4,7 +4,6 @@ import os
 import sys
 
 
-
 class UserError(Exception):
     """Bad input or an unmet requirement. The CLI prints it as one line and exits with `exit_code`."""
 
@@ -17,15 +16,13 @@ class UserError(Exception):
 
 
 class ModelUnavailable(UserError):
-    """Pretrained weights that cannot be had here (no network, not cached). The CLI exits with 3 so
-    a pipeline can record the stage as not run and go on."""
+    """Pretrained weights not to be had here (no network, not cached): exit 3, a pipeline's stage "not run"."""
 
     exit_code = 3
 
 
 class WontFit(UserError):
-    """A run whose estimated memory exceeds the device's; exits with 4 so a pipeline can record it
-    as not run and go on to the next model."""
+    """A run whose estimated memory exceeds the device's: exit 4, a pipeline's stage "not run"."""
 
     exit_code = 4
 
@@ -39,9 +36,8 @@ class Interrupted(UserError):
 
 
 def one_line_in_notebooks() -> None:
-    """In a Jupyter (IPython) kernel, show a UserError as its one line, `UserError: problem (fix: ...)`,
-    as the CLI does, instead of a traceback through the package; NANOREPRO_DEBUG=1 keeps tracebacks.
-    Does nothing outside IPython (and never imports it)."""
+    """In a Jupyter (IPython) kernel, show a UserError as its one line, as the CLI does, not a traceback through
+    the package; NANOREPRO_DEBUG=1 keeps tracebacks. Does nothing outside IPython (and never imports it)."""
     ipython = sys.modules.get("IPython")
     shell = ipython.get_ipython() if ipython and hasattr(ipython, "get_ipython") else None
     if shell is None or os.environ.get("NANOREPRO_DEBUG"):

@@ -1,12 +1,15 @@
-"""Files written whole or not at all, their hashes, and where the checkout is: one home each (torch-free)."""
+"""Files written whole or not at all, optional JSON records, hashes, the checkout's root: one home each (torch-free)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
+
+from .errors import UserError
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -31,17 +34,30 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
+def load_json(path: Path, what: str, fix: str) -> Any:
+    """A JSON file's content; a UserError naming the file (`what` it is) and the fix when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {what} {path}: {e}", fix) from e
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or not JSON (for records a reader can do without)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def sha256_file(path: Path) -> str:
     """The hex sha256 of a file, read in chunks."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def project_root(start: Path | None = None) -> Path:
-    """The repo root (the folder with pyproject.toml and nanorepro/) above `start` (default: the working
-    folder), so notebooks run from notebooks/ or the root; `start` itself when there is none."""
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").exists() and (folder / "nanorepro").is_dir():
-            return folder
-    return here
+def project_root() -> Path:
+    """The repo root (pyproject.toml and nanorepro/) at or above the working folder, else the working folder."""
+    here = Path.cwd().resolve()
+    roots = (f for f in (here, *here.parents) if (f / "pyproject.toml").exists() and (f / "nanorepro").is_dir())
+    return next(roots, here)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 from typing import Any
 
 GiB = 1024**3
 
 
-def duration(seconds: float) -> str:
-    """e.g. '42 s', '12 min', '3.5 h', '4.1 days'."""
+def utc_timestamp() -> str:
+    """Now, as records carry it: e.g. '2026-12-01T08:55:29+00:00'."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def duration(seconds: float | None) -> str:
+    """e.g. '42 s', '12 min', '3.5 h', '4.1 days'; '–' for None (not measured)."""
+    if seconds is None:
+        return "–"
     if seconds < 120:
         return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
     if seconds < 3 * 3600:

@@ -28,10 +28,8 @@ NOT_RUN = "not run"  # the status of a stage that could not run here (and the ve
 
 
 def append(path: Path, record: dict[str, Any]) -> None:
-    """Add one record and flush it to disk, so a killed run keeps every line it reported.
-
-    After a torn last line (a writer killed mid-line) the record starts on a new line, so only the
-    torn one is lost; a failed write (disk full) is a UserError."""
+    """Add one record and flush it to disk, so a killed run keeps every line it reported. After a torn
+    last line (a writer killed mid-line) it starts a new line; a failed write (disk full) is a UserError."""
     line = json.dumps(record, allow_nan=True) + "\n"
     try:
         with open(path, "a+b") as f:
@@ -51,12 +49,9 @@ def append(path: Path, record: dict[str, Any]) -> None:
 
 def read(path: Path) -> list[dict[str, Any]]:
     """All records; a torn last line (a run killed mid-write) is skipped with a warning."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
+    path = Path(path) / METRICS_FILE if Path(path).is_dir() else Path(path)
     records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -75,8 +70,7 @@ def truncate_after(path: Path, iter_num: int) -> None:
     """Keep what a checkpoint at `iter_num` already covers: a resumed run re-logs the rest exactly once.
 
     Train records carry the iteration count after their step (1..N), so the one at N stays; the
-    evaluation at N happens again on resume, so it goes, with any end record.
-    """
+    evaluation at N happens again on resume, so it goes, with any end record."""
     def covered(r: dict[str, Any]) -> bool:
         kind, it = r.get("kind"), r.get("iter", -1)
         return kind == "meta" or (kind == "train" and it <= iter_num) or (kind == "eval" and it < iter_num)
@@ -89,13 +83,11 @@ def of_kind(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def meta(records: list[dict[str, Any]]) -> dict[str, Any]:
-    found = of_kind(records, "meta")
-    return found[0] if found else {}
+    return next((r for r in records if r.get("kind") == "meta"), {})
 
 
 def best_val_loss(records: list[dict[str, Any]]) -> float | None:
-    vals = [r["val_loss"] for r in of_kind(records, "eval") if r.get("val_loss") is not None]
-    return min(vals) if vals else None
+    return min((r["val_loss"] for r in of_kind(records, "eval") if r.get("val_loss") is not None), default=None)
 
 
 def finished(records: list[dict[str, Any]]) -> bool:

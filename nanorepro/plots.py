@@ -7,7 +7,6 @@ and a notebook's own backend is left alone.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -18,19 +17,32 @@ from matplotlib.ticker import MaxNLocator
 
 from . import metrics
 from .errors import UserError
+from .files import read_json
 from .references import load_references
 
 X_AXES = {"iter": "iteration", "elapsed": "wall time"}
+PNG_FILES = {"iter": "loss_vs_iter.png", "elapsed": "loss_vs_time.png"}
+
+
+def check_run_dirs(run_dirs: Iterable[Path]) -> list[Path]:
+    """The run folders as paths; a UserError when there are none or one does not exist."""
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise UserError("no run folders given", "pass one or more runs/<run> folders")
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f"run folder {d} does not exist", "pass folders made by `nanorepro train`")
+    return dirs
 
 
 def run_config(run_dir: Path, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The run's resolved config: config.json, else the one in the metrics meta record, else {}."""
     path = Path(run_dir) / "config.json"
+    cfg = read_json(path)
+    if cfg is not None:
+        return cfg
     if path.is_file():
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            warnings.warn(f"{path} is not valid JSON; using the config in metrics.jsonl", stacklevel=2)
+        warnings.warn(f"{path} is not valid JSON; using the config in metrics.jsonl", stacklevel=2)
     if records is None:
         records = read_records(run_dir)
     return dict(metrics.meta(records).get("config") or {})
@@ -43,12 +55,10 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_label(run_dir: Path, base: Path | None = None) -> str:
+    """The run's folder relative to `base` (e.g. tiny/seed-1), else its name."""
     run_dir = Path(run_dir)
-    if base is not None:
-        try:
-            return run_dir.resolve().relative_to(Path(base).resolve()).as_posix()
-        except ValueError:
-            pass
+    if base is not None and run_dir.resolve().is_relative_to(Path(base).resolve()):
+        return run_dir.resolve().relative_to(Path(base).resolve()).as_posix()
     return run_dir.name
 
 
@@ -56,7 +66,7 @@ def stage_records(run_dir: Path) -> list[dict[str, Any]]:
     """Stage records about this run: its own, and the pipeline's `train <run>` entries in a
     stages.jsonl one or two folders up (results/<id>/stages.jsonl for results/<id>/runs/<run>)."""
     run_dir = Path(run_dir)
-    out = metrics.of_kind(read_records(run_dir), "stage") if run_dir.is_dir() else []
+    out = metrics.of_kind(read_records(run_dir), "stage")
     for folder in list(run_dir.resolve().parents)[:2]:
         path = folder / metrics.STAGES_FILE
         if path.is_file():
@@ -72,9 +82,7 @@ def not_run_reason(records: list[dict[str, Any]]) -> str | None:
     for r in latest.values():
         if r.get("status") in (metrics.NOT_RUN, "failed"):
             return f"{r.get('name', 'stage')} {r['status']}" + (f": {r['reason']}" if r.get("reason") else "")
-    if not records:
-        return "no metrics yet"
-    return None
+    return None if records else "no metrics yet"
 
 
 def reference_lines(references: bool | list[dict[str, Any]], datasets: set[str]) -> list[dict[str, Any]]:
@@ -87,26 +95,14 @@ def reference_lines(references: bool | list[dict[str, Any]], datasets: set[str])
             and c.get("dataset") in datasets]
 
 
-def _x(record: dict[str, Any], x: str, scale: float) -> float | None:
-    v = record.get("iter") if x == "iter" else record.get("elapsed_s")
-    return None if v is None else v / scale
-
-
 def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
                 references: bool | list[dict[str, Any]] = True, title: str | None = None,
                 base: Path | None = None) -> Path:
-    """Overlay train and val loss of several runs against iteration (x="iter") or wall time
-    (x="elapsed"), with the published values that apply to their datasets as horizontal lines."""
+    """Train and val loss of runs against x ("iter" or "elapsed"), and the published losses for their datasets."""
     if x not in X_AXES:
         raise UserError(f"unknown x axis {x!r}", "use x='iter' or x='elapsed'")
-    run_dirs = [Path(d) for d in run_dirs]
-    if not run_dirs:
-        raise UserError("no run folders to plot", "pass at least one runs/<run> folder")
-    for d in run_dirs:
-        if not d.is_dir():
-            raise UserError(f"run folder {d} does not exist", "pass folders made by `nanorepro train`")
     loaded = []
-    for d in run_dirs:
+    for d in check_run_dirs(run_dirs):
         recs = read_records(d)
         loaded.append((d, recs, run_config(d, recs)))
 
@@ -120,18 +116,20 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
 
     fig = Figure(figsize=(8, 5), dpi=110)
     ax = fig.add_subplot()
-    colors = [f"C{i}" for i in range(10)]
-    notes, datasets, plotted = [], set(), 0
+    key = "iter" if x == "iter" else "elapsed_s"
+
+    def points(records: list[dict[str, Any]], loss: str) -> list[tuple[float, float]]:
+        return [(r[key] / scale, r[loss]) for r in records if r.get(key) is not None and r.get(loss) is not None]
+
+    notes, datasets = [], set()
     for i, (d, recs, cfg) in enumerate(loaded):
-        name, color = run_label(d, base), colors[i % len(colors)]
+        name, color = run_label(d, base), f"C{i % 10}"
         if cfg.get("dataset"):
             datasets.add(cfg["dataset"])
-        train = [(_x(r, x, scale), r["loss"]) for r in metrics.of_kind(recs, "train")
-                 if r.get("loss") is not None and _x(r, x, scale) is not None]
-        evals = [r for r in metrics.of_kind(recs, "eval") if _x(r, x, scale) is not None]
-        val = [(_x(r, x, scale), r["val_loss"]) for r in evals if r.get("val_loss") is not None]
+        train = points(metrics.of_kind(recs, "train"), "loss")
+        val = points(metrics.of_kind(recs, "eval"), "val_loss")
+        etrain = points(metrics.of_kind(recs, "eval"), "train_loss")
         finite = [v for _, v in val if math.isfinite(v)]
-        etrain = [(_x(r, x, scale), r["train_loss"]) for r in evals if r.get("train_loss") is not None]
         if train:
             # per-iteration loss is one noisy batch: faint, labelled only when no evaluation exists
             ax.plot(*zip(*train), color=color, alpha=0.25 if val else 0.8, lw=0.8,
@@ -141,12 +139,11 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
         if val:
             best = f"best {min(finite):.4f}" if finite else "diverged"
             ax.plot(*zip(*val), color=color, marker="o", ms=3.5, lw=1.8, label=f"{name}: val ({best})")
-        if train or val:
-            plotted += 1
         if not val:
             reason = (not_run_reason(recs + stage_records(d))
                       or ("no evaluation yet" if train else "no losses recorded yet"))
             notes.append(f"{name}: {reason}")
+    plotted = bool(ax.lines)  # before the reference lines join them
 
     styles = [":", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 3))]
     for j, c in enumerate(reference_lines(references, datasets)):
@@ -157,9 +154,8 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
     if x == "iter":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cross-entropy loss (nats per token)")
-    what = "iteration" if x == "iter" else "wall time"
     on = f" ({', '.join(sorted(datasets))})" if datasets else ""
-    ax.set_title(title or f"Train and validation loss vs {what}{on}")
+    ax.set_title(title or f"Train and validation loss vs {X_AXES[x]}{on}")
     ax.grid(True, alpha=0.3)
     if notes:
         # under the x axis, where it hides neither curves nor reference lines
@@ -180,11 +176,6 @@ def loss_curves(run_dirs: Iterable[Path], out_png: Path, x: str = "iter",
     return out_png
 
 
-def plot_run(run_dir: Path, out_dir: Path | None = None, references: bool | list[dict[str, Any]] = True) -> list[Path]:
+def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """loss_vs_iter.png and loss_vs_time.png for one run (into the run folder by default)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist", "pass a folder made by `nanorepro train`")
-    out_dir = Path(out_dir) if out_dir else run_dir
-    return [loss_curves([run_dir], out_dir / "loss_vs_iter.png", x="iter", references=references),
-            loss_curves([run_dir], out_dir / "loss_vs_time.png", x="elapsed", references=references)]
+    return [loss_curves([run_dir], Path(out_dir or run_dir) / png, x=x) for x, png in PNG_FILES.items()]

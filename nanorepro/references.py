@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .files import load_json
 
 REFERENCES_FILE = Path(__file__).with_name("references.json")
 RUN_METRICS = {"best_val_loss", "wall_time_s"}
@@ -16,10 +16,7 @@ DATA_METRICS = {"input_chars", "vocab_size", "train_tokens", "val_tokens"}
 def load_references(path: Path | None = None) -> dict[str, Any]:
     """references.json (or another file of the same shape), checked so a typo fails loudly."""
     path = Path(path) if path else REFERENCES_FILE
-    try:
-        refs = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read references {path}: {e}", "restore nanorepro/references.json from git") from e
+    refs = load_json(path, "references", "restore nanorepro/references.json from git")
     sources = refs.get("sources", {})
     for c in refs.get("claims", []):
         missing = [k for k in ("id", "description", "metric", "value", "tolerance", "source") if k not in c]

@@ -9,7 +9,6 @@ run of that kind, with the reason), and "new result" for a claim with no publish
 
 from __future__ import annotations
 
-import datetime as _dt
 import io
 import json
 import math
@@ -23,9 +22,9 @@ from typing import Any, BinaryIO, Iterable
 from . import __version__, envinfo, metrics, plots
 from .config import GPT2_SIZES, PRESETS, resolve
 from .errors import UserError
-from .files import sha256_file, write_atomic, write_text_atomic
-from .fmt import duration, markdown_table
-from .references import DATA_METRICS, RUN_METRICS, load_references
+from .files import read_json, sha256_file, write_atomic, write_text_atomic
+from .fmt import duration, markdown_table, utc_timestamp
+from .references import DATA_METRICS, load_references
 
 # Fields a run may change and still be "the published recipe": where files go, which seed,
 # which device/precision/compiler runs it, how often it prints. Everything else must match the preset.
@@ -55,12 +54,10 @@ def _encoding(cfg: dict[str, Any], data_meta: dict[str, Any] | None) -> str | No
 
 def loss_units(loss: float | None, encoding: str | None) -> dict[str, float | None]:
     """A loss in nats per token, and the unit readers compare: bits/char (char) or perplexity (BPE)."""
-    if loss is None:
-        return {"loss_nats": None}
     out: dict[str, float | None] = {"loss_nats": loss}
-    if encoding == "char":
+    if loss is not None and encoding == "char":
         out["bits_per_char"] = loss / math.log(2)
-    elif encoding is not None:
+    elif loss is not None and encoding is not None:
         out["perplexity"] = math.exp(loss)
     return out
 
@@ -70,15 +67,9 @@ def _find_data_dir(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
     from the run folder's ancestors (runs/<run> sits next to data/ in a checkout)."""
     if not cfg.get("dataset"):
         return None
-    root = Path(cfg.get("data_root") or "data")
-    if root.is_absolute():
-        candidates = [root]
-    else:
-        candidates = [Path.cwd() / root] + [p / root for p in Path(run_dir).resolve().parents[:4]]
-    for c in candidates:
-        if (c / cfg["dataset"] / "meta.json").is_file():
-            return c / cfg["dataset"]
-    return None
+    root = Path(cfg.get("data_root") or "data") / cfg["dataset"]  # an absolute root ignores the folder before it
+    found = (base / root for base in [Path.cwd(), *Path(run_dir).resolve().parents[:4]])
+    return next((d for d in found if (d / "meta.json").is_file()), None)
 
 
 def _data_value(meta: dict[str, Any], metric: str) -> int | None:
@@ -87,8 +78,8 @@ def _data_value(meta: dict[str, Any], metric: str) -> int | None:
     if metric == "input_chars":
         if meta.get("encoding") != "char":
             return None
-        metric_values = [meta.get("train_tokens"), meta.get("val_tokens")]
-        return sum(metric_values) if all(isinstance(v, int) for v in metric_values) else None
+        splits = [meta.get("train_tokens"), meta.get("val_tokens")]
+        return sum(splits) if all(isinstance(v, int) for v in splits) else None
     value = meta.get(metric)
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -118,8 +109,7 @@ def device_name(env: dict[str, Any], device: str | None) -> str:
     hw = env.get("hardware", {})
     want = str(device or "")
     if hw.get("gpu_count") and not want.startswith(("cpu", "mps")):
-        n = hw["gpu_count"]
-        return f"{n}x {hw.get('gpu_model')}" if n > 1 else str(hw.get("gpu_model"))
+        return (f"{hw['gpu_count']}x " if hw["gpu_count"] > 1 else "") + str(hw.get("gpu_model"))
     if hw.get("cpu_model"):
         return f"CPU: {hw['cpu_model']} ({hw.get('cpu_count')} cores)"
     return want or "unknown"
@@ -134,28 +124,21 @@ def summarize_run(run_dir: Path, base: Path | None = None) -> dict[str, Any]:
     env = envinfo.read(run_dir)
     preset = meta.get("preset") or cfg.get("preset")
     data_dir = _find_data_dir(run_dir, cfg)
-    data_meta = None
-    if data_dir:
-        try:
-            data_meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            data_meta = None
+    data_meta = read_json(data_dir / "meta.json") if data_dir else None
     encoding = _encoding(cfg, data_meta)
 
     evals = [r for r in metrics.of_kind(recs, "eval") if _finite(r.get("val_loss")) is not None]
     best = min(evals, key=lambda r: r["val_loss"]) if evals else None
     ends = metrics.of_kind(recs, "end")
-    elapsed = [r["elapsed_s"] for r in recs if _finite(r.get("elapsed_s")) is not None]
-    wall = _finite(ends[-1].get("elapsed_s")) if ends and _finite(ends[-1].get("elapsed_s")) is not None \
-        else (max(elapsed) if elapsed else None)
-    trains = metrics.of_kind(recs, "train")
+    end_wall = _finite(ends[-1].get("elapsed_s")) if ends else None
+    wall = end_wall if end_wall is not None else max(
+        (e for r in recs if (e := _finite(r.get("elapsed_s"))) is not None), default=None)
     # the first logged iteration carries start-up (and torch.compile) time: leave it out of the rate
-    rates = [r["tokens_per_s"] for r in trains[1:] if _finite(r.get("tokens_per_s"))]
-    iters = [r["iter"] for r in recs if r.get("kind") in ("train", "eval", "end") and isinstance(r.get("iter"), int)]
-    last_iter = max(iters) if iters else None
-    tpi = None
-    if all(isinstance(cfg.get(k), int) for k in ("batch_size", "gradient_accumulation_steps", "block_size")):
-        tpi = cfg["batch_size"] * cfg["gradient_accumulation_steps"] * cfg["block_size"]
+    rates = [r["tokens_per_s"] for r in metrics.of_kind(recs, "train")[1:] if _finite(r.get("tokens_per_s"))]
+    last_iter = max((r["iter"] for r in recs if r.get("kind") in ("train", "eval", "end")
+                     and isinstance(r.get("iter"), int)), default=None)
+    batch = [cfg.get(k) for k in ("batch_size", "gradient_accumulation_steps", "block_size")]
+    tpi = math.prod(batch) if all(isinstance(v, int) for v in batch) else None
 
     stage_recs = plots.stage_records(run_dir)
     reason = plots.not_run_reason(recs + stage_recs)
@@ -215,12 +198,16 @@ def _agrees(measured: float, claim: dict[str, Any]) -> bool:
     return abs(measured - value) <= tol + EPS
 
 
+def _spread_vs(st: dict[str, Any], claim: dict[str, Any]) -> dict[str, bool]:
+    """How several runs' values stand against a published one."""
+    return {"published_in_range": st["min"] - EPS <= claim["value"] <= st["max"] + EPS,
+            "within_tolerance_of_mean": _agrees(st["mean"], claim)}
+
+
 def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, Any],
-          stages: list[dict[str, Any]] | None = None,
-          datasets: dict[str, tuple[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
-    """One row of the claims table: the measured value and the verdict, with why. `stages` (the
-    pipeline's) explain a missing run when they name the preset of a stage that did not run;
-    `datasets` (name -> (folder, meta) of the pipeline's prepared data) count when no run used one."""
+          stages: list[dict[str, Any]], datasets: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One row of the claims table: the measured value and the verdict, with why. The pipeline's `stages` explain
+    a missing run; its prepared `datasets` (name -> (folder, meta)) count when no run used one."""
     src = sources.get(claim["source"], {})
     row = {k: claim.get(k) for k in ("id", "description", "metric", "unit", "value", "tolerance", "direction",
                                      "tolerance_reason", "presets", "dataset", "requires")}
@@ -234,16 +221,12 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
             return
         row["verdict"] = "reproduced" if _agrees(st["mean"], claim) else "not reproduced"
         if st["n"] > 1:
-            st["published_in_range"] = st["min"] - EPS <= claim["value"] <= st["max"] + EPS
-            st["within_tolerance_of_mean"] = _agrees(st["mean"], claim)
+            st.update(_spread_vs(st, claim))
 
     if claim["metric"] in DATA_METRICS:
-        found, users = {}, []
-        for r in runs:
-            if r["dataset"] == claim["dataset"] and r["data_meta"] is not None:
-                found.setdefault(r["data_dir"], _data_value(r["data_meta"], claim["metric"]))
-                users.append(r["name"])
-        prepared = (datasets or {}).get(claim["dataset"])
+        users = [r for r in runs if r["dataset"] == claim["dataset"] and r["data_meta"] is not None]
+        found = {r["data_dir"]: _data_value(r["data_meta"], claim["metric"]) for r in users}
+        prepared = datasets.get(claim["dataset"])
         if not found and prepared:  # prepared by the pipeline, used by no run (e.g. a fine-tune not run)
             found[prepared[0]] = _data_value(prepared[1], claim["metric"])
             row["notes"].append(f"from the prepared {claim['dataset']}/meta.json (no run used it)")
@@ -254,41 +237,41 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
             row["notes"].append(f"{where} has no {claim['metric']}" if found
                                 else f"no {where} with {claim['metric']} found through the runs' configs")
             return row
-        row["runs"], row["data_dirs"] = users, sorted(found)
+        row["runs"], row["data_dirs"] = [r["name"] for r in users], sorted(found)
         verdict_from([float(v) for v in values])
-        if len(set(values)) > 1:
-            row["verdict"] = "not reproduced" if claim["value"] is not None else row["verdict"]
+        if len(set(values)) == 1:
+            row["measured"] = values[0]  # the count itself, not a float mean
+        else:
             row["notes"].append(f"data folders disagree: {sorted(set(values))}")
-        row["measured"] = values[0] if len(set(values)) == 1 else row["measured"]
+            if claim["value"] is not None:
+                row["verdict"] = "not reproduced"
         return row
 
     mine = [r for r in runs if r["preset"] in claim["presets"]]
     if not mine:
         row["verdict"] = metrics.NOT_RUN
         row["notes"].append(f"no run of preset {' / '.join(claim['presets'])}")
-        latest = {s.get("name"): s for s in stages or []}
+        latest = {s.get("name"): s for s in stages}
         for s in latest.values():
             if s.get("preset") in claim["presets"] and s.get("status") != "finished":
                 row["notes"].append(f"stage {s['name']} {s['status']}" + (f": {s['reason']}" if s.get("reason") else ""))
         return row
-    recipe = [r for r in mine if not r["deviations"]]
+    gpu = (claim.get("requires") or {}).get("gpu")
+    done = []  # the runs that count: the published recipe, finished, on the hardware the claim needs
     for r in mine:
         if r["deviations"]:
             row["notes"].append(f"{r['name']} changed the recipe ({', '.join(r['deviations'])}): not counted")
-        elif r["deviations"] is None:
+            continue
+        if r["deviations"] is None:
             row["notes"].append(f"{r['name']}: preset {r['preset']!r} unknown to this version, settings not checked")
-    gpu = (claim.get("requires") or {}).get("gpu")
-    if gpu:
-        other = [r for r in recipe if gpu.lower() not in r["device"].lower()]
-        for r in other:
+        if gpu and gpu.lower() not in r["device"].lower():
             t = f", {r['wall_time_s']:.0f} s" if r["wall_time_s"] is not None else ""
             row["notes"].append(f"{r['name']} ran on {r['device']}{t}, not an {gpu}: not comparable")
-        recipe = [r for r in recipe if r not in other]
-    done = [r for r in recipe if r["status"] == "finished" and r[claim["metric"]] is not None]
-    for r in recipe:
-        if r not in done:
+        elif r["status"] != "finished" or r[claim["metric"]] is None:
             why = r["reason"] or f"stopped at iter {r['last_iter']} of {r['max_iters']}"
             row["notes"].append(f"{r['name']}: {r['status']} ({why})")
+        else:
+            done.append(r)
     if not done:
         row["verdict"] = metrics.NOT_RUN
         return row
@@ -317,13 +300,10 @@ def seed_groups(runs: list[dict[str, Any]], claims: list[dict[str, Any]]) -> lis
              "values": [r["best_val_loss"] for r in members], **st,
              "claim": None, "published": None, "tolerance": None,
              "published_in_range": None, "within_tolerance_of_mean": None}
-        applies = [c for c in claims if c["metric"] == "best_val_loss" and c["value"] is not None
-                   and preset in (c.get("presets") or [])]
-        if applies and not members[0]["deviations"]:
-            c = applies[0]
-            g.update(claim=c["id"], published=c["value"], tolerance=c["tolerance"],
-                     published_in_range=st["min"] - EPS <= c["value"] <= st["max"] + EPS,
-                     within_tolerance_of_mean=_agrees(st["mean"], c))
+        c = next((c for c in claims if c["metric"] == "best_val_loss" and c["value"] is not None
+                  and preset in (c.get("presets") or [])), None)
+        if c and not members[0]["deviations"]:
+            g.update(claim=c["id"], published=c["value"], tolerance=c["tolerance"], **_spread_vs(st, c))
         out.append(g)
     return out
 
@@ -342,8 +322,11 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
-def _secs(s: float | None) -> str:
-    return "–" if s is None else duration(s)
+def _units_text(units: dict[str, float | None]) -> str:
+    """The reader's unit of a loss_units() dict: bits/char or perplexity."""
+    if units.get("bits_per_char") is not None:
+        return f"{units['bits_per_char']:.3f} bits/char"
+    return f"ppl {units['perplexity']:.2f}" if units.get("perplexity") is not None else "–"
 
 
 def _measured_text(row: dict[str, Any]) -> str:
@@ -351,14 +334,12 @@ def _measured_text(row: dict[str, Any]) -> str:
     if m is None:
         return "–"
     if row["metric"] == "wall_time_s":
-        text = _secs(m)
+        text = duration(m)
     elif row["metric"] in DATA_METRICS:
         text = _fmt(int(m)) if float(m).is_integer() else _fmt(m)
     else:
-        text = f"{m:.4f}"
         enc = "char" if str(row.get("dataset")).endswith("_char") else "gpt2"
-        u = loss_units(m, enc)
-        text += f" ({u['bits_per_char']:.3f} bits/char)" if "bits_per_char" in u else f" (ppl {u['perplexity']:.2f})"
+        text = f"{m:.4f} ({_units_text(loss_units(m, enc))})"
     st = row["stats"]
     if st and st["n"] > 1:
         text += f", mean of {st['n']} (std {st['std']:.4f}, {st['min']:.4f}–{st['max']:.4f})"
@@ -370,7 +351,7 @@ def _published_text(row: dict[str, Any]) -> str:
     if v is None:
         return "no published number"
     if row["metric"] == "wall_time_s":
-        return f"about {_secs(v)}" + (f" on {row['requires']['gpu']}" if row.get("requires") else "")
+        return f"about {duration(v)}" + (f" on {row['requires']['gpu']}" if row.get("requires") else "")
     return _fmt(v) if isinstance(v, int) else f"{v:g}"
 
 
@@ -380,23 +361,20 @@ def _tolerance_text(row: dict[str, Any]) -> str:
         return "–"
     if t == 0:
         return "exact"
-    t_txt = _secs(t) if row["metric"] == "wall_time_s" else f"{t:g}"
+    t_txt = duration(t) if row["metric"] == "wall_time_s" else f"{t:g}"
     return f"≤ +{t_txt}" if row.get("direction") == "at_most" else f"±{t_txt}"
 
 
 def claims_table(rows: list[dict[str, Any]], compact: bool = False) -> str:
-    """The claims as a markdown table; `compact` (what `nanorepro report` prints) leaves out
-    descriptions and sources, which REPORT.md carries."""
-    if compact:
-        return markdown_table(["claim", "published", "measured", "tolerance", "verdict", "runs / notes"],
-                      [[r["id"], _published_text(r), _measured_text(r), _tolerance_text(r), r["verdict"],
-                        "; ".join(r["notes"]) or ", ".join(r["runs"])] for r in rows])
+    """The claims as a markdown table; `compact` (for the terminal) leaves out descriptions and sources."""
     body = []
     for r in rows:
+        cells = [_published_text(r), _measured_text(r), _tolerance_text(r),
+                 r["verdict"] if compact else f"**{r['verdict']}**", "; ".join(r["notes"]) or ", ".join(r["runs"])]
         src = f"[{r['source']}]({r['source_url']})" if r.get("source_url") else (r.get("source") or "")
-        body.append([f"**{r['id']}**: {r['description']}", src, _published_text(r), _measured_text(r),
-                     _tolerance_text(r), f"**{r['verdict']}**", "; ".join(r["notes"]) or ", ".join(r["runs"])])
-    return markdown_table(["claim", "source", "published", "measured", "tolerance", "verdict", "runs / notes"], body)
+        body.append([r["id"], *cells] if compact else [f"**{r['id']}**: {r['description']}", src, *cells])
+    header = ["published", "measured", "tolerance", "verdict", "runs / notes"]
+    return markdown_table(["claim", *header] if compact else ["claim", "source", *header], body)
 
 
 def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
@@ -429,16 +407,14 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             L.append(f"- **{n['claim']}** — run `{n['run']}`: best validation loss **{n['best_val_loss']:.4f}** "
                      f"nats{extra} at iteration {n['best_val_iter']}. Conditions: model {n['model']}, "
                      f"{n['iters']} iterations, batch {n['batch']}, ≈{_fmt(n['tokens'])} training tokens, "
-                     f"{n['device']}, dtype {n['dtype']}, wall time {_secs(n['wall_time_s'])}.")
+                     f"{n['device']}, dtype {n['dtype']}, wall time {duration(n['wall_time_s'])}.")
         L.append("")
 
     L.append("## Variance across seeds\n")
     if rep["seed_groups"]:
-        rows = []
-        for g in rep["seed_groups"]:
-            rows.append([g["preset"], ", ".join(str(s) for s in g["seeds"]), g["n"], f"{g['mean']:.4f}",
-                         f"{g['std']:.4f}", f"{g['min']:.4f}–{g['max']:.4f}", _fmt(g["published"]),
-                         _fmt(g["published_in_range"]), _fmt(g["within_tolerance_of_mean"])])
+        rows = [[g["preset"], ", ".join(str(s) for s in g["seeds"]), g["n"], f"{g['mean']:.4f}", f"{g['std']:.4f}",
+                 f"{g['min']:.4f}–{g['max']:.4f}", _fmt(g["published"]), _fmt(g["published_in_range"]),
+                 _fmt(g["within_tolerance_of_mean"])] for g in rep["seed_groups"]]
         L.append(markdown_table(["preset", "seeds", "n", "mean best val", "std (n−1)", "min–max", "published",
                          "published in [min, max]", "within ±tol of mean"], rows) + "\n")
     else:
@@ -449,25 +425,21 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         L.append(f"![{p['title']}]({p['file']})\n")
     rows = []
     for r in runs:
-        u = r["best_val_units"]
-        unit = (f"{u['bits_per_char']:.3f} bits/char" if u.get("bits_per_char") is not None
-                else f"ppl {u['perplexity']:.2f}" if u.get("perplexity") is not None else "–")
         status = r["status"] + (f" ({r['reason']})" if r["reason"] else "")
-        rows.append([f"`{r['name']}`", r["preset"] or "–", r["seed"], status, _fmt(r["best_val_loss"]), unit,
-                     f"{_fmt(r['last_iter'])} / {_fmt(r['max_iters'])}", _secs(r["wall_time_s"]),
-                     _fmt(r["tokens_per_s"], 0), r["device"]])
+        rows.append([f"`{r['name']}`", r["preset"] or "–", r["seed"], status, _fmt(r["best_val_loss"]),
+                     _units_text(r["best_val_units"]), f"{_fmt(r['last_iter'])} / {_fmt(r['max_iters'])}",
+                     duration(r["wall_time_s"]), _fmt(r["tokens_per_s"], 0), r["device"]])
     L.append(markdown_table(["run", "preset", "seed", "status", "best val (nats)", "best val", "iters",
                      "wall time", "tokens/s", "device"], rows) + "\n")
 
     L.append("## Wall time per stage\n")
-    rows = [["pipeline", s["name"], s["status"], _secs(s["elapsed_s"]), s.get("reason") or ""]
+    rows = [["pipeline", s["name"], s["status"], duration(s["elapsed_s"]), s.get("reason") or ""]
             for s in rep["pipeline_stages"]]
-    for r in runs:
-        rows.append([f"`{r['name']}`", "training run (metrics)", r["status"], _secs(r["wall_time_s"]),
-                     r["reason"] or ""])
+    rows += [[f"`{r['name']}`", "training run (metrics)", r["status"], duration(r["wall_time_s"]), r["reason"] or ""]
+             for r in runs]
     L.append(markdown_table(["where", "stage", "status", "wall time", "reason"], rows) + "\n")
     what = "pipeline stages" if rep["pipeline_stages"] else "runs"
-    L.append(f"Total wall time over all {what}: {_secs(rep['total_wall_time_s'])}.\n")
+    L.append(f"Total wall time over all {what}: {duration(rep['total_wall_time_s'])}.\n")
 
     L.append("## Environment\n")
     rows: dict[tuple, list[str]] = {}  # runs on the same machine and software share a row
@@ -491,82 +463,47 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     L.append(markdown_table(["runs", "host", "CPU", "memory", "GPU", "driver / CUDA", "OS", "software", "nanorepro"],
                     [[", ".join(names), *key] for key, names in rows.items()]) + "\n")
     if rep["warnings"]:
-        L.append("## Warnings\n")
-        L += [f"- {w}" for w in rep["warnings"]]
-        L.append("")
+        L += ["## Warnings\n", *[f"- {w}" for w in rep["warnings"]], ""]
     return "\n".join(L)
 
 
 # ----------------------------------------------------------------------------- entry points
 
-def _check_runs(run_dirs: Iterable[Path]) -> list[Path]:
-    dirs = [Path(d) for d in run_dirs]
-    if not dirs:
-        raise UserError("no run folders given", "pass one or more runs/<run> folders")
-    for d in dirs:
-        if not d.is_dir():
-            raise UserError(f"run folder {d} does not exist", "pass folders made by `nanorepro train`")
-    return dirs
-
-
 def default_out_dir(run_dirs: Iterable[Path]) -> Path:
     """The common parent of the runs: runs/x for runs/x/seed-*, runs for runs/a and runs/b."""
-    parents = [str(Path(d).resolve().parent) for d in run_dirs]
-    return Path(os.path.commonpath(parents))
+    return Path(os.path.commonpath([Path(d).resolve().parent for d in run_dirs]))
 
 
 def _pipeline_stages(dirs: list[Path], out_dir: Path) -> list[dict[str, Any]]:
     """Every stage in the pipeline's stages.jsonl (in out_dir, or one or two folders above a run)."""
     files = dict.fromkeys(p.resolve() / metrics.STAGES_FILE
                           for p in [out_dir] + [q for d in dirs for q in list(d.resolve().parents)[:2]])
-    out = []
-    for f in files:
-        if f.is_file():
-            out += [{k: r.get(k) for k in ("name", "status", "elapsed_s", "reason", "preset")}
-                    for r in metrics.of_kind(metrics.read(f), "stage")]
-    return out
+    return [{k: r.get(k) for k in ("name", "status", "elapsed_s", "reason", "preset")}
+            for f in files if f.is_file() for r in metrics.of_kind(metrics.read(f), "stage")]
 
 
 def _prepared_datasets(out_dir: Path) -> dict[str, tuple[str, dict[str, Any]]]:
     """The datasets whose meta.json the pipeline's prepare stages copied into <results>/data/."""
-    found = {}
-    for path in sorted((out_dir / "data").glob("*/meta.json")):
-        try:
-            found[path.parent.name] = (str(path.parent), json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
+    found = {p.parent.name: (str(p.parent), read_json(p)) for p in sorted((out_dir / "data").glob("*/meta.json"))}
+    return {name: entry for name, entry in found.items() if entry[1] is not None}
 
 
 def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path | None = None) -> dict[str, Any]:
     """Write REPORT.md, report.json and the loss-curve PNGs into out_dir; return report.json's content."""
-    dirs = _check_runs(run_dirs)
-    out_dir = Path(out_dir) if out_dir else default_out_dir(dirs)
+    dirs = plots.check_run_dirs(run_dirs)
+    base = default_out_dir(dirs)
+    out_dir = Path(out_dir) if out_dir else base
     out_dir.mkdir(parents=True, exist_ok=True)
     refs = load_references(references)
-    base = default_out_dir(dirs)
-    caught: list[str] = []
+    plot_files = [{"file": plots.PNG_FILES[x], "title": f"train and val loss vs {name}", "x": x}
+                  for x, name in plots.X_AXES.items()]
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         runs = [summarize_run(d, base) for d in dirs]
-        plot_files = [
-            {"file": "loss_vs_iter.png", "title": "train and val loss vs iteration", "x": "iter"},
-            {"file": "loss_vs_time.png", "title": "train and val loss vs wall time", "x": "elapsed"},
-        ]
         for p in plot_files:
             plots.loss_curves(dirs, out_dir / p["file"], x=p["x"], references=refs["claims"], base=base)
+    caught = [str(m.message) for m in w]
     for m in w:
-        caught.append(str(m.message))
         warnings.warn(m.message, stacklevel=2)  # pass on: a torn metrics line must stay visible
 
     pipeline_stages = _pipeline_stages(dirs, out_dir)
@@ -590,7 +527,7 @@ def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path |
     walls = ([s["elapsed_s"] for s in pipeline_stages if _finite(s.get("elapsed_s")) is not None] if pipeline_stages
              else [r["wall_time_s"] for r in runs if r["wall_time_s"] is not None])
     rep = {
-        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": utc_timestamp(),
         "nanorepro_version": __version__,
         "claims": claims,
         "new_results": new_results,
@@ -602,7 +539,7 @@ def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path |
         "total_wall_time_s": sum(walls) if walls else None,
         "warnings": caught,
     }
-    rep = _jsonable(rep)
+    rep = json.loads(json.dumps(rep), parse_constant=lambda _: None)  # NaN and infinities (a diverged run): null
     write_text_atomic(out_dir / "REPORT.md", _markdown(rep, runs))
     write_text_atomic(out_dir / "report.json", json.dumps(rep, indent=2, allow_nan=False) + "\n")
     rep["out_dir"] = str(out_dir)
@@ -613,25 +550,18 @@ RUN_FILES = ("config.json", "env.json", "metrics.jsonl", "samples.txt")
 RESULT_SUFFIXES = (".md", ".json", ".jsonl", ".png", ".ipynb", ".html", ".txt")
 
 
-def _notebooks(folder: Path, depth: int = 2) -> list[Path]:
-    """Executed notebooks in a folder or its subfolders, leaving out other run folders' and checkpoints."""
-    out = []
-    for p in sorted(folder.rglob("*.ipynb")):
-        rel = p.relative_to(folder)
-        if len(rel.parts) > depth or ".ipynb_checkpoints" in rel.parts:
-            continue
-        between = [folder.joinpath(*rel.parts[:i]) for i in range(1, len(rel.parts))]
-        if any((b / metrics.METRICS_FILE).is_file() for b in between):
-            continue
-        out.append(p)
-    return out
+def _notebooks(folder: Path) -> list[Path]:
+    """Executed notebooks in a folder or one folder down, but not in another run folder or Jupyter's checkpoints."""
+    found = sorted([*folder.glob("*.ipynb"), *folder.glob("*/*.ipynb")])
+    return [p for p in found if p.parent == folder
+            or (p.parent.name != ".ipynb_checkpoints" and not (p.parent / metrics.METRICS_FILE).is_file())]
 
 
 def bundle(run_dirs: list[Path], out_path: Path | None = None, include_checkpoints: bool = False,
            results_dir: Path | None = None) -> Path:
     """One .tar.gz with a fresh report, each run's config/env/metrics/samples/plots, executed notebooks,
     and MANIFEST.json (sha256 of every member). Checkpoints only when asked: they are large."""
-    dirs = _check_runs(run_dirs)
+    dirs = plots.check_run_dirs(run_dirs)
     base = default_out_dir(dirs)
     results_dir = Path(results_dir) if results_dir else base
     out_path = Path(out_path) if out_path else base / f"{base.name or 'nanorepro'}-bundle.tar.gz"
@@ -639,20 +569,15 @@ def bundle(run_dirs: list[Path], out_path: Path | None = None, include_checkpoin
         raise UserError(f"bundle name {out_path.name!r} is not a .tar.gz", "end the name with .tar.gz")
     report(dirs, results_dir)
     root = out_path.name.removesuffix(".tar.gz").removesuffix(".tgz")
-    members: list[tuple[Path, str]] = []
-    for f in sorted(results_dir.iterdir()):
-        if f.is_file() and f.suffix in RESULT_SUFFIXES:
-            members.append((f, f"{root}/report/{f.name}"))
-    for nb in _notebooks(results_dir):
-        if nb.parent != results_dir:
-            members.append((nb, f"{root}/report/{nb.relative_to(results_dir).as_posix()}"))
+    results = [f for f in sorted(results_dir.iterdir()) if f.is_file() and f.suffix in RESULT_SUFFIXES]
+    results += [nb for nb in _notebooks(results_dir) if nb.parent != results_dir]
+    members = [(f, f"{root}/report/{f.relative_to(results_dir).as_posix()}") for f in results]
+    wanted = RUN_FILES + (("ckpt.pt",) if include_checkpoints else ())
     for d in dirs:
         name = plots.run_label(d, base)
-        files = [d / f for f in RUN_FILES if (d / f).is_file()]
+        files = [d / f for f in wanted if (d / f).is_file()]
         files += sorted(p for p in d.iterdir() if p.suffix in (".png", ".log", ".txt") and p.is_file())
         files += _notebooks(d)
-        if include_checkpoints and (d / "ckpt.pt").is_file():
-            files.append(d / "ckpt.pt")
         for f in dict.fromkeys(files):
             members.append((f, f"{root}/runs/{name}/{f.relative_to(d).as_posix()}"))
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -663,9 +588,8 @@ def bundle(run_dirs: list[Path], out_path: Path | None = None, include_checkpoin
             for member, arc in members:
                 tar.add(member, arcname=arc, recursive=False)
             manifest = [{"path": arc, "bytes": m.stat().st_size, "sha256": sha256_file(m)} for m, arc in members]
-            data = json.dumps({"created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                               "nanorepro_version": __version__, "checkpoints_included": include_checkpoints,
-                               "files": manifest}, indent=2).encode()
+            data = json.dumps({"created_at": utc_timestamp(), "nanorepro_version": __version__,
+                               "checkpoints_included": include_checkpoints, "files": manifest}, indent=2).encode()
             info = tarfile.TarInfo(f"{root}/MANIFEST.json")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
