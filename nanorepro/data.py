@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,50 +83,49 @@ def shakespeare_text() -> str:
     return bundled(SHAKESPEARE_BUNDLED, SHAKESPEARE_SHA256).decode("utf-8")
 
 
-def shakespeare_file(cache_dir: str | Path | None = None) -> Path:
-    """A verified Tiny Shakespeare `input.txt` in the cache (where a download would go), written from
-    the bundled copy when missing or changed: for tools that need a file, such as nanoGPT's prepare.py."""
+def _shakespeare_cache(cache_dir: str | Path | None) -> Path:
+    """Where Tiny Shakespeare's `input.txt` is cached: downloaded there, or written from the bundled copy."""
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    dest = cache / "tinyshakespeare" / "input.txt"
+    return cache / "tinyshakespeare" / "input.txt"
+
+
+def _write_cached(dest: Path, raw: bytes, what: str, fix: str) -> None:
+    """`raw` written atomically into a cache folder, made first; UserError naming `what` when it cannot be."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(dest, lambda f: f.write(raw))
+    except OSError as e:
+        raise UserError(f"cannot write {what}: {one_line(e)}", fix) from e
+
+
+def shakespeare_file(cache_dir: str | Path | None = None) -> Path:
+    """A verified Tiny Shakespeare `input.txt` in the cache, written from the bundled copy when missing
+    or changed: for tools that need a file, such as nanoGPT's prepare.py."""
+    dest = _shakespeare_cache(cache_dir)
     if not (dest.is_file() and sha256_file(dest) == SHAKESPEARE_SHA256):
-        raw = bundled(SHAKESPEARE_BUNDLED, SHAKESPEARE_SHA256)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(dest, lambda f: f.write(raw))
-        except OSError as e:
-            raise UserError(f"cannot write the cache {cache}: {one_line(e)}",
-                            "set NANOREPRO_CACHE or --cache-dir to a writable folder") from e
+        _write_cached(dest, bundled(SHAKESPEARE_BUNDLED, SHAKESPEARE_SHA256), f"the cache {dest.parent.parent}",
+                      "set NANOREPRO_CACHE or --cache-dir to a writable folder")
     return dest
 
 
 def fetch_shakespeare(cache_dir: str | Path | None = None, url: str = CANONICAL_URL,
                       sha256: str = SHAKESPEARE_SHA256, timeout: float = 60) -> Path:
-    """Return the path of a verified Tiny Shakespeare in the cache, downloading it from `url` if needed
-    (for a mirror; `shakespeare_text()` needs no network).
-
-    The cached copy is re-hashed on every call; a download goes to a temp file that replaces the
-    cached one only after its sha256 matches, so a failed download never leaves a file that passes.
-    """
+    """A verified Tiny Shakespeare in the cache, downloaded from `url` if needed (for a mirror;
+    `shakespeare_text()` needs no network). The cached copy is re-hashed on every call; a download
+    replaces it only once its sha256 matches, so a failed download never leaves a file that passes."""
     from tqdm import tqdm
 
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    dest = cache / "tinyshakespeare" / "input.txt"
+    dest = _shakespeare_cache(cache_dir)
     if dest.is_file():
         if sha256_file(dest) == sha256:
             return dest
         print(f"cached {dest} does not match sha256 {sha256[:12]}..., downloading it again")
     fix = ("check the network (or the URL), or leave out the URL to use the bundled copy, "
            "or pass --input / set NANOREPRO_INPUT to a local copy")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".input.txt.", suffix=".part")
-    except OSError as e:
-        raise UserError(f"cannot write the download cache {cache}: {one_line(e)}",
-                        "set NANOREPRO_CACHE or --cache-dir to a writable folder") from e
-    tmp = Path(tmp_name)
-    try:
+
+    def download(out) -> None:
         h, got = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
@@ -142,12 +140,17 @@ def fetch_shakespeare(cache_dir: str | Path | None = None, url: str = CANONICAL_
         if h.hexdigest() != sha256:
             raise UserError(f"download of {url} has sha256 {h.hexdigest()}, expected {sha256} "
                             f"({got:,} bytes; corrupted or not the expected file)", fix)
-        os.replace(tmp, dest)
+
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write the download cache {dest.parent.parent}: {one_line(e)}",
+                        "set NANOREPRO_CACHE or --cache-dir to a writable folder") from e
+    try:
+        write_atomic(dest, download)
     except (OSError, http.client.HTTPException, ValueError) as e:
         # URLError, HTTPError and timeouts are OSErrors; a connection closed early can be IncompleteRead
         raise UserError(f"could not download {url}: {one_line(e)}", fix) from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -174,13 +177,8 @@ def install_gpt2_bpe() -> Path | None:
         dest = folder / hashlib.sha1(url.encode()).hexdigest()
         if dest.is_file() and sha256_file(dest) == sha256:
             continue
-        raw = bundled(name, sha256)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(dest, lambda f: f.write(raw))
-        except OSError as e:
-            raise UserError(f"cannot write tiktoken's cache {folder}: {one_line(e)}",
-                            "set TIKTOKEN_CACHE_DIR (or NANOREPRO_CACHE) to a writable folder") from e
+        _write_cached(dest, bundled(name, sha256), f"tiktoken's cache {folder}",
+                      "set TIKTOKEN_CACHE_DIR (or NANOREPRO_CACHE) to a writable folder")
     return folder
 
 
@@ -238,13 +236,9 @@ def _encode_char(text: str) -> tuple[np.ndarray, list[str]]:
     return ids.astype(np.uint16), [chr(c) for c in chars]
 
 
-def _split_point(text: str) -> int:
-    return int(len(text) * TRAIN_FRACTION)
-
-
 def _encode(text: str, encoding: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(train ids, val ids, encoding-specific meta): the text is split 90/10 by characters first."""
-    n = _split_point(text)
+    n = int(len(text) * TRAIN_FRACTION)
     if encoding == "char":
         ids, itos = _encode_char(text)
         return ids[:n], ids[n:], {"vocab_size": len(itos), "itos": itos}
@@ -254,23 +248,14 @@ def _encode(text: str, encoding: str) -> tuple[np.ndarray, np.ndarray, dict[str,
     return train, val, {"vocab_size": GPT2_VOCAB_SIZE}
 
 
-def _bins_match(out: Path, meta: dict) -> bool:
-    try:
-        return all((out / f"{s}.bin").stat().st_size == 2 * int(meta[f"{s}_tokens"]) for s in ("train", "val"))
-    except (OSError, KeyError, TypeError, ValueError):
-        return False
-
-
 def _reusable(out: Path, sha: str, encoding: str) -> dict | None:
     """The folder's meta if it already holds this source in this encoding, complete; else None."""
     try:
         meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        complete = all((out / f"{s}.bin").stat().st_size == 2 * int(meta[f"{s}_tokens"]) for s in ("train", "val"))
+        return meta if complete and meta["source_sha256"] == sha and meta["encoding"] == encoding else None
+    except (OSError, KeyError, TypeError, ValueError):  # no folder, a damaged meta.json, or a missing bin
         return None
-    if isinstance(meta, dict) and meta.get("source_sha256") == sha and meta.get("encoding") == encoding \
-            and _bins_match(out, meta):
-        return meta
-    return None
 
 
 def check_name(name: str) -> str:
@@ -283,11 +268,10 @@ def check_name(name: str) -> str:
 
 def _check_encodings(encodings: Iterable[str]) -> tuple[str, ...]:
     encodings = (encodings,) if isinstance(encodings, str) else tuple(encodings)
-    if not encodings:
-        raise UserError("no encoding given", f"use one of: {', '.join(ENCODINGS)} or all")
-    for enc in encodings:
-        if enc not in ENCODINGS:
-            raise UserError(f"unknown encoding {enc!r}", f"use one of: {', '.join(ENCODINGS)} or all")
+    bad = [enc for enc in encodings if enc not in ENCODINGS]
+    if bad or not encodings:
+        raise UserError(f"unknown encoding {bad[0]!r}" if bad else "no encoding given",
+                        f"use one of: {', '.join(ENCODINGS)} or all")
     return tuple(dict.fromkeys(encodings))
 
 
@@ -340,9 +324,7 @@ def _write_dataset(out: Path, text: str, name: str, encoding: str, source: str, 
             raise UserError(f"the text is too short: {len(text):,} characters give {len(ids)} {split} "
                             f"token(s) with the {encoding} encoding (need at least {MIN_SPLIT_TOKENS})",
                             "use a longer text file")
-    meta = {"name": name, "encoding": encoding, "vocab_size": extra["vocab_size"],
-            **({"itos": extra["itos"]} if "itos" in extra else {}),
-            "train_tokens": int(len(train)), "val_tokens": int(len(val)), "dtype": "uint16",
+    meta = {"name": name, "encoding": encoding, **extra, "train_tokens": int(len(train)), "val_tokens": int(len(val)), "dtype": "uint16",
             "source": source, "source_sha256": sha,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
