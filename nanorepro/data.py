@@ -1,14 +1,11 @@
 """Data: Tiny Shakespeare (bundled, or downloaded) and text files into token files (char or GPT-2 BPE), batches.
 
-Tiny Shakespeare and GPT-2's BPE files ship inside the package (`bundled/`, gzipped, each checked
-against its published sha256 when read), so preparing needs no network. A download (`url=`) is
-still there for a mirror of the same file, verified the same way and cached.
-
-`prepare` writes `<data_root>/<name>_<encoding>/{train.bin, val.bin, meta.json}` exactly as nanoGPT's
-data/shakespeare_char and data/shakespeare prepare.py do (first 90% of the characters train, the rest
-val; uint16 ids), with the vocabulary as JSON instead of a pickle. meta.json is written last: a folder
-with a meta.json is complete. Only `Batches` needs torch, and imports it when used; tiktoken is
-imported only for the gpt2 encoding.
+Tiny Shakespeare and GPT-2's BPE files ship inside the package (`bundled/`, gzipped, checked against
+their published sha256 when read), so preparing needs no network; `url=` downloads a mirror instead.
+`prepare` writes `<data_root>/<name>_<encoding>/{train.bin, val.bin, meta.json}` as nanoGPT's
+shakespeare_char and shakespeare prepare.py do (first 90% of the characters train; uint16 ids), with
+the vocabulary as JSON, not a pickle. meta.json is written last: a folder with one is complete.
+Only `Batches` needs torch (imported when used); tiktoken is imported only for the gpt2 encoding.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .errors import ModelUnavailable, UserError
-from .files import sha256_file, write_atomic
+from .files import sha256_file, write_atomic, write_text_atomic
 
 CANONICAL_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -248,14 +245,21 @@ def _encode(text: str, encoding: str) -> tuple[np.ndarray, np.ndarray, dict[str,
     return train, val, {"vocab_size": GPT2_VOCAB_SIZE}
 
 
-def _reusable(out: Path, sha: str, encoding: str) -> dict | None:
-    """The folder's meta if it already holds this source in this encoding, complete; else None."""
+def complete_meta(out: Path) -> dict | None:
+    """A prepared folder's meta.json when its train.bin and val.bin hold the tokens it counts; else None."""
     try:
         meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-        complete = all((out / f"{s}.bin").stat().st_size == 2 * int(meta[f"{s}_tokens"]) for s in ("train", "val"))
-        return meta if complete and meta["source_sha256"] == sha and meta["encoding"] == encoding else None
+        if all((out / f"{s}.bin").stat().st_size == 2 * int(meta[f"{s}_tokens"]) for s in ("train", "val")):
+            return meta
     except (OSError, KeyError, TypeError, ValueError):  # no folder, a damaged meta.json, or a missing bin
-        return None
+        pass
+    return None
+
+
+def _reusable(out: Path, sha: str, encoding: str) -> dict | None:
+    """The folder's meta if it already holds this source in this encoding, complete; else None."""
+    meta = complete_meta(out)
+    return meta if meta and meta.get("source_sha256") == sha and meta.get("encoding") == encoding else None
 
 
 def check_name(name: str) -> str:
@@ -279,11 +283,8 @@ def prepare(input_path: str | Path | None = None, name: str = "shakespeare",
             encodings: tuple[str, ...] = ENCODINGS, data_root: str | Path = "data",
             cache_dir: str | Path | None = None, url: str | None = None) -> list[dict]:
     """Encode a text into `<data_root>/<name>_<encoding>/` for each encoding; return their metas.
-
-    The text is `input_path`, else $NANOREPRO_INPUT, else Tiny Shakespeare: the package's bundled
-    copy, or downloaded (and verified) from `url` into the cache when a URL is given. A folder
-    already holding the same source (by sha256) in the same encoding is reused as it is.
-    """
+    The text is `input_path`, else $NANOREPRO_INPUT, else Tiny Shakespeare (bundled, or from `url`).
+    A folder already holding the same source (by sha256) in the same encoding is reused as it is."""
     check_name(name)
     encodings = _check_encodings(encodings)
     if input_path and url:
@@ -293,18 +294,8 @@ def prepare(input_path: str | Path | None = None, name: str = "shakespeare",
         path = Path(input_path).expanduser()
         text, sha = _read_text(path)
         source = str(path.resolve())
-    else:
-        ready = [_reusable(Path(data_root) / f"{name}_{enc}", SHAKESPEARE_SHA256, enc) for enc in encodings]
-        if all(ready):  # everything asked for is made: nothing to read or download
-            for enc, meta in zip(encodings, ready):
-                print(f"reusing {Path(data_root) / f'{name}_{enc}'}: it already holds Tiny Shakespeare as {enc}")
-            return [{**m, "data_dir": str(Path(data_root) / f"{name}_{enc}")} for enc, m in zip(encodings, ready)]
-        if url:
-            text, sha = _read_text(fetch_shakespeare(cache_dir, url=url))
-            source = url
-        else:
-            text, sha, source = shakespeare_text(), SHAKESPEARE_SHA256, BUNDLED_SOURCE
-
+    else:  # Tiny Shakespeare, read (or downloaded) only when a folder is to be written
+        text, sha, source = None, SHAKESPEARE_SHA256, url or BUNDLED_SOURCE
     metas = []
     for encoding in encodings:
         out = Path(data_root) / f"{name}_{encoding}"
@@ -312,6 +303,8 @@ def prepare(input_path: str | Path | None = None, name: str = "shakespeare",
         if meta is not None:
             print(f"reusing {out}: it already holds this source (sha256 {sha[:12]}...) as {encoding}")
         else:
+            if text is None:
+                text = _read_text(fetch_shakespeare(cache_dir, url=url))[0] if url else shakespeare_text()
             meta = _write_dataset(out, text, name, encoding, source, sha)
         metas.append({**meta, "data_dir": str(out)})
     return metas
@@ -324,8 +317,8 @@ def _write_dataset(out: Path, text: str, name: str, encoding: str, source: str, 
             raise UserError(f"the text is too short: {len(text):,} characters give {len(ids)} {split} "
                             f"token(s) with the {encoding} encoding (need at least {MIN_SPLIT_TOKENS})",
                             "use a longer text file")
-    meta = {"name": name, "encoding": encoding, **extra, "train_tokens": int(len(train)), "val_tokens": int(len(val)), "dtype": "uint16",
-            "source": source, "source_sha256": sha,
+    meta = {"name": name, "encoding": encoding, **extra, "train_tokens": int(len(train)), "val_tokens": int(len(val)),
+            "dtype": "uint16", "source": source, "source_sha256": sha,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -335,8 +328,7 @@ def _write_dataset(out: Path, text: str, name: str, encoding: str, source: str, 
         write_atomic(out / "val.bin", val.tofile)
         # one key per line, the vocabulary on one line: readable with `cat` even for big vocabularies
         lines = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items()]
-        payload = ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
-        write_atomic(out / "meta.json", lambda f: f.write(payload))
+        write_text_atomic(out / "meta.json", "{\n" + ",\n".join(lines) + "\n}\n")
     except OSError as e:
         reason, needed = one_line(e), 2 * (len(train) + len(val))
         try:  # numpy reports a short write without an errno: say when it is a full disk
@@ -411,11 +403,8 @@ class Codec:
 
 
 class Batches:
-    """Random (x, y) training batches from a prepared folder, as nanoGPT's get_batch.
-
-    Each split's memmap is opened once (nanoGPT reopens it per batch to dodge a memory leak of
-    long-lived memmaps; slicing copies out of it here, so nothing accumulates).
-    """
+    """Random (x, y) training batches from a prepared folder, as nanoGPT's get_batch. Each split's memmap
+    is opened once (nanoGPT reopens it per batch against a leak; copying rows out here keeps none)."""
 
     def __init__(self, data_dir: str | Path, block_size: int, batch_size: int, device: str = "cpu"):
         self.meta = load_meta(data_dir)
@@ -438,11 +427,7 @@ class Batches:
             self._data[split] = np.memmap(path, dtype=np.uint16, mode="r")
         self._offsets = np.arange(self.block_size + 1)
 
-    def get(self, split: str, generator=None):
-        """(x, y), int64 of shape (batch_size, block_size); y is x shifted by one token."""
-        return self.read(split, self.draw(split, generator))
-
-    # draw + read = get: distributed ranks all draw every batch (one shared stream) and read their own
+    # draw, then read: distributed ranks all draw every batch (one shared stream) and read their own
     def draw(self, split: str, generator=None):
         """The start offsets of one random batch, without reading it."""
         import torch
@@ -452,7 +437,8 @@ class Batches:
         return torch.randint(len(self._data[split]) - self.block_size, (self.batch_size,), generator=generator)
 
     def read(self, split: str, ix):
-        """(x, y) for the start offsets `ix` drawn by `draw`."""
+        """(x, y), int64 of shape (batch_size, block_size), for the start offsets `ix` drawn by `draw`;
+        y is x shifted by one token."""
         import torch
 
         data = self._data[split]

@@ -1,14 +1,8 @@
 """The training loop: nanoGPT's `train.py` as a function, with exact resume and one metrics file.
 
-Reads top to bottom: a short setup (device, data, checkpoint, network, memory check, model,
-optimizer, records), then one loop: set the learning rate, evaluate and checkpoint every
-`eval_interval` iterations, run the micro-steps of gradient accumulation, clip and step, log to
-`metrics.jsonl` and a progress bar.
-
-Resume is exact: batch indices come from a dedicated generator whose state is checkpointed with
-the model, optimizer and torch RNG (checkpoint.py); evaluation draws from its own generator seeded
-per iteration. A resumed run therefore logs the same losses at the same iterations as an
-uninterrupted one.
+Resume is exact: batch indices come from a dedicated generator checkpointed with the model,
+optimizer and torch RNG (checkpoint.py), and evaluation draws from its own generator seeded per
+iteration, so a resumed run logs the same losses at the same iterations as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import resource
 import signal
 import threading
 import time
@@ -48,9 +43,7 @@ def lr_at(it: int, cfg: Config) -> float:
 
 def train(cfg: Config, preset: str | None = None) -> dict[str, Any]:
     """Train (or resume, or skip when already finished) the run in `cfg.out_dir`; return its summary.
-
-    Under torchrun with parallel=ddp|fsdp every process calls this (see distributed.py); each
-    leaves the process group cleanly on every path, errors included."""
+    Under torchrun every process calls this, and leaves the process group cleanly on every path."""
     cfg = validate(cfg)
     world = distributed.start(cfg, lambda: hardware.pick_device(cfg.device)[0])
     try:
@@ -108,11 +101,14 @@ def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
     that every refusal comes before anything large is loaded."""
     device, dtype = hardware.pick_device(cfg.device, cfg.dtype)
     device = world.device(device)
-    device_type = "cuda" if device.startswith("cuda") else device
+    device_type = torch.device(device).type
     data_dir = Path(cfg.data_root) / cfg.dataset
     meta = data.load_meta(data_dir)
     out = Path(cfg.out_dir)
-    _make_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {out}: {e.strerror}", "pick a writable --out-dir") from e
     torch.manual_seed(cfg.seed)
     if device_type == "cuda":  # TF32 matmuls, as nanoGPT
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -157,13 +153,19 @@ def _loop(run: _Run, say) -> dict[str, Any]:
     iter_num, best_val = run.iter_num, run.best_val
     log = metrics.append if world.main else _silent  # only rank 0 writes files
     metrics_path, ckpt_path = run.out / metrics.METRICS_FILE, run.out / checkpoint.CKPT_FILE
-    device_type = "cuda" if device.startswith("cuda") else device
+    device_type = torch.device(device).type
     scaler = torch.amp.GradScaler(device_type, enabled=(run.dtype == "float16"))
     autocast = hardware.StepContext(device_type, run.dtype, run.attention)  # autocast unless float32
     step_model = torch.compile(run.wrapped) if cfg.compile else run.wrapped
     t_origin = time.perf_counter() - run.elapsed_before  # elapsed_s counts earlier sessions of this run too
     window_t, window_iters = time.perf_counter(), 0  # tokens/s over the iterations since the last log
     loss_acc, loss_iters = torch.zeros((), device=device), 0  # summed on the device: one sync per log
+
+    def save_checkpoint() -> None:
+        checkpoint.save_training(ckpt_path, model, optimizer, world, iter_num=iter_num, best_val_loss=best_val,
+                                 elapsed_s=time.perf_counter() - t_origin, batch_gen=run.batch_gen, device=device,
+                                 meta=run.meta)
+
     with _StopSignals() as stop, tqdm(total=cfg.max_iters, initial=iter_num, desc=run.out.name, unit="it",
                                       dynamic_ncols=True, mininterval=1.0, disable=not world.main) as bar:
         note = bar.write if world.main else _silent
@@ -184,18 +186,14 @@ def _loop(run: _Run, say) -> dict[str, Any]:
                 note(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 bar.set_postfix(val=f"{losses['val']:.4f}", refresh=False)
                 if iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                    checkpoint.save_training(ckpt_path, model, optimizer, world, iter_num=iter_num,
-                                             best_val_loss=best_val, elapsed_s=time.perf_counter() - t_origin,
-                                             batch_gen=run.batch_gen, device=device, meta=run.meta)
+                    save_checkpoint()
                 window_t, window_iters = time.perf_counter(), 0  # keep eval time out of tokens/s
             if iter_num >= cfg.max_iters or (iter_num == 0 and cfg.eval_only):
                 break
 
             # SIGINT/SIGTERM: checkpoint and stop, all ranks at the same iteration
             if world.any(bool(stop.received)):
-                checkpoint.save_training(ckpt_path, model, optimizer, world, iter_num=iter_num,
-                                         best_val_loss=best_val, elapsed_s=time.perf_counter() - t_origin,
-                                         batch_gen=run.batch_gen, device=device, meta=run.meta)
+                save_checkpoint()
                 name = signal.Signals(stop.signum).name
                 log(metrics_path, {"kind": "end", "iter": iter_num, "best_val_loss": best_val,
                                    "elapsed_s": time.perf_counter() - t_origin, "status": "interrupted",
@@ -266,13 +264,6 @@ def _finished_already(out: Path, cfg: Config) -> bool:
     return bool(ends) and ends[-1].get("status") == "finished" and ends[-1].get("iter") == cfg.max_iters
 
 
-def _make_folder(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the run folder {out}: {e.strerror}", "pick a writable --out-dir") from e
-
-
 def _network(cfg: Config, meta: dict[str, Any], ckpt: dict[str, Any] | None) -> GPTConfig:
     """The network to train: the checkpoint's when resuming (refused if it is not this config's), else
     the config's own or a pretrained model's shape."""
@@ -331,10 +322,8 @@ def _start_records(out: Path, cfg: Config, preset: str | None, iter_num: int, in
 
 def _check_memory(cfg: Config, model_cfg: GPTConfig, start_iter: int | None, device: str, dtype: str,
                   world: World) -> str:
-    """What the run needs (memory, and time on a known GPU) as one line; WontFit on every rank when
-    it does not fit on any rank's device, naming the largest setting that would (memory.py).
-    `start_iter` is the checkpoint's iteration when resuming, else None."""
-    shape = model_cfg
+    """What the run needs (memory, and time on a known GPU) as one line; WontFit on every rank when it
+    does not fit on any rank's device. `start_iter` is the checkpoint's iteration when resuming, else None."""
     gpu, gpus = None, 1
     if device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(device)
@@ -349,7 +338,7 @@ def _check_memory(cfg: Config, model_cfg: GPTConfig, start_iter: int | None, dev
     est = None
     if free:
         try:
-            est = memory.check(cfg, shape, dtype, free, where, world.size, gpus)
+            est = memory.check(cfg, model_cfg, dtype, free, where, world.size, gpus)
         except WontFit as e:
             refused = e
             if start_iter is None and cfg.init_from in PRETRAINED:
@@ -362,7 +351,7 @@ def _check_memory(cfg: Config, model_cfg: GPTConfig, start_iter: int | None, dev
                                   "reason": f"does not fit: {refused.problem}; {refused.fix}"})
         raise refused
     line = f"memory: {est.describe()} of {fmt.human_bytes(free)} free on {where}" if est else "memory: not checked"
-    secs = memory.estimate_seconds(cfg, shape, gpu, world.size, dtype, start_iter or 0)
+    secs = memory.estimate_seconds(cfg, model_cfg, gpu, world.size, dtype, start_iter or 0)
     if secs is not None:
         line += f"; time: ~{fmt.duration(secs)} at {memory.ASSUMED_MFU:.0%} MFU on {world.size}x {gpu}"
     return line
@@ -418,13 +407,8 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def peak_memory_bytes(device: str) -> int | None:
+def peak_memory_bytes(device: str) -> int:
     """Most memory this process held: allocated CUDA memory on a GPU, resident set size on the CPU."""
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        import resource  # not on Windows
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
-    except (ImportError, OSError):
-        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
