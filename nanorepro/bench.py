@@ -56,12 +56,8 @@ def stats(values: list[float]) -> dict[str, float | int] | None:
     if not values:
         return None
     s = sorted(values)
-
-    def q(p: float) -> float:
-        return s[min(len(s) - 1, max(0, round(p * (len(s) - 1))))]
-
-    return {"n": len(s), "median": statistics.median(s), "p10": q(0.1), "p90": q(0.9), "min": s[0], "max": s[-1],
-            "mean": statistics.fmean(s)}
+    return {"n": len(s), "median": statistics.median(s), "p10": s[round(0.1 * (len(s) - 1))],
+            "p90": s[round(0.9 * (len(s) - 1))], "min": s[0], "max": s[-1], "mean": statistics.fmean(s)}
 
 
 def flops_per_iter(cfg: Config, vocab_size: int) -> tuple[int, float]:
@@ -109,10 +105,9 @@ def prepare_nanogpt(checkout: str | Path, data_dir: Path, workdir: Path, input_p
     for f in NANOGPT_FILES:
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(checkout / f, dest / f)
-    meta = data.load_meta(data_dir)
     prep = dest / "data" / "shakespeare_char"
     # prepare.py downloads input.txt only when it is absent: give it ours
-    shutil.copyfile(_input_text(meta, input_path), prep / "input.txt")
+    shutil.copyfile(_input_text(data.load_meta(data_dir), input_path), prep / "input.txt")
     done = subprocess.run([sys.executable, "prepare.py"], cwd=prep, capture_output=True, text=True)
     if done.returncode != 0:
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
@@ -131,20 +126,13 @@ class _Child:
     """A child process whose stdout lines are read, time-stamped, by a thread."""
 
     proc: subprocess.Popen
-    started: float
+    started: float = dataclasses.field(default_factory=time.perf_counter)
     lines: list[tuple[float, str]] = dataclasses.field(default_factory=list)
     rusage: Any = None
-    reader: threading.Thread | None = None
 
-    @classmethod
-    def start(cls, cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> "_Child":
-        with open(log, "w") as err:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-                                    bufsize=1, start_new_session=True)
-        child = cls(proc, time.perf_counter())
-        child.reader = threading.Thread(target=child._read, daemon=True)
-        child.reader.start()
-        return child
+    def __post_init__(self) -> None:
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         with self.proc.stdout:
@@ -180,7 +168,9 @@ def run_one(impl: str, cmd: list[str], cwd: Path, env: dict[str, str], workdir: 
             total_iters: int, target_loss: float | None, progress_of) -> dict[str, Any]:
     """Launch one training child, follow it (progress bar, target loss), reap it; return the raw facts."""
     log = workdir / f"{label}.stderr"
-    child = _Child.start(cmd, cwd, env, log)
+    with open(log, "w") as err:
+        child = _Child(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+                                        bufsize=1, start_new_session=True))
     target = None
     with tqdm(total=total_iters, desc=label, unit="it", dynamic_ncols=True, mininterval=1.0, leave=False) as bar:
         while child.poll() is None:
@@ -199,13 +189,12 @@ def run_one(impl: str, cmd: list[str], cwd: Path, env: dict[str, str], workdir: 
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-4:])
         raise UserError(f"{impl} run {label} failed with exit code {code}: {tail}",
                         f"run the same config with `nanorepro train` to see the whole error")
-    evals = _evals(child.lines)
     return {"impl": impl, "label": label, "command": cmd, "exit_code": code, "wall_s": wall,
             "max_rss_mb": child.rusage.ru_maxrss / 1024 if child.rusage else None,
             # CPU seconds (user + system) the child used: with OMP_NUM_THREADS=1, a measure that
             # other processes competing for the cores barely change, unlike wall time
             "cpu_s": child.rusage.ru_utime + child.rusage.ru_stime if child.rusage else None,
-            "evals": [{"iter": i, "val_loss": v, "wall_s": t} for t, i, v in evals],
+            "evals": [{"iter": i, "val_loss": v, "wall_s": t} for t, i, v in _evals(child.lines)],
             "target": None if target_loss is None else {
                 "loss": target_loss, "reached": target is not None,
                 "wall_s": target[0] if target else None, "iter": target[1] if target else None,

@@ -164,9 +164,8 @@ def tiktoken_cache_dir() -> Path | None:
 
 
 def install_gpt2_bpe() -> Path | None:
-    """Put the bundled GPT-2 BPE files where tiktoken looks for them (named by the sha1 of the URL it
-    would download them from) unless a verified copy is already there; that folder, or None when
-    tiktoken's cache is turned off. tiktoken checks the same sha256 again when it reads them."""
+    """Put the bundled GPT-2 BPE files where tiktoken looks for them (named by the sha1 of their URL) unless
+    a verified copy is there; that folder, or None when tiktoken's cache is turned off."""
     folder = tiktoken_cache_dir()
     if folder is None:
         return None
@@ -187,8 +186,7 @@ def gpt2_encoding():
         raise UserError("the gpt2 encoding needs tiktoken, which is not installed",
                         "pip install 'nanorepro[train]' (or tiktoken==0.14.0)") from e
     folder = install_gpt2_bpe()
-    # Without a folder of the user's, point tiktoken at ours while it loads (it keeps the encoding
-    # in memory afterwards), rather than at its default shared temp folder.
+    # without a folder of the user's, point tiktoken at ours while it loads, not at its shared temp folder
     ours = not any(v in os.environ for v in _TIKTOKEN_VARS)
     try:
         if ours:
@@ -205,10 +203,9 @@ def gpt2_encoding():
 
 def _read_text(path: Path) -> tuple[str, str]:
     """(text, sha256 of the file's bytes) of a UTF-8 file, with one clear error for each bad case."""
-    if not path.exists():
-        raise UserError(f"input file {path} does not exist", "pass an existing UTF-8 text file to --input")
     if not path.is_file():
-        raise UserError(f"input {path} is not a file", "pass a UTF-8 text file to --input")
+        raise UserError(f"input {path} is not a file" if path.exists() else f"input file {path} does not exist",
+                        "pass an existing UTF-8 text file to --input")
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -375,9 +372,7 @@ class Codec:
         if encoding not in ENCODINGS:
             raise UserError(f"unknown encoding {encoding!r}", f"use one of: {', '.join(ENCODINGS)}")
         self.encoding, self.vocab_size, self.itos = encoding, int(vocab_size), itos
-        if encoding == "char":
-            if not itos:
-                raise UserError("a char codec needs its vocabulary (itos)", "re-run `nanorepro prepare`")
+        if encoding == "char":  # load_meta refuses a char dataset without its itos
             self._stoi = {c: i for i, c in enumerate(itos)}
         else:
             self._enc = gpt2_encoding()

@@ -171,22 +171,15 @@ def finish(world: World, error: BaseException | None = None) -> None:
 # ---------------------------------------------------------------------------------------------
 # Wrapping the model
 
-def checkpoint_activations(model: torch.nn.Module) -> None:
-    """Keep only each block's input for backward and recompute the rest: activation memory
-    drops from ~layers x block activations to ~one block's. Parameter names are unchanged."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.transformer.h:
-        forward = block.forward
-        block.forward = lambda x, f=forward: checkpoint(f, x, use_reentrant=False)
-
-
 def wrap(model: torch.nn.Module, world: World, device: str, dtype: str,
          activation_checkpointing: bool = False) -> torch.nn.Module:
     """The module the training step calls: the model itself, DDP around it, or the model sharded
     in place by FSDP2 (each block, then the root that holds the tied embedding/head)."""
-    if activation_checkpointing:
-        checkpoint_activations(model)
+    if activation_checkpointing:  # keep each block's input, recompute the rest: ~one block's activations
+        from torch.utils.checkpoint import checkpoint
+
+        for block in model.transformer.h:
+            block.forward = lambda x, f=block.forward: checkpoint(f, x, use_reentrant=False)
     if world.parallel == "none" or not world.active:
         return model
     if world.parallel == "ddp":

@@ -158,8 +158,7 @@ class GPT(nn.Module):
         if top_k is not None and top_k < 1:
             raise UserError(f"top_k must be >= 1, got {top_k}", "use e.g. top_k=200, or leave it unset")
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
+            logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
@@ -208,7 +207,8 @@ def _reachable(url: str, timeout: float = 5.0) -> bool:
 def _check_hf_config(hf: dict[str, Any], where: str) -> None:
     """Refuse GPT-2 variants our network does not compute the same way."""
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise UserError(f"{where} holds a {hf.get('model_type')!r} model, not GPT-2", "pass a GPT-2 Hugging Face folder")
+        raise UserError(f"{where} holds a {hf.get('model_type')!r} model, not GPT-2",
+                        "pass a GPT-2 Hugging Face folder")
     n_embd = hf.get("n_embd", 768)
     checks = [
         ("activation_function", hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
@@ -238,8 +238,7 @@ def _load_hf(name_or_path: str) -> tuple[Any, GPTConfig]:
         if not cfg_file.is_file():
             raise UserError(f"{folder} has no config.json, so it is not a Hugging Face model folder",
                             "pass a folder written by save_pretrained, or one of " + ", ".join(PRETRAINED))
-        hf_cfg = json.loads(cfg_file.read_text())
-        _check_hf_config(hf_cfg, str(folder))
+        _check_hf_config(json.loads(cfg_file.read_text()), str(folder))
         try:
             hf = GPT2LMHeadModel.from_pretrained(str(folder), local_files_only=True, **kwargs)
         except (OSError, ValueError) as e:

@@ -64,8 +64,6 @@ def load_source(source: str, text_column: str = "text", num_proc: int | None = N
             ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], num_proc=num_proc)
         else:
             ds = datasets.load_dataset(source, num_proc=num_proc)
-    except UserError:
-        raise
     except RuntimeError as e:  # e.g. a Hub dataset that still needs a loading script
         raise UserError(f"cannot load dataset {source}: {one_line(e)}",
                         "pass --source a local copy or a Hub dataset stored as Parquet/Arrow") from e
@@ -106,27 +104,15 @@ def estimate_bytes(text_bytes: int, documents: int) -> int:
     return int(2 * (text_bytes / BYTES_PER_TOKEN + documents))
 
 
-def free_bytes(folder: Path) -> int:
-    """Free space where `folder` is (or would be created)."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
-
-
-def _written_bytes(out: Path) -> int:
-    """What earlier attempts already wrote (parts and partial bins): not needed again."""
-    return sum(p.stat().st_size for p in out.rglob("*.bin*") if p.is_file()) if out.is_dir() else 0
-
-
 def _size(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def check_disk(out: Path, needed: int) -> str:
-    """One line saying what is needed, or UserError when the disk holding `out` lacks it."""
-    have = free_bytes(out)
-    want = int(needed * DISK_MARGIN) - _written_bytes(out)
+    """One line saying what is needed, or UserError when the disk holding the folder `out` lacks it
+    (less what earlier attempts already wrote there: parts and partial bins)."""
+    have = shutil.disk_usage(out).free
+    want = int(needed * DISK_MARGIN) - sum(p.stat().st_size for p in out.rglob("*.bin*") if p.is_file())
     line = f"token files need ~{_size(needed)} ({needed / 2**30:.1f} GiB) in {out}; {_size(have)} free"
     if want > have:
         raise UserError(f"not enough disk: {line} (need {_size(want)} more, with a {DISK_MARGIN - 1:.0%} margin)",
@@ -242,8 +228,8 @@ def prepare(source: str = DEFAULT_SOURCE, name: str = "openwebtext", data_root: 
     datasets.disable_progress_bars()  # one bar for the whole job instead of one per shard
     tokens: dict[str, int] = {}
     try:
-        total = sum(plan["documents"].values())
-        with tqdm(total=total, unit="doc", unit_scale=True, desc=f"tokenising {source} ({num_proc} processes)") as bar:
+        desc = f"tokenising {source} ({num_proc} processes)"
+        with tqdm(total=len(ds), unit="doc", unit_scale=True, desc=desc) as bar:
             for split, docs in splits.items():
                 if (out / f"{split}.bin").is_file() and not (out / PARTS / split).exists():
                     tokens[split] = (out / f"{split}.bin").stat().st_size // 2  # finished before an interruption

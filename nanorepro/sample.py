@@ -36,8 +36,5 @@ def sample(run_dir: str | Path | None = None, model: str | None = None, prompt: 
         raise UserError("the prompt encodes to no tokens", "give a non-empty prompt")
     gen = torch.Generator(device=dev).manual_seed(seed)
     x = torch.tensor([ids], dtype=torch.long, device=dev)
-    texts = []
-    for _ in range(num_samples):
-        y = net.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
-        texts.append(codec.decode(y[0].tolist()))
-    return texts
+    return [codec.decode(net.generate(x, max_new_tokens, temperature, top_k, generator=gen)[0].tolist())
+            for _ in range(num_samples)]

@@ -65,8 +65,7 @@ def train_seeds(cfg: Config, n: int, preset: str | None = None) -> list[dict[str
 
 @dataclasses.dataclass
 class _Run:
-    """What the setup hands the loop: the resolved config (with the network trained), where and how
-    it runs, the model and its optimizer, the data, and where the loop starts."""
+    """What the setup hands the loop: the resolved config, where and how it runs, model, data, start."""
 
     cfg: Config
     world: World
@@ -149,7 +148,7 @@ def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
 
 def _loop(run: _Run, say) -> dict[str, Any]:
     """nanoGPT's training loop, one commented block per step; returns the run's summary."""
-    cfg, world, model, optimizer, batches, device = run.cfg, run.world, run.model, run.optimizer, run.batches, run.device
+    cfg, world, model, optimizer, device = run.cfg, run.world, run.model, run.optimizer, run.device
     iter_num, best_val = run.iter_num, run.best_val
     log = metrics.append if world.main else _silent  # only rank 0 writes files
     metrics_path, ckpt_path = run.out / metrics.METRICS_FILE, run.out / checkpoint.CKPT_FILE
@@ -177,7 +176,7 @@ def _loop(run: _Run, say) -> dict[str, Any]:
 
             # evaluate every eval_interval iterations and at the end; checkpoint when better (or always)
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-                losses = _evaluate(step_model, batches, cfg, world, autocast, device, iter_num)
+                losses = _evaluate(step_model, run.batches, cfg, world, autocast, device, iter_num)
                 improved = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])
                 log(metrics_path, {"kind": "eval", "iter": iter_num, "train_loss": losses["train"],
@@ -204,10 +203,10 @@ def _loop(run: _Run, say) -> dict[str, Any]:
             # forward and backward over the micro-steps, gradients accumulated (this rank's share of them)
             mine = world.micro_steps(cfg.gradient_accumulation_steps)  # all of them in a single process
             for k in range(cfg.gradient_accumulation_steps):
-                ix = batches.draw("train", run.batch_gen)  # every rank draws every micro-batch: one shared stream
+                ix = run.batches.draw("train", run.batch_gen)  # every rank draws every micro-batch: one shared stream
                 if k not in mine:
                     continue
-                x, y = batches.read("train", ix)
+                x, y = run.batches.read("train", ix)
                 with distributed.sync_gradients(run.wrapped, world, last=k == mine[-1]):
                     with autocast:
                         _, loss = step_model(x, y)
@@ -258,9 +257,7 @@ def _silent(*args: Any, **kwargs: Any) -> None:
 
 def _finished_already(out: Path, cfg: Config) -> bool:
     path = out / metrics.METRICS_FILE
-    if not path.exists():
-        return False
-    ends = metrics.of_kind(metrics.read(path), "end")
+    ends = metrics.of_kind(metrics.read(path), "end") if path.exists() else []
     return bool(ends) and ends[-1].get("status") == "finished" and ends[-1].get("iter") == cfg.max_iters
 
 
