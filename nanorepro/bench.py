@@ -2,27 +2,22 @@
 
 Every run is a fresh child process doing exactly what a user types (`nanorepro train ...`, or
 nanoGPT's `python train.py ...`), so start-up, evaluation and checkpoints cost what they cost.
-From each run the bench takes:
-- per-iteration times after `warmup` iterations, leaving out the ones that contain an evaluation
-  (ours: differences of `elapsed_s` between consecutive train records, logged every iteration;
-  nanoGPT: its own `iter N: ... time Xms` lines); median, p10/p90, min, max;
-- tokens/s and model FLOPs utilisation (nanoGPT's 6N + 12LHQT FLOPs per token) against the
-  device's peak: a data-sheet number for known GPUs, a timed matmul in the run's dtype on CPUs;
-- peak memory: the child's max RSS (wait4), and ours' CUDA max_memory_allocated;
-- with a target loss: the wall time from launch to the first evaluation at or below it (the run
-  is then stopped), parsed from the `step N: train loss X, val loss Y` lines both programs print.
+From each run the bench takes per-iteration times after `warmup` (iterations with an evaluation
+left out), tokens/s and MFU (nanoGPT's 6N + 12LHQT FLOPs per token) against the device's peak (a
+data sheet's for known GPUs, a timed matmul on CPUs), peak memory, and with a target loss the wall
+time from launch to the first evaluation at or below it (the run is then stopped).
 
-Side by side (`nanogpt=PATH`): nanoGPT is never vendored. Its train.py, model.py and
-configurator.py are copied from the user's checkout into a temp folder, whose
-data/shakespeare_char is made by nanoGPT's own prepare.py from the same input.txt (written next
-to it first, so it does not download), and checked byte for byte against our train.bin/val.bin.
-The two then run alternately (ours, nanoGPT, nanoGPT, ours, ...) with the same config, and each
-pair gives a ratio.
+Side by side (`nanogpt=PATH`): nanoGPT is never vendored. Its files are copied from the user's
+checkout into a temp folder, whose data/shakespeare_char is made by nanoGPT's own prepare.py from
+the same input.txt and checked byte for byte against ours. The two then run alternately (ours,
+nanoGPT, nanoGPT, ours, ...) with the same config, and each pair gives a ratio.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -61,12 +56,8 @@ def stats(values: list[float]) -> dict[str, float | int] | None:
     if not values:
         return None
     s = sorted(values)
-
-    def q(p: float) -> float:
-        return s[min(len(s) - 1, max(0, round(p * (len(s) - 1))))]
-
-    return {"n": len(s), "median": statistics.median(s), "p10": q(0.1), "p90": q(0.9), "min": s[0], "max": s[-1],
-            "mean": statistics.fmean(s)}
+    return {"n": len(s), "median": statistics.median(s), "p10": s[round(0.1 * (len(s) - 1))],
+            "p90": s[round(0.9 * (len(s) - 1))], "min": s[0], "max": s[-1], "mean": statistics.fmean(s)}
 
 
 def flops_per_iter(cfg: Config, vocab_size: int) -> tuple[int, float]:
@@ -93,12 +84,9 @@ def nanogpt_args(cfg: Config, device: str, out_dir: Path) -> list[str]:
 def _input_text(meta: dict[str, Any], input_path: str | None) -> Path:
     """A local file holding the exact text our dataset was made from (sha256 checked)."""
     want = meta.get("source_sha256")
-    candidates = [Path(input_path)] if input_path else []
-    if not input_path:
-        if meta.get("source") and Path(meta["source"]).is_file():
-            candidates.append(Path(meta["source"]))
-        if want == data.SHAKESPEARE_SHA256:
-            candidates.append(data.shakespeare_file())
+    candidates = [Path(input_path or meta.get("source") or "")]
+    if not input_path and want == data.SHAKESPEARE_SHA256:
+        candidates.append(data.shakespeare_file())
     for path in candidates:
         if path.is_file() and sha256_file(path) == want:
             return path
@@ -117,10 +105,9 @@ def prepare_nanogpt(checkout: str | Path, data_dir: Path, workdir: Path, input_p
     for f in NANOGPT_FILES:
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(checkout / f, dest / f)
-    meta = data.load_meta(data_dir)
     prep = dest / "data" / "shakespeare_char"
     # prepare.py downloads input.txt only when it is absent: give it ours
-    shutil.copyfile(_input_text(meta, input_path), prep / "input.txt")
+    shutil.copyfile(_input_text(data.load_meta(data_dir), input_path), prep / "input.txt")
     done = subprocess.run([sys.executable, "prepare.py"], cwd=prep, capture_output=True, text=True)
     if done.returncode != 0:
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
@@ -139,20 +126,13 @@ class _Child:
     """A child process whose stdout lines are read, time-stamped, by a thread."""
 
     proc: subprocess.Popen
-    started: float
+    started: float = dataclasses.field(default_factory=time.perf_counter)
     lines: list[tuple[float, str]] = dataclasses.field(default_factory=list)
     rusage: Any = None
-    reader: threading.Thread | None = None
 
-    @classmethod
-    def start(cls, cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> "_Child":
-        with open(log, "w") as err:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-                                    bufsize=1, start_new_session=True)
-        child = cls(proc, time.perf_counter())
-        child.reader = threading.Thread(target=child._read, daemon=True)
-        child.reader.start()
-        return child
+    def __post_init__(self) -> None:
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         with self.proc.stdout:
@@ -170,54 +150,51 @@ class _Child:
         return self.proc.returncode
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 def _evals(lines: list[tuple[float, str]]) -> list[tuple[float, int, float]]:
     """(seconds since launch, iteration, val loss) of each evaluation line."""
-    out = []
-    for t, line in lines:
-        m = STEP_RE.search(line)
-        if m:
-            out.append((t, int(m.group(1)), float(m.group(3))))
-    return out
+    return [(t, int(m.group(1)), float(m.group(3))) for t, line in lines if (m := STEP_RE.search(line))]
+
+
+def _first_at(lines: list[tuple[float, str]], target_loss: float) -> tuple[float, int, float] | None:
+    """The first evaluation at or below `target_loss`, if any."""
+    return next((e for e in _evals(lines) if e[2] <= target_loss), None)
 
 
 def run_one(impl: str, cmd: list[str], cwd: Path, env: dict[str, str], workdir: Path, label: str,
             total_iters: int, target_loss: float | None, progress_of) -> dict[str, Any]:
     """Launch one training child, follow it (progress bar, target loss), reap it; return the raw facts."""
     log = workdir / f"{label}.stderr"
-    child = _Child.start(cmd, cwd, env, log)
+    with open(log, "w") as err:
+        child = _Child(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+                                        bufsize=1, start_new_session=True))
     target = None
     with tqdm(total=total_iters, desc=label, unit="it", dynamic_ncols=True, mininterval=1.0, leave=False) as bar:
         while child.poll() is None:
             time.sleep(0.1)
             bar.update(max(0, progress_of(child) - bar.n))
             if target_loss is not None and target is None:
-                hit = [e for e in _evals(child.lines) if e[2] <= target_loss]
-                if hit:
-                    target = hit[0]
+                target = _first_at(child.lines, target_loss)
+                if target:
                     child.stop()
     code = child.poll(block=True)
     wall = time.perf_counter() - child.started
     child.reader.join(timeout=5)  # the last lines
     if target_loss is not None and target is None:
-        hit = [e for e in _evals(child.lines) if e[2] <= target_loss]
-        target = hit[0] if hit else None
+        target = _first_at(child.lines, target_loss)
     if code != 0 and target is None:
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-4:])
         raise UserError(f"{impl} run {label} failed with exit code {code}: {tail}",
                         f"run the same config with `nanorepro train` to see the whole error")
-    evals = _evals(child.lines)
     return {"impl": impl, "label": label, "command": cmd, "exit_code": code, "wall_s": wall,
             "max_rss_mb": child.rusage.ru_maxrss / 1024 if child.rusage else None,
             # CPU seconds (user + system) the child used: with OMP_NUM_THREADS=1, a measure that
             # other processes competing for the cores barely change, unlike wall time
             "cpu_s": child.rusage.ru_utime + child.rusage.ru_stime if child.rusage else None,
-            "evals": [{"iter": i, "val_loss": v, "wall_s": t} for t, i, v in evals],
+            "evals": [{"iter": i, "val_loss": v, "wall_s": t} for t, i, v in _evals(child.lines)],
             "target": None if target_loss is None else {
                 "loss": target_loss, "reached": target is not None,
                 "wall_s": target[0] if target else None, "iter": target[1] if target else None,
@@ -240,12 +217,9 @@ def _ours_steps(run_dir: Path, eval_interval: int) -> tuple[list[tuple[int, floa
 
 
 def _nanogpt_steps(lines: list[tuple[float, str]], eval_interval: int) -> list[tuple[int, float]]:
-    steps = []
-    for _, line in lines:
-        m = NANOGPT_ITER_RE.match(line)
-        if m and int(m.group(1)) % eval_interval:  # nanoGPT's dt at an eval iteration includes the eval
-            steps.append((int(m.group(1)), float(m.group(2)) / 1000))
-    return steps
+    # nanoGPT's dt at an eval iteration includes the eval
+    return [(int(m.group(1)), float(m.group(2)) / 1000) for _, line in lines
+            if (m := NANOGPT_ITER_RE.match(line)) and int(m.group(1)) % eval_interval]
 
 
 def _run_ours(preset: str | None, overrides_cli: list[str], cfg: Config, workdir: Path, label: str,
@@ -296,13 +270,10 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
           target_loss: float | None = None, out: str | Path | None = None, nanogpt: str | Path | None = None,
           nanogpt_preset: str | None = None, pairs: int = 1, input_path: str | None = None,
           keep: bool = False) -> dict[str, Any]:
-    """Benchmark a preset (plus overrides) and write a JSON record; return the record.
-
-    Without `target_loss`, each run trains `warmup + iters` iterations, evaluating only at the two
-    ends (1 batch). With it, each run trains the config as given until an evaluation reaches the
-    target. With `nanogpt`, upstream runs the same config (or `nanogpt_preset` with the same
-    overrides) alternately with ours, `pairs` times.
-    """
+    """Benchmark a preset (plus overrides), write a JSON record and return it. Without `target_loss`
+    each run trains `warmup + iters` iterations, evaluating only at the two ends; with it, the config
+    as given until an evaluation reaches the target. With `nanogpt`, upstream runs the same config
+    (or `nanogpt_preset`) alternately with ours, `pairs` times."""
     if iters < 1 or warmup < 0 or pairs < 1:
         raise UserError(f"need iters >= 1, warmup >= 0, pairs >= 1 (got {iters}, {warmup}, {pairs})",
                         "e.g. --iters 50 --warmup 10 --pairs 3")
@@ -326,20 +297,14 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
     workdir = Path(tempfile.mkdtemp(prefix="nanorepro-bench-"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     pkg_parent = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([pkg_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
     load_before = os.getloadavg()
     try:
         upstream = prepare_nanogpt(nanogpt, data_dir, workdir, input_path) if nanogpt else None
         overrides_cli = [f"--{k}={v}" for k, v in {**overrides, **runs_cfg}.items()]
         results: list[dict[str, Any]] = []
         ours_dtype = dtype
-        peaks: dict[str, tuple[float | None, str]] = {}
-
-        def peak_for(dt: str) -> tuple[float | None, str]:
-            if dt not in peaks:
-                peaks[dt] = hardware.peak_flops(device, dt)
-            return peaks[dt]
-
+        peak_for = functools.cache(lambda dt: hardware.peak_flops(device, dt))  # a CPU's is timed: once per dtype
         for pair in range(pairs):
             order = ["nanorepro", "nanogpt"] if pair % 2 == 0 else ["nanogpt", "nanorepro"]
             for impl in order if upstream else ["nanorepro"]:
@@ -347,13 +312,12 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
                 if impl == "nanorepro":
                     run = _run_ours(preset, overrides_cli, cfg, workdir, label, env, target_loss)
                     ours_dtype = run["dtype"] or dtype
-                    run_cfg, run_flops = cfg, flops
+                    run_cfg = cfg
                 else:
                     run = _run_nanogpt(upstream, other_cfg, device, workdir, label, env, target_loss)
                     run_cfg = other_cfg
-                    run_flops = flops_per_iter(other_cfg, meta["vocab_size"])[1]
                 peak, peak_src = peak_for(run["dtype"] or dtype)
-                run = _summarise(run, warmup, run_cfg, run_flops, peak)
+                run = _summarise(run, warmup, run_cfg, flops_per_iter(run_cfg, meta["vocab_size"])[1], peak)
                 run.update(pair=pair + 1, peak_flops=peak, peak_source=peak_src)
                 results.append(run)
                 print(_run_line(run), flush=True)
@@ -367,7 +331,8 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
         "kind": "bench", "nanorepro": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "preset": preset, "nanogpt_preset": (nanogpt_preset or preset) if nanogpt else None,
         "overrides": overrides, "forced": runs_cfg, "config": cfg.to_dict(), "device": device,
-        "dtype": ours_dtype, "host": _host(device), "cpu_features": hardware.cpu_features(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "dtype": ours_dtype, "host": _host(device), "cpu_features": hardware.cpu_features(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "torch": torch.__version__, "n_params": n_params, "flops_per_iter": flops,
         "tokens_per_iter": cfg.tokens_per_iter, "iters": iters, "warmup": warmup, "target_loss": target_loss,
         "nanogpt": str(nanogpt) if nanogpt else None, "loadavg_before": list(load_before),
@@ -414,22 +379,24 @@ def _host(device: str) -> str:
 def _summary(record: dict[str, Any]) -> dict[str, Any]:
     """Medians over runs per implementation, and per-pair ratios (nanoGPT / nanorepro: above 1 is ours faster)."""
     out: dict[str, Any] = {}
+    def median(values: list[float]) -> float | None:
+        return statistics.median(values) if values else None
+
     for impl in ("nanorepro", "nanogpt"):
         runs = [r for r in record["runs"] if r["impl"] == impl]
         if not runs:
             continue
-        ms = [r["ms_per_iter"]["median"] for r in runs if r.get("ms_per_iter")]
         tt = [r["target"]["wall_s"] for r in runs if r.get("target") and r["target"]["reached"]]
         out[impl] = {
-            "runs": len(runs), "ms_per_iter_median": statistics.median(ms) if ms else None,
-            "tokens_per_s_median": statistics.median([r["tokens_per_s"] for r in runs if "tokens_per_s" in r]) if ms else None,
-            "mfu_median": statistics.median([r["mfu"] for r in runs if r.get("mfu") is not None])
-            if any(r.get("mfu") is not None for r in runs) else None,
+            "runs": len(runs),
+            "ms_per_iter_median": median([r["ms_per_iter"]["median"] for r in runs if r.get("ms_per_iter")]),
+            "tokens_per_s_median": median([r["tokens_per_s"] for r in runs if "tokens_per_s" in r]),
+            "mfu_median": median([r["mfu"] for r in runs if r.get("mfu") is not None]),
             "peak_memory_mb_max": max((r["peak_memory_mb"] or 0) for r in runs),
             "wall_s_median": statistics.median([r["wall_s"] for r in runs]),
             "cpu_s_median": statistics.median([r.get("cpu_s") or 0 for r in runs]),
             "target_reached": (f"{len(tt)}/{len(runs)}" if record["target_loss"] is not None else None),
-            "time_to_target_s_median": statistics.median(tt) if tt else None,
+            "time_to_target_s_median": median(tt),
         }
     pairs = []
     for p in sorted({r["pair"] for r in record["runs"]}):
@@ -455,14 +422,10 @@ def _summary(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fmt_ms(ms: dict[str, Any] | None) -> str:
-    if not ms:
-        return "no timed iterations"
-    return f"{ms['median']:.1f} ms/iter (p10 {ms['p10']:.1f}, p90 {ms['p90']:.1f}, n={ms['n']})"
-
-
 def _run_line(run: dict[str, Any]) -> str:
-    parts = [f"{run['label']}: {_fmt_ms(run.get('ms_per_iter'))}"]
+    ms = run.get("ms_per_iter")
+    parts = [f"{run['label']}: " + (f"{ms['median']:.1f} ms/iter (p10 {ms['p10']:.1f}, p90 {ms['p90']:.1f}, "
+                                    f"n={ms['n']})" if ms else "no timed iterations")]
     if run.get("tokens_per_s"):
         parts.append(f"{run['tokens_per_s'] / 1e3:.1f}k tok/s")
     if run.get("mfu") is not None:
@@ -471,7 +434,8 @@ def _run_line(run: dict[str, Any]) -> str:
         t = run["target"]
         parts.append(f"val <= {t['loss']} at iter {t['iter']} after {t['wall_s']:.1f} s" if t["reached"]
                      else f"val <= {t['loss']} not reached")
-    parts.append(f"wall {run['wall_s']:.1f} s (CPU {run['cpu_s'] or 0:.1f} s), peak mem {run['peak_memory_mb'] or 0:.0f} MB")
+    parts.append(f"wall {run['wall_s']:.1f} s (CPU {run['cpu_s'] or 0:.1f} s), "
+                 f"peak mem {run['peak_memory_mb'] or 0:.0f} MB")
     return ", ".join(parts)
 
 

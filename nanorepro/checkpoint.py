@@ -1,13 +1,9 @@
 """What a checkpoint holds, and how it is written and read (nanochat's checkpoint_manager, in one file).
 
-`<out_dir>/ckpt.pt` is one `torch.save`d dict of tensors and plain values, so it loads with
-`weights_only=True` (no pickle runs):
-- `model`, `optimizer`: full, single-process state dicts (distributed.py gathers them under FSDP);
-- `model_args`: the network's config (`GPTConfig.to_dict()`, nanoGPT's key);
-- `iter_num`, `best_val_loss`, `elapsed_s`: where the run is;
-- `rng`: the batch stream's generator and torch's RNG (each rank's, under torchrun), for exact resume;
-- `vocabulary`: what token ids mean (encoding, size, digest of a char vocabulary).
-Which optimizer wrote it is read from the state itself (optim.kind_of).
+`<out_dir>/ckpt.pt` is one `torch.save`d dict of tensors and plain values, loaded with `weights_only=True`:
+`model` and `optimizer` (full, single-process state dicts, gathered under FSDP), `model_args`
+(`GPTConfig.to_dict()`, nanoGPT's key), `iter_num`, `best_val_loss`, `elapsed_s`, `rng` (the batch
+stream's generator and each rank's torch RNG, for exact resume) and `vocabulary` (what token ids mean).
 """
 
 from __future__ import annotations

@@ -1,14 +1,11 @@
 """Data: Tiny Shakespeare (bundled, or downloaded) and text files into token files (char or GPT-2 BPE), batches.
 
-Tiny Shakespeare and GPT-2's BPE files ship inside the package (`bundled/`, gzipped, each checked
-against its published sha256 when read), so preparing needs no network. A download (`url=`) is
-still there for a mirror of the same file, verified the same way and cached.
-
-`prepare` writes `<data_root>/<name>_<encoding>/{train.bin, val.bin, meta.json}` exactly as nanoGPT's
-data/shakespeare_char and data/shakespeare prepare.py do (first 90% of the characters train, the rest
-val; uint16 ids), with the vocabulary as JSON instead of a pickle. meta.json is written last: a folder
-with a meta.json is complete. Only `Batches` needs torch, and imports it when used; tiktoken is
-imported only for the gpt2 encoding.
+Tiny Shakespeare and GPT-2's BPE files ship inside the package (`bundled/`, gzipped, checked against
+their published sha256 when read), so preparing needs no network; `url=` downloads a mirror instead.
+`prepare` writes `<data_root>/<name>_<encoding>/{train.bin, val.bin, meta.json}` as nanoGPT's
+shakespeare_char and shakespeare prepare.py do (first 90% of the characters train; uint16 ids), with
+the vocabulary as JSON, not a pickle. meta.json is written last: a folder with one is complete.
+Only `Batches` needs torch (imported when used); tiktoken is imported only for the gpt2 encoding.
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,7 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .errors import ModelUnavailable, UserError
-from .files import sha256_file, write_atomic
+from .files import sha256_file, write_atomic, write_text_atomic
 
 CANONICAL_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -84,50 +80,49 @@ def shakespeare_text() -> str:
     return bundled(SHAKESPEARE_BUNDLED, SHAKESPEARE_SHA256).decode("utf-8")
 
 
-def shakespeare_file(cache_dir: str | Path | None = None) -> Path:
-    """A verified Tiny Shakespeare `input.txt` in the cache (where a download would go), written from
-    the bundled copy when missing or changed: for tools that need a file, such as nanoGPT's prepare.py."""
+def _shakespeare_cache(cache_dir: str | Path | None) -> Path:
+    """Where Tiny Shakespeare's `input.txt` is cached: downloaded there, or written from the bundled copy."""
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    dest = cache / "tinyshakespeare" / "input.txt"
+    return cache / "tinyshakespeare" / "input.txt"
+
+
+def _write_cached(dest: Path, raw: bytes, what: str, fix: str) -> None:
+    """`raw` written atomically into a cache folder, made first; UserError naming `what` when it cannot be."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(dest, lambda f: f.write(raw))
+    except OSError as e:
+        raise UserError(f"cannot write {what}: {one_line(e)}", fix) from e
+
+
+def shakespeare_file(cache_dir: str | Path | None = None) -> Path:
+    """A verified Tiny Shakespeare `input.txt` in the cache, written from the bundled copy when missing
+    or changed: for tools that need a file, such as nanoGPT's prepare.py."""
+    dest = _shakespeare_cache(cache_dir)
     if not (dest.is_file() and sha256_file(dest) == SHAKESPEARE_SHA256):
-        raw = bundled(SHAKESPEARE_BUNDLED, SHAKESPEARE_SHA256)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(dest, lambda f: f.write(raw))
-        except OSError as e:
-            raise UserError(f"cannot write the cache {cache}: {one_line(e)}",
-                            "set NANOREPRO_CACHE or --cache-dir to a writable folder") from e
+        _write_cached(dest, bundled(SHAKESPEARE_BUNDLED, SHAKESPEARE_SHA256), f"the cache {dest.parent.parent}",
+                      "set NANOREPRO_CACHE or --cache-dir to a writable folder")
     return dest
 
 
 def fetch_shakespeare(cache_dir: str | Path | None = None, url: str = CANONICAL_URL,
                       sha256: str = SHAKESPEARE_SHA256, timeout: float = 60) -> Path:
-    """Return the path of a verified Tiny Shakespeare in the cache, downloading it from `url` if needed
-    (for a mirror; `shakespeare_text()` needs no network).
-
-    The cached copy is re-hashed on every call; a download goes to a temp file that replaces the
-    cached one only after its sha256 matches, so a failed download never leaves a file that passes.
-    """
+    """A verified Tiny Shakespeare in the cache, downloaded from `url` if needed (for a mirror;
+    `shakespeare_text()` needs no network). The cached copy is re-hashed on every call; a download
+    replaces it only once its sha256 matches, so a failed download never leaves a file that passes."""
     from tqdm import tqdm
 
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    dest = cache / "tinyshakespeare" / "input.txt"
+    dest = _shakespeare_cache(cache_dir)
     if dest.is_file():
         if sha256_file(dest) == sha256:
             return dest
         print(f"cached {dest} does not match sha256 {sha256[:12]}..., downloading it again")
     fix = ("check the network (or the URL), or leave out the URL to use the bundled copy, "
            "or pass --input / set NANOREPRO_INPUT to a local copy")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".input.txt.", suffix=".part")
-    except OSError as e:
-        raise UserError(f"cannot write the download cache {cache}: {one_line(e)}",
-                        "set NANOREPRO_CACHE or --cache-dir to a writable folder") from e
-    tmp = Path(tmp_name)
-    try:
+
+    def download(out) -> None:
         h, got = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
@@ -142,12 +137,17 @@ def fetch_shakespeare(cache_dir: str | Path | None = None, url: str = CANONICAL_
         if h.hexdigest() != sha256:
             raise UserError(f"download of {url} has sha256 {h.hexdigest()}, expected {sha256} "
                             f"({got:,} bytes; corrupted or not the expected file)", fix)
-        os.replace(tmp, dest)
+
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write the download cache {dest.parent.parent}: {one_line(e)}",
+                        "set NANOREPRO_CACHE or --cache-dir to a writable folder") from e
+    try:
+        write_atomic(dest, download)
     except (OSError, http.client.HTTPException, ValueError) as e:
         # URLError, HTTPError and timeouts are OSErrors; a connection closed early can be IncompleteRead
         raise UserError(f"could not download {url}: {one_line(e)}", fix) from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -164,9 +164,8 @@ def tiktoken_cache_dir() -> Path | None:
 
 
 def install_gpt2_bpe() -> Path | None:
-    """Put the bundled GPT-2 BPE files where tiktoken looks for them (named by the sha1 of the URL it
-    would download them from) unless a verified copy is already there; that folder, or None when
-    tiktoken's cache is turned off. tiktoken checks the same sha256 again when it reads them."""
+    """Put the bundled GPT-2 BPE files where tiktoken looks for them (named by the sha1 of their URL) unless
+    a verified copy is there; that folder, or None when tiktoken's cache is turned off."""
     folder = tiktoken_cache_dir()
     if folder is None:
         return None
@@ -174,13 +173,8 @@ def install_gpt2_bpe() -> Path | None:
         dest = folder / hashlib.sha1(url.encode()).hexdigest()
         if dest.is_file() and sha256_file(dest) == sha256:
             continue
-        raw = bundled(name, sha256)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(dest, lambda f: f.write(raw))
-        except OSError as e:
-            raise UserError(f"cannot write tiktoken's cache {folder}: {one_line(e)}",
-                            "set TIKTOKEN_CACHE_DIR (or NANOREPRO_CACHE) to a writable folder") from e
+        _write_cached(dest, bundled(name, sha256), f"tiktoken's cache {folder}",
+                      "set TIKTOKEN_CACHE_DIR (or NANOREPRO_CACHE) to a writable folder")
     return folder
 
 
@@ -192,8 +186,7 @@ def gpt2_encoding():
         raise UserError("the gpt2 encoding needs tiktoken, which is not installed",
                         "pip install 'nanorepro[train]' (or tiktoken==0.14.0)") from e
     folder = install_gpt2_bpe()
-    # Without a folder of the user's, point tiktoken at ours while it loads (it keeps the encoding
-    # in memory afterwards), rather than at its default shared temp folder.
+    # without a folder of the user's, point tiktoken at ours while it loads, not at its shared temp folder
     ours = not any(v in os.environ for v in _TIKTOKEN_VARS)
     try:
         if ours:
@@ -210,10 +203,9 @@ def gpt2_encoding():
 
 def _read_text(path: Path) -> tuple[str, str]:
     """(text, sha256 of the file's bytes) of a UTF-8 file, with one clear error for each bad case."""
-    if not path.exists():
-        raise UserError(f"input file {path} does not exist", "pass an existing UTF-8 text file to --input")
     if not path.is_file():
-        raise UserError(f"input {path} is not a file", "pass a UTF-8 text file to --input")
+        raise UserError(f"input {path} is not a file" if path.exists() else f"input file {path} does not exist",
+                        "pass an existing UTF-8 text file to --input")
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -238,13 +230,9 @@ def _encode_char(text: str) -> tuple[np.ndarray, list[str]]:
     return ids.astype(np.uint16), [chr(c) for c in chars]
 
 
-def _split_point(text: str) -> int:
-    return int(len(text) * TRAIN_FRACTION)
-
-
 def _encode(text: str, encoding: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(train ids, val ids, encoding-specific meta): the text is split 90/10 by characters first."""
-    n = _split_point(text)
+    n = int(len(text) * TRAIN_FRACTION)
     if encoding == "char":
         ids, itos = _encode_char(text)
         return ids[:n], ids[n:], {"vocab_size": len(itos), "itos": itos}
@@ -254,23 +242,21 @@ def _encode(text: str, encoding: str) -> tuple[np.ndarray, np.ndarray, dict[str,
     return train, val, {"vocab_size": GPT2_VOCAB_SIZE}
 
 
-def _bins_match(out: Path, meta: dict) -> bool:
+def complete_meta(out: Path) -> dict | None:
+    """A prepared folder's meta.json when its train.bin and val.bin hold the tokens it counts; else None."""
     try:
-        return all((out / f"{s}.bin").stat().st_size == 2 * int(meta[f"{s}_tokens"]) for s in ("train", "val"))
-    except (OSError, KeyError, TypeError, ValueError):
-        return False
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        if all((out / f"{s}.bin").stat().st_size == 2 * int(meta[f"{s}_tokens"]) for s in ("train", "val")):
+            return meta
+    except (OSError, KeyError, TypeError, ValueError):  # no folder, a damaged meta.json, or a missing bin
+        pass
+    return None
 
 
 def _reusable(out: Path, sha: str, encoding: str) -> dict | None:
     """The folder's meta if it already holds this source in this encoding, complete; else None."""
-    try:
-        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if isinstance(meta, dict) and meta.get("source_sha256") == sha and meta.get("encoding") == encoding \
-            and _bins_match(out, meta):
-        return meta
-    return None
+    meta = complete_meta(out)
+    return meta if meta and meta.get("source_sha256") == sha and meta.get("encoding") == encoding else None
 
 
 def check_name(name: str) -> str:
@@ -283,11 +269,10 @@ def check_name(name: str) -> str:
 
 def _check_encodings(encodings: Iterable[str]) -> tuple[str, ...]:
     encodings = (encodings,) if isinstance(encodings, str) else tuple(encodings)
-    if not encodings:
-        raise UserError("no encoding given", f"use one of: {', '.join(ENCODINGS)} or all")
-    for enc in encodings:
-        if enc not in ENCODINGS:
-            raise UserError(f"unknown encoding {enc!r}", f"use one of: {', '.join(ENCODINGS)} or all")
+    bad = [enc for enc in encodings if enc not in ENCODINGS]
+    if bad or not encodings:
+        raise UserError(f"unknown encoding {bad[0]!r}" if bad else "no encoding given",
+                        f"use one of: {', '.join(ENCODINGS)} or all")
     return tuple(dict.fromkeys(encodings))
 
 
@@ -295,11 +280,8 @@ def prepare(input_path: str | Path | None = None, name: str = "shakespeare",
             encodings: tuple[str, ...] = ENCODINGS, data_root: str | Path = "data",
             cache_dir: str | Path | None = None, url: str | None = None) -> list[dict]:
     """Encode a text into `<data_root>/<name>_<encoding>/` for each encoding; return their metas.
-
-    The text is `input_path`, else $NANOREPRO_INPUT, else Tiny Shakespeare: the package's bundled
-    copy, or downloaded (and verified) from `url` into the cache when a URL is given. A folder
-    already holding the same source (by sha256) in the same encoding is reused as it is.
-    """
+    The text is `input_path`, else $NANOREPRO_INPUT, else Tiny Shakespeare (bundled, or from `url`).
+    A folder already holding the same source (by sha256) in the same encoding is reused as it is."""
     check_name(name)
     encodings = _check_encodings(encodings)
     if input_path and url:
@@ -309,18 +291,8 @@ def prepare(input_path: str | Path | None = None, name: str = "shakespeare",
         path = Path(input_path).expanduser()
         text, sha = _read_text(path)
         source = str(path.resolve())
-    else:
-        ready = [_reusable(Path(data_root) / f"{name}_{enc}", SHAKESPEARE_SHA256, enc) for enc in encodings]
-        if all(ready):  # everything asked for is made: nothing to read or download
-            for enc, meta in zip(encodings, ready):
-                print(f"reusing {Path(data_root) / f'{name}_{enc}'}: it already holds Tiny Shakespeare as {enc}")
-            return [{**m, "data_dir": str(Path(data_root) / f"{name}_{enc}")} for enc, m in zip(encodings, ready)]
-        if url:
-            text, sha = _read_text(fetch_shakespeare(cache_dir, url=url))
-            source = url
-        else:
-            text, sha, source = shakespeare_text(), SHAKESPEARE_SHA256, BUNDLED_SOURCE
-
+    else:  # Tiny Shakespeare, read (or downloaded) only when a folder is to be written
+        text, sha, source = None, SHAKESPEARE_SHA256, url or BUNDLED_SOURCE
     metas = []
     for encoding in encodings:
         out = Path(data_root) / f"{name}_{encoding}"
@@ -328,6 +300,8 @@ def prepare(input_path: str | Path | None = None, name: str = "shakespeare",
         if meta is not None:
             print(f"reusing {out}: it already holds this source (sha256 {sha[:12]}...) as {encoding}")
         else:
+            if text is None:
+                text = _read_text(fetch_shakespeare(cache_dir, url=url))[0] if url else shakespeare_text()
             meta = _write_dataset(out, text, name, encoding, source, sha)
         metas.append({**meta, "data_dir": str(out)})
     return metas
@@ -340,10 +314,8 @@ def _write_dataset(out: Path, text: str, name: str, encoding: str, source: str, 
             raise UserError(f"the text is too short: {len(text):,} characters give {len(ids)} {split} "
                             f"token(s) with the {encoding} encoding (need at least {MIN_SPLIT_TOKENS})",
                             "use a longer text file")
-    meta = {"name": name, "encoding": encoding, "vocab_size": extra["vocab_size"],
-            **({"itos": extra["itos"]} if "itos" in extra else {}),
-            "train_tokens": int(len(train)), "val_tokens": int(len(val)), "dtype": "uint16",
-            "source": source, "source_sha256": sha,
+    meta = {"name": name, "encoding": encoding, **extra, "train_tokens": int(len(train)), "val_tokens": int(len(val)),
+            "dtype": "uint16", "source": source, "source_sha256": sha,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -353,8 +325,7 @@ def _write_dataset(out: Path, text: str, name: str, encoding: str, source: str, 
         write_atomic(out / "val.bin", val.tofile)
         # one key per line, the vocabulary on one line: readable with `cat` even for big vocabularies
         lines = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items()]
-        payload = ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
-        write_atomic(out / "meta.json", lambda f: f.write(payload))
+        write_text_atomic(out / "meta.json", "{\n" + ",\n".join(lines) + "\n}\n")
     except OSError as e:
         reason, needed = one_line(e), 2 * (len(train) + len(val))
         try:  # numpy reports a short write without an errno: say when it is a full disk
@@ -401,9 +372,7 @@ class Codec:
         if encoding not in ENCODINGS:
             raise UserError(f"unknown encoding {encoding!r}", f"use one of: {', '.join(ENCODINGS)}")
         self.encoding, self.vocab_size, self.itos = encoding, int(vocab_size), itos
-        if encoding == "char":
-            if not itos:
-                raise UserError("a char codec needs its vocabulary (itos)", "re-run `nanorepro prepare`")
+        if encoding == "char":  # load_meta refuses a char dataset without its itos
             self._stoi = {c: i for i, c in enumerate(itos)}
         else:
             self._enc = gpt2_encoding()
@@ -429,11 +398,8 @@ class Codec:
 
 
 class Batches:
-    """Random (x, y) training batches from a prepared folder, as nanoGPT's get_batch.
-
-    Each split's memmap is opened once (nanoGPT reopens it per batch to dodge a memory leak of
-    long-lived memmaps; slicing copies out of it here, so nothing accumulates).
-    """
+    """Random (x, y) training batches from a prepared folder, as nanoGPT's get_batch. Each split's memmap
+    is opened once (nanoGPT reopens it per batch against a leak; copying rows out here keeps none)."""
 
     def __init__(self, data_dir: str | Path, block_size: int, batch_size: int, device: str = "cpu"):
         self.meta = load_meta(data_dir)
@@ -456,11 +422,7 @@ class Batches:
             self._data[split] = np.memmap(path, dtype=np.uint16, mode="r")
         self._offsets = np.arange(self.block_size + 1)
 
-    def get(self, split: str, generator=None):
-        """(x, y), int64 of shape (batch_size, block_size); y is x shifted by one token."""
-        return self.read(split, self.draw(split, generator))
-
-    # draw + read = get: distributed ranks all draw every batch (one shared stream) and read their own
+    # draw, then read: distributed ranks all draw every batch (one shared stream) and read their own
     def draw(self, split: str, generator=None):
         """The start offsets of one random batch, without reading it."""
         import torch
@@ -470,7 +432,8 @@ class Batches:
         return torch.randint(len(self._data[split]) - self.block_size, (self.batch_size,), generator=generator)
 
     def read(self, split: str, ix):
-        """(x, y) for the start offsets `ix` drawn by `draw`."""
+        """(x, y), int64 of shape (batch_size, block_size), for the start offsets `ix` drawn by `draw`;
+        y is x shifted by one token."""
         import torch
 
         data = self._data[split]

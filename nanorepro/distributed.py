@@ -4,17 +4,12 @@
 `nanorepro train`; each reads RANK / LOCAL_RANK / WORLD_SIZE, joins one process group (gloo on CPU,
 NCCL on CUDA) and takes its share of every iteration's micro-batches. How the work is split:
 
-- Every rank walks the SAME batch stream (one generator, seeded once): iteration i's global
-  micro-batches are the ones a single process with the same `gradient_accumulation_steps` draws;
-  rank r reads micro-batches [r*g, (r+1)*g) of them (g = steps / world size) and only draws the
-  others. So N ranks train on exactly the samples one process would, and the stream's state, the
-  same on every rank, is all a checkpoint needs for exact resume.
-- Evaluation batches are split the same way (rank r takes batches r, r+N, ...) and the losses summed.
-- Only rank 0 writes: metrics, config, env record and checkpoints. FSDP checkpoints are gathered
-  into one full state dict, the same file a single process writes, so `nanorepro sample` and a
-  single-process resume read it unchanged.
-
-With `parallel="none"` nothing here touches torch.distributed: the single-process path is the plain one.
+- Every rank walks the SAME batch stream (one generator, seeded once) and reads only its block of
+  each iteration's micro-batches: N ranks train on exactly the samples one process would, and the
+  stream's state is all a checkpoint needs for exact resume. Evaluation batches are split likewise.
+- Only rank 0 writes. FSDP checkpoints are gathered into the same full state dict a single process
+  writes, so `nanorepro sample` and a single-process resume read it unchanged.
+With `parallel="none"` nothing here touches torch.distributed.
 """
 
 from __future__ import annotations
@@ -70,10 +65,8 @@ class World:
         return range(self.rank * per, (self.rank + 1) * per)
 
     def eval_batches(self, total: int) -> tuple[list[int], int]:
-        """(this rank's evaluation batches out of `total`, forward passes every rank must make).
-
-        FSDP's forward is collective: a rank with one batch fewer runs one spare (discarded)
-        forward so all ranks make the same number."""
+        """(this rank's evaluation batches out of `total`, forward passes every rank must make: FSDP's
+        forward is collective, so a rank with a batch fewer runs a spare one)."""
         return list(range(self.rank, total, self.size)), math.ceil(total / self.size)
 
     def total(self, t: torch.Tensor) -> torch.Tensor:
@@ -106,10 +99,6 @@ def torchrun_env() -> tuple[int, int, int] | None:
         raise UserError(f"RANK/LOCAL_RANK/WORLD_SIZE are not integers: {e}", "launch with torchrun") from e
 
 
-def launch_command(nproc: int = 2) -> str:
-    return f"torchrun --standalone --nproc_per_node={nproc} -m nanorepro train ..."
-
-
 def start(cfg: Config, device_of: Callable[[], str]) -> World:
     """Join the process group torchrun set up (refusing combinations that cannot work); a single
     process gets World() and no process group at all. `device_of()` resolves the device (only
@@ -123,7 +112,8 @@ def start(cfg: Config, device_of: Callable[[], str]) -> World:
         return World()
     if env is None:
         raise UserError(f"parallel={cfg.parallel} needs one process per device, started by torchrun",
-                        f"launch it as `{launch_command()} --parallel={cfg.parallel}` "
+                        "launch it as `torchrun --standalone --nproc_per_node=2 -m nanorepro train ... "
+                        f"--parallel={cfg.parallel}` "
                         "(--nproc_per_node = your GPU count), or use --parallel=none")
     rank, local_rank, size = env
     if cfg.gradient_accumulation_steps % size:
@@ -155,13 +145,9 @@ def start(cfg: Config, device_of: Callable[[], str]) -> World:
 
 
 def finish(world: World, error: BaseException | None = None) -> None:
-    """Leave the process group cleanly, on every path: free the model and optimizer, collect,
-    barrier, destroy. Leaving without this makes gloo abort at exit (a peer closes mid-shutdown).
-
-    The model and optimizer are locals of the training function: gone when it returns, and held by
-    the traceback's frames when it raised, so those frames are cleared first. After an error the
-    barrier is bounded: a rank that failed alone (the others stuck in a collective) leaves after
-    ERROR_BARRIER_S and torchrun stops the rest."""
+    """Leave the process group cleanly on every path (else gloo aborts at exit): free the model and
+    optimizer (after an error, held by the traceback's frames), barrier, destroy. After an error the
+    barrier is bounded: a rank that failed alone leaves after ERROR_BARRIER_S."""
     if not world.active or not dist.is_initialized():
         return
     if error is not None and error.__traceback__ is not None:
@@ -185,22 +171,15 @@ def finish(world: World, error: BaseException | None = None) -> None:
 # ---------------------------------------------------------------------------------------------
 # Wrapping the model
 
-def checkpoint_activations(model: torch.nn.Module) -> None:
-    """Keep only each block's input for backward and recompute the rest: activation memory
-    drops from ~layers x block activations to ~one block's. Parameter names are unchanged."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.transformer.h:
-        forward = block.forward
-        block.forward = lambda x, f=forward: checkpoint(f, x, use_reentrant=False)
-
-
 def wrap(model: torch.nn.Module, world: World, device: str, dtype: str,
          activation_checkpointing: bool = False) -> torch.nn.Module:
     """The module the training step calls: the model itself, DDP around it, or the model sharded
     in place by FSDP2 (each block, then the root that holds the tied embedding/head)."""
-    if activation_checkpointing:
-        checkpoint_activations(model)
+    if activation_checkpointing:  # keep each block's input, recompute the rest: ~one block's activations
+        from torch.utils.checkpoint import checkpoint
+
+        for block in model.transformer.h:
+            block.forward = lambda x, f=block.forward: checkpoint(f, x, use_reentrant=False)
     if world.parallel == "none" or not world.active:
         return model
     if world.parallel == "ddp":

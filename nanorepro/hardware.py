@@ -1,9 +1,5 @@
 """What this machine can do: which device and dtype a run gets, physical cores, native bf16, the
-device's peak FLOP/s, and the faster CPU dtype.
-
-Used by `train` (device, thread count, `dtype=fast`), `sample` (device) and `bench` (the peak that MFU
-is measured against).
-"""
+device's peak FLOP/s (for bench's MFU), and the faster CPU dtype (train's `dtype=fast`)."""
 
 from __future__ import annotations
 
@@ -66,9 +62,7 @@ def physical_cores() -> int:
 def set_cpu_threads() -> int:
     """One torch thread per physical core unless the user chose (OMP_NUM_THREADS); return the count."""
     if "OMP_NUM_THREADS" not in os.environ:
-        n = physical_cores()
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
+        torch.set_num_threads(physical_cores())
     return torch.get_num_threads()
 
 
@@ -127,14 +121,10 @@ def _step_seconds(model: torch.nn.Module, x: torch.Tensor, ctx: StepContext) -> 
 def fast_cpu_dtype(model_cfg: GPTConfig, batch_size: int, budget_s: float = 2.0) -> tuple[str, str, str]:
     """(dtype, attention, why): the fastest way to train this model on this CPU.
 
-    Times a few forward+backward passes of the run's own model at its batch size, within about
-    `budget_s`, without touching the global RNG state the run is seeded with: float32, bf16
-    autocast, and bf16 with the math attention kernel (PyTorch's CPU flash kernel can be several
-    times slower in bf16 at short contexts).
-    bf16 is picked only where the CPU has it natively and it beats float32 by FAST_MARGIN.
-    The passes run on one thread and are timed in this thread's CPU time: on a machine shared with
-    other processes, wall time with several threads swings by 10-100x (a descheduled thread stalls
-    the others at every barrier), CPU time on one thread hardly moves, and the ratios carry over.
+    Times a few forward+backward passes of the run's own model (leaving the global RNG alone) in
+    float32, bf16, and bf16 with the math attention kernel (PyTorch's CPU flash kernel can be much
+    slower in bf16 at short contexts); bf16 must be native and beat float32 by FAST_MARGIN. One
+    thread's CPU time is measured: on a shared machine, multi-threaded wall time swings 10-100x.
     """
     if not cpu_has_native_bf16():
         return "float32", "default", "this CPU has no native bf16 (emulated bf16 is slower)"
@@ -178,12 +168,8 @@ def peak_flops(device: str, dtype: str) -> tuple[float | None, str]:
 
 
 def measured_cpu_peak(dtype: str, sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 6) -> tuple[float, str]:
-    """(FLOP/s, source): the fastest square matmul in `dtype` with the current thread count.
-
-    A measured peak, not a data-sheet one: MFU against it says how close training gets to the
-    matmul speed this CPU reaches (a bound training cannot reach: not all of it is matmuls).
-    The best over sizes and repeats is what contention from other processes distorts least.
-    """
+    """(FLOP/s, source): the fastest square matmul in `dtype` with the current thread count, a bound
+    training cannot reach. The best over sizes and repeats is what contention distorts least."""
     tdtype = DTYPES["bfloat16" if dtype == "bfloat16" else "float32"]
     gen = torch.Generator().manual_seed(0)
     best, best_n = 0.0, 0

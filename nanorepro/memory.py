@@ -2,18 +2,14 @@
 against the device's, the largest setting that fits when it does not, and a time estimate.
 
 The accounting follows what this repository's GPT keeps alive at the peak (the start of backward):
-- fp32 weights (4 B/param), their gradients (4 B), AdamW's two moments (8 B): 16 B/param, so
-  gpt2-xl's 1.56B parameters need 24.9 GB before a single activation;
-- under bf16/fp16 autocast, the half-precision weight copies saved for backward (2 B/param);
-- DDP's gradient buckets (4 B/param); FSDP shards weights, gradients and moments over the ranks
-  but gathers a block (two, with prefetch) and the root (embeddings) whole;
-- per token, per layer: LayerNorm inputs in fp32 (2 x 4C bytes) and 15 C-wide tensors at the
-  compute precision (qkv, attention output, MLP input/hidden/activation, ...): (8 + 15 s) C bytes,
-  attention by SDPA's fused kernels (no T x T matrix); activation checkpointing keeps only each
-  block's fp32 input and recomputes one block at a time;
-- the head: log-softmax output (4V bytes per token, fp32) kept for backward, plus 8V transient
-  while the loss is differentiated: with GPT-2's 50257-token vocabulary this outweighs a 12-layer
-  body at small widths.
+- fp32 weights, gradients and AdamW's two moments: 16 B/param (gpt2-xl: 24.9 GB before activations);
+  under autocast, the half-precision weight copies saved for backward (2 B/param); DDP's gradient
+  buckets (4 B/param); FSDP shards all of it but gathers a block (two, with prefetch) and the root;
+- per token, per layer: LayerNorm inputs in fp32 and 15 C-wide tensors at the compute precision s,
+  (8 + 15 s) C bytes (SDPA's fused kernels: no T x T matrix); activation checkpointing keeps only
+  each block's fp32 input;
+- the head: the fp32 log-softmax (4V bytes per token) kept for backward plus 8V transient: with
+  GPT-2's 50257-token vocabulary this outweighs a 12-layer body at small widths.
 No torch here: the hub kernel sizes runs before sending them to a node.
 """
 
@@ -68,16 +64,12 @@ class Estimate:
         return f"~{self.total / scale:.1f} {unit} ({parts} {unit}; {', '.join(how)})"
 
 
-def _compute_bytes(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
-
-
 def estimate(shape: GPTConfig, batch_size: int, dtype: str = "bfloat16", parallel: str = "none", world_size: int = 1,
              activation_checkpointing: bool = False, training: bool = True, block_size: int | None = None) -> Estimate:
     """Peak memory of one training step (or one evaluation forward, `training=False`) per process."""
     T = block_size or shape.block_size
     N, C, L, V = shape.n_params, shape.n_embd, shape.n_layer, shape.vocab_size
-    s = _compute_bytes(dtype)
+    s = 4 if dtype == "float32" else 2  # bytes per value at the compute precision
     tokens = batch_size * T
     layer = (8 + 15 * s) * C  # per token: LayerNorm inputs in fp32, the rest at compute precision
     ids = 16  # token ids and targets (int64) kept by the embedding and the loss
@@ -128,11 +120,8 @@ def capacity_limit(capacity: int) -> int:
 
 def _splits(global_batch: int, below: int, multiple_of: int) -> list[tuple[int, int]]:
     """(batch_size, gradient_accumulation_steps) with the same sequences per step, largest batch first."""
-    out = []
-    for b in range(min(below, global_batch), 0, -1):
-        if global_batch % b == 0 and (global_batch // b) % multiple_of == 0:
-            out.append((b, global_batch // b))
-    return out
+    return [(b, global_batch // b) for b in range(min(below, global_batch), 0, -1)
+            if global_batch % b == 0 and (global_batch // b) % multiple_of == 0]
 
 
 def _fits(est: Estimate, capacity: int) -> bool:

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -111,15 +112,9 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
-
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; like nanoGPT, position embeddings are left out by default.
-
-        Token embeddings stay in: they are the output head's weights too.
-        """
+        """Parameter count; like nanoGPT, position embeddings are left out by default (token embeddings
+        stay in: they are the output head's weights too)."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
         if non_embedding:
             n -= self.transformer.wpe.weight.numel()
@@ -127,12 +122,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor,
                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> (logits, loss).
-
-        With targets: logits for every position (B, T, vocab) and the mean cross-entropy
-        (targets of -1 are ignored). Without: logits of the last position only (B, 1, vocab),
-        all that sampling needs, and loss None.
-        """
+        """idx (B, T) token ids -> (logits, loss). With targets: logits (B, T, vocab) and the mean
+        cross-entropy (targets of -1 ignored); without: the last position's logits (B, 1, vocab), None."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise UserError(f"a sequence of {T} tokens is longer than the model's block_size={self.config.block_size}",
@@ -153,27 +144,21 @@ class GPT(nn.Module):
         if block_size > self.config.block_size:
             raise UserError(f"block_size={block_size} is larger than this model's context of {self.config.block_size}",
                             f"use block_size <= {self.config.block_size}")
-        if block_size <= 0:
-            raise UserError(f"block_size must be > 0, got {block_size}", "use a positive block_size")
         self.config = dataclasses.replace(self.config, block_size=block_size)
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); the context is cropped to block_size.
-
-        Call model.eval() first (dropout stays as the caller set it). Pass a seeded
-        torch.Generator on idx's device for reproducible samples.
-        """
+        """Append max_new_tokens sampled tokens to idx (B, T), the context cropped to block_size. Call
+        model.eval() first; pass a seeded torch.Generator on idx's device for reproducible samples."""
         if temperature <= 0:
             raise UserError(f"temperature must be > 0, got {temperature}",
                             "use e.g. temperature=0.8, or top_k=1 for greedy decoding")
         if top_k is not None and top_k < 1:
             raise UserError(f"top_k must be >= 1, got {top_k}", "use e.g. top_k=200, or leave it unset")
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
+            logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
@@ -191,23 +176,17 @@ class GPT(nn.Module):
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def _is_true(value: str | None) -> bool:
-    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def _offline() -> bool:
+    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, read now (huggingface_hub reads them once, at import)."""
     from huggingface_hub import constants
 
-    env = _is_true(os.environ.get("HF_HUB_OFFLINE")) or _is_true(os.environ.get("TRANSFORMERS_OFFLINE"))
-    return env or bool(constants.HF_HUB_OFFLINE)
+    env = (os.environ.get(k, "").strip().upper() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(v in {"1", "ON", "YES", "TRUE"} for v in env) or bool(constants.HF_HUB_OFFLINE)
 
 
 def _reachable(url: str, timeout: float = 5.0) -> bool:
-    """Can a TCP connection to url's host be opened within timeout? (DNS included, hence the thread.)
-
-    huggingface_hub retries a refused connection for tens of seconds; this answers at once for a
-    closed port and in `timeout` seconds for a black hole.
-    """
+    """Can a TCP connection to url's host be opened within timeout (DNS included, hence the thread)?
+    huggingface_hub would retry a refused connection for tens of seconds."""
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     ok: list[bool] = []
@@ -225,23 +204,20 @@ def _reachable(url: str, timeout: float = 5.0) -> bool:
     return bool(ok)
 
 
-def _uses_proxy() -> bool:
-    # Behind a proxy a direct probe says nothing; let huggingface_hub try.
-    names = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
-    return any(os.environ.get(k) or os.environ.get(k.lower()) for k in names)
-
-
 def _check_hf_config(hf: dict[str, Any], where: str) -> None:
     """Refuse GPT-2 variants our network does not compute the same way."""
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise UserError(f"{where} holds a {hf.get('model_type')!r} model, not GPT-2", "pass a GPT-2 Hugging Face folder")
+        raise UserError(f"{where} holds a {hf.get('model_type')!r} model, not GPT-2",
+                        "pass a GPT-2 Hugging Face folder")
     n_embd = hf.get("n_embd", 768)
     checks = [
-        ("activation_function", hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"), "gelu_new"),
+        ("activation_function", hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+         "gelu_new"),
         ("n_inner", hf.get("n_inner") in (None, 4 * n_embd), f"None or {4 * n_embd}"),
         ("layer_norm_epsilon", abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12, "1e-05"),
         ("scale_attn_weights", hf.get("scale_attn_weights", True) is True, "true"),
-        ("scale_attn_by_inverse_layer_idx", hf.get("scale_attn_by_inverse_layer_idx", False) is False, "false"),
+        ("scale_attn_by_inverse_layer_idx", hf.get("scale_attn_by_inverse_layer_idx", False) is False,
+         "false"),
         ("tie_word_embeddings", hf.get("tie_word_embeddings", True) is True, "true"),
         ("add_cross_attention", hf.get("add_cross_attention", False) is False, "false"),
     ]
@@ -262,8 +238,7 @@ def _load_hf(name_or_path: str) -> tuple[Any, GPTConfig]:
         if not cfg_file.is_file():
             raise UserError(f"{folder} has no config.json, so it is not a Hugging Face model folder",
                             "pass a folder written by save_pretrained, or one of " + ", ".join(PRETRAINED))
-        hf_cfg = json.loads(cfg_file.read_text())
-        _check_hf_config(hf_cfg, str(folder))
+        _check_hf_config(json.loads(cfg_file.read_text()), str(folder))
         try:
             hf = GPT2LMHeadModel.from_pretrained(str(folder), local_files_only=True, **kwargs)
         except (OSError, ValueError) as e:
@@ -315,7 +290,8 @@ def require_download_possible(name: str) -> None:
     where = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     if _offline():
         raise ModelUnavailable(f"{name} is not available offline: {where} and HF_HUB_OFFLINE is set", OFFLINE_FIX)
-    if not _uses_proxy() and not _reachable(constants.ENDPOINT):
+    # behind a proxy a direct probe says nothing: let huggingface_hub try
+    if not urllib.request.getproxies().keys() & {"https", "http", "all"} and not _reachable(constants.ENDPOINT):
         raise ModelUnavailable(f"{name} is not available offline: {where} and {constants.ENDPOINT} cannot be reached",
                                OFFLINE_FIX)
 

@@ -1,17 +1,14 @@
 """OpenWebText (or any text dataset in the same shape) as GPT-2 token files, as nanoGPT prepares it.
 
-`prepare` writes `<data_root>/<name>_gpt2/{train.bin, val.bin, meta.json}` in the layout `data.py`
-makes for Tiny Shakespeare: the source's documents split 99.95% / 0.05% (nanoGPT's
-`train_test_split(test_size=0.0005, seed=2357, shuffle=True)`), each document GPT-2-encoded with
-`<|endoftext|>` after it, concatenated in split order into uint16 memmaps. For the real
-OpenWebText that is 9,035,582,198 train tokens (~17 GiB) and 4,434,897 val tokens (nanoGPT's counts).
+`prepare` writes `<data_root>/<name>_gpt2/{train.bin, val.bin, meta.json}` in data.py's layout: the
+documents split 99.95% / 0.05% as nanoGPT's `train_test_split(test_size=0.0005, seed=2357)`, each
+GPT-2-encoded with `<|endoftext|>` after it (for OpenWebText, 9,035,582,198 train tokens, ~17 GiB).
 
 Resumable: documents are tokenised shard by shard (datasets' `map` over `num_proc` processes) into
-`.parts/<split>/<i>.bin`, each written atomically and skipped when present; the parts are then
-appended to `<split>.bin` with the progress recorded after each, so an interruption at any point
-loses at most one shard's work. meta.json is written last: a folder with one is complete.
-The source is a `save_to_disk` folder, a local .parquet/.json(l)/.csv/.txt/.arrow file or a folder of
-them, or a Hugging Face dataset name; documents are read from its `text` column.
+`.parts/<split>/<i>.bin`, each skipped when present; the parts are then appended to `<split>.bin`
+with the progress recorded after each, so an interruption loses at most one shard's work.
+The source is a `save_to_disk` folder, local .parquet/.json(l)/.csv/.txt/.arrow files, or a Hugging
+Face dataset name; documents are read from its `text` column.
 """
 
 from __future__ import annotations
@@ -26,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from .data import GPT2_VOCAB_SIZE, check_name, gpt2_encoding, one_line
+from .data import GPT2_VOCAB_SIZE, check_name, complete_meta, gpt2_encoding, one_line
 from .errors import ModelUnavailable, UserError
-from .files import write_atomic
+from .files import write_atomic, write_text_atomic
 
 DEFAULT_SOURCE = "Skylion007/openwebtext"  # nanoGPT's "openwebtext"
 VAL_FRACTION = 0.0005
@@ -44,21 +41,11 @@ LOADERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "cs
 # ---------------------------------------------------------------------------------------------
 # The source
 
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConnectionError, OSError]
-    try:
-        from datasets.exceptions import DatasetNotFoundError
-
-        errors.append(DatasetNotFoundError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def load_source(source: str, text_column: str = "text", num_proc: int | None = None):
     """The source's documents as one `datasets.Dataset` (its `train` split, or its only one)."""
     try:
         import datasets
+        from datasets.exceptions import DatasetNotFoundError
     except ImportError as e:
         raise UserError("preparing OpenWebText needs the `datasets` library", "pip install 'nanorepro[train]'") from e
     path = Path(source).expanduser()
@@ -77,12 +64,10 @@ def load_source(source: str, text_column: str = "text", num_proc: int | None = N
             ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], num_proc=num_proc)
         else:
             ds = datasets.load_dataset(source, num_proc=num_proc)
-    except UserError:
-        raise
     except RuntimeError as e:  # e.g. a Hub dataset that still needs a loading script
         raise UserError(f"cannot load dataset {source}: {one_line(e)}",
                         "pass --source a local copy or a Hub dataset stored as Parquet/Arrow") from e
-    except _hub_errors() as e:
+    except (OSError, DatasetNotFoundError) as e:  # ConnectionError is an OSError
         raise ModelUnavailable(f"dataset {source} is not available here: {one_line(e)}",
                                "connect to the network once (it is cached), or pass --source a local copy "
                                "(a save_to_disk folder or .parquet/.jsonl files)") from e
@@ -102,12 +87,6 @@ def load_source(source: str, text_column: str = "text", num_proc: int | None = N
     return ds
 
 
-def split_sizes(n: int) -> dict[str, int]:
-    """Documents per split as `train_test_split(test_size=0.0005)` counts them (val rounded up)."""
-    val = math.ceil(VAL_FRACTION * n)
-    return {"train": n - val, "val": val}
-
-
 def _split(ds, work: Path) -> dict[str, Any]:
     """nanoGPT's split: 0.05% of the documents, shuffled with seed 2357, become val. The shuffled
     order is an index file in `work` (never next to the source, which may be read-only)."""
@@ -125,27 +104,15 @@ def estimate_bytes(text_bytes: int, documents: int) -> int:
     return int(2 * (text_bytes / BYTES_PER_TOKEN + documents))
 
 
-def free_bytes(folder: Path) -> int:
-    """Free space where `folder` is (or would be created)."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
-
-
-def _written_bytes(out: Path) -> int:
-    """What earlier attempts already wrote (parts and partial bins): not needed again."""
-    return sum(p.stat().st_size for p in out.rglob("*.bin*") if p.is_file()) if out.is_dir() else 0
-
-
 def _size(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def check_disk(out: Path, needed: int) -> str:
-    """One line saying what is needed, or UserError when the disk holding `out` lacks it."""
-    have = free_bytes(out)
-    want = int(needed * DISK_MARGIN) - _written_bytes(out)
+    """One line saying what is needed, or UserError when the disk holding the folder `out` lacks it
+    (less what earlier attempts already wrote there: parts and partial bins)."""
+    have = shutil.disk_usage(out).free
+    want = int(needed * DISK_MARGIN) - sum(p.stat().st_size for p in out.rglob("*.bin*") if p.is_file())
     line = f"token files need ~{_size(needed)} ({needed / 2**30:.1f} GiB) in {out}; {_size(have)} free"
     if want > have:
         raise UserError(f"not enough disk: {line} (need {_size(want)} more, with a {DISK_MARGIN - 1:.0%} margin)",
@@ -169,8 +136,7 @@ def _tokenize(batch: dict[str, list], text_column: str) -> dict[str, list]:
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    data = (json.dumps(value, indent=1) + "\n").encode()
-    write_atomic(path, lambda f: f.write(data))
+    write_text_atomic(path, json.dumps(value, indent=1) + "\n")
 
 
 def _tokenize_shard(docs, path: Path, text_column: str, num_proc: int) -> int:
@@ -182,12 +148,17 @@ def _tokenize_shard(docs, path: Path, text_column: str, num_proc: int) -> int:
     return len(tokens)
 
 
+def _progress(parts: Path) -> dict[str, int]:
+    """How far appending a split's parts got: the next part to append, and the bytes before it."""
+    path = parts / "progress.json"
+    return json.loads(path.read_text()) if path.is_file() else {"next": 0, "bytes": 0}
+
+
 def _assemble(out: Path, split: str, n_parts: int) -> int:
     """Append the parts, in order, to `<split>.bin`; resumable (progress saved after each part,
     each part deleted once recorded, so the disk holds ~one copy). Its token count."""
     parts = out / PARTS / split
-    partial, progress = out / f"{split}.bin.partial", parts / "progress.json"
-    state = json.loads(progress.read_text()) if progress.is_file() else {"next": 0, "bytes": 0}
+    partial, state = out / f"{split}.bin.partial", _progress(parts)
     with open(partial, "ab" if partial.exists() else "wb") as f:
         f.truncate(state["bytes"])  # drop whatever an interrupted append left past the last record
         f.seek(state["bytes"])
@@ -198,7 +169,7 @@ def _assemble(out: Path, split: str, n_parts: int) -> int:
             f.flush()
             os.fsync(f.fileno())
             state = {"next": i + 1, "bytes": f.tell()}
-            _write_json(progress, state)
+            _write_json(parts / "progress.json", state)
             part.unlink()
     os.replace(partial, out / f"{split}.bin")
     shutil.rmtree(parts)
@@ -207,7 +178,8 @@ def _assemble(out: Path, split: str, n_parts: int) -> int:
 
 def _plan(ds, source: str, text_column: str, shard_docs: int) -> dict[str, Any]:
     """Everything that decides the token files: a resumed preparation must have the same."""
-    sizes = split_sizes(len(ds))
+    val = math.ceil(VAL_FRACTION * len(ds))  # as train_test_split counts it
+    sizes = {"train": len(ds) - val, "val": val}
     return {"source": source, "fingerprint": getattr(ds, "_fingerprint", None), "text_column": text_column,
             "documents": sizes, "val_fraction": VAL_FRACTION, "split_seed": SPLIT_SEED, "shard_docs": shard_docs,
             "shards": {s: max(1, math.ceil(n / shard_docs)) for s, n in sizes.items()}}
@@ -227,22 +199,18 @@ def prepare(source: str = DEFAULT_SOURCE, name: str = "openwebtext", data_root: 
     gpt2_encoding()  # here, once, rather than failing in every worker
     ds = load_source(source, text_column, num_proc)
     plan = _plan(ds, source, text_column, shard_docs)
-    try:
-        meta = json.loads((out / "meta.json").read_text())
-        if meta.get("plan") == plan and all((out / f"{s}.bin").stat().st_size == 2 * meta[f"{s}_tokens"]
-                                            for s in ("train", "val")):
-            print(f"reusing {out}: it already holds {source} ({meta['train_tokens']:,} train tokens)")
-            return {**meta, "data_dir": str(out)}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    meta = complete_meta(out)
+    if meta and meta.get("plan") == plan:
+        print(f"reusing {out}: it already holds {source} ({meta['train_tokens']:,} train tokens)")
+        return {**meta, "data_dir": str(out)}
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "meta.json").unlink(missing_ok=True)  # incomplete from here until the end
         plan_path = out / PARTS / "plan.json"
         if not plan_path.is_file() or json.loads(plan_path.read_text()) != plan:
             # token files not made by an interrupted run of this very plan cannot be resumed
-            stale = [p for p in [out / PARTS] + [out / f"{s}.bin{x}" for s in ("train", "val") for x in ("", ".partial")]
-                     if p.exists()]
+            made = [out / PARTS] + [out / f"{s}.bin{x}" for s in ("train", "val") for x in ("", ".partial")]
+            stale = [p for p in made if p.exists()]
             if stale:
                 print(f"{out} holds token files of another source or split: starting over")
             for p in stale:
@@ -260,8 +228,8 @@ def prepare(source: str = DEFAULT_SOURCE, name: str = "openwebtext", data_root: 
     datasets.disable_progress_bars()  # one bar for the whole job instead of one per shard
     tokens: dict[str, int] = {}
     try:
-        total = sum(plan["documents"].values())
-        with tqdm(total=total, unit="doc", unit_scale=True, desc=f"tokenising {source} ({num_proc} processes)") as bar:
+        desc = f"tokenising {source} ({num_proc} processes)"
+        with tqdm(total=len(ds), unit="doc", unit_scale=True, desc=desc) as bar:
             for split, docs in splits.items():
                 if (out / f"{split}.bin").is_file() and not (out / PARTS / split).exists():
                     tokens[split] = (out / f"{split}.bin").stat().st_size // 2  # finished before an interruption
@@ -270,7 +238,7 @@ def prepare(source: str = DEFAULT_SOURCE, name: str = "openwebtext", data_root: 
                 parts = out / PARTS / split
                 parts.mkdir(parents=True, exist_ok=True)
                 n = plan["shards"][split]
-                done = json.loads((parts / "progress.json").read_text())["next"] if (parts / "progress.json").is_file() else 0
+                done = _progress(parts)["next"]
                 for i in range(n):
                     shard = docs.shard(num_shards=n, index=i, contiguous=True)
                     if i >= done and not (parts / f"{i:05d}.bin").is_file():

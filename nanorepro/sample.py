@@ -17,7 +17,7 @@ def sample(run_dir: str | Path | None = None, model: str | None = None, prompt: 
     """`num_samples` continuations of `prompt` (the prompt included), decoded to text."""
     if num_samples < 1 or max_new_tokens < 1:
         raise UserError("num_samples and max_new_tokens must be >= 1", "use e.g. --num-samples 1 --max-new-tokens 200")
-    if temperature <= 0:
+    if temperature <= 0:  # before anything is loaded
         raise UserError(f"temperature must be > 0, got {temperature}", "use e.g. --temperature 0.8")
     if top_k is not None and top_k < 1:
         top_k = None
@@ -27,7 +27,7 @@ def sample(run_dir: str | Path | None = None, model: str | None = None, prompt: 
         codec = data.Codec.from_meta(data.load_meta(Path(data_root or cfg.data_root) / cfg.dataset))
     elif model is not None:
         net, _ = load_pretrained(model)
-        codec = data.Codec.from_meta({"encoding": "gpt2", "vocab_size": 50257})
+        codec = data.Codec.from_meta({"encoding": "gpt2", "vocab_size": data.GPT2_VOCAB_SIZE})
     else:
         raise UserError("nothing to sample from", "give a run folder (--run) or a model name (--model)")
     net.eval().to(dev)
@@ -36,8 +36,5 @@ def sample(run_dir: str | Path | None = None, model: str | None = None, prompt: 
         raise UserError("the prompt encodes to no tokens", "give a non-empty prompt")
     gen = torch.Generator(device=dev).manual_seed(seed)
     x = torch.tensor([ids], dtype=torch.long, device=dev)
-    texts = []
-    for _ in range(num_samples):
-        y = net.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
-        texts.append(codec.decode(y[0].tolist()))
-    return texts
+    return [codec.decode(net.generate(x, max_new_tokens, temperature, top_k, generator=gen)[0].tolist())
+            for _ in range(num_samples)]

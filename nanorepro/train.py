@@ -1,14 +1,8 @@
 """The training loop: nanoGPT's `train.py` as a function, with exact resume and one metrics file.
 
-Reads top to bottom: a short setup (device, data, checkpoint, network, memory check, model,
-optimizer, records), then one loop: set the learning rate, evaluate and checkpoint every
-`eval_interval` iterations, run the micro-steps of gradient accumulation, clip and step, log to
-`metrics.jsonl` and a progress bar.
-
-Resume is exact: batch indices come from a dedicated generator whose state is checkpointed with
-the model, optimizer and torch RNG (checkpoint.py); evaluation draws from its own generator seeded
-per iteration. A resumed run therefore logs the same losses at the same iterations as an
-uninterrupted one.
+Resume is exact: batch indices come from a dedicated generator checkpointed with the model,
+optimizer and torch RNG (checkpoint.py), and evaluation draws from its own generator seeded per
+iteration, so a resumed run logs the same losses at the same iterations as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import resource
 import signal
 import threading
 import time
@@ -48,9 +43,7 @@ def lr_at(it: int, cfg: Config) -> float:
 
 def train(cfg: Config, preset: str | None = None) -> dict[str, Any]:
     """Train (or resume, or skip when already finished) the run in `cfg.out_dir`; return its summary.
-
-    Under torchrun with parallel=ddp|fsdp every process calls this (see distributed.py); each
-    leaves the process group cleanly on every path, errors included."""
+    Under torchrun every process calls this, and leaves the process group cleanly on every path."""
     cfg = validate(cfg)
     world = distributed.start(cfg, lambda: hardware.pick_device(cfg.device)[0])
     try:
@@ -72,8 +65,7 @@ def train_seeds(cfg: Config, n: int, preset: str | None = None) -> list[dict[str
 
 @dataclasses.dataclass
 class _Run:
-    """What the setup hands the loop: the resolved config (with the network trained), where and how
-    it runs, the model and its optimizer, the data, and where the loop starts."""
+    """What the setup hands the loop: the resolved config, where and how it runs, model, data, start."""
 
     cfg: Config
     world: World
@@ -108,11 +100,14 @@ def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
     that every refusal comes before anything large is loaded."""
     device, dtype = hardware.pick_device(cfg.device, cfg.dtype)
     device = world.device(device)
-    device_type = "cuda" if device.startswith("cuda") else device
+    device_type = torch.device(device).type
     data_dir = Path(cfg.data_root) / cfg.dataset
     meta = data.load_meta(data_dir)
     out = Path(cfg.out_dir)
-    _make_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {out}: {e.strerror}", "pick a writable --out-dir") from e
     torch.manual_seed(cfg.seed)
     if device_type == "cuda":  # TF32 matmuls, as nanoGPT
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -153,17 +148,23 @@ def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
 
 def _loop(run: _Run, say) -> dict[str, Any]:
     """nanoGPT's training loop, one commented block per step; returns the run's summary."""
-    cfg, world, model, optimizer, batches, device = run.cfg, run.world, run.model, run.optimizer, run.batches, run.device
+    cfg, world, model, optimizer, device = run.cfg, run.world, run.model, run.optimizer, run.device
     iter_num, best_val = run.iter_num, run.best_val
     log = metrics.append if world.main else _silent  # only rank 0 writes files
     metrics_path, ckpt_path = run.out / metrics.METRICS_FILE, run.out / checkpoint.CKPT_FILE
-    device_type = "cuda" if device.startswith("cuda") else device
+    device_type = torch.device(device).type
     scaler = torch.amp.GradScaler(device_type, enabled=(run.dtype == "float16"))
     autocast = hardware.StepContext(device_type, run.dtype, run.attention)  # autocast unless float32
     step_model = torch.compile(run.wrapped) if cfg.compile else run.wrapped
     t_origin = time.perf_counter() - run.elapsed_before  # elapsed_s counts earlier sessions of this run too
     window_t, window_iters = time.perf_counter(), 0  # tokens/s over the iterations since the last log
     loss_acc, loss_iters = torch.zeros((), device=device), 0  # summed on the device: one sync per log
+
+    def save_checkpoint() -> None:
+        checkpoint.save_training(ckpt_path, model, optimizer, world, iter_num=iter_num, best_val_loss=best_val,
+                                 elapsed_s=time.perf_counter() - t_origin, batch_gen=run.batch_gen, device=device,
+                                 meta=run.meta)
+
     with _StopSignals() as stop, tqdm(total=cfg.max_iters, initial=iter_num, desc=run.out.name, unit="it",
                                       dynamic_ncols=True, mininterval=1.0, disable=not world.main) as bar:
         note = bar.write if world.main else _silent
@@ -175,7 +176,7 @@ def _loop(run: _Run, say) -> dict[str, Any]:
 
             # evaluate every eval_interval iterations and at the end; checkpoint when better (or always)
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-                losses = _evaluate(step_model, batches, cfg, world, autocast, device, iter_num)
+                losses = _evaluate(step_model, run.batches, cfg, world, autocast, device, iter_num)
                 improved = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])
                 log(metrics_path, {"kind": "eval", "iter": iter_num, "train_loss": losses["train"],
@@ -184,18 +185,14 @@ def _loop(run: _Run, say) -> dict[str, Any]:
                 note(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 bar.set_postfix(val=f"{losses['val']:.4f}", refresh=False)
                 if iter_num > 0 and (improved or cfg.always_save_checkpoint):
-                    checkpoint.save_training(ckpt_path, model, optimizer, world, iter_num=iter_num,
-                                             best_val_loss=best_val, elapsed_s=time.perf_counter() - t_origin,
-                                             batch_gen=run.batch_gen, device=device, meta=run.meta)
+                    save_checkpoint()
                 window_t, window_iters = time.perf_counter(), 0  # keep eval time out of tokens/s
             if iter_num >= cfg.max_iters or (iter_num == 0 and cfg.eval_only):
                 break
 
             # SIGINT/SIGTERM: checkpoint and stop, all ranks at the same iteration
             if world.any(bool(stop.received)):
-                checkpoint.save_training(ckpt_path, model, optimizer, world, iter_num=iter_num,
-                                         best_val_loss=best_val, elapsed_s=time.perf_counter() - t_origin,
-                                         batch_gen=run.batch_gen, device=device, meta=run.meta)
+                save_checkpoint()
                 name = signal.Signals(stop.signum).name
                 log(metrics_path, {"kind": "end", "iter": iter_num, "best_val_loss": best_val,
                                    "elapsed_s": time.perf_counter() - t_origin, "status": "interrupted",
@@ -206,10 +203,10 @@ def _loop(run: _Run, say) -> dict[str, Any]:
             # forward and backward over the micro-steps, gradients accumulated (this rank's share of them)
             mine = world.micro_steps(cfg.gradient_accumulation_steps)  # all of them in a single process
             for k in range(cfg.gradient_accumulation_steps):
-                ix = batches.draw("train", run.batch_gen)  # every rank draws every micro-batch: one shared stream
+                ix = run.batches.draw("train", run.batch_gen)  # every rank draws every micro-batch: one shared stream
                 if k not in mine:
                     continue
-                x, y = batches.read("train", ix)
+                x, y = run.batches.read("train", ix)
                 with distributed.sync_gradients(run.wrapped, world, last=k == mine[-1]):
                     with autocast:
                         _, loss = step_model(x, y)
@@ -260,17 +257,8 @@ def _silent(*args: Any, **kwargs: Any) -> None:
 
 def _finished_already(out: Path, cfg: Config) -> bool:
     path = out / metrics.METRICS_FILE
-    if not path.exists():
-        return False
-    ends = metrics.of_kind(metrics.read(path), "end")
+    ends = metrics.of_kind(metrics.read(path), "end") if path.exists() else []
     return bool(ends) and ends[-1].get("status") == "finished" and ends[-1].get("iter") == cfg.max_iters
-
-
-def _make_folder(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the run folder {out}: {e.strerror}", "pick a writable --out-dir") from e
 
 
 def _network(cfg: Config, meta: dict[str, Any], ckpt: dict[str, Any] | None) -> GPTConfig:
@@ -331,10 +319,8 @@ def _start_records(out: Path, cfg: Config, preset: str | None, iter_num: int, in
 
 def _check_memory(cfg: Config, model_cfg: GPTConfig, start_iter: int | None, device: str, dtype: str,
                   world: World) -> str:
-    """What the run needs (memory, and time on a known GPU) as one line; WontFit on every rank when
-    it does not fit on any rank's device, naming the largest setting that would (memory.py).
-    `start_iter` is the checkpoint's iteration when resuming, else None."""
-    shape = model_cfg
+    """What the run needs (memory, and time on a known GPU) as one line; WontFit on every rank when it
+    does not fit on any rank's device. `start_iter` is the checkpoint's iteration when resuming, else None."""
     gpu, gpus = None, 1
     if device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(device)
@@ -349,7 +335,7 @@ def _check_memory(cfg: Config, model_cfg: GPTConfig, start_iter: int | None, dev
     est = None
     if free:
         try:
-            est = memory.check(cfg, shape, dtype, free, where, world.size, gpus)
+            est = memory.check(cfg, model_cfg, dtype, free, where, world.size, gpus)
         except WontFit as e:
             refused = e
             if start_iter is None and cfg.init_from in PRETRAINED:
@@ -362,7 +348,7 @@ def _check_memory(cfg: Config, model_cfg: GPTConfig, start_iter: int | None, dev
                                   "reason": f"does not fit: {refused.problem}; {refused.fix}"})
         raise refused
     line = f"memory: {est.describe()} of {fmt.human_bytes(free)} free on {where}" if est else "memory: not checked"
-    secs = memory.estimate_seconds(cfg, shape, gpu, world.size, dtype, start_iter or 0)
+    secs = memory.estimate_seconds(cfg, model_cfg, gpu, world.size, dtype, start_iter or 0)
     if secs is not None:
         line += f"; time: ~{fmt.duration(secs)} at {memory.ASSUMED_MFU:.0%} MFU on {world.size}x {gpu}"
     return line
@@ -418,13 +404,8 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def peak_memory_bytes(device: str) -> int | None:
+def peak_memory_bytes(device: str) -> int:
     """Most memory this process held: allocated CUDA memory on a GPU, resident set size on the CPU."""
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        import resource  # not on Windows
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
-    except (ImportError, OSError):
-        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -448,7 +448,11 @@ def test_batches(char_data_root):
 
     folder = char_data_root / "shakespeare_char"
     b = data.Batches(folder, block_size=8, batch_size=4)
-    x, y = b.get("train", torch.Generator().manual_seed(0))
+
+    def get(split, generator):
+        return b.read(split, b.draw(split, generator))
+
+    x, y = get("train", torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (4, 8) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
     # the rows are the windows at the indices torch.randint draws from the same generator
@@ -456,14 +460,14 @@ def test_batches(char_data_root):
     ix = torch.randint(len(train) - 8, (4,), generator=torch.Generator().manual_seed(0))
     for row, i in enumerate(ix.tolist()):
         assert x[row].tolist() == train[i:i + 8].tolist() and y[row].tolist() == train[i + 1:i + 9].tolist()
-    x2, y2 = b.get("train", torch.Generator().manual_seed(0))
+    x2, y2 = get("train", torch.Generator().manual_seed(0))
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    x3, _ = b.get("train", torch.Generator().manual_seed(1))
+    x3, _ = get("train", torch.Generator().manual_seed(1))
     assert not torch.equal(x, x3)
-    xv, yv = b.get("val", torch.Generator().manual_seed(0))
+    xv, yv = get("val", torch.Generator().manual_seed(0))
     assert xv.shape == (4, 8) and int(xv.max()) < 65 and int(yv.min()) >= 0
     with pytest.raises(UserError, match="unknown split"):
-        b.get("test", torch.Generator())
+        get("test", torch.Generator())
 
 
 def test_batches_refuse_bad_data(char_data_root, tmp_path):

@@ -70,7 +70,8 @@ def test_token_files_are_nanogpts_split_encoded_document_by_document(prepared, e
     meta = data.load_meta(out)  # the layout training reads
     assert (meta["encoding"], meta["vocab_size"], meta["train_tokens"]) == ("gpt2", 50257, len(expected["train"]))
     assert out.name == "openwebtext_gpt2" and sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
-    x, y = data.Batches(out, block_size=64, batch_size=2).get("val")
+    batches = data.Batches(out, block_size=64, batch_size=2)
+    x, y = batches.read("val", batches.draw("val"))
     assert x.shape == (2, 64) and (x[:, 1:] == y[:, :-1]).all()
 
 
