@@ -506,6 +506,8 @@ def _node_reservation(lease: dict[str, Any]) -> dict[str, Any]:
 def _lease_node_type(lease: dict[str, Any]) -> str | None:
     props = " ".join(str(res.get("resource_properties", "")) for res in _reservations(lease))
     return next((t for t in A100_NODE_TYPES if t in props), None)
+
+
 def wait_lease(chi: Any, lease_id: str, timeout_s: float, poll: float) -> dict[str, Any]:
     """Poll until ACTIVE; ERROR (which python-chi's wait returns on) and time-outs are errors."""
     deadline = time.monotonic() + timeout_s

@@ -40,28 +40,22 @@ class Pipeline:
     """One reproduction, all its files under `results_dir`, its stages run on `target`."""
 
     def __init__(self, results_dir: str | Path = "results/local", target: str = "local"):
-        path = Path(results_dir)
-        self.results = path if path.is_absolute() else project_root() / path
+        self.results = project_root() / results_dir  # an absolute path stays itself
         self.results.mkdir(parents=True, exist_ok=True)
-        self.target = target
-        self.runner = get_runner(target, self.results, state_dir=self.results)
+        self.runner = get_runner(target, self.results)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _record(self, name: str, status: str, started: float, **values: Any) -> None:
         metrics.append(self.results / metrics.STAGES_FILE, {"kind": "stage", "name": name, "status": status,
                                                             "elapsed_s": round(time.time() - started, 2), **values})
 
-    def stages(self) -> list[dict[str, Any]]:
-        path = self.results / metrics.STAGES_FILE
-        return metrics.of_kind(metrics.read(path), "stage") if path.exists() else []
-
     # -- stages ------------------------------------------------------------------------------
     def prepare_data(self, input_path: str | None = None, encodings: str = "all") -> Table:
         """Tiny Shakespeare (or `input_path`) into char and GPT-2 token files; the counts as a table.
 
-        The GPT-2 BPE files come from the network on first use: without them the gpt2 encoding is
-        recorded as not run, and the char data (all the baby GPT needs) is still made."""
-        rows, counts = [], {}
+        If tiktoken cannot load the GPT-2 BPE files, the gpt2 encoding is recorded as not run and the
+        char data (all the baby GPT needs) is still made."""
+        rows = []
         for enc in (("char", "gpt2") if encodings == "all" else (encodings,)):
             started = time.time()
             args = ["prepare", "--data-root", "data", "--encoding", enc]
@@ -77,8 +71,8 @@ class Pipeline:
                 self._record(f"prepare {enc}", "failed", started, exit_code=code)
                 raise UserError(f"stage prepare {enc} failed (exit {code})", "read the output above")
             meta = json.loads(self.runner.fetch(f"data/shakespeare_{enc}/meta.json", self.results).read_text())
-            counts[enc] = {k: meta[k] for k in ("vocab_size", "train_tokens", "val_tokens")}
-            self._record(f"prepare {enc}", "finished", started, **counts[enc])
+            self._record(f"prepare {enc}", "finished", started,
+                         **{k: meta[k] for k in ("vocab_size", "train_tokens", "val_tokens")})
             rows.append([enc, f"{meta['vocab_size']:,}", f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}"])
         return Table(["encoding", "vocab", "train tokens", "val tokens"], rows)
 
@@ -137,10 +131,9 @@ class Pipeline:
                 "elapsed_s": ends[-1]["elapsed_s"] if ends else None}
 
     def sample(self, run: str | None = None, model: str | None = None, out: str | None = None,
-               prompt: str = "\n", max_new_tokens: int = 300, seed: int = 1337, num_samples: int = 1) -> str:
+               max_new_tokens: int = 300, seed: int = 1337) -> str:
         """Generated text from `runs/<run>` or a pretrained `model`, saved to `out` (relative to results)."""
-        args = ["sample", "--max-new-tokens", str(max_new_tokens), "--seed", str(seed), "--prompt", prompt,
-                "--num-samples", str(num_samples)]
+        args = ["sample", "--max-new-tokens", str(max_new_tokens), "--seed", str(seed)]
         args += ["--run", f"runs/{run}"] if run else ["--model", str(model)]
         out = out or (f"runs/{run}/samples.txt" if run else f"samples-{Path(str(model)).name}.txt")
         args += ["--out", out]

@@ -15,6 +15,7 @@ uses it for the stages (setup, jobs, files). No torch here; paramiko is imported
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
 import json
@@ -41,6 +42,8 @@ DEFAULT_INSTALL = ("python3 -m venv .venv && .venv/bin/python -m pip install -q 
                    ".venv/bin/python -m pip install -e '.[train]'")
 JOBS = ".jobs"
 TAIL_LINES = 20
+RECONNECT_TIMEOUT_S = 600.0  # how long a dropped connection is retried before giving up
+BOOT_ID = "/proc/sys/kernel/random/boot_id"  # new at every boot: a pid from before a reboot means nothing
 # Written by a stage that records the node: the full nvidia-smi report and envinfo's record (no env vars).
 NODE_INFO_SCRIPT = """
 import json, subprocess, sys
@@ -67,9 +70,6 @@ def read_node_record(state_dir: Path) -> dict[str, Any]:
 
 def _q(path: str | PurePosixPath) -> str:
     return shlex.quote(str(path))
-
-
-BOOT_ID = "/proc/sys/kernel/random/boot_id"  # new at every boot: a pid from before a reboot means nothing
 
 
 def _same_boot(boot_file: str) -> str:
@@ -100,6 +100,16 @@ setsid nohup sh {job}/run.sh > {log} 2>&1 < /dev/null &
 i=0; while [ ! -s {pid} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 echo started
 """
+
+
+def _read(sftp: "paramiko.SFTPClient", path: PurePosixPath, offset: int = 0) -> bytes | None:
+    """A file on the node from `offset` on; None when it does not exist (yet)."""
+    try:
+        with sftp.open(str(path)) as f:
+            f.seek(offset)
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def check_key_file(path: str | Path) -> Path:
@@ -148,14 +158,11 @@ class Connection:
     """One SSH connection to a node, made again when it drops: the key checked, the host key pinned
     in `known_hosts` on first use, short commands run, files moved over SFTP."""
 
-    def __init__(self, host: str, *, key_path: str | Path, user: str = "cc", port: int = 22,
-                 known_hosts: Path | None = None, connect_timeout_s: float = 15.0,
-                 reconnect_timeout_s: float = 600.0, say: Callable[[str], None] = print):
+    def __init__(self, host: str, *, key_path: str | Path, user: str, port: int, known_hosts: Path | None,
+                 connect_timeout_s: float, say: Callable[[str], None]):
         self.host, self.port, self.user = host, int(port), user
         self.key_path = Path(key_path).expanduser()
-        self.known_hosts = known_hosts
-        self.connect_timeout_s, self.reconnect_timeout_s = connect_timeout_s, reconnect_timeout_s
-        self.say = say
+        self.known_hosts, self.connect_timeout_s, self.say = known_hosts, connect_timeout_s, say
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._ever_connected = False
@@ -184,9 +191,7 @@ class Connection:
             known.parent.mkdir(parents=True, exist_ok=True)
             client.save_host_keys(str(known))
         self._ever_connected = True
-        transport = client.get_transport()
-        if transport is not None:
-            transport.set_keepalive(30)  # keeps NAT state alive between polls of a long stage
+        client.get_transport().set_keepalive(30)  # keeps NAT state alive between polls of a long stage
         return client
 
     def client(self) -> "paramiko.SSHClient":
@@ -206,11 +211,9 @@ class Connection:
 
     def close(self) -> None:
         for thing in (self._sftp, self._client):
-            try:
+            with contextlib.suppress(Exception):  # closing a dead connection can raise anything; nothing to save
                 if thing is not None:
                     thing.close()
-            except Exception:  # closing a dead connection can raise anything; nothing to save
-                pass
         self._sftp = self._client = None
 
     def retrying(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -233,12 +236,12 @@ class Connection:
                                     "check the lease is still active and the server up (re-run 00_reserve_node: "
                                     "it reuses both), then retry") from e
                 if deadline is None:
-                    deadline = time.monotonic() + self.reconnect_timeout_s
+                    deadline = time.monotonic() + RECONNECT_TIMEOUT_S
                     self.say(f"[{what}] connection to {self.host} lost ({type(e).__name__}: {e}); "
                              "reconnecting - jobs on the node keep running")
                 if time.monotonic() > deadline:
                     raise UserError(f"lost the connection to {self.host} and could not reconnect for "
-                                    f"{self.reconnect_timeout_s:.0f} s ({e})",
+                                    f"{RECONNECT_TIMEOUT_S:.0f} s ({e})",
                                     "jobs keep running on the node: re-run this cell later to attach to them, "
                                     "and check the node is up and its lease active") from e
                 self.close()
@@ -280,12 +283,12 @@ class SSHRunner:
 
     def __init__(self, host: str, *, key_path: str | Path, user: str = "cc", port: int = 22,
                  remote_dir: str = "nanorepro", workdir: str | Path = ".", local_root: Path | None = None,
-                 state_dir: Path | None = None, poll_s: float = 2.0, reconnect_timeout_s: float = 600.0,
-                 connect_timeout_s: float = 15.0, out: Callable[[str], None] | None = None):
+                 state_dir: Path | None = None, poll_s: float = 2.0, connect_timeout_s: float = 15.0,
+                 out: Callable[[str], None] | None = None):
         self._print = out or (lambda s: print(s, flush=True))
         self.ssh = Connection(host, key_path=key_path, user=user, port=port,
                               known_hosts=Path(state_dir) / KNOWN_HOSTS if state_dir else None,
-                              connect_timeout_s=connect_timeout_s, reconnect_timeout_s=reconnect_timeout_s,
+                              connect_timeout_s=connect_timeout_s,
                               say=lambda s: self._print(s))  # through _print, which callers may replace
         self.host, self.user = self.ssh.host, user
         self.remote_dir = PurePosixPath(remote_dir)
@@ -367,8 +370,7 @@ class SSHRunner:
 
     def _python(self) -> str:
         """The venv's python, addressed from the stage folder."""
-        depth = len(self.workdir_rel.parts) if str(self.workdir_rel) != "." else 0
-        return posixpath.join(*([".."] * depth), ".venv", "bin", "python") if depth else ".venv/bin/python"
+        return posixpath.join(*[".."] * len(self.workdir_rel.parts), ".venv/bin/python")
 
     # -- jobs --------------------------------------------------------------------------------
     def run(self, args: list[str], *, stage: str, check: bool = True, parallel: str = "none") -> int:
@@ -442,29 +444,15 @@ class SSHRunner:
     def _poll(self, job: PurePosixPath, offset: int) -> tuple[bytes, int | None, bool]:
         """The job's new log bytes from `offset`, its exit code (None while it runs), and whether it is alive."""
         sftp = self.ssh.sftp()
-        code = None
-        try:
-            with sftp.open(str(job / "rc")) as f:
-                code = int(f.read().decode().strip() or "1")
-        except FileNotFoundError:
-            pass
-        try:
-            with sftp.open(str(job / "log")) as f:  # read after rc: once rc exists, the log is complete
-                f.seek(offset)
-                data = f.read()
-        except FileNotFoundError:
-            data = b""  # the job's shell has not opened it yet
-        if code is not None:
-            return data, code, True
-        try:
-            with sftp.open(str(job / "pid")) as f:
-                pid = f.read().decode().strip()
-        except FileNotFoundError:
-            pid = ""  # _launch waited for it: the job folder was wiped
+        rc = _read(sftp, job / "rc")
+        data = _read(sftp, job / "log", offset) or b""  # after rc: once rc exists, the log is complete
+        if rc is not None:
+            return data, int(rc.decode().strip() or "1"), True
+        pid = (_read(sftp, job / "pid") or b"").decode().strip()  # none: _launch waited for it, the folder was wiped
         # a pid from before a reboot may belong to another process now: the boot id must match too
         alive = bool(pid) and self.ssh.exec(f"[ -f {_q(job / 'rc')} ] || {{ kill -0 {_q(pid)} 2>/dev/null && "
                                             f"{_same_boot(_q(job / 'boot'))}; }}")[0] == 0
-        return data, code, alive
+        return data, None, alive
 
     # -- files -------------------------------------------------------------------------------
     def fetch(self, rel_path: str, local_dir: Path, *, checkpoints: bool = False) -> Path:
