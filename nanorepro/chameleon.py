@@ -7,18 +7,8 @@ knows what to delete, and a failure after the lease exists never leaves it runni
 it is released, or the message says it still runs, until when, and the command that releases it.
 `release()`: server, floating IP, lease; then it checks that nothing is left.
 
-python-chi 1.2.10 quirks handled here (each where it bites):
-- `chi.use_site()` prints and returns when it cannot fetch the sites list: we fetch it and raise.
-- `Lease.wait()` and `Server.wait()` return normally on ERROR: we poll and treat ERROR as an error.
-- `Lease.submit()` reduces Blazar's refusal to "Unable to make lease": we call Blazar's create to keep
-  the reason; its idempotent lookup fails when a TERMINATED lease has the same name: we list and filter.
-- `Server(...)` calls Glance and Nova in its constructor; `Server.submit()` returns None when it creates
-  and a new object when its idempotent path finds one (`s = s.submit(...) or s`), and the object it
-  created has no id; `show="widget"` outside IPython raises after the server was created (show=None).
-- `check_connectivity()` returns None: we do our own TCP check with a timeout and read the SSH banner.
-- `Server.delete(delete_ips=True)` calls a wrong Neutron path: floating IPs are released with chi.network.
-- `Lease(duration=...)` counts from now, not from `start_date`: every lease here starts now.
-- `Lease.status`/`Server.status` are properties that call the API on every read: we read dicts instead.
+python-chi 1.2.10's quirks are handled where each bites. Its `Lease.wait()`/`Server.wait()` return
+normally on ERROR and its `.status` properties call the API on every read: we poll the clients ourselves.
 Light module (the hub kernel imports it): no torch, and python-chi is imported only when used.
 
 Knobs for unusual setups and tests, as environment variables: NANOREPRO_CHI_POLL_S (seconds between
@@ -153,8 +143,9 @@ def _use_site(chi: Any, site: str) -> None:
         chi.use_site(site)
 
 
-def connect(site: str | None, project: str | None = None) -> Any:
-    """python-chi pointed at `site` and `project` with working credentials; returns the chi module."""
+def connect(site: str | None, project: str | None = None) -> tuple[Any, str]:
+    """python-chi pointed at `site` (default $OS_REGION_NAME) and `project` with working credentials:
+    the chi module, and the site."""
     env = os.environ
     if not any(env.get(v) for v in ("OS_ACCESS_TOKEN", "OS_APPLICATION_CREDENTIAL_ID", "OS_TOKEN", "OS_PASSWORD")):
         raise UserError("no Chameleon credentials in this environment (none of OS_ACCESS_TOKEN, "
@@ -191,7 +182,7 @@ def connect(site: str | None, project: str | None = None) -> Any:
                         "on the hub restart your server to refresh the token; with an openrc check it is "
                         "for this project and not expired") from e
     print(f"   site {site}, project {project or project_id}", flush=True)
-    return chi
+    return chi, site
 
 
 # -- availability -------------------------------------------------------------------------------
@@ -286,11 +277,9 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
         raise UserError(f"{state_dir} already holds the node of lease {old.get('lease_name')}",
                         f"release it first (`{release_command(state_dir)}`) or use another results_dir")
     started = time.monotonic()
-    failed: Exception | None = None
 
     with _step(f"connecting to {site or os.environ.get('OS_REGION_NAME')}"):
-        chi = connect(site, project)
-        site = site or os.environ["OS_REGION_NAME"]
+        chi, site = connect(site, project)
     record: dict[str, Any] = {
         "site": site, "project": project or os.environ.get("OS_PROJECT_NAME") or os.environ.get("OS_PROJECT_ID"),
         "lease_name": lease_name, "server_name": server_name or f"{lease_name}-node", "image": image,
@@ -319,15 +308,10 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
             raise
 
     if lease is None:
-        lease, node_type, failed = _new_lease(chi, record, state_dir, node_type, lease_hours)
-        _note_lease(record, lease)
-    record["node_type"] = _lease_node_type(lease) or (node_type if node_type != "auto" else None)
-    record["gpus"] = A100_NODE_TYPES.get(record["node_type"] or "", ("", None))[1]
+        _note_lease(record, _new_lease(chi, record, state_dir, node_type, lease_hours, keep_on_failure))
     save_record(state_dir, record)
 
     try:
-        if failed is not None:
-            raise failed  # the lease exists although creating it failed: released below
         _boot(chi, record, state_dir, poll=_poll_s(), ssh_timeout_s=ssh_timeout_s)
     except KeyboardInterrupt:
         print("\ninterrupted: " + still_running(record, state_dir), flush=True)
@@ -346,14 +330,17 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
 
 
 def _note_lease(record: dict[str, Any], lease: dict[str, Any]) -> None:
+    """The lease's id, dates, node type and GPUs, into the node record."""
+    node_type = _lease_node_type(lease)
     record.update(lease_id=lease["id"], lease_start=_parse_blazar(lease["start_date"]).isoformat(),
-                  lease_end=_parse_blazar(lease["end_date"]).isoformat())
+                  lease_end=_parse_blazar(lease["end_date"]).isoformat(), node_type=node_type,
+                  gpus=A100_NODE_TYPES.get(node_type, ("", None))[1])
 
 
-def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str,
-               hours: float) -> tuple[dict[str, Any], str, Exception | None]:
-    """Choose the node type, say what the lease costs, and create it: (lease, node type, the error if
-    creating it failed although Blazar made it all the same)."""
+def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str, hours: float,
+               keep_on_failure: bool) -> dict[str, Any]:
+    """Choose the node type, say what the lease costs, and create it. When creating fails but Blazar
+    made the lease all the same (its reply was lost), that lease is released (or kept) and the failure raised."""
     site, name = record["site"], record["lease_name"]
     with _step(f"choosing an A100 node type at {site}"):
         node_type = choose_node_type(chi, site, node_type, hours)
@@ -363,13 +350,16 @@ def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str
     save_record(state_dir, record)  # the name is on record before Blazar hears it: release() finds it
     with _step(f"creating lease {name} for one {node_type} node, {hours:g} h"):
         try:
-            return create_lease(chi, name, node_type, hours), node_type, None
+            return create_lease(chi, name, node_type, hours)
         except Exception as e:  # the reply may be lost after Blazar made it
-            return _lease_made_anyway(chi, name, e, state_dir), node_type, e
+            made, error = _lease_made_anyway(chi, name, e, state_dir), e
         except KeyboardInterrupt:
             print(f"\ninterrupted while creating lease {name}: it may exist and cost SUs; release it with "
                   f"`{release_command(state_dir)}`", flush=True)
             raise
+    _note_lease(record, made)
+    save_record(state_dir, record)
+    _release_after_failure(chi, record, state_dir, error, keep_on_failure)
 
 
 def _release_after_failure(chi: Any, record: dict[str, Any], state_dir: Path, error: Exception,
@@ -462,7 +452,8 @@ def _check_image_and_key(chi: Any, image: str, key_name: str | None, private_key
 
 
 def find_lease(chi: Any, name: str) -> dict[str, Any] | None:
-    """The live lease called `name` in this project, if any (older TERMINATED ones are ignored)."""
+    """The live lease called `name` in this project, if any (older TERMINATED ones are ignored: they
+    make python-chi's idempotent lookup fail)."""
     live = [lease for lease in chi.blazar().lease.list() if lease["name"] == name and lease["status"] in LIVE]
     if len(live) > 1:
         raise UserError(f"{len(live)} live leases are named {name}",
@@ -471,10 +462,11 @@ def find_lease(chi: Any, name: str) -> dict[str, Any] | None:
 
 
 def create_lease(chi: Any, name: str, node_type: str, hours: float) -> dict[str, Any]:
-    """Ask Blazar for one `node_type` node from now for `hours`; Blazar's refusal becomes a UserError."""
+    """Ask Blazar for one `node_type` node from now for `hours`; Blazar's refusal becomes a UserError
+    (`Lease.submit()` would reduce it to "Unable to make lease")."""
     from blazarclient.exception import BlazarClientException
 
-    lease = chi.lease.Lease(name, duration=dt.timedelta(hours=hours))
+    lease = chi.lease.Lease(name, duration=dt.timedelta(hours=hours))  # counts from now, whatever start_date says
     lease.add_node_reservation(amount=1, node_type=node_type)
     try:
         return chi.blazar().lease.create(name=name, start=lease.start_date, end=lease.end_date,
@@ -538,10 +530,10 @@ def launch_server(chi: Any, record: dict[str, Any], network: str, poll: float, t
         print(f"   server {name} is in ERROR from an earlier try: deleting it and building again")
         chi.server.delete_server(existing)
         _wait_gone(lambda: _server_exists(chi, existing), timeout_s, poll)
-    try:
+    try:  # Server() calls Glance and Nova; show="widget" raises outside IPython after creating the server
         server = chi.server.Server(name, reservation_id=record["reservation_id"], image_name=record["image"],
                                    key_name=record["key_name"], network_name=network)
-        server = server.submit(wait_for_active=False, show=None, idempotent=True) or server
+        server.submit(wait_for_active=False, show=None, idempotent=True)
     except Exception as e:
         raise UserError(f"Nova refused to create server {name}: {e}",
                         "check the image and network exist at this site and the lease is ACTIVE") from e
@@ -642,16 +634,14 @@ def release(target: str = "chameleon", *, state_dir: str | Path = STATE_DIR, sit
     if record.get("status") == "released" and not lease_name:
         print(f"the node recorded in {state_dir} was already released ({record.get('updated')}); nothing to do")
         return record
-    record.update({k: v for k, v in (("lease_name", lease_name), ("server_name", server_name), ("site", site))
-                   if v})
+    record.update({k: v for k, v in dict(lease_name=lease_name, server_name=server_name, site=site).items() if v})
     if not record.get("lease_name") and not record.get("server_name"):
         print(f"no node recorded in {state_dir / NODE_FILE}: nothing to release "
               "(pass lease_name= and site= to release a lease by name)")
         return None
     started = time.monotonic()
     with _step(f"connecting to {record.get('site') or os.environ.get('OS_REGION_NAME')}"):
-        chi = connect(record.get("site"), project or record.get("project"))
-        record["site"] = record.get("site") or os.environ["OS_REGION_NAME"]
+        chi, record["site"] = connect(record.get("site"), project or record.get("project"))
     try:
         left = _release(chi, record, poll=_poll_s(), timeout_s=RELEASE_TIMEOUT_S)
     except Exception as e:

@@ -93,20 +93,23 @@ class Pipeline:
         self.runner.put(cfg_path, f"{cfg.out_dir}/config.json")
         code = self.runner.run(["train", "--config", f"{cfg.out_dir}/config.json"], stage=f"train {run}",
                                check=False, parallel=cfg.parallel)
-        if code in (ModelUnavailable.exit_code, WontFit.exit_code):
-            reason = (f"pretrained weights for {cfg.init_from} are not available offline"
-                      if code == ModelUnavailable.exit_code
-                      else self._refusal(run) or "it does not fit in the device's memory")
-            hint = " (pass model=PATH to a local Hugging Face folder)" if code == ModelUnavailable.exit_code else ""
-            print(f"{run}: not run: {reason}{hint}")
-            self._record(f"train {run}", metrics.NOT_RUN, started, reason=reason, preset=preset)
-            return {"run": run, "status": metrics.NOT_RUN, "reason": reason}
+        if code == ModelUnavailable.exit_code:
+            return self._not_run(run, preset, started, f"pretrained weights for {cfg.init_from} are not available "
+                                 "offline", hint=" (pass model=PATH to a local Hugging Face folder)")
+        if code == WontFit.exit_code:
+            return self._not_run(run, preset, started, self._refusal(run) or "it does not fit in the device's memory")
         if code:
             self._record(f"train {run}", "failed", started, exit_code=code, preset=preset)
             raise UserError(f"stage train {run} failed (exit {code})", "read the output above; re-running resumes")
         summary = self.summary(run)
         self._record(f"train {run}", "finished", started, best_val_loss=summary["best_val_loss"], preset=preset)
         return summary
+
+    def _not_run(self, run: str, preset: str, started: float, reason: str, hint: str = "") -> dict[str, Any]:
+        """Record why training `run` could not run here; the summary that says so."""
+        print(f"{run}: not run: {reason}{hint}")
+        self._record(f"train {run}", metrics.NOT_RUN, started, reason=reason, preset=preset)
+        return {"run": run, "status": metrics.NOT_RUN, "reason": reason}
 
     def _refusal(self, run: str) -> str | None:
         """The reason `train` wrote into the run's metrics when it refused to start."""
@@ -151,10 +154,8 @@ class Pipeline:
         config.resolve(preset, overrides)  # a bad preset or override fails here, before anything runs
         init = model or config.PRESETS[preset].get("init_from", "gpt2")
         if not (self.results / "data" / "shakespeare_gpt2" / "meta.json").exists():  # fetched back by prepare_data
-            reason = "no GPT-2-encoded data (01_prepare_data could not get the GPT-2 BPE files)"
-            print(f"fine-tune not run: {reason}")
-            self._record(f"train {run}", metrics.NOT_RUN, time.time(), reason=reason, preset=preset)
-            return {"run": run, "status": metrics.NOT_RUN, "reason": reason, "model": init}
+            return {**self._not_run(run, preset, time.time(), "no GPT-2-encoded data (01_prepare_data could not "
+                                    "get the GPT-2 BPE files)"), "model": init}
         if Path(init).expanduser().is_dir():
             init = str(Path(init).expanduser().resolve())  # stages run in the results folder
         summary = self.train(run, preset, seed=seed, max_iters=max_iters, overrides={**overrides, "init_from": init},

@@ -317,9 +317,6 @@ class SSHRunner:
                    workdir=workdir if workdir is not None else Path(state_dir), state_dir=Path(state_dir),
                    poll_s=poll, **kwargs)
 
-    def __repr__(self) -> str:
-        return f"SSHRunner({self.user}@{self.host}:{self.ssh.port}, {self.remote_dir})"
-
     def _mirror(self, workdir: Path) -> PurePosixPath:
         """The stage folder on the node, relative to remote_dir."""
         if not workdir.is_absolute():
