@@ -22,7 +22,7 @@ from .runner import get_runner
 
 
 class Table:
-    """A small table that shows as Markdown in Jupyter and as aligned text elsewhere."""
+    """A small table as Markdown: Jupyter renders it, elsewhere it reads as text."""
 
     def __init__(self, header: list[str], rows: list[list[Any]]):
         self.header, self.rows = header, [[str(c) for c in r] for r in rows]
@@ -30,10 +30,7 @@ class Table:
     def _repr_markdown_(self) -> str:
         return markdown_table(self.header, self.rows)
 
-    def __repr__(self) -> str:
-        widths = [max(len(x) for x in col) for col in zip(self.header, *self.rows)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        return "\n".join(fmt.format(*r) for r in [self.header, *self.rows])
+    __repr__ = _repr_markdown_
 
 
 class Pipeline:
@@ -196,8 +193,7 @@ class ReportView:
     def _repr_markdown_(self) -> str:
         return report.claims_table(self.rep["claims"])
 
-    def __repr__(self) -> str:
-        return self._repr_markdown_()
+    __repr__ = _repr_markdown_
 
     def show_plots(self) -> list[Path]:
         paths = [self.results / p["file"] for p in self.rep["plots"]]

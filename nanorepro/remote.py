@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -295,7 +296,6 @@ class SSHRunner:
         self.local_root = Path(local_root or project_root()).resolve()
         self.workdir_rel = self._mirror(Path(workdir))
         self.poll_s = poll_s
-        self._gpus: int | None = None
 
     @classmethod
     def from_state(cls, state_dir: Path, workdir: Path | None = None, **kwargs: Any) -> "SSHRunner":
@@ -345,8 +345,8 @@ class SSHRunner:
         data, digest = source_tar(self.local_root)
         marker = f"{digest} {install_cmd}"
         here = _q(self.remote_dir)
-        done = self.ssh.exec(f"cat -- {here}/.nanorepro-installed 2>/dev/null")[1].strip()
-        if done == marker and self.ssh.exec(f"test -x {here}/.venv/bin/python")[0] == 0:
+        done = self.ssh.exec(f"test -x {here}/.venv/bin/python && cat -- {here}/.nanorepro-installed 2>/dev/null")
+        if done[1].strip() == marker:
             self._print(f"the node already has this code installed ({self.remote_dir})")
         else:
             self._print(f"copying the code ({len(data) / 1e3:.0f} kB) to {self.user}@{self.host}:{self.remote_dir}")
@@ -373,15 +373,14 @@ class SSHRunner:
     def run(self, args: list[str], *, stage: str, check: bool = True, parallel: str = "none") -> int:
         """`python -m nanorepro <args>` on the node in the stage folder, its log streamed here; with
         parallel=ddp|fsdp (the stage's config says which) under torchrun, one process per GPU of the node."""
-        gpus = self.gpu_count() if parallel != "none" else 1
+        gpus = self.gpus if parallel != "none" else 1
         return self.run_command(stage_argv(self._python(), args, parallel, gpus), stage=stage, check=check)
 
-    def gpu_count(self) -> int:
+    @functools.cached_property
+    def gpus(self) -> int:
         """GPUs on the node (`nvidia-smi -L`), asked once per runner; 0 without a working nvidia-smi."""
-        if self._gpus is None:
-            code, out = self.ssh.exec("nvidia-smi -L 2>/dev/null")
-            self._gpus = sum(line.startswith("GPU ") for line in out.splitlines()) if code == 0 else 0
-        return self._gpus
+        code, out = self.ssh.exec("nvidia-smi -L 2>/dev/null")
+        return sum(line.startswith("GPU ") for line in out.splitlines()) if code == 0 else 0
 
     def run_command(self, argv: list[str], *, stage: str, check: bool = True,
                     cwd: PurePosixPath | None = None) -> int:
@@ -452,14 +451,10 @@ class SSHRunner:
         return data, None, alive
 
     # -- files -------------------------------------------------------------------------------
-    def fetch(self, rel_path: str, local_dir: Path, *, checkpoints: bool = False) -> Path:
+    def fetch(self, rel_path: str, local_dir: Path) -> Path:
         """Copy `<workdir>/<rel_path>` (file or folder) to `local_dir/<rel_path>`; return the local path.
-
-        Checkpoints (`*.pt`) inside a folder stay on the node unless `checkpoints=True`; a
-        checkpoint asked for by name is copied.
-        """
-        src = self.stage_dir / rel_path
-        dest = Path(local_dir) / rel_path
+        Checkpoints (`*.pt`) inside a folder stay on the node; one asked for by name is copied."""
+        src, dest = self.stage_dir / rel_path, Path(local_dir) / rel_path
 
         def go() -> Path:
             sftp = self.ssh.sftp()
@@ -469,7 +464,7 @@ class SSHRunner:
                 raise UserError(f"{rel_path} does not exist on the node (looked for {src} on {self.host})",
                                 "run the stage that writes it first") from None
             if stat.S_ISDIR(st.st_mode or 0):
-                self._get_dir(sftp, src, dest, checkpoints)
+                self._get_dir(sftp, src, dest)
             else:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 sftp.get(str(src), str(dest))
@@ -477,12 +472,12 @@ class SSHRunner:
 
         return self.ssh.retrying("fetch", go)
 
-    def _get_dir(self, sftp: "paramiko.SFTPClient", src: PurePosixPath, dest: Path, checkpoints: bool) -> None:
+    def _get_dir(self, sftp: "paramiko.SFTPClient", src: PurePosixPath, dest: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         for entry in sftp.listdir_attr(str(src)):
             if stat.S_ISDIR(entry.st_mode or 0):
-                self._get_dir(sftp, src / entry.filename, dest / entry.filename, checkpoints)
-            elif checkpoints or not entry.filename.endswith(".pt"):
+                self._get_dir(sftp, src / entry.filename, dest / entry.filename)
+            elif not entry.filename.endswith(".pt"):
                 sftp.get(str(src / entry.filename), str(dest / entry.filename))
 
     def put(self, local_path: Path, rel_path: str) -> str:
@@ -492,7 +487,6 @@ class SSHRunner:
         self.ssh.check(f"mkdir -p -- {_q(dest.parent)}", "creating a folder")
         self.ssh.retrying("put", lambda: self.ssh.sftp().put(str(local_path), str(dest)))
         return rel_path
-
 
 
 def stage_argv(python: str, args: list[str], parallel: str = "none", gpus: int = 1) -> list[str]:
