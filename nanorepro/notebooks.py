@@ -35,13 +35,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def notebook_paths(folder: Path) -> list[Path]:
-    found = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
-    if not found:
-        raise UserError(f"no notebooks in {folder}", "run from a nanorepro checkout (the folder with notebooks/)")
-    return found
-
-
 def parse_params(pairs: list[list[str]] | None, params_file: str | None) -> dict[str, Any]:
     """Defaults, then a YAML/JSON parameters file, then `-p name value` pairs (values read as YAML)."""
     import yaml
@@ -141,7 +134,11 @@ def run_notebooks(params: dict[str, Any], only: list[str] | None = None) -> list
     import papermill as pm
 
     root = project_root()
-    paths = [p for p in notebook_paths(root / "notebooks") if not only or any(p.name.startswith(o) for o in only)]
+    paths = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if not paths:
+        raise UserError(f"no notebooks in {root / 'notebooks'}",
+                        "run from a nanorepro checkout (the folder with notebooks/)")
+    paths = [p for p in paths if not only or any(p.name.startswith(o) for o in only)]
     declared_by = {p: pm.inspect_notebook(str(p)) for p in paths}
     defaults = {name: d.get("default") for declared in declared_by.values() for name, d in declared.items()}
     unknown = sorted(set(params) - set(defaults) - set(DEFAULTS))

@@ -76,10 +76,8 @@ class Pipeline:
     def train(self, run: str, preset: str, seed: int = 1337, max_iters: int | None = None,
               overrides: dict[str, Any] | None = None, dataset: str = "shakespeare_char") -> dict[str, Any]:
         """Train (or resume) `runs/<run>` with `preset` and `overrides` (None values leave the preset's);
-        returns the run's summary from its metrics.
-
-        The config is resolved and checked here, before any job starts, so a bad value fails in the
-        notebook; the job reads it from the run's config.json."""
+        the run's summary. The config is checked here, so a bad value fails in the notebook before any
+        job starts; the job reads it from the run's config.json."""
         started = time.time()
         values = {"out_dir": f"runs/{run}", "data_root": "data", "dataset": dataset, "seed": seed,
                   "max_iters": max_iters, **(overrides or {})}

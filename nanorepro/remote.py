@@ -218,10 +218,8 @@ class Connection:
         self._sftp = self._client = None
 
     def retrying(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Call fn; on a dropped connection reconnect (with backoff) and call it again.
-
-        fn must be safe to repeat: job launches check for a running copy first.
-        """
+        """Call fn; on a dropped connection reconnect (with backoff) and call it again. fn must be safe
+        to repeat: job launches check for a running copy first."""
         import paramiko
 
         deadline, delay = None, 1.0
@@ -275,12 +273,8 @@ class Connection:
 
 
 class SSHRunner:
-    """Runs `python -m nanorepro <args>` on a node as detached jobs and copies results back.
-
-    `workdir` is the local results folder; stages run in its mirror on the node (see module doc).
-    """
-
-    target = "chameleon"
+    """Runs `python -m nanorepro <args>` on a node as detached jobs and copies results back. `workdir`
+    is the local results folder; stages run in its mirror on the node (see module doc)."""
 
     def __init__(self, host: str, *, key_path: str | Path, user: str = "cc", port: int = 22,
                  remote_dir: str = "nanorepro", workdir: str | Path = ".", local_root: Path | None = None,
@@ -335,11 +329,8 @@ class SSHRunner:
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self, install_cmd: str | None = None) -> None:
-        """Copy this checkout to the node, create its venv and install nanorepro with the training extras.
-
-        `install_cmd` (run in remote_dir; default: a venv and `pip install -e '.[train]'`, which on a
-        CUDA node brings the CUDA build of torch) can be replaced, e.g. by tests, with something cheaper.
-        """
+        """Copy this checkout to the node, create its venv and install nanorepro with the training extras
+        (`install_cmd`, run in remote_dir: on a CUDA node the default brings the CUDA build of torch)."""
         install_cmd = install_cmd or os.environ.get("NANOREPRO_INSTALL_CMD") or DEFAULT_INSTALL
         started = time.time()
         data, digest = source_tar(self.local_root)

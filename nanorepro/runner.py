@@ -23,8 +23,6 @@ class LocalRunner:
     train stage refuses to start outside torchrun and says how to launch it). SSHRunner has the same
     run/fetch/put for a Chameleon node."""
 
-    target = "local"
-
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
 
@@ -50,13 +48,8 @@ class LocalRunner:
         return code
 
     def fetch(self, rel_path: str, local_dir: Path) -> Path:
-        """The local path of `rel_path` (a stage's output): already there."""
-        src = self.workdir / rel_path
-        dest = Path(local_dir) / rel_path
-        if src.resolve() != dest.resolve():
-            raise UserError(f"local runs write into their results folder; cannot fetch into {local_dir}",
-                            "use the same results folder for all stages")
-        return dest
+        """The local path of a stage's output: already in the work folder, which is the results folder."""
+        return self.workdir / rel_path
 
     def put(self, local_path: Path, rel_path: str) -> str:
         """The path a stage command should use for a local file: its own (no copy needed)."""
