@@ -7,23 +7,13 @@ knows what to delete, and a failure after the lease exists never leaves it runni
 it is released, or the message says it still runs, until when, and the command that releases it.
 `release()`: server, floating IP, lease; then it checks that nothing is left.
 
-python-chi 1.2.10 quirks handled here (each where it bites):
-- `chi.use_site()` prints and returns when it cannot fetch the sites list: we fetch it and raise.
-- `Lease.wait()` and `Server.wait()` return normally on ERROR: we poll and treat ERROR as an error.
-- `Lease.submit()` reduces Blazar's refusal to "Unable to make lease": we call Blazar's create to keep
-  the reason; its idempotent lookup fails when a TERMINATED lease has the same name: we list and filter.
-- `Server(...)` calls Glance and Nova in its constructor; `Server.submit()` returns None when it creates
-  and a new object when its idempotent path finds one (`s = s.submit(...) or s`), and the object it
-  created has no id; `show="widget"` outside IPython raises after the server was created (show=None).
-- `check_connectivity()` returns None: we do our own TCP check with a timeout and read the SSH banner.
-- `Server.delete(delete_ips=True)` calls a wrong Neutron path: floating IPs are released with chi.network.
-- `Lease(duration=...)` counts from now, not from `start_date`: every lease here starts now.
-- `Lease.status`/`Server.status` are properties that call the API on every read: we read dicts instead.
+python-chi 1.2.10's quirks are handled where each bites. Its `Lease.wait()`/`Server.wait()` return
+normally on ERROR and its `.status` properties call the API on every read: we poll the clients ourselves.
 Light module (the hub kernel imports it): no torch, and python-chi is imported only when used.
 
-Knobs for unusual setups and tests, as keyword arguments or environment variables:
-NANOREPRO_CHI_POLL_S (seconds between status polls, default 10), NANOREPRO_SSH_USER (cc),
-NANOREPRO_SSH_PORT (22), NANOREPRO_REMOTE_DIR (nanorepro, under the user's home on the node).
+Knobs for unusual setups and tests, as environment variables: NANOREPRO_CHI_POLL_S (seconds between
+status polls, default 10), NANOREPRO_SSH_USER (cc), NANOREPRO_SSH_PORT (22), NANOREPRO_REMOTE_DIR
+(nanorepro, under the user's home on the node).
 """
 
 from __future__ import annotations
@@ -33,12 +23,13 @@ import datetime as dt
 import io
 import json
 import logging
+import math
 import os
 import shlex
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 from .errors import UserError
 from .files import write_text_atomic
@@ -52,8 +43,10 @@ A100_NODE_TYPES: dict[str, tuple[str, str]] = {
     "compute_liqid": ("CHI@TACC", "1-2x A100 40 GB"),
 }
 DEFAULT_IMAGE = "CC-Ubuntu22.04-CUDA"
+NETWORK = "sharednet1"
 MAX_LEASE_HOURS = 7 * 24  # Chameleon caps leases at 7 days
 DEFAULT_LEASE_HOURS = 4  # the reproduction on an A100, boot and install included, with time to spare
+LEASE_TIMEOUT_S, SERVER_TIMEOUT_S, RELEASE_TIMEOUT_S = 15 * 60, 40 * 60, 10 * 60
 STATE_DIR = "results/chameleon"  # where the node record goes unless a results folder is given
 # Chameleon charges a lease in service units (SU): node-hours times the node type's rate.
 SU_PER_NODE_HOUR = 1.0
@@ -64,8 +57,8 @@ LIVE = ("PENDING", "STARTING", "ACTIVE", "UPDATING", "ERROR")  # lease states th
 
 
 # -- small helpers ----------------------------------------------------------------------------
-def _poll_s(poll_s: float | None) -> float:
-    return poll_s if poll_s is not None else float(os.environ.get("NANOREPRO_CHI_POLL_S", "10"))
+def _poll_s() -> float:
+    return float(os.environ.get("NANOREPRO_CHI_POLL_S", "10"))
 
 
 @contextlib.contextmanager
@@ -77,27 +70,32 @@ def _step(title: str) -> Iterator[None]:
     print(f"   done in {duration(time.monotonic() - started)}", flush=True)
 
 
+def _on_chameleon(target: str, local_note: str) -> bool:
+    """True for target 'chameleon'; False, after saying why nothing is done, for 'local'."""
+    if target == "local":
+        print(f"target is 'local': {local_note}")
+        return False
+    if target != "chameleon":
+        raise UserError(f"unknown target {target!r}", "use target='local' or target='chameleon'")
+    return True
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
 def _parse_blazar(value: str) -> dt.datetime:
     """Blazar's dates ("2026-11-25T14:00:00.000000", UTC without a zone)."""
-    for fmt in ("%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"):
-        try:
-            return dt.datetime.strptime(value, fmt).replace(tzinfo=dt.timezone.utc)
-        except ValueError:
-            pass
-    raise ValueError(f"unrecognised Blazar date {value!r}")
+    return dt.datetime.fromisoformat(value).replace(tzinfo=dt.timezone.utc)
 
 
 def _when(value: dt.datetime) -> str:
     return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def su_cost(lease_hours: float, nodes: int = 1, rate: float = SU_PER_NODE_HOUR) -> float:
-    """Service units a lease costs: node-hours times the rate."""
-    return nodes * lease_hours * rate
+def su_cost(hours: float) -> float:
+    """Service units a one-node lease costs: node-hours times the rate."""
+    return hours * SU_PER_NODE_HOUR
 
 
 def save_record(state_dir: Path, record: dict[str, Any]) -> None:
@@ -114,11 +112,11 @@ def release_command(state_dir: Path) -> str:
 
 def still_running(record: dict[str, Any], state_dir: Path) -> str:
     """The plain statement that a lease still runs, until when, and how to release it."""
-    end = record.get("lease_end")
     left = ""
-    if end:
-        hours = max((dt.datetime.fromisoformat(end) - _utcnow()).total_seconds() / 3600, 0)
-        left = f" until {_when(dt.datetime.fromisoformat(end))} ({hours:.1f} h more, about {su_cost(hours):.0f} SU)"
+    if record.get("lease_end"):
+        end = dt.datetime.fromisoformat(record["lease_end"])
+        hours = max((end - _utcnow()).total_seconds() / 3600, 0)
+        left = f" until {_when(end)} ({hours:.1f} h more, about {su_cost(hours):.0f} SU)"
     return (f"lease {record.get('lease_name')} ({record.get('lease_id')}) at {record.get('site')} is STILL RUNNING"
             f"{left}; release it with `{release_command(state_dir)}`, or run notebooks/05_release_node.ipynb with "
             f"target='chameleon' and results_dir={str(state_dir)!r}")
@@ -140,8 +138,14 @@ def _import_chi() -> Any:
     return chi
 
 
-def connect(site: str | None, project: str | None = None) -> Any:
-    """python-chi pointed at `site` and `project` with working credentials; returns the chi module."""
+def _use_site(chi: Any, site: str) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints four lines; we say it in one
+        chi.use_site(site)
+
+
+def connect(site: str | None, project: str | None = None) -> tuple[Any, str]:
+    """python-chi pointed at `site` (default $OS_REGION_NAME) and `project` with working credentials:
+    the chi module, and the site."""
     env = os.environ
     if not any(env.get(v) for v in ("OS_ACCESS_TOKEN", "OS_APPLICATION_CREDENTIAL_ID", "OS_TOKEN", "OS_PASSWORD")):
         raise UserError("no Chameleon credentials in this environment (none of OS_ACCESS_TOKEN, "
@@ -167,8 +171,7 @@ def connect(site: str | None, project: str | None = None) -> Any:
     if site not in sites:
         raise UserError(f"unknown Chameleon site {site!r}",
                         f"use one of: {', '.join(s for s in sites if s.startswith('CHI@'))}")
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints four lines; we say it in one
-        chi.use_site(site)
+    _use_site(chi, site)
     if project and not app_cred:
         chi.set("project_name", project)
     try:
@@ -179,7 +182,7 @@ def connect(site: str | None, project: str | None = None) -> Any:
                         "on the hub restart your server to refresh the token; with an openrc check it is "
                         "for this project and not expired") from e
     print(f"   site {site}, project {project or project_id}", flush=True)
-    return chi
+    return chi, site
 
 
 # -- availability -------------------------------------------------------------------------------
@@ -193,48 +196,41 @@ def availability(chi: Any, node_type: str, hours: float) -> dict[str, Any]:
     except CHIValueError:
         return {"node_type": node_type, "nodes": 0, "free_now": 0, "next_free": None}
     soon = _utcnow() + dt.timedelta(minutes=5)
-    free_now, next_free = 0, None
-    for node in nodes:
-        if not node.reservable:
-            continue
-        start, _ = node.next_free_timeslot(minimum_hours=max(1, int(-(-hours // 1))))
-        if start <= soon:
-            free_now += 1
-        next_free = start if next_free is None else min(next_free, start)
-    return {"node_type": node_type, "nodes": len(nodes), "free_now": free_now, "next_free": next_free}
+    slot_hours = max(1, math.ceil(hours))
+    starts = [node.next_free_timeslot(minimum_hours=slot_hours)[0] for node in nodes if node.reservable]
+    return {"node_type": node_type, "nodes": len(nodes), "free_now": sum(s <= soon for s in starts),
+            "next_free": min(starts, default=None)}
 
 
 def _other_sites(chi: Any, site: str, hours: float) -> list[str]:
-    """'<type> at <site>: N free' for A100 types at other sites (best effort; the site is restored)."""
+    """'site=..., node_type=... (N free now)' for A100 types at other sites (best effort; the site is restored)."""
     found = []
-    for other in sorted({s for s, _ in A100_NODE_TYPES.values()} - {site}):
+    for node_type, (other, _) in A100_NODE_TYPES.items():
+        if other == site:
+            continue
+        hint = f"site='{other}', node_type='{node_type}'"
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                chi.use_site(other)
-            for node_type, (where, _) in A100_NODE_TYPES.items():
-                if where == other:
-                    free = availability(chi, node_type, hours)["free_now"]
-                    found.append(f"site='{other}', node_type='{node_type}' ({free} free now)")
+            _use_site(chi, other)
+            hint += f" ({availability(chi, node_type, hours)['free_now']} free now)"
         except Exception:
-            found += [f"site='{other}', node_type='{t}'" for t, (w, _) in A100_NODE_TYPES.items() if w == other]
+            pass  # the hint without the count
         finally:
-            with contextlib.redirect_stdout(io.StringIO()):
-                chi.use_site(site)
+            _use_site(chi, site)
+        found.append(hint)
     return found
 
 
 def choose_node_type(chi: Any, site: str, node_type: str, hours: float) -> str:
     """The A100 node type to lease: `node_type`, or the first free one at `site` for "auto"."""
     here = [t for t, (s, _) in A100_NODE_TYPES.items() if s == site]
-    if node_type != "auto":
-        if node_type not in A100_NODE_TYPES:
-            raise UserError(f"{node_type!r} is not an A100 node type",
-                            "use node_type='auto' or one of: " + ", ".join(
-                                f"{t} ({s}, {g})" for t, (s, g) in A100_NODE_TYPES.items()))
-        if A100_NODE_TYPES[node_type][0] != site:
-            raise UserError(f"{node_type} nodes are at {A100_NODE_TYPES[node_type][0]}, not {site}",
-                            f"set site='{A100_NODE_TYPES[node_type][0]}'" +
-                            (f" or node_type to one of {', '.join(here)}" if here else ""))
+    if node_type not in ("auto", *A100_NODE_TYPES):
+        raise UserError(f"{node_type!r} is not an A100 node type",
+                        "use node_type='auto' or one of: " + ", ".join(
+                            f"{t} ({s}, {g})" for t, (s, g) in A100_NODE_TYPES.items()))
+    home = A100_NODE_TYPES.get(node_type, (site,))[0]
+    if home != site:
+        raise UserError(f"{node_type} nodes are at {home}, not {site}",
+                        f"set site='{home}'" + (f" or node_type to one of {', '.join(here)}" if here else ""))
     if not here:
         raise UserError(f"{site} has no A100 node types", "use site='CHI@UC' or site='CHI@TACC'")
     candidates = here if node_type == "auto" else [node_type]
@@ -262,51 +258,42 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
             lease_hours: float = DEFAULT_LEASE_HOURS, image: str = DEFAULT_IMAGE, lease_name: str | None = None,
             server_name: str | None = None, state_dir: str | Path = STATE_DIR, project: str | None = None,
             key_name: str | None = None, private_key: str | None = None, public_key: str | None = None,
-            network: str = "sharednet1", keep_on_failure: bool = False, poll_s: float | None = None,
-            lease_timeout_s: float = 15 * 60, server_timeout_s: float = 40 * 60,
-            ssh_timeout_s: float = 20 * 60, ssh_user: str | None = None, ssh_port: int | None = None,
-            remote_dir: str | None = None) -> dict[str, Any] | None:
+            keep_on_failure: bool = False, ssh_timeout_s: float = 20 * 60) -> dict[str, Any] | None:
     """Lease an A100 node, boot `image` on it, give it a floating IP and wait for SSH; the node record.
 
     Re-running reuses the live lease and server of the same names. On a failure after the lease
     exists, everything made is released (or kept, with `keep_on_failure=True`, and said so plainly).
     """
-    if target == "local":
-        print("target is 'local': nothing to reserve, every stage runs on this machine")
+    if not _on_chameleon(target, "nothing to reserve, every stage runs on this machine"):
         return None
-    if target != "chameleon":
-        raise UserError(f"unknown target {target!r}", "use target='local' or target='chameleon'")
     if not 0 < lease_hours <= MAX_LEASE_HOURS:
         raise UserError(f"lease_hours={lease_hours} is outside (0, {MAX_LEASE_HOURS}]",
                         "Chameleon caps leases at 7 days; the reproduction needs a few hours, boot included")
     state_dir = Path(state_dir)
     user = os.environ.get("OS_USERNAME") or os.environ.get("USER") or "user"
     lease_name = lease_name or f"nanorepro-{user}"
-    server_name = server_name or f"{lease_name}-node"
-    poll = _poll_s(poll_s)
     old = read_node_record(state_dir)
     if old and old.get("status") != "released" and old.get("lease_name") not in (None, lease_name):
         raise UserError(f"{state_dir} already holds the node of lease {old.get('lease_name')}",
                         f"release it first (`{release_command(state_dir)}`) or use another results_dir")
     started = time.monotonic()
-    failed: Exception | None = None
 
     with _step(f"connecting to {site or os.environ.get('OS_REGION_NAME')}"):
-        chi = connect(site, project)
-        site = site or os.environ["OS_REGION_NAME"]
+        chi, site = connect(site, project)
     record: dict[str, Any] = {
         "site": site, "project": project or os.environ.get("OS_PROJECT_NAME") or os.environ.get("OS_PROJECT_ID"),
-        "lease_name": lease_name, "server_name": server_name, "image": image, "status": "reserving",
-        "user": ssh_user or os.environ.get("NANOREPRO_SSH_USER", "cc"),
-        "port": int(ssh_port or os.environ.get("NANOREPRO_SSH_PORT", 22)),
-        "remote_dir": remote_dir or os.environ.get("NANOREPRO_REMOTE_DIR", "nanorepro"),
+        "lease_name": lease_name, "server_name": server_name or f"{lease_name}-node", "image": image,
+        "status": "reserving", "user": os.environ.get("NANOREPRO_SSH_USER", "cc"),
+        "port": int(os.environ.get("NANOREPRO_SSH_PORT", 22)),
+        "remote_dir": os.environ.get("NANOREPRO_REMOTE_DIR", "nanorepro"),
     }
 
     with _step(f"looking for a live lease named {lease_name}"):
         lease = find_lease(chi, lease_name)
-        print(f"   {'found ' + lease['id'] + ' (' + lease['status'] + '): reusing it' if lease else 'none'}")
+        print(f"   found {lease['id']} ({lease['status']}): reusing it" if lease else "   none")
+    if lease:
+        _note_lease(record, lease)
     if lease and lease["status"] == "ERROR":
-        record.update(lease_id=lease["id"], lease_end=_parse_blazar(lease["end_date"]).isoformat())
         save_record(state_dir, record)
         raise UserError(f"lease {lease_name} at {site} is in ERROR from an earlier try; until released it may "
                         "still hold a node and count against the allocation",
@@ -314,32 +301,23 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
 
     with _step("checking the image and the SSH key"):
         try:
-            key = _check_image_and_key(chi, image, key_name, private_key, public_key)
+            record.update(_check_image_and_key(chi, image, key_name, private_key, public_key))
         except UserError as e:
             if lease:  # from an earlier run: say it runs, whatever went wrong now
-                record.update(lease_id=lease["id"], lease_end=_parse_blazar(lease["end_date"]).isoformat())
                 raise UserError(f"{e.problem}. The {still_running(record, state_dir)}", e.fix) from e
             raise
-        record.update(key_name=key["name"], key_path=key["private"])
 
     if lease is None:
-        lease, node_type, failed = _new_lease(chi, record, state_dir, node_type, lease_hours)
-    record.update(lease_id=lease["id"], lease_start=_parse_blazar(lease["start_date"]).isoformat(),
-                  lease_end=_parse_blazar(lease["end_date"]).isoformat(),
-                  node_type=_lease_node_type(lease) or (node_type if node_type != "auto" else None))
-    record["gpus"] = A100_NODE_TYPES.get(record["node_type"] or "", ("", None))[1]
+        _note_lease(record, _new_lease(chi, record, state_dir, node_type, lease_hours, keep_on_failure))
     save_record(state_dir, record)
 
     try:
-        if failed is not None:
-            raise failed  # the lease exists although creating it failed: released below
-        _boot(chi, record, state_dir, network=network, poll=poll, lease_timeout_s=lease_timeout_s,
-              server_timeout_s=server_timeout_s, ssh_timeout_s=ssh_timeout_s)
+        _boot(chi, record, state_dir, poll=_poll_s(), ssh_timeout_s=ssh_timeout_s)
     except KeyboardInterrupt:
         print("\ninterrupted: " + still_running(record, state_dir), flush=True)
         raise
     except Exception as e:
-        _release_after_failure(chi, record, state_dir, e, poll=poll, keep=keep_on_failure)
+        _release_after_failure(chi, record, state_dir, e, keep=keep_on_failure)
 
     record["status"] = "ready"
     save_record(state_dir, record)
@@ -351,10 +329,18 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
     return record
 
 
-def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str,
-               hours: float) -> tuple[dict[str, Any], str, Exception | None]:
-    """Choose the node type, say what the lease costs, and create it: (lease, node type, the error if
-    creating it failed although Blazar made it all the same)."""
+def _note_lease(record: dict[str, Any], lease: dict[str, Any]) -> None:
+    """The lease's id, dates, node type and GPUs, into the node record."""
+    node_type = _lease_node_type(lease)
+    record.update(lease_id=lease["id"], lease_start=_parse_blazar(lease["start_date"]).isoformat(),
+                  lease_end=_parse_blazar(lease["end_date"]).isoformat(), node_type=node_type,
+                  gpus=A100_NODE_TYPES.get(node_type, ("", None))[1])
+
+
+def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str, hours: float,
+               keep_on_failure: bool) -> dict[str, Any]:
+    """Choose the node type, say what the lease costs, and create it. When creating fails but Blazar
+    made the lease all the same (its reply was lost), that lease is released (or kept) and the failure raised."""
     site, name = record["site"], record["lease_name"]
     with _step(f"choosing an A100 node type at {site}"):
         node_type = choose_node_type(chi, site, node_type, hours)
@@ -364,16 +350,19 @@ def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str
     save_record(state_dir, record)  # the name is on record before Blazar hears it: release() finds it
     with _step(f"creating lease {name} for one {node_type} node, {hours:g} h"):
         try:
-            return create_lease(chi, name, node_type, hours), node_type, None
+            return create_lease(chi, name, node_type, hours)
         except Exception as e:  # the reply may be lost after Blazar made it
-            return _lease_made_anyway(chi, name, e, state_dir), node_type, e
+            made, error = _lease_made_anyway(chi, name, e, state_dir), e
         except KeyboardInterrupt:
             print(f"\ninterrupted while creating lease {name}: it may exist and cost SUs; release it with "
                   f"`{release_command(state_dir)}`", flush=True)
             raise
+    _note_lease(record, made)
+    save_record(state_dir, record)
+    _release_after_failure(chi, record, state_dir, error, keep_on_failure)
 
 
-def _release_after_failure(chi: Any, record: dict[str, Any], state_dir: Path, error: Exception, *, poll: float,
+def _release_after_failure(chi: Any, record: dict[str, Any], state_dir: Path, error: Exception,
                            keep: bool) -> NoReturn:
     """After a failure once the lease exists: release everything (or keep it, saying so), then raise
     the failure with what is left running, if anything."""
@@ -383,7 +372,7 @@ def _release_after_failure(chi: Any, record: dict[str, Any], state_dir: Path, er
         raise UserError(f"{problem}. The {still_running(record, state_dir)}", fix) from error
     print(f"{problem}\nreleasing what this reservation made, so it does not keep costing SUs", flush=True)
     try:
-        left = _release(chi, record, poll=poll, timeout_s=10 * 60)
+        left = _release(chi, record, poll=_poll_s(), timeout_s=RELEASE_TIMEOUT_S)
     except Exception as e2:
         raise UserError(f"{problem}; releasing failed too ({type(e2).__name__}: {e2}). The "
                         f"{still_running(record, state_dir)}", fix) from error
@@ -414,19 +403,18 @@ def _lease_made_anyway(chi: Any, name: str, error: BaseException, state_dir: Pat
     return made
 
 
-def _boot(chi: Any, record: dict[str, Any], state_dir: Path, *, network: str, poll: float,
-          lease_timeout_s: float, server_timeout_s: float, ssh_timeout_s: float) -> None:
+def _boot(chi: Any, record: dict[str, Any], state_dir: Path, *, poll: float, ssh_timeout_s: float) -> None:
     """Everything after the lease exists: ACTIVE, server, floating IP, SSH."""
     with _step(f"waiting for lease {record['lease_name']} to become ACTIVE"):
-        lease = wait_lease(chi, record["lease_id"], lease_timeout_s, poll)
+        lease = wait_lease(chi, record["lease_id"], LEASE_TIMEOUT_S, poll)
     record["reservation_id"] = _node_reservation(lease)["id"]
     save_record(state_dir, record)
 
     with _step(f"launching server {record['server_name']} with {record['image']}"):
-        record["server_id"] = launch_server(chi, record, network, poll, server_timeout_s)
+        record["server_id"] = launch_server(chi, record, NETWORK, poll, SERVER_TIMEOUT_S)
         save_record(state_dir, record)
     with _step("waiting for the server to build (bare-metal A100 nodes take 10-30 min)"):
-        wait_server(chi, record["server_id"], record["server_name"], server_timeout_s, poll)
+        wait_server(chi, record["server_id"], record["server_name"], SERVER_TIMEOUT_S, poll)
 
     with _step("attaching a floating IP"):
         attach_floating_ip(chi, record, state_dir)
@@ -436,7 +424,8 @@ def _boot(chi: Any, record: dict[str, Any], state_dir: Path, *, network: str, po
 
 def _check_image_and_key(chi: Any, image: str, key_name: str | None, private_key: str | None,
                          public_key: str | None) -> dict[str, str]:
-    """Fail before any lease exists: the image must exist, the key must be usable and in Nova."""
+    """Fail before any lease exists: the image must exist, the key must be usable and in Nova; the
+    record's key_name and key_path."""
     from chi.exception import CHIValueError, ResourceError
 
     try:
@@ -452,19 +441,19 @@ def _check_image_and_key(chi: Any, image: str, key_name: str | None, private_key
         raise UserError(f"no SSH private key file ({private_key or 'none given'})",
                         "on the hub OS_KEYPAIR_PRIVATE_KEY is set for you; elsewhere pass private_key= "
                         "and public_key= (e.g. ~/.ssh/id_ed25519 and ~/.ssh/id_ed25519.pub)")
-    check_key_file(private_key)  # before any lease: ssh would refuse a key others can read
-    pub = Path(public_key).expanduser().read_text().strip() if public_key and Path(public_key).expanduser().is_file() \
-        else None
-    if pub:
-        chi.server.update_keypair(key_name, pub)  # creates it in Nova, or replaces a stale copy
+    key_path = check_key_file(private_key)  # before any lease: ssh would refuse a key others can read
+    pub = Path(public_key).expanduser() if public_key else None
+    if pub and pub.is_file():
+        chi.server.update_keypair(key_name, pub.read_text().strip())  # creates it in Nova, or replaces a stale copy
     elif chi.server.get_keypair(key_name).public_key is None:
         raise UserError(f"keypair {key_name!r} is not in Nova and there is no public key to create it",
                         "pass public_key= (the .pub file of private_key)")
-    return {"name": key_name, "private": str(Path(private_key).expanduser().resolve())}
+    return {"key_name": key_name, "key_path": str(key_path.resolve())}
 
 
 def find_lease(chi: Any, name: str) -> dict[str, Any] | None:
-    """The live lease called `name` in this project, if any (older TERMINATED ones are ignored)."""
+    """The live lease called `name` in this project, if any (older TERMINATED ones are ignored: they
+    make python-chi's idempotent lookup fail)."""
     live = [lease for lease in chi.blazar().lease.list() if lease["name"] == name and lease["status"] in LIVE]
     if len(live) > 1:
         raise UserError(f"{len(live)} live leases are named {name}",
@@ -473,25 +462,25 @@ def find_lease(chi: Any, name: str) -> dict[str, Any] | None:
 
 
 def create_lease(chi: Any, name: str, node_type: str, hours: float) -> dict[str, Any]:
-    """Ask Blazar for one `node_type` node from now for `hours`; Blazar's refusal becomes a UserError."""
+    """Ask Blazar for one `node_type` node from now for `hours`; Blazar's refusal becomes a UserError
+    (`Lease.submit()` would reduce it to "Unable to make lease")."""
     from blazarclient.exception import BlazarClientException
 
-    lease = chi.lease.Lease(name, duration=dt.timedelta(hours=hours))
+    lease = chi.lease.Lease(name, duration=dt.timedelta(hours=hours))  # counts from now, whatever start_date says
     lease.add_node_reservation(amount=1, node_type=node_type)
     try:
         return chi.blazar().lease.create(name=name, start=lease.start_date, end=lease.end_date,
                                          reservations=lease.node_reservations, events=[])
     except BlazarClientException as e:
-        msg = str(e)
-        low = msg.lower()
+        low = str(e).lower()
         if "not enough" in low:
             fix = "no node is free for the whole lease: ask for fewer lease_hours, another node_type or site, or later"
-        elif "allocation" in low or " su" in low or "balance" in low or "charge" in low:
+        elif any(word in low for word in ("allocation", " su", "balance", "charge")):
             fix = f"the project's allocation cannot cover {su_cost(hours):g} SU: ask its PI to renew or recharge it"
         else:
             fix = "check the project's allocation is active and, outside the hub, that the application credential " \
                   "was created 'unrestricted'"
-        raise UserError(f"Chameleon refused the lease: {msg}", fix) from e
+        raise UserError(f"Chameleon refused the lease: {e}", fix) from e
 
 
 def _reservations(lease: dict[str, Any]) -> list[dict[str, Any]]:
@@ -507,11 +496,8 @@ def _node_reservation(lease: dict[str, Any]) -> dict[str, Any]:
 
 
 def _lease_node_type(lease: dict[str, Any]) -> str | None:
-    for res in _reservations(lease):
-        for t in A100_NODE_TYPES:
-            if t in str(res.get("resource_properties", "")):
-                return t
-    return None
+    props = " ".join(str(res.get("resource_properties", "")) for res in _reservations(lease))
+    return next((t for t in A100_NODE_TYPES if t in props), None)
 
 
 def wait_lease(chi: Any, lease_id: str, timeout_s: float, poll: float) -> dict[str, Any]:
@@ -543,11 +529,11 @@ def launch_server(chi: Any, record: dict[str, Any], network: str, poll: float, t
             return existing
         print(f"   server {name} is in ERROR from an earlier try: deleting it and building again")
         chi.server.delete_server(existing)
-        _wait_gone(lambda: _server_exists(chi, existing), f"server {name}", timeout_s, poll)
-    try:
+        _wait_gone(lambda: _server_exists(chi, existing), timeout_s, poll)
+    try:  # Server() calls Glance and Nova; show="widget" raises outside IPython after creating the server
         server = chi.server.Server(name, reservation_id=record["reservation_id"], image_name=record["image"],
                                    key_name=record["key_name"], network_name=network)
-        server = server.submit(wait_for_active=False, show=None, idempotent=True) or server
+        server.submit(wait_for_active=False, show=None, idempotent=True)
     except Exception as e:
         raise UserError(f"Nova refused to create server {name}: {e}",
                         "check the image and network exist at this site and the lease is ACTIVE") from e
@@ -630,48 +616,40 @@ def wait_for_ssh(host: str, port: int, timeout_s: float, poll: float) -> None:
         time.sleep(poll)
 
 
-def _wait_gone(exists: Any, what: str, timeout_s: float, poll: float) -> bool:
+def _wait_gone(exists: Callable[[], bool], timeout_s: float, poll: float) -> None:
+    """Poll until exists() is false or the time is up (the caller then checks what is left)."""
     deadline = time.monotonic() + timeout_s
-    while exists():
-        if time.monotonic() > deadline:
-            return False
+    while exists() and time.monotonic() < deadline:
         time.sleep(poll)
-    return True
-
 
 # -- release ------------------------------------------------------------------------------------
 def release(target: str = "chameleon", *, state_dir: str | Path = STATE_DIR, site: str | None = None,
-            lease_name: str | None = None, server_name: str | None = None, project: str | None = None,
-            poll_s: float | None = None, timeout_s: float = 10 * 60) -> dict[str, Any] | None:
+            lease_name: str | None = None, server_name: str | None = None,
+            project: str | None = None) -> dict[str, Any] | None:
     """Delete the server, floating IP and lease recorded in `state_dir` (or named), and check none is left."""
-    if target == "local":
-        print("target is 'local': nothing was reserved, nothing to release")
+    if not _on_chameleon(target, "nothing was reserved, nothing to release"):
         return None
-    if target != "chameleon":
-        raise UserError(f"unknown target {target!r}", "use target='local' or target='chameleon'")
     state_dir = Path(state_dir)
     record = read_node_record(state_dir)
     if record.get("status") == "released" and not lease_name:
         print(f"the node recorded in {state_dir} was already released ({record.get('updated')}); nothing to do")
         return record
-    record.update({k: v for k, v in (("lease_name", lease_name), ("server_name", server_name), ("site", site))
-                   if v})
+    record.update({k: v for k, v in dict(lease_name=lease_name, server_name=server_name, site=site).items() if v})
     if not record.get("lease_name") and not record.get("server_name"):
         print(f"no node recorded in {state_dir / NODE_FILE}: nothing to release "
               "(pass lease_name= and site= to release a lease by name)")
         return None
     started = time.monotonic()
     with _step(f"connecting to {record.get('site') or os.environ.get('OS_REGION_NAME')}"):
-        chi = connect(record.get("site"), project or record.get("project"))
-        record["site"] = record.get("site") or os.environ["OS_REGION_NAME"]
+        chi, record["site"] = connect(record.get("site"), project or record.get("project"))
     try:
-        left = _release(chi, record, poll=_poll_s(poll_s), timeout_s=timeout_s)
+        left = _release(chi, record, poll=_poll_s(), timeout_s=RELEASE_TIMEOUT_S)
     except Exception as e:
         raise UserError(f"releasing failed ({type(e).__name__}: {e}). The {still_running(record, state_dir)}",
                         f"retry `{release_command(state_dir)}`; if it keeps failing delete the lease in the "
                         f"Chameleon GUI ({record['site']}: Reservations > Leases)") from e
     if left:
-        raise UserError(f"still left at {record['site']} after {duration(timeout_s)}: {', '.join(left)}",
+        raise UserError(f"still left at {record['site']} after {duration(RELEASE_TIMEOUT_S)}: {', '.join(left)}",
                         f"retry `{release_command(state_dir)}` in a few minutes, or delete them in the Chameleon GUI")
     record["status"] = "released"
     if state_dir.is_dir():
@@ -698,17 +676,13 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
 
     with _step(f"deleting server {server_name}" if servers else "no server to delete"):
         for server_id in servers:
-            try:
+            with contextlib.suppress(NotFound):
                 chi.server.delete_server(server_id)
-            except NotFound:
-                pass
-        _wait_gone(lambda: any(_server_exists(chi, i) for i in servers), "servers", timeout_s, poll)
+        _wait_gone(lambda: any(_server_exists(chi, i) for i in servers), timeout_s, poll)
     with _step(f"releasing floating IP {', '.join(sorted(addresses))}" if addresses else "no floating IP to release"):
         for address in addresses:
-            try:
+            with contextlib.suppress(CHIValueError):  # already gone
                 chi.network.deallocate_floating_ip(address)  # not Server.delete(delete_ips=True): wrong path
-            except CHIValueError:
-                pass  # already gone
     with _step(f"deleting lease {lease_name}" if leases else "no lease to delete"):
         for lease_id in leases:
             try:
@@ -716,12 +690,8 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
             except BlazarClientException as e:
                 if getattr(e, "kwargs", {}).get("code", getattr(e, "code", None)) != 404:
                     raise
-
-        def lease_left() -> bool:
-            return any(lease["id"] in leases and lease["status"] not in ("TERMINATED", "DELETED")
-                       for lease in chi.blazar().lease.list())
-
-        _wait_gone(lease_left, "leases", timeout_s, poll)
+        _wait_gone(lambda: any(lease["id"] in leases and lease["status"] not in ("TERMINATED", "DELETED")
+                               for lease in chi.blazar().lease.list()), timeout_s, poll)
 
     with _step("checking nothing is left"):
         left = [f"server {s.name} ({s.id})" for s in chi.nova().servers.list()
@@ -734,16 +704,14 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
     return left
 
 
-def setup_node(target: str = "chameleon", state_dir: str | Path = STATE_DIR,
-               install_cmd: str | None = None) -> Path | None:
+def setup_node(target: str = "chameleon", state_dir: str | Path = STATE_DIR) -> Path | None:
     """Install nanorepro on the reserved node and record its GPUs and software into `<state_dir>/node/`."""
-    if target == "local":
-        print("target is 'local': nothing to install, stages use this environment")
+    if not _on_chameleon(target, "nothing to install, stages use this environment"):
         return None
     runner = SSHRunner.from_state(Path(state_dir), workdir=Path(state_dir))
     try:
         with _step(f"installing nanorepro on {runner.host} (a venv with the CUDA build of torch: about 5 min)"):
-            runner.setup(install_cmd)
+            runner.setup()
         with _step("recording the node's nvidia-smi report and environment"):
             runner.record_node("node")
             return runner.fetch("node", Path(state_dir))

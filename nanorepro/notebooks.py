@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import config
 from .errors import UserError
@@ -33,14 +33,6 @@ DEFAULTS: dict[str, Any] = {
     "model": "gpt2",
     "finetune_max_iters": None,
 }
-
-
-def notebook_paths(folder: Path | None = None) -> list[Path]:
-    folder = folder or project_root() / "notebooks"
-    found = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
-    if not found:
-        raise UserError(f"no notebooks in {folder}", "run from a nanorepro checkout (the folder with notebooks/)")
-    return found
 
 
 def parse_params(pairs: list[list[str]] | None, params_file: str | None) -> dict[str, Any]:
@@ -69,7 +61,15 @@ def parse_params(pairs: list[list[str]] | None, params_file: str | None) -> dict
     return params
 
 
-def _like(default: str | None) -> tuple[Any, str]:
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _like(default: str | None) -> tuple[Callable[[Any], bool], str]:
     """(accepts, what it must be) from a parameter's default in its notebook: a value of the same type."""
     try:
         value = ast.literal_eval(default) if default else None
@@ -77,40 +77,32 @@ def _like(default: str | None) -> tuple[Any, str]:
         value = None
     if value is None:
         return (lambda v: True), "anything"
-    kind = type(value)
-    if kind is bool or kind is str or kind in (list, dict):
-        return (lambda v: isinstance(v, kind)), f"a {kind.__name__}"
-    if kind is int:
-        return (lambda v: isinstance(v, int) and not isinstance(v, bool)), "a whole number"
-    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"
+    if type(value) is int:
+        return _whole, "a whole number"
+    if type(value) is float:
+        return _number, "a number"
+    return (lambda v: isinstance(v, type(value))), f"a {type(value).__name__}"
 
 
-def check_params(params: dict[str, Any], defaults: dict[str, str] | None = None) -> None:
+def check_params(params: dict[str, Any], defaults: dict[str, str | None]) -> None:
     """Refuse values no notebook can use before any notebook runs (a bad value found in notebook 02
     would come after 01 prepared the data), naming the parameter and the fix. Parameters without a
     rule here must have the type of their default in the notebook (`defaults`: name -> source text)."""
-    def whole(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
+    preset = (lambda v: v in config.PRESETS, f"one of the presets {', '.join(config.PRESETS)}")
+    iters = (lambda v: v is None or _whole(v) and v >= 0, "None or a whole number >= 0")
+    overrides = (lambda v: isinstance(v, dict), "a mapping of config fields to values")
     rules = {  # name: (accepts, what it must be)
         "target": (lambda v: v in TARGETS, f"one of {', '.join(TARGETS)}"),
         "results_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
-        "char_preset": (lambda v: v in config.PRESETS, f"one of the presets {', '.join(config.PRESETS)}"),
-        "finetune_preset": (lambda v: v in config.PRESETS, f"one of the presets {', '.join(config.PRESETS)}"),
-        "char_max_iters": (lambda v: v is None or whole(v), "None or a whole number >= 0"),
-        "finetune_max_iters": (lambda v: v is None or whole(v), "None or a whole number >= 0"),
-        "seed": (whole, "a whole number >= 0"),
-        "char_overrides": (lambda v: isinstance(v, dict), "a mapping of config fields to values"),
-        "finetune_overrides": (lambda v: isinstance(v, dict), "a mapping of config fields to values"),
-        "lease_hours": (lambda v: number(v) and 0 < v <= 168, "a number of hours in (0, 168]"),
+        "char_preset": preset, "finetune_preset": preset, "char_max_iters": iters, "finetune_max_iters": iters,
+        "char_overrides": overrides, "finetune_overrides": overrides,
+        "seed": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+        "lease_hours": (lambda v: _number(v) and 0 < v <= 168, "a number of hours in (0, 168]"),
         "input_path": (lambda v: v is None or (isinstance(v, str) and Path(v).expanduser().is_file()),
                        "None or an existing text file"),
     }
     for name, value in params.items():
-        ok, what = rules.get(name) or _like((defaults or {}).get(name))
+        ok, what = rules.get(name) or _like(defaults.get(name))
         if not ok(value):
             raise UserError(f"notebook parameter {name}={value!r} is not valid: it must be {what}",
                             f"pass e.g. -p {name} VALUE with VALUE {what}")
@@ -142,18 +134,19 @@ def run_notebooks(params: dict[str, Any], only: list[str] | None = None) -> list
     import papermill as pm
 
     root = project_root()
-    paths = [p for p in notebook_paths(root / "notebooks") if not only or any(p.name.startswith(o) for o in only)]
-    known = set()
+    paths = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if not paths:
+        raise UserError(f"no notebooks in {root / 'notebooks'}",
+                        "run from a nanorepro checkout (the folder with notebooks/)")
+    paths = [p for p in paths if not only or any(p.name.startswith(o) for o in only)]
     declared_by = {p: pm.inspect_notebook(str(p)) for p in paths}
-    for declared in declared_by.values():
-        known |= set(declared)
-    unknown = sorted(set(params) - known - set(DEFAULTS))
+    defaults = {name: d.get("default") for declared in declared_by.values() for name, d in declared.items()}
+    unknown = sorted(set(params) - set(defaults) - set(DEFAULTS))
     if unknown:
         raise UserError(f"unknown notebook parameter(s): {', '.join(unknown)}",
-                        f"use one of: {', '.join(sorted(known))}")
-    check_params(params, {name: d.get("default") for declared in declared_by.values() for name, d in declared.items()})
-    results = Path(params["results_dir"])
-    results = results if results.is_absolute() else root / results
+                        f"use one of: {', '.join(sorted(defaults))}")
+    check_params(params, defaults)
+    results = root / params["results_dir"]  # an absolute path stays itself
     out_dir = results / "notebooks"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from .runner import get_runner
 
 
 class Table:
-    """A small table that shows as Markdown in Jupyter and as aligned text elsewhere."""
+    """A small table as Markdown: Jupyter renders it, elsewhere it reads as text."""
 
     def __init__(self, header: list[str], rows: list[list[Any]]):
         self.header, self.rows = header, [[str(c) for c in r] for r in rows]
@@ -30,38 +30,29 @@ class Table:
     def _repr_markdown_(self) -> str:
         return markdown_table(self.header, self.rows)
 
-    def __repr__(self) -> str:
-        widths = [max(len(x) for x in col) for col in zip(self.header, *self.rows)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        return "\n".join(fmt.format(*r) for r in [self.header, *self.rows])
+    __repr__ = _repr_markdown_
 
 
 class Pipeline:
     """One reproduction, all its files under `results_dir`, its stages run on `target`."""
 
     def __init__(self, results_dir: str | Path = "results/local", target: str = "local"):
-        path = Path(results_dir)
-        self.results = path if path.is_absolute() else project_root() / path
+        self.results = project_root() / results_dir  # an absolute path stays itself
         self.results.mkdir(parents=True, exist_ok=True)
-        self.target = target
-        self.runner = get_runner(target, self.results, state_dir=self.results)
+        self.runner = get_runner(target, self.results)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _record(self, name: str, status: str, started: float, **values: Any) -> None:
         metrics.append(self.results / metrics.STAGES_FILE, {"kind": "stage", "name": name, "status": status,
                                                             "elapsed_s": round(time.time() - started, 2), **values})
 
-    def stages(self) -> list[dict[str, Any]]:
-        path = self.results / metrics.STAGES_FILE
-        return metrics.of_kind(metrics.read(path), "stage") if path.exists() else []
-
     # -- stages ------------------------------------------------------------------------------
     def prepare_data(self, input_path: str | None = None, encodings: str = "all") -> Table:
         """Tiny Shakespeare (or `input_path`) into char and GPT-2 token files; the counts as a table.
 
-        The GPT-2 BPE files come from the network on first use: without them the gpt2 encoding is
-        recorded as not run, and the char data (all the baby GPT needs) is still made."""
-        rows, counts = [], {}
+        If tiktoken cannot load the GPT-2 BPE files, the gpt2 encoding is recorded as not run and the
+        char data (all the baby GPT needs) is still made."""
+        rows = []
         for enc in (("char", "gpt2") if encodings == "all" else (encodings,)):
             started = time.time()
             args = ["prepare", "--data-root", "data", "--encoding", enc]
@@ -77,18 +68,16 @@ class Pipeline:
                 self._record(f"prepare {enc}", "failed", started, exit_code=code)
                 raise UserError(f"stage prepare {enc} failed (exit {code})", "read the output above")
             meta = json.loads(self.runner.fetch(f"data/shakespeare_{enc}/meta.json", self.results).read_text())
-            counts[enc] = {k: meta[k] for k in ("vocab_size", "train_tokens", "val_tokens")}
-            self._record(f"prepare {enc}", "finished", started, **counts[enc])
+            self._record(f"prepare {enc}", "finished", started,
+                         **{k: meta[k] for k in ("vocab_size", "train_tokens", "val_tokens")})
             rows.append([enc, f"{meta['vocab_size']:,}", f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}"])
         return Table(["encoding", "vocab", "train tokens", "val tokens"], rows)
 
     def train(self, run: str, preset: str, seed: int = 1337, max_iters: int | None = None,
               overrides: dict[str, Any] | None = None, dataset: str = "shakespeare_char") -> dict[str, Any]:
         """Train (or resume) `runs/<run>` with `preset` and `overrides` (None values leave the preset's);
-        returns the run's summary from its metrics.
-
-        The config is resolved and checked here, before any job starts, so a bad value fails in the
-        notebook; the job reads it from the run's config.json."""
+        the run's summary. The config is checked here, so a bad value fails in the notebook before any
+        job starts; the job reads it from the run's config.json."""
         started = time.time()
         values = {"out_dir": f"runs/{run}", "data_root": "data", "dataset": dataset, "seed": seed,
                   "max_iters": max_iters, **(overrides or {})}
@@ -99,20 +88,23 @@ class Pipeline:
         self.runner.put(cfg_path, f"{cfg.out_dir}/config.json")
         code = self.runner.run(["train", "--config", f"{cfg.out_dir}/config.json"], stage=f"train {run}",
                                check=False, parallel=cfg.parallel)
-        if code in (ModelUnavailable.exit_code, WontFit.exit_code):
-            reason = (f"pretrained weights for {cfg.init_from} are not available offline"
-                      if code == ModelUnavailable.exit_code
-                      else self._refusal(run) or "it does not fit in the device's memory")
-            hint = " (pass model=PATH to a local Hugging Face folder)" if code == ModelUnavailable.exit_code else ""
-            print(f"{run}: not run: {reason}{hint}")
-            self._record(f"train {run}", metrics.NOT_RUN, started, reason=reason, preset=preset)
-            return {"run": run, "status": metrics.NOT_RUN, "reason": reason}
+        if code == ModelUnavailable.exit_code:
+            return self._not_run(run, preset, started, f"pretrained weights for {cfg.init_from} are not available "
+                                 "offline", hint=" (pass model=PATH to a local Hugging Face folder)")
+        if code == WontFit.exit_code:
+            return self._not_run(run, preset, started, self._refusal(run) or "it does not fit in the device's memory")
         if code:
             self._record(f"train {run}", "failed", started, exit_code=code, preset=preset)
             raise UserError(f"stage train {run} failed (exit {code})", "read the output above; re-running resumes")
         summary = self.summary(run)
         self._record(f"train {run}", "finished", started, best_val_loss=summary["best_val_loss"], preset=preset)
         return summary
+
+    def _not_run(self, run: str, preset: str, started: float, reason: str, hint: str = "") -> dict[str, Any]:
+        """Record why training `run` could not run here; the summary that says so."""
+        print(f"{run}: not run: {reason}{hint}")
+        self._record(f"train {run}", metrics.NOT_RUN, started, reason=reason, preset=preset)
+        return {"run": run, "status": metrics.NOT_RUN, "reason": reason}
 
     def _refusal(self, run: str) -> str | None:
         """The reason `train` wrote into the run's metrics when it refused to start."""
@@ -137,10 +129,9 @@ class Pipeline:
                 "elapsed_s": ends[-1]["elapsed_s"] if ends else None}
 
     def sample(self, run: str | None = None, model: str | None = None, out: str | None = None,
-               prompt: str = "\n", max_new_tokens: int = 300, seed: int = 1337, num_samples: int = 1) -> str:
+               max_new_tokens: int = 300, seed: int = 1337) -> str:
         """Generated text from `runs/<run>` or a pretrained `model`, saved to `out` (relative to results)."""
-        args = ["sample", "--max-new-tokens", str(max_new_tokens), "--seed", str(seed), "--prompt", prompt,
-                "--num-samples", str(num_samples)]
+        args = ["sample", "--max-new-tokens", str(max_new_tokens), "--seed", str(seed)]
         args += ["--run", f"runs/{run}"] if run else ["--model", str(model)]
         out = out or (f"runs/{run}/samples.txt" if run else f"samples-{Path(str(model)).name}.txt")
         args += ["--out", out]
@@ -158,10 +149,8 @@ class Pipeline:
         config.resolve(preset, overrides)  # a bad preset or override fails here, before anything runs
         init = model or config.PRESETS[preset].get("init_from", "gpt2")
         if not (self.results / "data" / "shakespeare_gpt2" / "meta.json").exists():  # fetched back by prepare_data
-            reason = "no GPT-2-encoded data (01_prepare_data could not get the GPT-2 BPE files)"
-            print(f"fine-tune not run: {reason}")
-            self._record(f"train {run}", metrics.NOT_RUN, time.time(), reason=reason, preset=preset)
-            return {"run": run, "status": metrics.NOT_RUN, "reason": reason, "model": init}
+            return {**self._not_run(run, preset, time.time(), "no GPT-2-encoded data (01_prepare_data could not "
+                                    "get the GPT-2 BPE files)"), "model": init}
         if Path(init).expanduser().is_dir():
             init = str(Path(init).expanduser().resolve())  # stages run in the results folder
         summary = self.train(run, preset, seed=seed, max_iters=max_iters, overrides={**overrides, "init_from": init},
@@ -202,8 +191,7 @@ class ReportView:
     def _repr_markdown_(self) -> str:
         return report.claims_table(self.rep["claims"])
 
-    def __repr__(self) -> str:
-        return self._repr_markdown_()
+    __repr__ = _repr_markdown_
 
     def show_plots(self) -> list[Path]:
         paths = [self.results / p["file"] for p in self.rep["plots"]]

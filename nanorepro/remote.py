@@ -15,6 +15,8 @@ uses it for the stages (setup, jobs, files). No torch here; paramiko is imported
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -41,6 +43,8 @@ DEFAULT_INSTALL = ("python3 -m venv .venv && .venv/bin/python -m pip install -q 
                    ".venv/bin/python -m pip install -e '.[train]'")
 JOBS = ".jobs"
 TAIL_LINES = 20
+RECONNECT_TIMEOUT_S = 600.0  # how long a dropped connection is retried before giving up
+BOOT_ID = "/proc/sys/kernel/random/boot_id"  # new at every boot: a pid from before a reboot means nothing
 # Written by a stage that records the node: the full nvidia-smi report and envinfo's record (no env vars).
 NODE_INFO_SCRIPT = """
 import json, subprocess, sys
@@ -67,9 +71,6 @@ def read_node_record(state_dir: Path) -> dict[str, Any]:
 
 def _q(path: str | PurePosixPath) -> str:
     return shlex.quote(str(path))
-
-
-BOOT_ID = "/proc/sys/kernel/random/boot_id"  # new at every boot: a pid from before a reboot means nothing
 
 
 def _same_boot(boot_file: str) -> str:
@@ -100,6 +101,16 @@ setsid nohup sh {job}/run.sh > {log} 2>&1 < /dev/null &
 i=0; while [ ! -s {pid} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 echo started
 """
+
+
+def _read(sftp: "paramiko.SFTPClient", path: PurePosixPath, offset: int = 0) -> bytes | None:
+    """A file on the node from `offset` on; None when it does not exist (yet)."""
+    try:
+        with sftp.open(str(path)) as f:
+            f.seek(offset)
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def check_key_file(path: str | Path) -> Path:
@@ -148,14 +159,11 @@ class Connection:
     """One SSH connection to a node, made again when it drops: the key checked, the host key pinned
     in `known_hosts` on first use, short commands run, files moved over SFTP."""
 
-    def __init__(self, host: str, *, key_path: str | Path, user: str = "cc", port: int = 22,
-                 known_hosts: Path | None = None, connect_timeout_s: float = 15.0,
-                 reconnect_timeout_s: float = 600.0, say: Callable[[str], None] = print):
+    def __init__(self, host: str, *, key_path: str | Path, user: str, port: int, known_hosts: Path | None,
+                 connect_timeout_s: float, say: Callable[[str], None]):
         self.host, self.port, self.user = host, int(port), user
         self.key_path = Path(key_path).expanduser()
-        self.known_hosts = known_hosts
-        self.connect_timeout_s, self.reconnect_timeout_s = connect_timeout_s, reconnect_timeout_s
-        self.say = say
+        self.known_hosts, self.connect_timeout_s, self.say = known_hosts, connect_timeout_s, say
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._ever_connected = False
@@ -184,9 +192,7 @@ class Connection:
             known.parent.mkdir(parents=True, exist_ok=True)
             client.save_host_keys(str(known))
         self._ever_connected = True
-        transport = client.get_transport()
-        if transport is not None:
-            transport.set_keepalive(30)  # keeps NAT state alive between polls of a long stage
+        client.get_transport().set_keepalive(30)  # keeps NAT state alive between polls of a long stage
         return client
 
     def client(self) -> "paramiko.SSHClient":
@@ -206,18 +212,14 @@ class Connection:
 
     def close(self) -> None:
         for thing in (self._sftp, self._client):
-            try:
+            with contextlib.suppress(Exception):  # closing a dead connection can raise anything; nothing to save
                 if thing is not None:
                     thing.close()
-            except Exception:  # closing a dead connection can raise anything; nothing to save
-                pass
         self._sftp = self._client = None
 
     def retrying(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Call fn; on a dropped connection reconnect (with backoff) and call it again.
-
-        fn must be safe to repeat: job launches check for a running copy first.
-        """
+        """Call fn; on a dropped connection reconnect (with backoff) and call it again. fn must be safe
+        to repeat: job launches check for a running copy first."""
         import paramiko
 
         deadline, delay = None, 1.0
@@ -233,12 +235,12 @@ class Connection:
                                     "check the lease is still active and the server up (re-run 00_reserve_node: "
                                     "it reuses both), then retry") from e
                 if deadline is None:
-                    deadline = time.monotonic() + self.reconnect_timeout_s
+                    deadline = time.monotonic() + RECONNECT_TIMEOUT_S
                     self.say(f"[{what}] connection to {self.host} lost ({type(e).__name__}: {e}); "
                              "reconnecting - jobs on the node keep running")
                 if time.monotonic() > deadline:
                     raise UserError(f"lost the connection to {self.host} and could not reconnect for "
-                                    f"{self.reconnect_timeout_s:.0f} s ({e})",
+                                    f"{RECONNECT_TIMEOUT_S:.0f} s ({e})",
                                     "jobs keep running on the node: re-run this cell later to attach to them, "
                                     "and check the node is up and its lease active") from e
                 self.close()
@@ -271,28 +273,23 @@ class Connection:
 
 
 class SSHRunner:
-    """Runs `python -m nanorepro <args>` on a node as detached jobs and copies results back.
-
-    `workdir` is the local results folder; stages run in its mirror on the node (see module doc).
-    """
-
-    target = "chameleon"
+    """Runs `python -m nanorepro <args>` on a node as detached jobs and copies results back. `workdir`
+    is the local results folder; stages run in its mirror on the node (see module doc)."""
 
     def __init__(self, host: str, *, key_path: str | Path, user: str = "cc", port: int = 22,
                  remote_dir: str = "nanorepro", workdir: str | Path = ".", local_root: Path | None = None,
-                 state_dir: Path | None = None, poll_s: float = 2.0, reconnect_timeout_s: float = 600.0,
-                 connect_timeout_s: float = 15.0, out: Callable[[str], None] | None = None):
+                 state_dir: Path | None = None, poll_s: float = 2.0, connect_timeout_s: float = 15.0,
+                 out: Callable[[str], None] | None = None):
         self._print = out or (lambda s: print(s, flush=True))
         self.ssh = Connection(host, key_path=key_path, user=user, port=port,
                               known_hosts=Path(state_dir) / KNOWN_HOSTS if state_dir else None,
-                              connect_timeout_s=connect_timeout_s, reconnect_timeout_s=reconnect_timeout_s,
+                              connect_timeout_s=connect_timeout_s,
                               say=lambda s: self._print(s))  # through _print, which callers may replace
         self.host, self.user = self.ssh.host, user
         self.remote_dir = PurePosixPath(remote_dir)
         self.local_root = Path(local_root or project_root()).resolve()
         self.workdir_rel = self._mirror(Path(workdir))
         self.poll_s = poll_s
-        self._gpus: int | None = None
 
     @classmethod
     def from_state(cls, state_dir: Path, workdir: Path | None = None, **kwargs: Any) -> "SSHRunner":
@@ -314,9 +311,6 @@ class SSHRunner:
                    workdir=workdir if workdir is not None else Path(state_dir), state_dir=Path(state_dir),
                    poll_s=poll, **kwargs)
 
-    def __repr__(self) -> str:
-        return f"SSHRunner({self.user}@{self.host}:{self.ssh.port}, {self.remote_dir})"
-
     def _mirror(self, workdir: Path) -> PurePosixPath:
         """The stage folder on the node, relative to remote_dir."""
         if not workdir.is_absolute():
@@ -335,18 +329,15 @@ class SSHRunner:
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self, install_cmd: str | None = None) -> None:
-        """Copy this checkout to the node, create its venv and install nanorepro with the training extras.
-
-        `install_cmd` (run in remote_dir; default: a venv and `pip install -e '.[train]'`, which on a
-        CUDA node brings the CUDA build of torch) can be replaced, e.g. by tests, with something cheaper.
-        """
+        """Copy this checkout to the node, create its venv and install nanorepro with the training extras
+        (`install_cmd`, run in remote_dir: on a CUDA node the default brings the CUDA build of torch)."""
         install_cmd = install_cmd or os.environ.get("NANOREPRO_INSTALL_CMD") or DEFAULT_INSTALL
         started = time.time()
         data, digest = source_tar(self.local_root)
         marker = f"{digest} {install_cmd}"
         here = _q(self.remote_dir)
-        done = self.ssh.exec(f"cat -- {here}/.nanorepro-installed 2>/dev/null")[1].strip()
-        if done == marker and self.ssh.exec(f"test -x {here}/.venv/bin/python")[0] == 0:
+        done = self.ssh.exec(f"test -x {here}/.venv/bin/python && cat -- {here}/.nanorepro-installed 2>/dev/null")
+        if done[1].strip() == marker:
             self._print(f"the node already has this code installed ({self.remote_dir})")
         else:
             self._print(f"copying the code ({len(data) / 1e3:.0f} kB) to {self.user}@{self.host}:{self.remote_dir}")
@@ -367,22 +358,20 @@ class SSHRunner:
 
     def _python(self) -> str:
         """The venv's python, addressed from the stage folder."""
-        depth = len(self.workdir_rel.parts) if str(self.workdir_rel) != "." else 0
-        return posixpath.join(*([".."] * depth), ".venv", "bin", "python") if depth else ".venv/bin/python"
+        return posixpath.join(*[".."] * len(self.workdir_rel.parts), ".venv/bin/python")
 
     # -- jobs --------------------------------------------------------------------------------
     def run(self, args: list[str], *, stage: str, check: bool = True, parallel: str = "none") -> int:
         """`python -m nanorepro <args>` on the node in the stage folder, its log streamed here; with
         parallel=ddp|fsdp (the stage's config says which) under torchrun, one process per GPU of the node."""
-        gpus = self.gpu_count() if parallel != "none" else 1
+        gpus = self.gpus if parallel != "none" else 1
         return self.run_command(stage_argv(self._python(), args, parallel, gpus), stage=stage, check=check)
 
-    def gpu_count(self) -> int:
+    @functools.cached_property
+    def gpus(self) -> int:
         """GPUs on the node (`nvidia-smi -L`), asked once per runner; 0 without a working nvidia-smi."""
-        if self._gpus is None:
-            code, out = self.ssh.exec("nvidia-smi -L 2>/dev/null")
-            self._gpus = sum(line.startswith("GPU ") for line in out.splitlines()) if code == 0 else 0
-        return self._gpus
+        code, out = self.ssh.exec("nvidia-smi -L 2>/dev/null")
+        return sum(line.startswith("GPU ") for line in out.splitlines()) if code == 0 else 0
 
     def run_command(self, argv: list[str], *, stage: str, check: bool = True,
                     cwd: PurePosixPath | None = None) -> int:
@@ -442,39 +431,21 @@ class SSHRunner:
     def _poll(self, job: PurePosixPath, offset: int) -> tuple[bytes, int | None, bool]:
         """The job's new log bytes from `offset`, its exit code (None while it runs), and whether it is alive."""
         sftp = self.ssh.sftp()
-        code = None
-        try:
-            with sftp.open(str(job / "rc")) as f:
-                code = int(f.read().decode().strip() or "1")
-        except FileNotFoundError:
-            pass
-        try:
-            with sftp.open(str(job / "log")) as f:  # read after rc: once rc exists, the log is complete
-                f.seek(offset)
-                data = f.read()
-        except FileNotFoundError:
-            data = b""  # the job's shell has not opened it yet
-        if code is not None:
-            return data, code, True
-        try:
-            with sftp.open(str(job / "pid")) as f:
-                pid = f.read().decode().strip()
-        except FileNotFoundError:
-            pid = ""  # _launch waited for it: the job folder was wiped
+        rc = _read(sftp, job / "rc")
+        data = _read(sftp, job / "log", offset) or b""  # after rc: once rc exists, the log is complete
+        if rc is not None:
+            return data, int(rc.decode().strip() or "1"), True
+        pid = (_read(sftp, job / "pid") or b"").decode().strip()  # none: _launch waited for it, the folder was wiped
         # a pid from before a reboot may belong to another process now: the boot id must match too
         alive = bool(pid) and self.ssh.exec(f"[ -f {_q(job / 'rc')} ] || {{ kill -0 {_q(pid)} 2>/dev/null && "
                                             f"{_same_boot(_q(job / 'boot'))}; }}")[0] == 0
-        return data, code, alive
+        return data, None, alive
 
     # -- files -------------------------------------------------------------------------------
-    def fetch(self, rel_path: str, local_dir: Path, *, checkpoints: bool = False) -> Path:
+    def fetch(self, rel_path: str, local_dir: Path) -> Path:
         """Copy `<workdir>/<rel_path>` (file or folder) to `local_dir/<rel_path>`; return the local path.
-
-        Checkpoints (`*.pt`) inside a folder stay on the node unless `checkpoints=True`; a
-        checkpoint asked for by name is copied.
-        """
-        src = self.stage_dir / rel_path
-        dest = Path(local_dir) / rel_path
+        Checkpoints (`*.pt`) inside a folder stay on the node; one asked for by name is copied."""
+        src, dest = self.stage_dir / rel_path, Path(local_dir) / rel_path
 
         def go() -> Path:
             sftp = self.ssh.sftp()
@@ -484,7 +455,7 @@ class SSHRunner:
                 raise UserError(f"{rel_path} does not exist on the node (looked for {src} on {self.host})",
                                 "run the stage that writes it first") from None
             if stat.S_ISDIR(st.st_mode or 0):
-                self._get_dir(sftp, src, dest, checkpoints)
+                self._get_dir(sftp, src, dest)
             else:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 sftp.get(str(src), str(dest))
@@ -492,12 +463,12 @@ class SSHRunner:
 
         return self.ssh.retrying("fetch", go)
 
-    def _get_dir(self, sftp: "paramiko.SFTPClient", src: PurePosixPath, dest: Path, checkpoints: bool) -> None:
+    def _get_dir(self, sftp: "paramiko.SFTPClient", src: PurePosixPath, dest: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         for entry in sftp.listdir_attr(str(src)):
             if stat.S_ISDIR(entry.st_mode or 0):
-                self._get_dir(sftp, src / entry.filename, dest / entry.filename, checkpoints)
-            elif checkpoints or not entry.filename.endswith(".pt"):
+                self._get_dir(sftp, src / entry.filename, dest / entry.filename)
+            elif not entry.filename.endswith(".pt"):
                 sftp.get(str(src / entry.filename), str(dest / entry.filename))
 
     def put(self, local_path: Path, rel_path: str) -> str:
@@ -507,7 +478,6 @@ class SSHRunner:
         self.ssh.check(f"mkdir -p -- {_q(dest.parent)}", "creating a folder")
         self.ssh.retrying("put", lambda: self.ssh.sftp().put(str(local_path), str(dest)))
         return rel_path
-
 
 
 def stage_argv(python: str, args: list[str], parallel: str = "none", gpus: int = 1) -> list[str]:

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Protocol
 
 from .errors import UserError
 from .remote import SSHRunner
@@ -19,31 +18,16 @@ from .remote import SSHRunner
 TARGETS = ("local", "chameleon")
 
 
-class Runner(Protocol):
-    target: str
-
-    def run(self, args: list[str], *, stage: str, check: bool = True, parallel: str = "none") -> int:
-        """Run `python -m nanorepro <args>` in the target's work folder, streaming its output live;
-        `parallel` (a train stage's config value) says whether it needs one process per GPU."""
-
-    def fetch(self, rel_path: str, local_dir: Path) -> Path:
-        """Copy a file or folder (relative to the work folder) into `local_dir`; return the local path."""
-
-    def put(self, local_path: Path, rel_path: str) -> str:
-        """Make a local file readable by stages (copied to `rel_path` in the work folder if the target is
-        elsewhere); return the path a stage command should use."""
-
-
 class LocalRunner:
     """Runs stages as child processes of this kernel, in `workdir`: one process each (a parallel
-    train stage refuses to start outside torchrun and says how to launch it)."""
-
-    target = "local"
+    train stage refuses to start outside torchrun and says how to launch it). SSHRunner has the same
+    run/fetch/put for a Chameleon node."""
 
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
 
     def run(self, args: list[str], *, stage: str, check: bool = True, parallel: str = "none") -> int:
+        """Run `python -m nanorepro <args>` in the work folder, streaming its output live; its exit code."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "nanorepro", *args]
         tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -53,7 +37,6 @@ class LocalRunner:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
         with subprocess.Popen(cmd, cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env=env, text=True, bufsize=1) as proc:
-            assert proc.stdout is not None
             for line in proc.stdout:  # progress bars end lines with \r: passed through as they come
                 sys.stdout.write(line)
                 sys.stdout.flush()
@@ -65,21 +48,18 @@ class LocalRunner:
         return code
 
     def fetch(self, rel_path: str, local_dir: Path) -> Path:
-        src = self.workdir / rel_path
-        dest = Path(local_dir) / rel_path
-        if src.resolve() != dest.resolve():
-            raise UserError(f"local runs write into their results folder; cannot fetch into {local_dir}",
-                            "use the same results folder for all stages")
-        return dest
+        """The local path of a stage's output: already in the work folder, which is the results folder."""
+        return self.workdir / rel_path
 
     def put(self, local_path: Path, rel_path: str) -> str:
-        return str(Path(local_path).resolve())  # stages run on this machine: no copy needed
+        """The path a stage command should use for a local file: its own (no copy needed)."""
+        return str(Path(local_path).resolve())
 
 
-def get_runner(target: str, workdir: Path, state_dir: Path | None = None) -> Runner:
-    """The runner for `target`; `state_dir` holds the node record that `00_reserve_node` wrote."""
+def get_runner(target: str, workdir: Path) -> LocalRunner | SSHRunner:
+    """The runner for `target`; for 'chameleon', `workdir` holds the node record that `00_reserve_node` wrote."""
     if target == "local":
         return LocalRunner(workdir)
     if target == "chameleon":
-        return SSHRunner.from_state(Path(state_dir or workdir), workdir=workdir)
+        return SSHRunner.from_state(Path(workdir), workdir=workdir)
     raise UserError(f"unknown target {target!r}", f"use one of: {', '.join(TARGETS)}")
