@@ -160,6 +160,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options. Long but flat: one block of declarations per command, in the
+    order `nanorepro --help` lists them, so a command's options read in one place."""
     p = _Parser(prog="nanorepro", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nanorepro {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")

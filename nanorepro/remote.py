@@ -136,8 +136,7 @@ def source_files(root: Path) -> list[Path]:
         names = ["pyproject.toml", "README.md", "LICENSE"]
         names += [str(p.relative_to(root)) for p in (root / "nanorepro").rglob("*")
                   if p.is_file() and "__pycache__" not in p.parts]
-    # shared/ (data beside some checkouts) and results are not code
-    return [root / n for n in names if (root / n).is_file() and not n.startswith(("shared/", "results/"))]
+    return [root / n for n in names if (root / n).is_file() and not n.startswith("results/")]  # outputs, not code
 
 
 def source_tar(root: Path) -> tuple[bytes, str]:
