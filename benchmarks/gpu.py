@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -114,7 +113,7 @@ def main() -> int:
                     "--warmup", "1" if dry else "3", "--eval_interval=1000", *common, *xl], out, 180)
 
     (out / "gpu.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\n| step | status | seconds | figures |\n|---|---|---|---|")
+    print("\n| step | status | seconds | figures |\n|---|---|---|---|")
     for name, step in record["steps"].items():
         print(f"| {name} | {step['status']} | {step['seconds']:.0f} | {step.get('line', '')} |")
     print(f"\nrecord: {out / 'gpu.json'}")

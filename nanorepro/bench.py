@@ -29,14 +29,14 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from . import __version__, config as config_mod, data, envinfo, hardware, metrics
+from . import __version__, config as config_mod, data, envinfo, fmt, hardware, metrics
 from .config import Config
 from .errors import UserError
 from .files import sha256_file
@@ -117,7 +117,7 @@ def prepare_nanogpt(checkout: str | Path, data_dir: Path, workdir: Path, input_p
         ours, theirs = data_dir / f"{split}.bin", prep / f"{split}.bin"
         if not theirs.is_file() or sha256_file(ours) != sha256_file(theirs):
             raise UserError(f"nanoGPT's {split}.bin differs from {ours}: the two would not train on the same data",
-                            f"re-run `nanorepro prepare` on the same input.txt, or pass it with --input")
+                            "re-run `nanorepro prepare` on the same input.txt, or pass it with --input")
     return dest
 
 
@@ -188,7 +188,7 @@ def run_one(impl: str, cmd: list[str], cwd: Path, env: dict[str, str], workdir: 
     if code != 0 and target is None:
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-4:])
         raise UserError(f"{impl} run {label} failed with exit code {code}: {tail}",
-                        f"run the same config with `nanorepro train` to see the whole error")
+                        "run the same config with `nanorepro train` to see the whole error")
     return {"impl": impl, "label": label, "command": cmd, "exit_code": code, "wall_s": wall,
             "max_rss_mb": child.rusage.ru_maxrss / 1024 if child.rusage else None,
             # CPU seconds (user + system) the child used: with OMP_NUM_THREADS=1, a measure that
@@ -328,7 +328,7 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
             shutil.rmtree(workdir, ignore_errors=True)
 
     record = {
-        "kind": "bench", "nanorepro": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kind": "bench", "nanorepro": __version__, "created": fmt.utc_timestamp(),
         "preset": preset, "nanogpt_preset": (nanogpt_preset or preset) if nanogpt else None,
         "overrides": overrides, "forced": runs_cfg, "config": cfg.to_dict(), "device": device,
         "dtype": ours_dtype, "host": _host(device), "cpu_features": hardware.cpu_features(),

@@ -19,12 +19,12 @@ import os
 import re
 import shutil
 import urllib.request
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from . import fmt
 from .errors import ModelUnavailable, UserError
 from .files import sha256_file, write_atomic, write_text_atomic
 
@@ -316,7 +316,7 @@ def _write_dataset(out: Path, text: str, name: str, encoding: str, source: str, 
                             "use a longer text file")
     meta = {"name": name, "encoding": encoding, **extra, "train_tokens": int(len(train)), "val_tokens": int(len(val)),
             "dtype": "uint16", "source": source, "source_sha256": sha,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "created": fmt.utc_timestamp()}
     try:
         out.mkdir(parents=True, exist_ok=True)
         # the folder stops being "complete" before any bin changes, so a crash can't pair old meta with new bins

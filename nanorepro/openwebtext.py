@@ -17,12 +17,12 @@ import json
 import math
 import os
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import fmt
 from .data import GPT2_VOCAB_SIZE, check_name, complete_meta, gpt2_encoding, one_line
 from .errors import ModelUnavailable, UserError
 from .files import write_atomic, write_text_atomic
@@ -255,7 +255,7 @@ def prepare(source: str = DEFAULT_SOURCE, name: str = "openwebtext", data_root: 
     meta = {"name": name, "encoding": "gpt2", "vocab_size": GPT2_VOCAB_SIZE,
             "train_tokens": tokens["train"], "val_tokens": tokens["val"], "dtype": "uint16",
             "source": source, "documents": plan["documents"], "plan": plan,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "created": fmt.utc_timestamp()}
     _write_json(out / "meta.json", meta)
     shutil.rmtree(out / PARTS, ignore_errors=True)
     return {**meta, "data_dir": str(out)}

@@ -14,7 +14,6 @@ import resource
 import signal
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -312,7 +311,7 @@ def _start_records(out: Path, cfg: Config, preset: str | None, iter_num: int, in
     if not path.exists() or not metrics.meta(metrics.read(path)):
         path.unlink(missing_ok=True)
         metrics.append(path, {"kind": "meta", "run": out.name, "preset": preset, "nanorepro": __version__,
-                              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info})
+                              "started": fmt.utc_timestamp(), **info})
     cfg.save(out / "config.json")
     envinfo.write(out / "env.json", envinfo.capture(cfg.to_dict(), seeds=[cfg.seed]))
 

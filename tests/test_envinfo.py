@@ -52,7 +52,7 @@ def test_capture_records_hardware_software_config_and_seeds():
 
 def test_write_and_read_round_trip(tmp_path):
     info = envinfo.capture()
-    path = envinfo.write(tmp_path / "run" / "env.json", info)
+    envinfo.write(tmp_path / "run" / "env.json", info)
     assert envinfo.read(tmp_path / "run") == json.loads(json.dumps(info))
     assert envinfo.read(tmp_path / "nothing-here") == {}
     assert "Python" in envinfo.summary(info)

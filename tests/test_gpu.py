@@ -1,7 +1,6 @@
 """What only a CUDA GPU shows. Deselected by default (pyproject: -m "not gpu"); `benchmarks/gpu.sh`
 runs them with `pytest -m gpu` on a GPU node, and its --dry-run checks on a CPU that they collect."""
 
-import json
 import subprocess
 import sys
 

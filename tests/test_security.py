@@ -13,7 +13,6 @@ test_chameleon.py::test_reserve_twice_then_release_through_the_notebooks).
 from __future__ import annotations
 
 import ast
-import io
 import os
 import shutil
 import subprocess
