@@ -332,7 +332,7 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
         "preset": preset, "nanogpt_preset": (nanogpt_preset or preset) if nanogpt else None,
         "overrides": overrides, "forced": runs_cfg, "config": cfg.to_dict(), "device": device,
         "dtype": ours_dtype, "host": _host(device), "cpu_features": hardware.cpu_features(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu_affinity": _affinity(),
         "torch": torch.__version__, "n_params": n_params, "flops_per_iter": flops,
         "tokens_per_iter": cfg.tokens_per_iter, "iters": iters, "warmup": warmup, "target_loss": target_loss,
         "nanogpt": str(nanogpt) if nanogpt else None, "loadavg_before": list(load_before),
@@ -367,6 +367,11 @@ def _last_iter(path: Path) -> int:
         except (ValueError, AttributeError):
             continue
     return 0
+
+
+def _affinity() -> list[int] | None:
+    """The CPUs the bench (and its runs, which inherit it) may use: `taskset -c 0` shows as [0]."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
 def _host(device: str) -> str:
@@ -458,7 +463,8 @@ def summary_line(record: dict[str, Any]) -> str:
     ng = s.get("nanogpt")
     if ng:
         if ng.get("ms_per_iter_median"):
-            parts.append(f"nanoGPT {ng['ms_per_iter_median']:.1f} ms/iter")
+            mfu = f", MFU {100 * ng['mfu_median']:.1f}%" if ng.get("mfu_median") is not None else ""
+            parts.append(f"nanoGPT {ng['ms_per_iter_median']:.1f} ms/iter{mfu}")
         ratios = [p["speedup_per_iter"] for p in s.get("pairs", []) if "speedup_per_iter" in p]
         if ratios:
             parts.append("speedup per pair " + ", ".join(f"{r:.2f}x" for r in ratios))

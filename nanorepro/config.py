@@ -30,6 +30,10 @@ class GPTConfig:
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64, as nanoGPT does for speed
     bias: bool = False
     dropout: float = 0.0
+    # options from nanoGPT's successors (modded-nanogpt, nanochat); off: GPT-2 exactly
+    rope: bool = False  # rotary positions instead of learned position embeddings
+    qk_norm: bool = False  # RMS-normalised queries and keys
+    relu_squared: bool = False  # relu(x)^2 in the MLP instead of GELU
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -44,12 +48,16 @@ class GPTConfig:
     def n_params(self) -> int:
         """Exact parameter count of `model.GPT`: the tied embedding/head once, position embeddings in."""
         C, b = self.n_embd, int(self.bias)
-        return self.vocab_size * C + self.block_size * C + self.n_layer * self.block_params + C + C * b
+        return self.vocab_size * C + self.position_params + self.n_layer * self.block_params + C + C * b
+
+    @property
+    def position_params(self) -> int:
+        return 0 if self.rope else self.block_size * self.n_embd
 
     @property
     def non_embedding_params(self) -> int:
         """nanoGPT's headline count (`get_num_params()`): position embeddings out, the tied head in."""
-        return self.n_params - self.block_size * self.n_embd
+        return self.n_params - self.position_params
 
     def flops_per_token(self, block_size: int | None = None) -> float:
         """Forward + backward FLOPs per token (PaLM, appendix B), as nanoGPT's estimate_mfu counts them:
@@ -108,6 +116,9 @@ class Config:
     vocab_size: int | None = _field(None, "None: read from the dataset's meta.json")
     dropout: float = _field(0.0, "dropout probability")
     bias: bool = _field(False, "biases in the Linear and LayerNorm layers (GPT-2 has them)")
+    rope: bool = _field(False, "rotary position embeddings instead of GPT-2's learned ones (from scratch only)")
+    qk_norm: bool = _field(False, "RMS-normalise queries and keys before attention (from scratch only)")
+    relu_squared: bool = _field(False, "relu(x)^2 in the MLP instead of GELU (from scratch only)")
     init_from: str = _field("scratch", "scratch, a GPT-2 name or a local Hugging Face folder",
                             ("scratch", *PRETRAINED, "FOLDER"))
     # optimisation
@@ -166,7 +177,7 @@ class Config:
                 raise UserError("the model needs vocab_size, which is not set",
                                 "prepare the dataset first (its meta.json has it), or set vocab_size")
             return GPTConfig(self.n_layer, self.n_head, self.n_embd, self.block_size, int(vocab), self.bias,
-                             self.dropout)
+                             self.dropout, rope=self.rope, qk_norm=self.qk_norm, relu_squared=self.relu_squared)
         base = pretrained_config(self.init_from)
         if self.block_size > base.block_size:  # refused before gigabytes of weights are loaded
             raise UserError(f"block_size={self.block_size} is above {self.init_from}'s {base.block_size}",
@@ -316,6 +327,10 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"min_lr={cfg.min_lr} is above learning_rate={cfg.learning_rate}", "lower min_lr")
     if cfg.optimizer == "muon" and cfg.parallel == "fsdp":
         raise UserError("optimizer=muon needs whole matrices, which FSDP shards", "use parallel=ddp, or optimizer=adamw")
+    modern = [name for name in ("rope", "qk_norm", "relu_squared") if getattr(cfg, name)]
+    if modern and cfg.init_from != "scratch":
+        raise UserError(f"{', '.join(modern)} change the network, so GPT-2's weights ({cfg.init_from}) do not fit it",
+                        f"leave {', '.join(modern)} off when fine-tuning, or train from scratch")
     if cfg.init_from not in ("scratch",) + PRETRAINED and not Path(cfg.init_from).is_dir():
         raise UserError(f"init_from={cfg.init_from!r} is neither 'scratch', a GPT-2 name {PRETRAINED}, nor a local folder",
                         "give one of those or the path of a Hugging Face model folder")

@@ -27,6 +27,25 @@ from .errors import ModelUnavailable, UserError
 OFFLINE_FIX = "connect to the internet once, or pass a local Hugging Face folder (init_from=PATH or --model PATH)"
 
 
+class Rotary(nn.Module):
+    """Rotary position embeddings (Su et al. 2021), `rope=True`: each pair of a head's channels is turned
+    by an angle that grows with the position, so q.k depends on how far apart two tokens are."""
+
+    def __init__(self, head_size: int, block_size: int, base: float = 10000.0):
+        super().__init__()
+        freqs = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), freqs)  # (T, head_size / 2)
+        # recomputed, not saved: checkpoints stay the same for any block_size
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.size(-2)
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees only itself and earlier positions."""
 
@@ -34,18 +53,31 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
+        self.qk_norm = cfg.qk_norm
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size) if cfg.rope else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): heads attend independently
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:  # unit-RMS queries and keys bound the logits, which allows higher learning rates
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+class ReLUSquared(nn.Module):
+    """relu(x)^2 (So et al. 2021, "Primer"), `relu_squared=True`: learns faster than GELU in small GPTs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
 
 
 class MLP(nn.Module):
@@ -54,7 +86,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU(approximate="tanh")
+        self.gelu = ReLUSquared() if cfg.relu_squared else nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -88,7 +120,7 @@ class GPT(nn.Module):
         self.config = cfg  # frozen: crop_block_size replaces it
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            **({} if cfg.rope else {"wpe": nn.Embedding(cfg.block_size, cfg.n_embd)}),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
@@ -116,7 +148,7 @@ class GPT(nn.Module):
         """Parameter count; like nanoGPT, position embeddings are left out by default (token embeddings
         stay in: they are the output head's weights too)."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -128,8 +160,10 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise UserError(f"a sequence of {T} tokens is longer than the model's block_size={self.config.block_size}",
                             f"feed at most the last {self.config.block_size} tokens")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:  # with rope, positions enter in attention instead
+            x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
@@ -145,6 +179,8 @@ class GPT(nn.Module):
             raise UserError(f"block_size={block_size} is larger than this model's context of {self.config.block_size}",
                             f"use block_size <= {self.config.block_size}")
         self.config = dataclasses.replace(self.config, block_size=block_size)
+        if "wpe" not in self.transformer:
+            return
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
     @torch.no_grad()

@@ -5,6 +5,7 @@ vendored or downloaded in tests). No assertion here depends on how fast this mac
 from __future__ import annotations
 
 import ast
+import os
 import json
 import subprocess
 import textwrap
@@ -124,6 +125,11 @@ def test_side_by_side_alternates_and_gives_a_ratio_per_pair(char_data_root, shak
         ours = next(r for r in rec["runs"] if r["impl"] == "nanorepro" and r["pair"] == p["pair"])
         assert p["speedup_per_iter"] == pytest.approx(5.0 / ours["ms_per_iter"]["median"])
     assert "nanoGPT 5.0 ms/iter" in rec["summary_line"] and "speedup per pair" in rec["summary_line"]
+    # both MFUs from the same FLOPs per iteration and the same measured peak
+    ng_mfu = rec["summary"]["nanogpt"]["mfu_median"]
+    assert ng_mfu == pytest.approx(rec["flops_per_iter"] / 5e-3 / ng[0]["peak_flops"])
+    assert f"nanoGPT 5.0 ms/iter, MFU {100 * ng_mfu:.1f}%" in rec["summary_line"]
+    assert rec["cpu_affinity"] == sorted(os.sched_getaffinity(0))
     # upstream ran the same config, from a copy holding data its own prepare.py made
     cmd = ng[0]["command"]
     got = dict(a[2:].split("=", 1) for a in cmd[2:])

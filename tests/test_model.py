@@ -107,6 +107,60 @@ def test_crop_block_size():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
+# --- options from nanoGPT's successors (rope, qk_norm, relu_squared) ------------------------------
+
+@pytest.mark.parametrize("options", [dict(rope=True), dict(qk_norm=True), dict(relu_squared=True),
+                                     dict(rope=True, qk_norm=True, relu_squared=True)])
+def test_options_count_their_parameters_and_keep_causality(options):
+    model = tiny(**options)
+    assert sum(p.numel() for p in model.parameters()) == model.config.n_params
+    assert ("wpe" in model.transformer) is not options.get("rope", False)
+    assert not any("rotary" in k for k in model.state_dict())  # recomputed, not saved
+    idx = torch.randint(0, 101, (2, 16))
+    logits, _ = model(idx, idx)
+    changed = idx.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 101
+    logits2, _ = model(changed, changed)
+    torch.testing.assert_close(logits2[:, :10], logits[:, :10])
+    assert not torch.allclose(logits2[:, 10:], logits[:, 10:])
+
+
+def test_rope_scores_depend_only_on_distance():
+    model = tiny(rope=True)
+    rotary = model.transformer.h[0].attn.rotary
+    q, k = torch.randn(1, 1, 16, 16), torch.randn(1, 1, 16, 16)
+    # the same q and k vectors at every position: rotated scores depend on i - j only
+    q, k = q[:, :, :1].expand(-1, -1, 16, -1), k[:, :, :1].expand(-1, -1, 16, -1)
+    scores = rotary(q) @ rotary(k).transpose(-1, -2)
+    torch.testing.assert_close(scores[0, 0, 5, 2], scores[0, 0, 12, 9])
+    assert not torch.allclose(scores[0, 0, 5, 2], scores[0, 0, 5, 3])
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    idx = torch.randint(0, 101, (2, 16))
+    for qk_norm in (True, False):
+        model = tiny(qk_norm=qk_norm)
+        before, _ = model(idx, idx)
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_attn.weight[:64] *= 10  # the q and k rows (n_embd=32 each)
+                block.attn.c_attn.bias[:64] *= 10
+        after, _ = model(idx, idx)
+        assert torch.allclose(before, after, atol=1e-4) is qk_norm
+
+
+def test_relu_squared_mlp():
+    mlp = tiny(relu_squared=True).transformer.h[0].mlp
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0])
+    assert mlp.gelu(x).tolist() == [0.0, 0.0, 0.0, 0.25, 9.0]
+
+
+def test_options_refused_with_pretrained_weights():
+    with pytest.raises(UserError, match="rope.*do not fit"):
+        resolve("finetune-shakespeare-cpu", {"rope": True})
+    assert resolve("tiny", {"rope": True, "qk_norm": True}).model_config(65).rope
+
+
 # --- generation ------------------------------------------------------------------------------
 
 def test_generate_length_greedy_crop_and_seed():
