@@ -2,10 +2,11 @@
 
 Every run is a fresh child process doing exactly what a user types (`nanorepro train ...`, or
 nanoGPT's `python train.py ...`), so start-up, evaluation and checkpoints cost what they cost.
-From each run the bench takes per-iteration times after `warmup` (evaluations left out; at the
-preset's own log_interval, as the run logs and syncs for a user: a mean per logging window), tokens/s and MFU (nanoGPT's 6N + 12LHQT FLOPs per token) against the device's peak (a
-data sheet's for known GPUs, a timed matmul on CPUs), peak memory, and with a target loss the wall
-time from launch to the first evaluation at or below it (the run is then stopped).
+From each run the bench takes per-iteration times after `warmup` (evaluations left out; a mean per
+logging window, at the preset's own log_interval: the run syncs and logs as often as for a user),
+tokens/s and MFU (nanoGPT's 6N + 12LHQT FLOPs per token) against the device's peak (a data sheet's
+for known GPUs, a timed matmul on CPUs), peak memory, and with a target loss the wall time from
+launch to the first evaluation at or below it (the run is then stopped).
 
 Side by side (`nanogpt=PATH`): nanoGPT is never vendored. Its files are copied from the user's
 checkout into a temp folder, whose data/shakespeare_char is made by nanoGPT's own prepare.py from

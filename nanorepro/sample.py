@@ -22,6 +22,8 @@ def sample(run_dir: str | Path | None = None, model: str | None = None, prompt: 
         raise UserError(f"temperature must be > 0, got {temperature}", "use e.g. --temperature 0.8")
     if top_k is not None and top_k < 1:
         top_k = None
+    if dtype != "auto" and dtype not in hardware.DTYPES:
+        raise UserError(f"unknown dtype={dtype!r} for sampling", f"use auto, {', '.join(hardware.DTYPES)}")
     dev = hardware.resolve_device(device)
     hardware.use_device(dev)
     autocast = hardware.StepContext(torch.device(dev).type, hardware.resolve_dtype(dev, dtype))  # float32: none
