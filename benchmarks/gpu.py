@@ -3,7 +3,8 @@
 At most ~10 minutes on one A100/H100/H200, no network. In order:
 1. the environment (nvidia-smi, torch, CUDA) into the record;
 2. the CUDA-only tests (`pytest -m gpu`: bf16 autocast, flash SDPA, torch.compile, fused AdamW,
-   NCCL DDP/FSDP in one process, the memory estimate against the measured peak);
+   NCCL DDP/FSDP in one process, the memory estimate against the measured peak, and issue 18's GPU
+   path: native-bf16 choice, cuda:N current, fp16 GradScaler resume, bf16 FSDP, sampling autocast);
 3. the faithful `shakespeare-char` preset, timed per iteration (side by side with nanoGPT when
    --nanogpt gives a checkout);
 4. the fast GPU preset trained to val <= 1.4697 (the baby GPT's published result);
@@ -89,7 +90,7 @@ def main() -> int:
 
     # 2. CUDA-only tests (a dry run only checks that they collect)
     pytest = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"] + (["--collect-only"] if dry else [])
-    code, took = run(pytest, 240, out / "pytest-gpu.log")
+    code, took = run(pytest, 300, out / "pytest-gpu.log")
     record["steps"]["pytest -m gpu"] = {"status": "ok" if code == 0 else f"failed (exit {code})", "seconds": took}
 
     # 3. the faithful preset per iteration (and nanoGPT beside it)

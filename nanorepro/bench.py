@@ -2,10 +2,11 @@
 
 Every run is a fresh child process doing exactly what a user types (`nanorepro train ...`, or
 nanoGPT's `python train.py ...`), so start-up, evaluation and checkpoints cost what they cost.
-From each run the bench takes per-iteration times after `warmup` (iterations with an evaluation
-left out), tokens/s and MFU (nanoGPT's 6N + 12LHQT FLOPs per token) against the device's peak (a
-data sheet's for known GPUs, a timed matmul on CPUs), peak memory, and with a target loss the wall
-time from launch to the first evaluation at or below it (the run is then stopped).
+From each run the bench takes per-iteration times after `warmup` (evaluations left out; a mean per
+logging window, at the preset's own log_interval: the run syncs and logs as often as for a user),
+tokens/s and MFU (nanoGPT's 6N + 12LHQT FLOPs per token) against the device's peak (a data sheet's
+for known GPUs, a timed matmul on CPUs), peak memory, and with a target loss the wall time from
+launch to the first evaluation at or below it (the run is then stopped).
 
 Side by side (`nanogpt=PATH`): nanoGPT is never vendored. Its files are copied from the user's
 checkout into a temp folder, whose data/shakespeare_char is made by nanoGPT's own prepare.py from
@@ -203,15 +204,19 @@ def run_one(impl: str, cmd: list[str], cwd: Path, env: dict[str, str], workdir: 
 
 
 def _ours_steps(run_dir: Path, eval_interval: int) -> tuple[list[tuple[int, float]], dict[str, Any]]:
-    """[(step, seconds)] from consecutive train records' elapsed_s, and the end record (if any)."""
+    """[(first step, seconds per step)] of each logging window (log_interval steps; one with
+    log_interval=1), and the end record (if any). A train record at iter k gives the mean time of the
+    steps since the previous record or evaluation, whichever came later (train keeps evaluations out
+    of it): the run syncs and writes only at its own log_interval, as nanoGPT does."""
     records = metrics.read(run_dir / metrics.METRICS_FILE) if (run_dir / metrics.METRICS_FILE).exists() else []
-    steps, prev = [], None
-    for r in metrics.of_kind(records, "train"):
-        if prev is not None and r["iter"] == prev["iter"] + 1:
-            step = r["iter"] - 1  # the record after step k carries iter k+1
-            if step % eval_interval:  # the window would include an evaluation
-                steps.append((step, r["elapsed_s"] - prev["elapsed_s"]))
-        prev = r
+    steps, start = [], None
+    for r in records:
+        if r.get("kind") == "eval":
+            start = r["iter"]  # the evaluation at k runs before step k
+        elif r.get("kind") == "train":
+            if start is not None and r["iter"] > start:  # a resumed run's first window has no known start
+                steps.append((start, r["ms_per_iter"] / 1000))
+            start = r["iter"]
     ends = metrics.of_kind(records, "end")
     return steps, {**(metrics.meta(records) or {}), **({"end": ends[-1]} if ends else {})}
 
@@ -278,7 +283,7 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
         raise UserError(f"need iters >= 1, warmup >= 0, pairs >= 1 (got {iters}, {warmup}, {pairs})",
                         "e.g. --iters 50 --warmup 10 --pairs 3")
     overrides = dict(overrides or {})
-    forced = {"log_interval": 1}  # one record per iteration: per-iteration times
+    forced: dict[str, Any] = {}  # the preset's log_interval: the host syncs and logs as often as it would
     if target_loss is None:
         n = warmup + iters
         forced.update(max_iters=n, eval_interval=n, eval_iters=1, always_save_checkpoint=False)

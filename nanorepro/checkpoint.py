@@ -3,7 +3,10 @@
 `<out_dir>/ckpt.pt` is one `torch.save`d dict of tensors and plain values, loaded with `weights_only=True`:
 `model` and `optimizer` (full, single-process state dicts, gathered under FSDP), `model_args`
 (`GPTConfig.to_dict()`, nanoGPT's key), `iter_num`, `best_val_loss`, `elapsed_s`, `rng` (the batch
-stream's generator and each rank's torch RNG, for exact resume) and `vocabulary` (what token ids mean).
+stream's generator and each rank's torch RNG, for exact resume), `vocabulary` (what token ids mean)
+and, for float16 runs, `scaler` (the GradScaler's scale and growth tracker: plain numbers).
+Resume is exact on the CPU; on a GPU it is close, not bitwise (flash attention's backward and
+Inductor's dropout RNG are not deterministic), so GPU tests compare resumed losses within a tolerance.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ def check_resumable(ckpt: dict[str, Any], cfg: Config, wanted: GPTConfig, meta: 
 
 
 def save_training(path: Path, model: GPT, optimizer: Any, world: World, *, iter_num: int, best_val_loss: float,
-                  elapsed_s: float, batch_gen: torch.Generator, device: str, meta: dict[str, Any]) -> None:
+                  elapsed_s: float, batch_gen: torch.Generator, device: str, meta: dict[str, Any],
+                  scaler: torch.amp.GradScaler | None = None) -> None:
     """Checkpoint a training run. Every rank calls this (gathering is collective under FSDP); rank 0 writes."""
     rng = {"batches": batch_gen.get_state(), "torch": torch.get_rng_state()}
     if device.startswith("cuda"):
@@ -107,21 +111,36 @@ def save_training(path: Path, model: GPT, optimizer: Any, world: World, *, iter_
     state = {"model": distributed.model_state(model, world),
              "optimizer": distributed.optimizer_state(model, optimizer, world)}
     if world.main:
+        scaling = {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
         save(path, {**state, "model_args": model.config.to_dict(), "iter_num": iter_num,
-                    "best_val_loss": best_val_loss, "elapsed_s": elapsed_s, "rng": rng, "vocabulary": vocabulary(meta)})
+                    "best_val_loss": best_val_loss, "elapsed_s": elapsed_s, "rng": rng, "vocabulary": vocabulary(meta),
+                    **scaling})
 
 
 def restore_training(ckpt: dict[str, Any], model: GPT, optimizer: Any, world: World, batch_gen: torch.Generator,
-                     device: str) -> tuple[int, float, float]:
-    """Load the optimizer state and every RNG a checkpoint saved; (iter_num, best_val_loss, elapsed_s)."""
+                     device: str, scaler: torch.amp.GradScaler | None = None) -> tuple[int, float, float]:
+    """Load the optimizer state, the GradScaler's and every RNG a checkpoint saved;
+    (iter_num, best_val_loss, elapsed_s)."""
     distributed.load_optimizer_state(model, optimizer, ckpt["optimizer"], world)
+    if scaler is not None and scaler.is_enabled() and "scaler" in ckpt:  # else a fresh scale: skipped steps
+        scaler.load_state_dict(ckpt["scaler"])
     batch_gen.set_state(ckpt["rng"]["batches"])
     ranks = ckpt["rng"].get("ranks") or []
-    rng = ranks[world.rank] if len(ranks) == world.size else ckpt["rng"]  # each rank its own dropout RNG
+    same_world = len(ranks) == world.size
+    rng = ranks[world.rank] if same_world else ckpt["rng"]  # each rank its own dropout RNG
     torch.set_rng_state(rng["torch"])
     if device.startswith("cuda") and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], device)
+    if world.active and world.size > 1 and not same_world:
+        torch.manual_seed(rank_seed(world.rank, world.size))
     return int(ckpt["iter_num"]), float(ckpt["best_val_loss"]), float(ckpt.get("elapsed_s", 0.0))
+
+
+def rank_seed(rank: int, size: int) -> int:
+    """A seed for `rank` of `size` when a run resumes on another number of processes than saved it: all
+    ranks restored one saved state (the same dropout masks everywhere); drawn from it, the same
+    numbers on every rank, each rank takes its own. Deterministic, so such a resume repeats exactly."""
+    return int(torch.randint(0, 2**62, (size,))[rank])
 
 
 def load_model(run_dir: Path) -> tuple[GPT, Config]:

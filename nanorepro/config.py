@@ -253,9 +253,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_iters=10, learning_rate=3e-5, decay_lr=False, device="cpu",
     ),
     # config/train_gpt2.py: GPT-2 124M on OpenWebText, 12 x 1024 x 40 = 491,520 tokens per step
-    # (nanoGPT: 8 GPUs x 5 accumulation steps), 600k steps: ~4 days on 8x A100 40GB, val ~2.85
+    # (nanoGPT: 8 GPUs x 5 accumulation steps), 600k steps: ~4 days on 8x A100 40GB, val ~2.85.
+    # nanoGPT's model pads the 50257 tokens to 50304 ("rounded up for efficiency"): the extra ids are
+    # never targets, and sampling never draws them (model.GPT.generate's vocab_size)
     "train-gpt2": dict(
-        out_dir="runs/train-gpt2", dataset="openwebtext_gpt2",
+        out_dir="runs/train-gpt2", dataset="openwebtext_gpt2", vocab_size=50304,
         eval_interval=1000, eval_iters=200, log_interval=10, always_save_checkpoint=True,
         batch_size=12, block_size=1024, gradient_accumulation_steps=5 * 8,
         n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=False,

@@ -6,7 +6,8 @@ NCCL on CUDA) and takes its share of every iteration's micro-batches. How the wo
 
 - Every rank walks the SAME batch stream (one generator, seeded once) and reads only its block of
   each iteration's micro-batches: N ranks train on exactly the samples one process would, and the
-  stream's state is all a checkpoint needs for exact resume. Evaluation batches are split likewise.
+  stream's state is all a checkpoint needs for exact resume (exact on the CPU; close on GPUs, whose
+  kernels are not deterministic). Evaluation batches are split likewise.
 - Only rank 0 writes. FSDP checkpoints are gathered into the same full state dict a single process
   writes, so `nanorepro sample` and a single-process resume read it unchanged.
 With `parallel="none"` nothing here touches torch.distributed.
@@ -193,17 +194,34 @@ def wrap(model: torch.nn.Module, world: World, device: str, dtype: str,
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world.size,))
+    policy = mixed_precision(dtype)
     for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, **policy)
+    fully_shard(model, mesh=mesh, **policy)
     return model
 
 
+def mixed_precision(dtype: str) -> dict[str, Any]:
+    """fully_shard's keyword for a bf16 run: gather the weights in bf16 (half the all-gather traffic,
+    what autocast would cast them to anyway) and reduce-scatter gradients in fp32 (sums of many
+    ranks' bf16 gradients lose bits); float32 runs keep FSDP's default (everything fp32)."""
+    if dtype != "bfloat16":
+        return {}
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+
+
 def sync_gradients(wrapped: torch.nn.Module, world: World, last: bool) -> ContextManager:
-    """DDP: all-reduce gradients only on the last micro-step of an iteration (no_sync before it).
-    FSDP reduce-scatters on every micro-step so gradients stay sharded: the memory it is for."""
-    if world.parallel == "ddp" and world.active and not last:
+    """Reduce gradients over the ranks once an iteration, on its last micro-step: DDP all-reduces
+    (no_sync before it), FSDP reduce-scatters (set_requires_gradient_sync(False) before it: the
+    micro-steps before accumulate unsharded fp32 gradients, which memory.estimate counts)."""
+    if not world.active:
+        return nullcontext()
+    if world.parallel == "ddp" and not last:
         return wrapped.no_sync()
+    if world.parallel == "fsdp":
+        wrapped.set_requires_gradient_sync(last)
     return nullcontext()
 
 

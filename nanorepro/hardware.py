@@ -24,6 +24,13 @@ FAST_MARGIN = 1.1
 
 def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
     """Resolve a config's `device` and `dtype`, refusing a device that is not there."""
+    device = resolve_device(device)
+    return device, resolve_dtype(device, dtype)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """The device a config's `device` names, refused when absent. Creates no CUDA context (only
+    counts GPUs), so a rank can still pick its own GPU (use_device) before anything touches one."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -36,14 +43,35 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("device=mps was asked for but MPS is not available", "use --device=cpu")
+    return device
+
+
+def use_device(device: str) -> None:
+    """Make a CUDA `device` the current one before anything touches CUDA (else pinned memory, the bf16
+    check and the context land on GPU 0), and start its peak-memory count afresh (one process may
+    train several runs: --seeds). Nothing on other devices."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_dtype(capability: tuple[int, int]) -> str:
+    """bf16 on GPUs that compute it natively (compute capability 8.0 on: A100, H100, ...); else fp16
+    with a GradScaler, as nanoGPT intends. Not torch.cuda.is_bf16_supported(): by default it also says
+    yes where bf16 is only emulated (T4, V100, RTX 6000), and it asks the *current* device."""
+    return "bfloat16" if tuple(capability) >= (8, 0) else "float16"
+
+
+def resolve_dtype(device: str, dtype: str = "auto") -> str:
+    """A config's `dtype` on `device`: auto/fast -> bf16 or fp16 on CUDA (gpu_dtype, of that GPU),
+    float32 elsewhere; "fast" on a CPU is left for train to settle by timing (fast_cpu_dtype)."""
     if dtype in ("auto", "fast"):
-        # nanoGPT trains in float32 on CPU and bf16 (else fp16) on CUDA; "fast" on a CPU is left
-        # for train to settle by timing the run's own model (fast_cpu_dtype)
+        # nanoGPT trains in float32 on CPU and bf16 (else fp16) on CUDA
         if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            dtype = "bfloat16" if torch.version.hip else gpu_dtype(torch.cuda.get_device_capability(device))
         elif dtype == "auto" or device != "cpu":
             dtype = "float32"
-    return device, dtype
+    return dtype
 
 
 def physical_cores() -> int:

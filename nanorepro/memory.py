@@ -4,7 +4,8 @@ against the device's, the largest setting that fits when it does not, and a time
 The accounting follows what this repository's GPT keeps alive at the peak (the start of backward):
 - fp32 weights, gradients and AdamW's two moments: 16 B/param (gpt2-xl: 24.9 GB before activations);
   under autocast, the half-precision weight copies saved for backward (2 B/param); DDP's gradient
-  buckets (4 B/param); FSDP shards all of it but gathers a block (two, with prefetch) and the root;
+  buckets (4 B/param); FSDP shards all of it but gathers a block (two, with prefetch) and the root,
+  and a rank with several micro-steps accumulates whole fp32 gradients (reduce-scattered once a step);
 - per token, per layer: LayerNorm inputs in fp32 and 15 C-wide tensors at the compute precision s,
   (8 + 15 s) C bytes (SDPA's fused kernels: no T x T matrix); activation checkpointing keeps only
   each block's fp32 input;
@@ -65,8 +66,10 @@ class Estimate:
 
 
 def estimate(shape: GPTConfig, batch_size: int, dtype: str = "bfloat16", parallel: str = "none", world_size: int = 1,
-             activation_checkpointing: bool = False, training: bool = True, block_size: int | None = None) -> Estimate:
-    """Peak memory of one training step (or one evaluation forward, `training=False`) per process."""
+             activation_checkpointing: bool = False, training: bool = True, block_size: int | None = None,
+             micro_steps: int = 1) -> Estimate:
+    """Peak memory of one training step (or one evaluation forward, `training=False`) per process;
+    `micro_steps`: each rank's share of gradient_accumulation_steps."""
     T = block_size or shape.block_size
     N, C, L, V = shape.n_params, shape.n_embd, shape.n_layer, shape.vocab_size
     s = 4 if dtype == "float32" else 2  # bytes per value at the compute precision
@@ -85,7 +88,8 @@ def estimate(shape: GPTConfig, batch_size: int, dtype: str = "bfloat16", paralle
     root = N - L * shape.block_params  # embeddings and final LayerNorm: FSDP's root unit
     sharded = N if W == 1 else (N - root) / W + root + 2 * shape.block_params
     parts["weights"] = int(4 * sharded)
-    parts["gradients"] = int(4 * sharded)
+    # FSDP skips the reduce-scatter before a step's last micro-step (distributed.sync_gradients)
+    parts["gradients"] = int(4 * (N if W > 1 and micro_steps > 1 else sharded))
     parts["adamw_state"] = int(8 * (N / W))
     if parallel == "ddp" and world_size > 1:
         parts["ddp_buckets"] = 4 * N
@@ -101,7 +105,8 @@ def estimate(shape: GPTConfig, batch_size: int, dtype: str = "bfloat16", paralle
 
 def estimate_for(cfg: Config, shape: GPTConfig, dtype: str, world_size: int = 1) -> Estimate:
     return estimate(shape, cfg.batch_size, dtype, cfg.parallel, world_size, cfg.activation_checkpointing,
-                    training=not cfg.eval_only, block_size=min(cfg.block_size, shape.block_size))
+                    training=not cfg.eval_only, block_size=min(cfg.block_size, shape.block_size),
+                    micro_steps=max(1, cfg.gradient_accumulation_steps // world_size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +146,7 @@ def suggest(cfg: Config, shape: GPTConfig, dtype: str, capacity: int, world_size
         tries += [(gpus_on_node, False, "fsdp"), (gpus_on_node, True, "fsdp")]
     for W, ac, parallel in tries:
         for b, gas in _splits(G, cfg.batch_size, W):
-            est = estimate(shape, b, dtype, parallel, W, ac, block_size=T)
+            est = estimate(shape, b, dtype, parallel, W, ac, block_size=T, micro_steps=gas // W)
             if _fits(est, capacity):
                 flags = (["--parallel=fsdp"] if parallel != cfg.parallel else []) + \
                     (["--activation_checkpointing=true"] if ac != cfg.activation_checkpointing else []) + \

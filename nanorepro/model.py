@@ -185,9 +185,11 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, vocab_size: int | None = None) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T), the context cropped to block_size. Call
-        model.eval() first; pass a seeded torch.Generator on idx's device for reproducible samples."""
+        model.eval() first; pass a seeded torch.Generator on idx's device for reproducible samples.
+        `vocab_size`: the tokenizer's, when the model's is padded (50304 for 50257): ids from it on are
+        never drawn."""
         if temperature <= 0:
             raise UserError(f"temperature must be > 0, got {temperature}",
                             "use e.g. temperature=0.8, or top_k=1 for greedy decoding")
@@ -195,7 +197,7 @@ class GPT(nn.Module):
             raise UserError(f"top_k must be >= 1, got {top_k}", "use e.g. top_k=200, or leave it unset")
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :] / temperature
+            logits = logits[:, -1, :vocab_size].float() / temperature  # fp32 softmax under autocast
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

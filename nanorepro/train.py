@@ -1,8 +1,10 @@
-"""The training loop: nanoGPT's `train.py` as a function, with exact resume and one metrics file.
+"""The training loop: nanoGPT's `train.py` as a function, with exact resume (on the CPU) and one metrics file.
 
-Resume is exact: batch indices come from a dedicated generator checkpointed with the model,
-optimizer and torch RNG (checkpoint.py), and evaluation draws from its own generator seeded per
-iteration, so a resumed run logs the same losses at the same iterations as an uninterrupted one.
+Resume is exact on the CPU: batch indices come from a dedicated generator checkpointed with the model,
+optimizer, GradScaler and torch RNG (checkpoint.py), and evaluation draws from its own generator seeded
+per iteration, so a resumed run logs the same losses at the same iterations as an uninterrupted one.
+On a GPU the same state is restored but the losses match only closely: flash attention's backward
+and Inductor's dropout RNG are not deterministic.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def train(cfg: Config, preset: str | None = None) -> dict[str, Any]:
     """Train (or resume, or skip when already finished) the run in `cfg.out_dir`; return its summary.
     Under torchrun every process calls this, and leaves the process group cleanly on every path."""
     cfg = validate(cfg)
-    world = distributed.start(cfg, lambda: hardware.pick_device(cfg.device)[0])
+    world = distributed.start(cfg, lambda: hardware.resolve_device(cfg.device))  # touches no GPU yet
     try:
         result = _train(cfg, preset, world)
     except BaseException as e:
@@ -78,6 +80,7 @@ class _Run:
     optimizer: Any
     batches: data.Batches
     batch_gen: torch.Generator  # the training batches' own stream: exact resume
+    scaler: torch.amp.GradScaler  # float16's loss scaling (disabled otherwise), checkpointed with the run
     iter_num: int = 0
     best_val: float = math.inf
     elapsed_before: float = 0.0  # seconds spent in earlier sessions of this run
@@ -97,8 +100,9 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
 def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
     """Device, data, checkpoint, network, memory check, model, optimizer, records: in this order, so
     that every refusal comes before anything large is loaded."""
-    device, dtype = hardware.pick_device(cfg.device, cfg.dtype)
-    device = world.device(device)
+    device = world.device(hardware.resolve_device(cfg.device))
+    hardware.use_device(device)  # cuda:N current before anything touches CUDA; its peak count reset (--seeds)
+    dtype = hardware.resolve_dtype(device, cfg.dtype)
     device_type = torch.device(device).type
     data_dir = Path(cfg.data_root) / cfg.dataset
     meta = data.load_meta(data_dir)
@@ -127,11 +131,12 @@ def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
         torch.manual_seed(cfg.seed + world.rank)  # same init everywhere (above), own dropout masks from here
     optimizer = optim.build(model, cfg.optimizer, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                             device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     run = _Run(cfg, world, out, device, dtype, attention, meta, model, wrapped, optimizer, batches,
-               torch.Generator().manual_seed(cfg.seed))
+               torch.Generator().manual_seed(cfg.seed), scaler)
     if ckpt is not None:
         run.iter_num, run.best_val, run.elapsed_before = checkpoint.restore_training(
-            ckpt, model, optimizer, world, run.batch_gen, device)
+            ckpt, model, optimizer, world, run.batch_gen, device, scaler)
         del ckpt  # the optimizer state can be large; keep one copy
         say(f"resuming {out} from iter {run.iter_num} (best val {run.best_val:.4f})")
     if world.main:
@@ -147,12 +152,11 @@ def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
 
 def _loop(run: _Run, say) -> dict[str, Any]:
     """nanoGPT's training loop, one commented block per step; returns the run's summary."""
-    cfg, world, model, optimizer, device = run.cfg, run.world, run.model, run.optimizer, run.device
+    cfg, world, model, optimizer, device, scaler = run.cfg, run.world, run.model, run.optimizer, run.device, run.scaler
     iter_num, best_val = run.iter_num, run.best_val
     log = metrics.append if world.main else _silent  # only rank 0 writes files
     metrics_path, ckpt_path = run.out / metrics.METRICS_FILE, run.out / checkpoint.CKPT_FILE
     device_type = torch.device(device).type
-    scaler = torch.amp.GradScaler(device_type, enabled=(run.dtype == "float16"))
     autocast = hardware.StepContext(device_type, run.dtype, run.attention)  # autocast unless float32
     step_model = torch.compile(run.wrapped) if cfg.compile else run.wrapped
     t_origin = time.perf_counter() - run.elapsed_before  # elapsed_s counts earlier sessions of this run too
@@ -162,7 +166,7 @@ def _loop(run: _Run, say) -> dict[str, Any]:
     def save_checkpoint() -> None:
         checkpoint.save_training(ckpt_path, model, optimizer, world, iter_num=iter_num, best_val_loss=best_val,
                                  elapsed_s=time.perf_counter() - t_origin, batch_gen=run.batch_gen, device=device,
-                                 meta=run.meta)
+                                 meta=run.meta, scaler=scaler)
 
     with _StopSignals() as stop, tqdm(total=cfg.max_iters, initial=iter_num, desc=run.out.name, unit="it",
                                       dynamic_ncols=True, mininterval=1.0, disable=not world.main) as bar:
@@ -189,8 +193,9 @@ def _loop(run: _Run, say) -> dict[str, Any]:
             if iter_num >= cfg.max_iters or (iter_num == 0 and cfg.eval_only):
                 break
 
-            # SIGINT/SIGTERM: checkpoint and stop, all ranks at the same iteration
-            if world.any(bool(stop.received)):
+            # SIGINT/SIGTERM: checkpoint and stop, all ranks at the same iteration. Several processes agree
+            # on it (a collective and a host sync) only every log_interval iterations, as nanoGPT syncs
+            if _stop_now(world, bool(stop.received), iter_num, cfg.log_interval):
                 save_checkpoint()
                 name = signal.Signals(stop.signum).name
                 log(metrics_path, {"kind": "end", "iter": iter_num, "best_val_loss": best_val,
@@ -234,7 +239,7 @@ def _loop(run: _Run, say) -> dict[str, Any]:
                 dt = (time.perf_counter() - window_t) / max(1, window_iters)
                 log(metrics_path, {"kind": "train", "iter": iter_num, "loss": lossf, "lr": lr,
                                    "tokens_per_s": cfg.tokens_per_iter / dt, "ms_per_iter": dt * 1000,
-                                   "elapsed_s": time.perf_counter() - t_origin})
+                                   "elapsed_s": time.perf_counter() - t_origin}, durable=False)
                 bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
                 window_t, window_iters = time.perf_counter(), 0
 
@@ -252,6 +257,14 @@ def _loop(run: _Run, say) -> dict[str, Any]:
 
 def _silent(*args: Any, **kwargs: Any) -> None:
     """What ranks other than 0 print and log: nothing."""
+
+
+def _stop_now(world: World, received: bool, iter_num: int, log_interval: int) -> bool:
+    """Whether to checkpoint and stop before this iteration's step: at once in a single process; under
+    torchrun only at multiples of log_interval, where every rank asks the others (World.any)."""
+    if not world.active:
+        return received
+    return iter_num % log_interval == 0 and world.any(received)
 
 
 def _finished_already(out: Path, cfg: Config) -> bool:
@@ -322,7 +335,7 @@ def _check_memory(cfg: Config, model_cfg: GPTConfig, start_iter: int | None, dev
     does not fit on any rank's device. `start_iter` is the checkpoint's iteration when resuming, else None."""
     gpu, gpus = None, 1
     if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(device)
+        free = cuda_free_bytes(device)
         gpu, gpus = torch.cuda.get_device_name(device), torch.cuda.device_count()
         where = f"{device} ({gpu})"
     elif device == "cpu":
@@ -401,6 +414,13 @@ class _StopSignals:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def cuda_free_bytes(device: str) -> int:
+    """Memory this process can still have on a GPU: what the driver reports free plus what PyTorch's
+    caching allocator holds reserved but unused (an earlier --seeds run's blocks, reused, not freed)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def peak_memory_bytes(device: str) -> int:

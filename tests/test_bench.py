@@ -244,3 +244,29 @@ def test_gpu_script_dry_run_runs_every_step_on_the_cpu(tmp_path):
     assert record["dry_run"] and len(record["steps"]) == 4
     assert all(step["status"] == "ok" for step in record["steps"].values()), record["steps"]
     assert "| gpt2-xl shape, fine-tune recipe | ok |" in r.stdout
+
+
+def test_runs_log_at_the_presets_interval_and_times_each_logging_window(char_data_root, tmp_path):
+    """The bench no longer forces log_interval=1 (a host sync and a record every step biases 15-40 ms
+    GPU steps): the run logs as it would for a user, each record giving its window's mean step time."""
+    rec = bench.bench("tiny", tiny(char_data_root, log_interval=2), iters=6, warmup=2, out=tmp_path / "w.json")
+    assert "log_interval" not in rec["forced"] and rec["config"]["log_interval"] == 2
+    (run,) = rec["runs"]
+    assert run["ms_per_iter"]["n"] == 3  # the windows of steps 2-3, 4-5, 6-7 (0-1 is warm-up)
+    assert [e["iter"] for e in run["evals"]] == [0, 8]
+    assert config.resolve("shakespeare-char").log_interval == 10  # what a GPU bench of the faithful preset keeps
+
+
+def test_logging_windows_leave_evaluations_and_start_up_out(tmp_path):
+    from nanorepro import metrics
+
+    records = [{"kind": "meta"}, {"kind": "eval", "iter": 0},
+               {"kind": "train", "iter": 4, "ms_per_iter": 9.0},  # steps 0-3: from the evaluation at 0 on
+               {"kind": "train", "iter": 8, "ms_per_iter": 5.0},
+               {"kind": "eval", "iter": 10},  # steps 8-9 went unlogged; the evaluation's time is in no window
+               {"kind": "train", "iter": 12, "ms_per_iter": 6.0}, {"kind": "end", "iter": 12}]
+    metrics.rewrite(tmp_path / metrics.METRICS_FILE, records)
+    steps, info = bench._ours_steps(tmp_path, eval_interval=10)
+    assert steps == [(0, 0.009), (4, 0.005), (10, 0.006)] and info["end"]["iter"] == 12
+    metrics.rewrite(tmp_path / metrics.METRICS_FILE, [r for r in records if r["kind"] != "eval" or r["iter"]])
+    assert bench._ours_steps(tmp_path, 10)[0] == [(4, 0.005), (10, 0.006)]  # resumed: no known start for 0-3

@@ -199,3 +199,120 @@ def test_the_node_runner_launches_parallel_train_stages_under_torchrun():
     assert stage_argv("py", args, "ddp", gpus=0)[4] == "--nproc_per_node=1"  # no GPU: one CPU rank
     for plain in (["train", "--preset", "tiny"], ["prepare", "--encoding", "char"]):
         assert stage_argv("py", plain, gpus=4) == ["py", "-m", "nanorepro", *plain]
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU path's collectives, counted in this process (one gloo rank: torch.distributed is live)
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """This pytest process as rank 0 of a torchrun world of one (train joins and leaves the group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ranks_agree_on_stopping_only_every_log_interval(char_data_root, tmp_path, monkeypatch, one_rank):
+    """SIGTERM after step 5 with log_interval=4: a single process stops at once (iter 5); under DDP the
+    ranks ask each other only at iterations 0, 4, 8 (nanoGPT's one host sync per log_interval), so the
+    run stops at 8, and the loop's all-reduces are just those, the logged losses' and the evaluation's."""
+    import torch.distributed as dist
+
+    from nanorepro import faults
+    from nanorepro.errors import Interrupted
+
+    reduces = []
+    real_reduce = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (reduces.append(t.dtype), real_reduce(t, *a, **k))[1])
+    steps = []
+    monkeypatch.setattr(faults, "hit", lambda site, *a: site == "step" and (
+        steps.append(1), len(steps) == 5 and signal.raise_signal(signal.SIGTERM)))
+    kw = {"data_root": str(char_data_root), "max_iters": 20, "lr_decay_iters": 20, "eval_interval": 100,
+          "eval_iters": 1, "log_interval": 4}
+    with pytest.raises(Interrupted):
+        train(resolve("tiny", {**kw, "out_dir": str(tmp_path / "ddp"), "parallel": "ddp"}))
+    end = metrics.of_kind(metrics.read(tmp_path / "ddp" / metrics.METRICS_FILE), "end")[-1]
+    assert end["status"] == "interrupted" and end["iter"] == 8
+    # the memory check's stop vote, 2 evaluation splits at 0, stop votes at 0/4/8, the logged losses at 4 and 8
+    assert reduces.count(torch.int32) == 1 + 3 and reduces.count(torch.float32) == 2 + 2
+    steps.clear()
+    with pytest.raises(Interrupted):
+        train(resolve("tiny", {**kw, "out_dir": str(tmp_path / "single"), "parallel": "none"}))
+    assert metrics.of_kind(metrics.read(tmp_path / "single" / metrics.METRICS_FILE), "end")[-1]["iter"] == 5
+
+
+def test_fsdp_reduce_scatters_once_per_optimizer_step(char_data_root, tmp_path, monkeypatch, one_rank):
+    """4 micro-steps a step: gradients accumulate unsharded and are reduce-scattered on the last one
+    only (set_requires_gradient_sync), once per FSDP unit (2 blocks and the root) per step."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    reduced = []
+    real = _fsdp_param_group.foreach_reduce
+    monkeypatch.setattr(_fsdp_param_group, "foreach_reduce", lambda *a, **k: (reduced.append(1), real(*a, **k))[1])
+    cfg = {"data_root": str(char_data_root), "max_iters": 3, "lr_decay_iters": 3, "eval_interval": 100,
+           "eval_iters": 1, "gradient_accumulation_steps": 4}
+    train(resolve("tiny", {**cfg, "out_dir": str(tmp_path / "fsdp"), "parallel": "fsdp"}))
+    assert len(reduced) == 3 * (2 + 1)
+    # and the gradients are those of one process accumulating 4 micro-steps
+    train(resolve("tiny", {**cfg, "out_dir": str(tmp_path / "single")}))
+    assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "single"), tol=1e-5)
+
+
+def test_bf16_fsdp_gathers_in_bf16_and_reduces_in_fp32(monkeypatch):
+    """fully_shard gets a MixedPrecisionPolicy for bf16 runs (param bf16, reduce fp32); none for float32."""
+    import torch.distributed.device_mesh as device_mesh
+    import torch.distributed.fsdp as fsdp
+
+    from nanorepro import distributed
+
+    shard_calls = []
+    monkeypatch.setattr(device_mesh, "init_device_mesh", lambda *a, **k: "mesh")
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: shard_calls.append((type(module).__name__, kw)))
+    world = distributed.World(0, 0, 2, "fsdp", "gloo")
+    model = GPT(resolve("tiny").model_config(vocab_size=65))
+    distributed.wrap(model, world, "cpu", "bfloat16")
+    assert [name for name, _ in shard_calls] == ["Block", "Block", "GPT"]
+    for _, kw in shard_calls:
+        assert kw["mesh"] == "mesh"
+        assert (kw["mp_policy"].param_dtype, kw["mp_policy"].reduce_dtype) == (torch.bfloat16, torch.float32)
+    shard_calls.clear()
+    distributed.wrap(model, world, "cpu", "float32")
+    assert [kw for _, kw in shard_calls] == [{"mesh": "mesh"}] * 3
+
+
+def test_resuming_on_another_number_of_ranks_gives_each_rank_its_own_rng(char_data_root, tmp_path):
+    """A checkpoint from 2 ranks (or one process) resumed on 3: without care every rank would restore the
+    same state and draw the same dropout masks. Each draws its own, the same way on every resume."""
+    from nanorepro import checkpoint, distributed, optim
+
+    cfg = resolve("tiny", {"data_root": str(char_data_root), "out_dir": str(tmp_path / "r"), "max_iters": 2,
+                           "eval_interval": 2, "dropout": 0.1})
+    train(cfg)
+    ckpt = checkpoint.load(tmp_path / "r" / "ckpt.pt")
+    model = GPT(cfg.model_config(65))
+
+    def first_draws(saved: dict, rank: int, size: int) -> torch.Tensor:
+        opt = optim.build(model, "adamw", cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
+        world = distributed.World(rank, rank, size, "ddp", "gloo")
+        checkpoint.restore_training(saved, model, opt, world, torch.Generator(), "cpu")
+        return torch.rand(8)
+
+    saved_by_two = {**ckpt, "rng": {**ckpt["rng"], "ranks": [{"torch": torch.manual_seed(s).get_state()}
+                                                            for s in (11, 12)]}}
+    for saved in (ckpt, saved_by_two):  # one process's checkpoint, two ranks'
+        draws = [first_draws(saved, r, 3) for r in range(3)]
+        assert not any(torch.equal(draws[i], draws[j]) for i in range(3) for j in range(i))
+        assert all(torch.equal(d, first_draws(saved, r, 3)) for r, d in enumerate(draws))  # reproducible
+    # the same number of ranks: each gets back exactly the state it saved
+    for r, seed in enumerate((11, 12)):
+        assert torch.equal(first_draws(saved_by_two, r, 2), torch.manual_seed(seed) and torch.rand(8))

@@ -5,6 +5,7 @@ refusals that name the largest setting that fits, and the time estimate."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 import sys
 
@@ -44,7 +45,8 @@ def test_gpt2_xl_fp32_adamw_needs_16_bytes_per_parameter():
     est = memory.estimate(shape, batch_size=1, dtype="float32")
     states = est.parts["weights"] + est.parts["gradients"] + est.parts["adamw_state"]
     assert states == 16 * 1_557_611_200 and round(states / 1e9, 1) == 24.9
-    assert resolve("train-gpt2").model_config(50257).n_params == 124_337_664  # no biases (nanoGPT's bias=False)
+    # no biases (nanoGPT's bias=False), the vocabulary padded to 50304 as nanoGPT's (124,337,664 with 50257)
+    assert resolve("train-gpt2").model_config(50257).n_params == 124_337_664 + 47 * 768
 
 
 def saved_bytes(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> int:
@@ -153,3 +155,16 @@ def test_estimate_command_is_torch_free(tmp_path):
                         "--batch_size=8", "--gradient_accumulation_steps=4", "--gpu-memory-gib", "40"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 4 and "--batch_size=2 --gradient_accumulation_steps=16" in r.stderr
+
+
+def test_fsdp_ranks_with_several_micro_steps_hold_whole_gradients():
+    """Reduce-scattered once a step (distributed.sync_gradients), a rank's micro-steps before the last
+    accumulate unsharded fp32 gradients: 4 B/param, not 4/W."""
+    cfg = resolve("tiny", {"n_layer": 8, "n_head": 4, "n_embd": 256, "block_size": 64, "vocab_size": 65,
+                           "parallel": "fsdp", "gradient_accumulation_steps": 8})
+    shape = cfg.model_config()
+    once = memory.estimate_for(dataclasses.replace(cfg, gradient_accumulation_steps=4), shape, "bfloat16", 4)
+    several = memory.estimate_for(cfg, shape, "bfloat16", 4)  # 2 micro-steps per rank
+    assert several.parts["gradients"] == 4 * shape.n_params > once.parts["gradients"]
+    assert {k: v for k, v in several.parts.items() if k != "gradients"} == \
+        {k: v for k, v in once.parts.items() if k != "gradients"}

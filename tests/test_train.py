@@ -228,3 +228,141 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_say_how_to_resume(char_data_ro
     records = metrics.read(run / "metrics.jsonl")
     assert [r["iter"] for r in metrics.of_kind(records, "train")] == list(range(1, 401))  # each once
     assert metrics.finished(records)
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU path, reached on the CPU (issue 18): what train decides and calls, CUDA faked where needed
+
+
+class FakeCuda:
+    """torch.cuda as a node with `n` GPUs of compute capability `cap` shows it, recording every call
+    that names or touches a device; anything that would need a real GPU fails the test."""
+
+    def __init__(self, monkeypatch, n: int = 2, cap: tuple[int, int] = (8, 0)):
+        self.calls: list[tuple[str, object]] = []
+        self.cap = cap
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        for name in ("set_device", "reset_peak_memory_stats", "get_device_capability"):
+            monkeypatch.setattr(torch.cuda, name, lambda d=None, _n=name: self.record(_n, d))
+        for name in ("is_bf16_supported", "current_device", "mem_get_info", "init"):
+            monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name, **k: pytest.fail(f"torch.cuda.{_n} was called"))
+
+    def record(self, name: str, device: object):
+        where = f"cuda:{device}" if isinstance(device, int) else str(torch.device(device)) if device is not None else None
+        self.calls.append((name, where))
+        return self.cap if name == "get_device_capability" else None
+
+
+def test_gpus_only_emulating_bf16_get_float16_and_a_grad_scaler():
+    from nanorepro import hardware
+
+    for cap, dtype in [((7, 0), "float16"), ((7, 5), "float16"), ((6, 1), "float16"),  # V100, T4 / RTX 6000, P100
+                       ((8, 0), "bfloat16"), ((8, 6), "bfloat16"), ((9, 0), "bfloat16")]:  # A100, A10, H100
+        assert hardware.gpu_dtype(cap) == dtype, cap
+
+
+@pytest.mark.parametrize("cap, dtype", [((7, 5), "float16"), ((8, 0), "bfloat16")])
+def test_cuda_n_is_made_current_and_its_peak_reset_before_anything_touches_cuda(tmp_path, monkeypatch, cap, dtype):
+    """--device=cuda:1: set_device(1) first (else pinned memory, the bf16 check and a context land on
+    GPU 0), the peak-memory count reset (each of --seeds' runs), the dtype from GPU 1's capability."""
+    from nanorepro import hardware
+
+    cuda = FakeCuda(monkeypatch, cap=cap)
+    with pytest.raises(UserError, match="nanorepro prepare"):  # stops at the data, after the device
+        train(resolve("tiny", {"device": "cuda:1", "data_root": str(tmp_path / "none"), "out_dir": str(tmp_path / "r")}))
+    assert cuda.calls == [("set_device", "cuda:1"), ("reset_peak_memory_stats", "cuda:1"),
+                          ("get_device_capability", "cuda:1")]
+    assert hardware.resolve_dtype("cuda:1", "auto") == dtype and hardware.resolve_dtype("cuda:1", "float32") == "float32"
+
+
+def test_each_rank_picks_its_gpu_before_anything_touches_cuda(tmp_path, monkeypatch):
+    """Under torchrun, rank 1 sets GPU 1 before joining the group and never names GPU 0."""
+    import torch.distributed as dist
+
+    cuda = FakeCuda(monkeypatch, n=2)
+    joined = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append((backend, list(cuda.calls))))
+    monkeypatch.setattr(dist, "new_group", lambda **kw: None)
+    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(UserError, match="nanorepro prepare"):
+        train(resolve("tiny", {"device": "cuda", "parallel": "ddp", "gradient_accumulation_steps": 2,
+                               "data_root": str(tmp_path / "none"), "out_dir": str(tmp_path / "r")}))
+    assert joined == [("nccl", [("set_device", "cuda:1")])]
+    assert all(device == "cuda:1" for _, device in cuda.calls), cuda.calls
+
+
+def test_the_fit_check_counts_what_the_caching_allocator_holds_free(monkeypatch):
+    """Blocks an earlier run (--seeds) left in PyTorch's cache are this process's to reuse."""
+    from nanorepro.train import cuda_free_bytes
+
+    GiB = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (2 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 30 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 1 * GiB)
+    assert cuda_free_bytes("cuda:0") == 31 * GiB
+
+
+def test_float16_runs_checkpoint_the_grad_scaler_and_resume_with_it(char_data_root, tmp_path):
+    """fp16's loss scale and growth tracker are in ckpt.pt and restored: a resume does not restart at
+    65536 and skip steps while the scale backs off (CPU autocast and GradScaler stand in for a GPU's)."""
+    from nanorepro import checkpoint, distributed
+    from nanorepro.model import GPT
+
+    cfg = tiny(char_data_root, tmp_path / "run", max_iters=6, eval_interval=3, dtype="float16")
+    train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] > 0 and ckpt["scaler"]["_growth_tracker"] == 6  # 6 unskipped steps
+    # the round trip itself, with a scale and tracker no fresh scaler has
+    model = GPT(cfg.model_config(65))
+    opt = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=True, growth_interval=5)
+    for _ in range(3):
+        scaler.scale(model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1]).backward()
+        scaler.step(opt)
+        scaler.update()
+    scaler.update(new_scale=1024.0)
+    world = distributed.World()
+    checkpoint.save_training(tmp_path / "c.pt", model, opt, world, iter_num=3, best_val_loss=1.0, elapsed_s=0.0,
+                             batch_gen=torch.Generator(), device="cpu", meta={"encoding": "char", "vocab_size": 65},
+                             scaler=scaler)
+    fresh = torch.amp.GradScaler("cpu", enabled=True, growth_interval=5)
+    checkpoint.restore_training(checkpoint.load(tmp_path / "c.pt"), model, opt, world, torch.Generator(), "cpu", fresh)
+    assert fresh.state_dict() == scaler.state_dict() != torch.amp.GradScaler("cpu", enabled=True).state_dict()
+    assert fresh.get_scale() == 1024.0
+    # float32 runs carry no scaler state
+    train(tiny(char_data_root, tmp_path / "fp32", max_iters=3, eval_interval=3))
+    assert "scaler" not in torch.load(tmp_path / "fp32" / "ckpt.pt", weights_only=True)
+
+
+def test_resumed_float16_run_logs_the_same_losses_as_an_uninterrupted_one(char_data_root, tmp_path):
+    kw = dict(max_iters=12, eval_interval=6, lr_decay_iters=12, dtype="float16")
+    train(tiny(char_data_root, tmp_path / "full", **kw))
+    train(tiny(char_data_root, tmp_path / "part", **{**kw, "max_iters": 6}))
+    train(tiny(char_data_root, tmp_path / "part", **kw))
+    assert losses(tmp_path / "part" / "metrics.jsonl") == losses(tmp_path / "full" / "metrics.jsonl")
+
+
+def test_train_gpt2_pads_the_vocabulary_as_nanogpt_and_pretrained_weights_keep_theirs(tiny_gpt2):
+    cfg = resolve("train-gpt2")
+    assert cfg.model_config(50257).vocab_size == 50304 and 50304 % 64 == 0  # "rounded up for efficiency"
+    ft = resolve("train-gpt2", {"init_from": str(tiny_gpt2), "block_size": 128})  # OpenAI's weights: 50257 rows
+    assert ft.model_config(50257).vocab_size == 50257
+    assert resolve("finetune-shakespeare").model_config(50257).vocab_size == 50257
+
+
+def test_per_step_records_are_not_fsynced_inside_the_timed_steps(char_data_root, tmp_path, monkeypatch):
+    """Every record still reaches the OS at once (a killed run keeps it); only evaluations, the end and
+    checkpoints are fsynced: an fsync per logged step would cost milliseconds inside the timed window."""
+    import nanorepro.metrics as metrics_module
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(metrics_module.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                                real(fd))[1])
+    train(tiny(char_data_root, tmp_path / "run", max_iters=10, eval_interval=5))
+    records = metrics.read(tmp_path / "run" / "metrics.jsonl")
+    durable = [r for r in records if r["kind"] != "train"]  # meta, 3 evaluations, end
+    assert len(durable) == 5 and len(metrics.of_kind(records, "train")) == 10
+    assert sum(p.endswith("metrics.jsonl") for p in synced) == len(durable)
