@@ -139,6 +139,8 @@ class Config:
     # evaluation, logging, checkpoints
     eval_interval: int = _field(250, "steps between evaluations (and checkpoints)")
     eval_iters: int = _field(200, "batches per evaluation")
+    eval_at_start: bool = _field(True, "evaluate the untrained model at step 0 too (nanoGPT does); False saves "
+                                 "one evaluation where only the time to a target loss matters")
     log_interval: int = _field(10, "steps between progress lines")
     eval_only: bool = _field(False, "evaluate once and stop")
     always_save_checkpoint: bool = _field(True, "False: save only when the val loss improves (nanoGPT)")
@@ -205,27 +207,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         learning_rate=1e-3, max_iters=2000, lr_decay_iters=2000, min_lr=1e-4,
         beta2=0.99, warmup_iters=100, device="cpu", compile=False,
     ),
-    # Tuned on a 2-core CPU (benchmarks/tuning-log.md), additions to nanoGPT's recipes. Both use Muon
-    # (optim.py), bf16 where the CPU has it and it is faster (dtype=fast), and evaluate on 100 batches.
-    # quick: nanoGPT's CPU target, val <= 1.88, in under a third of its time: two wide layers, 600 steps
-    # (measured figures: README "Benchmarks").
+    # Tuned on a 2-core CPU (benchmarks/tuning-log.md), additions to nanoGPT's recipes: Muon (optim.py),
+    # rotary positions, QK-norm and relu^2 (model.py), bf16 where the CPU has it and it is faster
+    # (dtype=fast). Measured figures: README "Benchmarks".
+    # quick: nanoGPT's CPU target, val <= 1.88, as fast as possible: two narrow layers, twice the CPU
+    # recipe's batch (it amortises Muon's per-step cost), 300 steps, one evaluation at the end.
     "shakespeare-char-cpu-quick": dict(
         out_dir="runs/shakespeare-char-cpu-quick", dataset="shakespeare_char",
-        eval_interval=600, eval_iters=100, log_interval=10, always_save_checkpoint=False,
-        gradient_accumulation_steps=1, batch_size=12, block_size=64,
-        n_layer=2, n_head=4, n_embd=192, dropout=0.0, optimizer="muon",
-        learning_rate=5e-3, max_iters=600, lr_decay_iters=600, min_lr=1e-5,
+        eval_interval=300, eval_iters=50, eval_at_start=False, log_interval=10, always_save_checkpoint=False,
+        gradient_accumulation_steps=1, batch_size=24, block_size=64,
+        n_layer=2, n_head=4, n_embd=128, dropout=0.0, optimizer="muon",
+        rope=True, qk_norm=True, relu_squared=True,
+        learning_rate=5e-3, max_iters=300, lr_decay_iters=300, min_lr=1e-5,
         beta2=0.99, warmup_iters=20, device="cpu", dtype="fast", compile=False,
     ),
-    # tuned: below the published tuned CPU result (1.54) and the 1.50 target within 15 minutes: the
-    # baby GPT's context (256) at a third of its parameters, 2500 steps, no dropout (it costs more per
-    # step on a CPU and slows learning; the cosine schedule ends as overfitting starts).
+    # tuned: the baby GPT's 1.4697 on a CPU: its context (256) at a third of its parameters, no dropout
+    # (it costs more per step on a CPU and slows learning; the cosine schedule ends as overfitting starts).
     "shakespeare-char-cpu-tuned": dict(
         out_dir="runs/shakespeare-char-cpu-tuned", dataset="shakespeare_char",
-        eval_interval=500, eval_iters=100, log_interval=50, always_save_checkpoint=False,
+        eval_interval=250, eval_iters=100, eval_at_start=False, log_interval=50, always_save_checkpoint=False,
         gradient_accumulation_steps=1, batch_size=8, block_size=256,
         n_layer=4, n_head=4, n_embd=256, dropout=0.0, optimizer="muon",
-        learning_rate=4e-3, max_iters=2500, lr_decay_iters=2500, min_lr=4e-5,
+        rope=True, qk_norm=True, relu_squared=True,
+        learning_rate=3e-3, max_iters=1500, lr_decay_iters=1500, min_lr=3e-5,
         beta2=0.99, warmup_iters=50, device="cpu", dtype="fast", compile=False,
     ),
     # gpu-fast: the baby GPT's network and batch with the CPU presets' Muon, aiming at its val 1.4697 in

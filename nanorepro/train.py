@@ -178,7 +178,8 @@ def _loop(run: _Run, say) -> dict[str, Any]:
                 group["lr"] = lr
 
             # evaluate every eval_interval iterations and at the end; checkpoint when better (or always)
-            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            if (iter_num % cfg.eval_interval == 0 and (iter_num > 0 or cfg.eval_at_start or cfg.eval_only)
+                    or iter_num == cfg.max_iters):
                 losses = _evaluate(step_model, run.batches, cfg, world, autocast, device, iter_num)
                 improved = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])

@@ -152,6 +152,16 @@ def test_eval_only_evaluates_once(char_data_root, tmp_path):
     assert not metrics.of_kind(records, "train") and records[-1]["status"] == "evaluated"
 
 
+def test_eval_at_start_false_skips_only_the_untrained_evaluation(char_data_root, tmp_path):
+    train(tiny(char_data_root, tmp_path / "a", max_iters=20, eval_interval=10))
+    train(tiny(char_data_root, tmp_path / "b", max_iters=20, eval_interval=10, eval_at_start=False))
+    a, b = (losses(tmp_path / r / "metrics.jsonl") for r in "ab")
+    assert [x[1] for x in a if x[0] == "eval"] == [0, 10, 20] and [x[1] for x in b if x[0] == "eval"] == [10, 20]
+    assert [x for x in a if x[1] > 0] == b  # nothing else changes: evaluation draws from its own batches
+    train(tiny(char_data_root, tmp_path / "c", eval_only=True, eval_at_start=False))
+    assert [r["iter"] for r in metrics.of_kind(metrics.read(tmp_path / "c" / "metrics.jsonl"), "eval")] == [0]
+
+
 def test_missing_data_and_absent_gpu_are_one_line_errors(tmp_path, char_data_root):
     r = subprocess.run([sys.executable, "-m", "nanorepro", "train", "--preset", "tiny",
                         f"--data_root={tmp_path / 'nothing'}"], capture_output=True, text=True, cwd=tmp_path)
