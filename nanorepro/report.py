@@ -397,7 +397,10 @@ def how_to_run(row: dict[str, Any]) -> str:
     else:
         how = f"`nanorepro prepare --dataset {row.get('dataset')}`, then `nanorepro train --preset {preset}`"
     gpu = (row.get("requires") or {}).get("gpu")
-    where = f' on an {gpu} node (`target = "chameleon"`, reserved by `00_reserve_node`)' if gpu else ""
+    if not gpu and PRESETS.get(preset, {}).get("device") != "cpu":
+        gpu = "GPU"  # a GPU recipe: hours or days on a CPU
+    node = (f"an {gpu}" if gpu[0] in "AEIOU" else f"a {gpu}") if gpu else ""
+    where = f' on {node} node (`target = "chameleon"`, reserved by `00_reserve_node`)' if gpu else ""
     return how + where + ", without overrides"
 
 
@@ -424,7 +427,8 @@ def answer_first(rep: dict[str, Any]) -> str:
         L += ["", f"<details><summary>{title}</summary>", ""]
         for r in group:
             why = "; ".join(n for n in r["notes"] if not n.startswith("no run of preset"))
-            L.append(f"- **{r['id']}** (published {_published_text(r)}): {how_to_run(r)}"
+            published = f"published {_published_text(r)}" if r["value"] is not None else "no published number"
+            L.append(f"- **{r['id']}** ({published}): {how_to_run(r)}"
                      + (f". Here: {why}" if why else ""))
         L += ["", "</details>"]
     if rep.get("warnings"):

@@ -340,7 +340,9 @@ def test_the_notebook_view_answers_first_and_folds_what_was_not_run(results, tmp
         assert f"| {cid} |" not in head and f"**{cid}**" in folded
     missing, _, context = folded.partition("context-only")
     assert 'char-a100-val-loss** (published 1.4697): run `02_train_char` with `char_preset = "shakespeare-char"` ' \
-           'on an A100 node' in missing
+           'on a GPU node' in missing
+    assert 'char-a100-wall-time** (published about 3 min on A100): run `02_train_char` with ' \
+           '`char_preset = "shakespeare-char"` on an A100 node' in missing
     assert "**gpt2-train-tokens** (published 301,966): run `01_prepare_data`" in missing
     owt = [c["id"] for c in rep["claims"] if c.get("context_only")]
     assert len(owt) == 4 and all(f"**{cid}**" in context and f"**{cid}**" not in missing for cid in owt)
