@@ -111,14 +111,14 @@ def test_what_a_reader_sees(tiny_results):
         assert figures[0]["metadata"] is not None and figures[0]["data"]["image/png"]
     # 03: the samples side by side, each under its validation loss
     ft = metrics.read(results / "runs" / "finetune" / "metrics.jsonl")
-    html = [o["data"]["text/html"] for cell in display_outputs(nbs / "03_finetune_gpt2.ipynb") for o in cell
+    html = ["".join(o["data"]["text/html"]) for cell in display_outputs(nbs / "03_finetune_gpt2.ipynb") for o in cell
             if "text/html" in o.get("data", {})]
     assert len(html) == 1 and html[0].count("<td") == 2
     assert f"val loss {metrics.of_kind(ft, 'eval')[0]['val_loss']:.4f}" in html[0]
     assert f"best val loss {metrics.best_val_loss(ft):.4f}" in html[0]
     # 04: the first output is the verdict line, then the judged claims
     first = next(o for cell in display_outputs(nbs / "04_results.ipynb") for o in cell)
-    assert first["data"]["text/markdown"].startswith("**Verdicts:** ")
+    assert "".join(first["data"]["text/markdown"]).startswith("**Verdicts:** ")
 
 
 def test_rerun_skips_finished_stages(tiny_results):
