@@ -128,3 +128,21 @@ def test_published_losses_are_the_presets_claims():
     assert [v for v, _ in published_losses("shakespeare-char-cpu")] == [1.88]
     assert [v for v, _ in published_losses("shakespeare-char")] == [1.4697]
     assert published_losses("tiny") == [] and published_losses("finetune-shakespeare") == []  # none published
+
+
+def test_a_local_stage_passes_progress_bars_through_for_redrawing(tmp_path, monkeypatch, capsys):
+    """A progress bar's \r reaches the notebook as \r (redrawn in place, not one line per update), and
+    the error message's tail keeps only the bar's last state."""
+    from nanorepro.errors import UserError
+    from nanorepro.runner import LocalRunner
+
+    child = tmp_path / "fake-python"
+    child.write_text("#!/bin/sh\nprintf 'bar 1%%\\rbar 50%%\\rbar 100%%\\nstep 0: train loss 1.0, val loss 2.0\\n'\n"
+                     "exit 3\n")
+    child.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(child))
+    assert LocalRunner(tmp_path).run(["x"], stage="s", check=False) == 3
+    assert capsys.readouterr().out == "bar 1%\rbar 50%\rbar 100%\nstep 0: train loss 1.0, val loss 2.0\n"
+    with pytest.raises(UserError) as e:
+        LocalRunner(tmp_path).run(["x"], stage="s")
+    assert e.value.problem.endswith("its last lines:\nbar 100%\nstep 0: train loss 1.0, val loss 2.0")
