@@ -9,15 +9,18 @@ job starts; the job reads it from the run's `config.json`. No torch here: the hu
 
 from __future__ import annotations
 
+import html
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from . import config, metrics, report
+from . import config, live, metrics, report
 from .errors import ModelUnavailable, UserError, WontFit
 from .files import project_root
 from .fmt import markdown_table
+from .references import load_references
 from .runner import get_runner
 
 
@@ -31,6 +34,55 @@ class Table:
         return markdown_table(self.header, self.rows)
 
     __repr__ = _repr_markdown_
+
+
+class Note(str):
+    """A sentence for the reader: shown as text, not as a quoted string."""
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(str(self))
+
+
+class Summary(dict):
+    """A training stage's summary: a dict to code, a few lines to a reader."""
+
+    def _repr_markdown_(self) -> str:
+        if self.get("status") != "finished":
+            return f"**{self.get('run')}**: {self.get('status')}" + (f" ({self['reason']})" if self.get("reason") else "")
+        wall = f", {self['elapsed_s']:.1f} s" if self.get("elapsed_s") is not None else ""
+        return (f"**{self['run']}**: finished at iteration {self['iters']}{wall}; validation loss "
+                f"{_loss(self.get('first_val_loss'))} at the start, best {_loss(self.get('best_val_loss'))}.")
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self._repr_markdown_().replace("**", ""))
+
+
+def _loss(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4f}"
+
+
+class SideBySide:
+    """Two texts next to each other, each under its heading (an HTML table; plain text elsewhere)."""
+
+    def __init__(self, left: tuple[str, str], right: tuple[str, str]):
+        self.left, self.right = left, right
+
+    def _repr_html_(self) -> str:
+        cells = "".join(f'<td style="vertical-align:top;text-align:left;width:50%"><b>{html.escape(h)}</b>'
+                        f'<pre style="white-space:pre-wrap">{html.escape(t)}</pre></td>' for h, t in (self.left, self.right))
+        return f'<table style="width:100%;table-layout:fixed"><tr>{cells}</tr></table>'
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(f"{self.left[0]}\n{self.left[1]}\n\n========== after ==========\n{self.right[0]}\n{self.right[1]}")
+
+
+def published_losses(preset: str) -> list[tuple[float, str]]:
+    """The published validation losses of a preset's claims, for the live curve."""
+    return [(c["value"], c.get("label") or c["id"]) for c in load_references()["claims"]
+            if c.get("metric") == "best_val_loss" and c.get("value") is not None and preset in (c.get("presets") or [])]
 
 
 class Pipeline:
@@ -86,8 +138,11 @@ class Pipeline:
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
         cfg.save(cfg_path)
         self.runner.put(cfg_path, f"{cfg.out_dir}/config.json")
-        code = self.runner.run(["train", "--config", f"{cfg.out_dir}/config.json"], stage=f"train {run}",
-                               check=False, parallel=cfg.parallel)
+        # the runner streams the stage's output (from here or a node) to stdout: its evaluation lines draw the curve
+        curve = live.LossCurve(f"{run} ({preset}): loss while training", published_losses(preset))
+        with live.following(curve):
+            code = self.runner.run(["train", "--config", f"{cfg.out_dir}/config.json"], stage=f"train {run}",
+                                   check=False, parallel=cfg.parallel)
         if code == ModelUnavailable.exit_code:
             return self._not_run(run, preset, started, f"pretrained weights for {cfg.init_from} are not available "
                                  "offline", hint=" (pass model=PATH to a local Hugging Face folder)")
@@ -97,6 +152,8 @@ class Pipeline:
             self._record(f"train {run}", "failed", started, exit_code=code, preset=preset)
             raise UserError(f"stage train {run} failed (exit {code})", "read the output above; re-running resumes")
         summary = self.summary(run)
+        if curve.display:  # the whole run, earlier sessions of a resumed one included
+            curve.load(metrics.read(self.results / "runs" / run / metrics.METRICS_FILE))
         self._record(f"train {run}", "finished", started, best_val_loss=summary["best_val_loss"], preset=preset)
         return summary
 
@@ -104,7 +161,7 @@ class Pipeline:
         """Record why training `run` could not run here; the summary that says so."""
         print(f"{run}: not run: {reason}{hint}")
         self._record(f"train {run}", metrics.NOT_RUN, started, reason=reason, preset=preset)
-        return {"run": run, "status": metrics.NOT_RUN, "reason": reason}
+        return Summary(run=run, status=metrics.NOT_RUN, reason=reason)
 
     def _refusal(self, run: str) -> str | None:
         """The reason `train` wrote into the run's metrics when it refused to start."""
@@ -121,12 +178,12 @@ class Pipeline:
         records = metrics.read(self.results / "runs" / run / metrics.METRICS_FILE)
         evals = metrics.of_kind(records, "eval")
         ends = metrics.of_kind(records, "end")
-        return {"run": run, "status": "finished" if metrics.finished(records) else "incomplete",
-                "best_val_loss": metrics.best_val_loss(records),
-                "first_val_loss": evals[0]["val_loss"] if evals else None,
-                "final_val_loss": evals[-1]["val_loss"] if evals else None,
-                "iters": evals[-1]["iter"] if evals else 0,
-                "elapsed_s": ends[-1]["elapsed_s"] if ends else None}
+        return Summary(run=run, status="finished" if metrics.finished(records) else "incomplete",
+                       best_val_loss=metrics.best_val_loss(records),
+                       first_val_loss=evals[0]["val_loss"] if evals else None,
+                       final_val_loss=evals[-1]["val_loss"] if evals else None,
+                       iters=evals[-1]["iter"] if evals else 0,
+                       elapsed_s=ends[-1]["elapsed_s"] if ends else None)
 
     def sample(self, run: str | None = None, model: str | None = None, out: str | None = None,
                max_new_tokens: int = 300, seed: int = 1337) -> str:
@@ -149,8 +206,8 @@ class Pipeline:
         config.resolve(preset, overrides)  # a bad preset or override fails here, before anything runs
         init = model or config.PRESETS[preset].get("init_from", "gpt2")
         if not (self.results / "data" / "shakespeare_gpt2" / "meta.json").exists():  # fetched back by prepare_data
-            return {**self._not_run(run, preset, time.time(), "no GPT-2-encoded data (01_prepare_data could not "
-                                    "get the GPT-2 BPE files)"), "model": init}
+            return Summary(self._not_run(run, preset, time.time(), "no GPT-2-encoded data (01_prepare_data could not "
+                                         "get the GPT-2 BPE files)"), model=init)
         if Path(init).expanduser().is_dir():
             init = str(Path(init).expanduser().resolve())  # stages run in the results folder
         summary = self.train(run, preset, seed=seed, max_iters=max_iters, overrides={**overrides, "init_from": init},
@@ -164,14 +221,26 @@ class Pipeline:
         return summary
 
     @staticmethod
-    def finetune_table(result: dict[str, Any]) -> Table | str:
+    def finetune_table(result: dict[str, Any]) -> Table | Note:
         """Validation loss before (iteration 0) and after fine-tuning, or why the stage did not run."""
         if result.get("status") != "finished":
-            return f"fine-tune not run: {result.get('reason', result.get('status'))}"
+            return Note(f"fine-tune not run: {result.get('reason', result.get('status'))}")
         rows = [["val loss before (pretrained)", f"{result['first_val_loss']:.4f}"],
                 ["best val loss after", f"{result['best_val_loss']:.4f}"],
                 ["iterations", result["iters"]], ["wall time (s)", f"{result['elapsed_s']:.1f}"]]
         return Table([result["model"], ""], rows)
+
+    @staticmethod
+    def finetune_samples(result: dict[str, Any]) -> SideBySide | Note:
+        """The samples before and after fine-tuning side by side, each with its validation loss."""
+        if "sample_after" not in result:
+            return Note(f"no samples: fine-tune {result.get('status')}"
+                        + (f" ({result['reason']})" if result.get("reason") else ""))
+        before = (f"before: pretrained {Path(str(result.get('model'))).name}, val loss "
+                  f"{_loss(result.get('first_val_loss'))}", result["sample_before"])
+        after = (f"after {result.get('iters')} iterations: best val loss {_loss(result.get('best_val_loss'))}",
+                 result["sample_after"])
+        return SideBySide(before, after)
 
     def report(self) -> "ReportView":
         """Plots, REPORT.md and report.json for every run in this results folder (torch-free)."""
@@ -179,7 +248,9 @@ class Pipeline:
         runs = sorted({p.parent for p in runs_dir.glob("**/" + metrics.METRICS_FILE)})
         if not runs:
             raise UserError(f"no finished runs in {runs_dir}", "run 02_train_char (and 03_finetune_gpt2) first")
-        return ReportView(report.report(runs, self.results), self.results)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # report.json keeps them and the view lists them under its answer
+            return ReportView(report.report(runs, self.results), self.results)
 
 
 class ReportView:
@@ -189,20 +260,23 @@ class ReportView:
         self.rep, self.results = rep, results
 
     def _repr_markdown_(self) -> str:
-        return report.claims_table(self.rep["claims"])
+        return report.answer_first(self.rep)
 
     __repr__ = _repr_markdown_
 
-    def show_plots(self) -> list[Path]:
-        paths = [self.results / p["file"] for p in self.rep["plots"]]
-        try:
-            from IPython.display import Image, display
+    @property
+    def plot_paths(self) -> list[Path]:
+        return [self.results / p["file"] for p in self.rep["plots"]]
 
-            for p in paths:
-                display(Image(filename=str(p)))
-        except ImportError:
-            print("\n".join(str(p) for p in paths))
-        return paths
+    def show_plots(self) -> None:
+        """The loss-curve PNGs in a notebook; their paths elsewhere."""
+        if not live.in_notebook():
+            print("\n".join(str(p) for p in self.plot_paths))
+            return
+        from IPython.display import Image, display
+
+        for p in self.plot_paths:
+            display(Image(filename=str(p)))
 
     def show_samples(self) -> None:
         for path in sorted(self.results.glob("runs/*/samples*.txt")):

@@ -210,7 +210,7 @@ def judge(claim: dict[str, Any], runs: list[dict[str, Any]], sources: dict[str, 
     a missing run; its prepared `datasets` (name -> (folder, meta)) count when no run used one."""
     src = sources.get(claim["source"], {})
     row = {k: claim.get(k) for k in ("id", "description", "metric", "unit", "value", "tolerance", "direction",
-                                     "tolerance_reason", "presets", "dataset", "requires")}
+                                     "tolerance_reason", "presets", "dataset", "requires", "context_only")}
     row.update(source=src.get("title"), source_url=src.get("url"), measured=None, stats=None, runs=[], notes=[])
 
     def verdict_from(values: list[float]) -> None:
@@ -377,14 +377,72 @@ def claims_table(rows: list[dict[str, Any]], compact: bool = False) -> str:
     return markdown_table(["claim", *header] if compact else ["claim", "source", *header], body)
 
 
+def verdict_line(rows: list[dict[str, Any]]) -> str:
+    """The headline: how many claims got each verdict."""
+    counts = {v: sum(1 for c in rows if c["verdict"] == v)
+              for v in ("reproduced", "not reproduced", metrics.NOT_RUN, "new result")}
+    return "**Verdicts:** " + ", ".join(f"{n} {v}" for v, n in counts.items()) + "."
+
+
+def how_to_run(row: dict[str, Any]) -> str:
+    """One line saying what produces a judgement of this claim."""
+    if row["metric"] in DATA_METRICS:
+        enc = "char" if str(row.get("dataset")).endswith("_char") else "gpt2"
+        return f"run `01_prepare_data` (`nanorepro prepare --encoding {enc}`)"
+    preset = (row.get("presets") or ["?"])[0]
+    if preset.startswith("finetune"):
+        how = f'run `03_finetune_gpt2` with `finetune_preset = "{preset}"`'
+    elif row.get("dataset") == "shakespeare_char":
+        how = f'run `02_train_char` with `char_preset = "{preset}"`'
+    else:
+        how = f"`nanorepro prepare --dataset {row.get('dataset')}`, then `nanorepro train --preset {preset}`"
+    gpu = (row.get("requires") or {}).get("gpu")
+    if not gpu and PRESETS.get(preset, {}).get("device") != "cpu":
+        gpu = "GPU"  # a GPU recipe: hours or days on a CPU
+    node = (f"an {gpu}" if gpu[0] in "AEIOU" else f"a {gpu}") if gpu else ""
+    where = f' on {node} node (`target = "chameleon"`, reserved by `00_reserve_node`)' if gpu else ""
+    return how + where + ", without overrides"
+
+
+def _judged_here(row: dict[str, Any]) -> bool:
+    """A claim this folder says something about: judged, or a run of its preset exists but did not count."""
+    if row["verdict"] != metrics.NOT_RUN:
+        return True
+    return row["metric"] not in DATA_METRICS and not any(n.startswith("no run of preset") for n in row["notes"])
+
+
+def answer_first(rep: dict[str, Any]) -> str:
+    """What 04_results shows first: the verdicts, a compact table of the claims this folder judged, then
+    the claims it could not judge folded away, each with how to run it. REPORT.md keeps the full table."""
+    rows = rep["claims"]
+    judged = [r for r in rows if _judged_here(r)]
+    missing = [r for r in rows if not _judged_here(r) and not r.get("context_only")]
+    context = [r for r in rows if not _judged_here(r) and r.get("context_only")]
+    L = [verdict_line(rows), ""]
+    L.append(claims_table(judged, compact=True) if judged else "No claim could be judged from this folder.")
+    for title, group in ((f"{len(missing)} claim(s) not run: no run of their preset in this folder", missing),
+                         (f"{len(context)} context-only baseline(s), not part of this project's runs", context)):
+        if not group:
+            continue
+        L += ["", f"<details><summary>{title}</summary>", ""]
+        for r in group:
+            why = "; ".join(n for n in r["notes"] if not n.startswith("no run of preset"))
+            published = f"published {_published_text(r)}" if r["value"] is not None else "no published number"
+            L.append(f"- **{r['id']}** ({published}): {how_to_run(r)}"
+                     + (f". Here: {why}" if why else ""))
+        L += ["", "</details>"]
+    if rep.get("warnings"):
+        L += ["", "**Warnings:**", "", *[f"- {w}" for w in rep["warnings"]]]
+    L += ["", "The full table, with sources and why each tolerance: `REPORT.md` in the results folder."]
+    return "\n".join(L)
+
+
 def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     L: list[str] = []
     L.append("# nanorepro report\n")
     L.append(f"Generated {rep['generated_at']} by nanorepro {rep['nanorepro_version']} from "
              f"{len(runs)} run folder(s): " + ", ".join(f"`{r['name']}`" for r in runs) + ".\n")
-    counts = {v: sum(1 for c in rep["claims"] if c["verdict"] == v)
-              for v in ("reproduced", "not reproduced", metrics.NOT_RUN, "new result")}
-    L.append("**Verdicts:** " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".\n")
+    L.append(verdict_line(rep["claims"]) + "\n")
     L.append("Losses are cross-entropy in nats per token. Character models also show bits per character "
              "(loss / ln 2); GPT-2 BPE models show perplexity (exp(loss)).\n")
 

@@ -7,6 +7,7 @@ wherever it runs; notebooks only pick the target. No torch here: the hub kernel 
 from __future__ import annotations
 
 import collections
+import io
 import os
 import subprocess
 import sys
@@ -36,11 +37,19 @@ class LocalRunner:
         pythonpath = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
         with subprocess.Popen(cmd, cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=env, text=True, bufsize=1) as proc:
-            for line in proc.stdout:  # progress bars end lines with \r: passed through as they come
+                              env=env) as proc:
+            # newline="": split at \n and at a progress bar's \r but keep both, so Jupyter and terminals
+            # redraw the bar in place (text=True would turn every \r into a new line)
+            overwrite = False
+            for line in io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace", newline=""):
                 sys.stdout.write(line)
                 sys.stdout.flush()
-                tail.append(line.rstrip("\n").split("\r")[-1])
+                text = line.rstrip("\r\n")
+                if overwrite and tail:
+                    tail[-1] = text  # the bar's latest state replaces its previous one
+                elif text:
+                    tail.append(text)
+                overwrite = line.endswith("\r") and bool(text)
             code = proc.wait()
         if code and check:
             raise UserError(f"stage {stage} failed (exit {code}); its last lines:\n" + "\n".join(tail),

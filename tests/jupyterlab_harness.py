@@ -214,17 +214,48 @@ _KERNEL_IDLE_JS = """() => {
 }"""
 
 
+def start_run_all(page: Any, server: LabServer, notebook: str, timeout_s: float = 60.0) -> None:
+    """Open `notebook` and fire Run All as a user would, without waiting for the cells."""
+    page.goto(server.lab_url(notebook))
+    page.wait_for_function(_KERNEL_IDLE_JS, timeout=timeout_s * 1000)
+    # fired, not awaited: a command that opens a dialog never resolves, and evaluate has no timeout
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+
+
 def run_all_cells(page: Any, server: LabServer, notebook: str, timeout_s: float = 60.0) -> str:
     """Open `notebook`, fire Run All as a user would, wait for it to finish; return the page text.
 
     Raises AssertionError naming the first cell that failed.
     """
-    page.goto(server.lab_url(notebook))
-    page.wait_for_function(_KERNEL_IDLE_JS, timeout=timeout_s * 1000)
-    # fired, not awaited: a command that opens a dialog never resolves, and evaluate has no timeout
-    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+    start_run_all(page, server, notebook, timeout_s)
+    return wait_run_all(page, notebook, timeout_s)
+
+
+def wait_run_all(page: Any, notebook: str, timeout_s: float = 60.0) -> str:
+    """Wait for the Run All fired by start_run_all to finish; the page text (AssertionError on a failed cell)."""
     state = page.wait_for_function(_RUN_STATE_JS, timeout=timeout_s * 1000, polling=250).json_value()
     text = page.locator(".jp-NotebookPanel .jp-Notebook").inner_text()
     if state["error"]:
         raise AssertionError(f"Run All failed in {notebook}: {state['error']}\n--- page ---\n{text[-3000:]}")
     return text
+
+
+def save_notebook(page: Any, path: Path, timeout_s: float = 30.0) -> dict[str, Any]:
+    """Save the open notebook as a user would (the saved file is the executed copy); its JSON."""
+    before = path.stat().st_mtime_ns
+    page.evaluate("() => { window.jupyterapp.commands.execute('docmanager:save'); }")
+    deadline = time.monotonic() + timeout_s
+    while path.stat().st_mtime_ns == before:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path.name} was not saved within {timeout_s:.0f} s")
+        time.sleep(0.2)
+    time.sleep(0.5)  # the write may still be under way
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def show_first(page: Any, selector: str, path: Path) -> Path:
+    """Scroll the first element matching `selector` to the top of the notebook and screenshot the page."""
+    page.locator(selector).first.evaluate("el => el.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(500)  # let images decode and the layout settle
+    page.screenshot(path=str(path))
+    return path

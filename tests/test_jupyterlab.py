@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from jupyterlab_harness import chromium, jupyter_lab, run_all_cells
+from jupyterlab_harness import (chromium, jupyter_lab, run_all_cells, save_notebook, show_first, start_run_all,
+                                wait_run_all)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,3 +75,49 @@ def test_run_all_reports_the_failing_cell(lab):
     with pytest.raises(AssertionError, match=r"code cell 2: UserError: unknown preset 'no-such-preset'"):
         run_all_cells(page, server, "fails.ipynb", timeout_s=60)
     assert "never reached" not in page.locator(".jp-NotebookPanel .jp-OutputArea-output").all_inner_texts()
+
+
+# The training cell's output, while the kernel is still busy with it: a figure is already there.
+_FIGURE_WHILE_BUSY_JS = """() => {
+  const w = window.jupyterapp.shell.currentWidget;
+  const kernel = w && w.sessionContext.session && w.sessionContext.session.kernel;
+  const img = document.querySelector('.jp-NotebookPanel .jp-OutputArea-output img');
+  return Boolean(img && img.naturalWidth > 0 && kernel && kernel.status === 'busy');
+}"""
+
+
+def test_run_all_shows_the_training_live_and_the_answer_first(lab, shakespeare_path, tmp_path):
+    """01, 02 and 04 with Run All, as a reader would: 02's loss curve appears while it trains and stays in the
+    saved notebook; 04 opens with the verdicts. Screenshots of both land in this test's temp folder."""
+    server, page = lab
+    results = tmp_path / "results"
+    common = dict(target="local", results_dir=str(results))
+    nbs = {name: server.root_dir / f"{tmp_path.name}-{name}.ipynb" for name in ("01", "02", "04")}
+    with_parameters(REPO / "notebooks" / "01_prepare_data.ipynb", nbs["01"], **common, input_path=str(shakespeare_path))
+    with_parameters(REPO / "notebooks" / "02_train_char.ipynb", nbs["02"], **common, char_max_iters=300,
+                    char_overrides={"eval_interval": 100, "eval_iters": 10})
+    with_parameters(REPO / "notebooks" / "04_results.ipynb", nbs["04"], **common)
+
+    run_all_cells(page, server, nbs["01"].name, timeout_s=120)
+
+    start_run_all(page, server, nbs["02"].name)
+    page.wait_for_function(_FIGURE_WHILE_BUSY_JS, timeout=300_000, polling=250)  # live: before training ends
+    text = wait_run_all(page, nbs["02"].name, timeout_s=600)
+    assert "step 300: train loss" in text
+    shot_02 = show_first(page, ".jp-NotebookPanel .jp-OutputArea-output img", tmp_path / "02_train_char.png")
+    saved = save_notebook(page, nbs["02"])
+    figures = [o for c in saved["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(figures) == 1  # drawn in place at each evaluation, and left in the executed copy
+    outputs = [json.dumps(o) for c in saved["cells"] for o in c.get("outputs", [])]
+
+    run_all_cells(page, server, nbs["04"].name, timeout_s=120)
+    first = page.locator(".jp-NotebookPanel .jp-OutputArea-output").first.inner_text()
+    assert first.startswith("Verdicts: ") and "reproduced" in first.splitlines()[0], first[:500]
+    assert "not run: no run of their preset" in first and "context-only baseline" in first
+    shot_04 = show_first(page, ".jp-NotebookPanel .jp-OutputArea-output", tmp_path / "04_results.png")
+    seen = page.locator(".jp-NotebookPanel .jp-OutputArea-output").all_inner_texts()
+    assert not [t for t in outputs + seen if "PosixPath(" in t]
+    assert len(page.locator(".jp-NotebookPanel .jp-OutputArea-output img").all()) == 2  # the two loss plots
+    for shot in (shot_02, shot_04):
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        print(f"screenshot: {shot}")

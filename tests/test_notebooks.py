@@ -93,6 +93,34 @@ def test_results_notebook_writes_plots_and_the_claims_table(tiny_results):
     assert stages[:4] == ["prepare char", "prepare gpt2", "train char", "train finetune"]
 
 
+def display_outputs(nb_path: Path) -> list[list[dict]]:
+    """Each code cell's outputs, in order."""
+    return [c.get("outputs", []) for c in json.loads(nb_path.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+def test_what_a_reader_sees(tiny_results):
+    results, _ = tiny_results
+    nbs = results / "notebooks"
+    for nb in sorted(nbs.glob("*.ipynb")):  # no stray reprs of paths or objects
+        text = outputs_text(nb)
+        assert "PosixPath(" not in text and " object at 0x" not in text, nb.name
+    # 02 and 03: one loss figure in the training cell, drawn live and left in the executed copy
+    for name in ("02_train_char.ipynb", "03_finetune_gpt2.ipynb"):
+        figures = [o for cell in display_outputs(nbs / name) for o in cell if "image/png" in o.get("data", {})]
+        assert len(figures) == 1, f"{name}: {len(figures)} figures"  # redrawn in place, not appended
+        assert figures[0]["metadata"] is not None and figures[0]["data"]["image/png"]
+    # 03: the samples side by side, each under its validation loss
+    ft = metrics.read(results / "runs" / "finetune" / "metrics.jsonl")
+    html = ["".join(o["data"]["text/html"]) for cell in display_outputs(nbs / "03_finetune_gpt2.ipynb") for o in cell
+            if "text/html" in o.get("data", {})]
+    assert len(html) == 1 and html[0].count("<td") == 2
+    assert f"val loss {metrics.of_kind(ft, 'eval')[0]['val_loss']:.4f}" in html[0]
+    assert f"best val loss {metrics.best_val_loss(ft):.4f}" in html[0]
+    # 04: the first output is the verdict line, then the judged claims
+    first = next(o for cell in display_outputs(nbs / "04_results.ipynb") for o in cell)
+    assert "".join(first["data"]["text/markdown"]).startswith("**Verdicts:** ")
+
+
 def test_rerun_skips_finished_stages(tiny_results):
     results, _ = tiny_results
     before = (results / "runs" / "char" / "metrics.jsonl").read_bytes()

@@ -323,3 +323,29 @@ def test_every_claim_names_presets_that_exist():
     named = {p for c in claims for p in c.get("presets", [])}
     assert named and named <= set(PRESETS), named - set(PRESETS)
     assert "shakespeare-char-cpu-tuned" in named
+
+
+def test_the_notebook_view_answers_first_and_folds_what_was_not_run(results, tmp_path):
+    rep = report.report(seed_runs(results) + [results / "runs" / "cpu"], tmp_path / "out")
+    view = report.answer_first(rep)
+    head, _, folded = view.partition("<details>")
+    verdict = view.splitlines()[0]
+    counts = {v: sum(c["verdict"] == v for c in rep["claims"]) for v in ("reproduced", "not run")}
+    assert verdict.startswith("**Verdicts:**") and f"{counts['reproduced']} reproduced" in verdict
+    assert f"{counts['not run']} not run" in verdict
+    assert verdict in (tmp_path / "out" / "REPORT.md").read_text()  # the same headline as REPORT.md
+    # the compact table: what this folder judged, and the run that was here but did not count
+    assert "| claim |" in head and "| char-train-tokens |" in head and "| char-cpu-val-loss |" in head
+    for cid in ("char-a100-val-loss", "owt-gpt2-val-loss", "gpt2-train-tokens"):
+        assert f"| {cid} |" not in head and f"**{cid}**" in folded
+    missing, _, context = folded.partition("context-only")
+    assert 'char-a100-val-loss** (published 1.4697): run `02_train_char` with `char_preset = "shakespeare-char"` ' \
+           'on a GPU node' in missing
+    assert 'char-a100-wall-time** (published about 3 min on A100): run `02_train_char` with ' \
+           '`char_preset = "shakespeare-char"` on an A100 node' in missing
+    assert "**gpt2-train-tokens** (published 301,966): run `01_prepare_data`" in missing
+    owt = [c["id"] for c in rep["claims"] if c.get("context_only")]
+    assert len(owt) == 4 and all(f"**{cid}**" in context and f"**{cid}**" not in missing for cid in owt)
+    assert "`nanorepro train --preset eval-gpt2-xl`" in context
+    full = (tmp_path / "out" / "REPORT.md").read_text()
+    assert all(f"**{c['id']}**" in full for c in rep["claims"])  # REPORT.md keeps the full table
