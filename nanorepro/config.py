@@ -232,14 +232,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         learning_rate=3e-3, max_iters=1500, lr_decay_iters=1500, min_lr=3e-5,
         beta2=0.99, warmup_iters=50, device="cpu", dtype="fast", compile=False,
     ),
-    # gpu-fast: the baby GPT's network and batch with the CPU presets' Muon, aiming at its val 1.4697 in
-    # ~30 s of training on one A100/H100 (benchmarks/gpu.sh). A candidate: not yet measured on a GPU.
+    # gpu-fast: the baby GPT's network and batch with the CPU presets' Muon and architecture options,
+    # aiming at its val 1.4697 in ~30 s of training on one A100/H100 (benchmarks/gpu.sh). A candidate:
+    # not yet measured on a GPU.
     "shakespeare-char-gpu-fast": dict(
         out_dir="runs/shakespeare-char-gpu-fast", dataset="shakespeare_char",
-        eval_interval=250, eval_iters=100, log_interval=50, always_save_checkpoint=False,
+        eval_interval=250, eval_iters=100, eval_at_start=False, log_interval=50, always_save_checkpoint=False,
         gradient_accumulation_steps=1, batch_size=64, block_size=256,
         n_layer=6, n_head=6, n_embd=384, dropout=0.2, optimizer="muon",
-        learning_rate=4e-3, max_iters=2000, lr_decay_iters=2000, min_lr=4e-5,
+        rope=True, qk_norm=True, relu_squared=True,
+        learning_rate=3e-3, max_iters=2000, lr_decay_iters=2000, min_lr=3e-5,
         beta2=0.99, warmup_iters=50, compile=True,
     ),
     # config/finetune_shakespeare.py: gpt2-xl, 20 iterations at a constant 3e-5

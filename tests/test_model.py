@@ -253,7 +253,7 @@ def test_load_local_hf_folder_matches_transformers(tmp_path, no_hub):
 
     model, shape = load_pretrained(str(tmp_path / "tiny-gpt2"), dropout=0.1)
     assert shape.to_dict() == dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=101, bias=True,
-                                   dropout=0.1)
+                                   dropout=0.1, rope=False, qk_norm=False, relu_squared=False)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
     model.eval()
