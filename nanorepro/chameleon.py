@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
+from . import nodeinstall
 from .errors import UserError
 from .files import write_text_atomic
 from .fmt import duration
@@ -42,7 +43,7 @@ A100_NODE_TYPES: dict[str, tuple[str, str]] = {
     "gpu_a100_pcie": ("CHI@UC", "4x A100 PCIe"),
     "compute_liqid": ("CHI@TACC", "1-2x A100 40 GB"),
 }
-DEFAULT_IMAGE = "CC-Ubuntu22.04-CUDA"
+DEFAULT_IMAGE = nodeinstall.CUDA_IMAGE  # Python 3.12; 22.04 has 3.10, below requires-python
 NETWORK = "sharednet1"
 MAX_LEASE_HOURS = 7 * 24  # Chameleon caps leases at 7 days
 DEFAULT_LEASE_HOURS = 4  # the reproduction on an A100, boot and install included, with time to spare
@@ -431,7 +432,7 @@ def _check_image_and_key(chi: Any, image: str, key_name: str | None, private_key
     try:
         chi.image.get_image(image)
     except (CHIValueError, ResourceError) as e:
-        raise UserError(f"image {image!r}: {e}", f"use {DEFAULT_IMAGE} or CC-Ubuntu24.04-CUDA") from e
+        raise UserError(f"image {image!r}: {e}", f"use image={DEFAULT_IMAGE!r}") from e
     key_name = key_name or os.environ.get("OS_KEYPAIR_NAME") or chi.context.get("keypair_name")
     private_key = private_key or os.environ.get("OS_KEYPAIR_PRIVATE_KEY")
     public_key = public_key or os.environ.get("OS_KEYPAIR_PUBLIC_KEY")
@@ -705,15 +706,21 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
 
 
 def setup_node(target: str = "chameleon", state_dir: str | Path = STATE_DIR) -> Path | None:
-    """Install nanorepro on the reserved node and record its GPUs and software into `<state_dir>/node/`."""
+    """Install nanorepro on the reserved node (nodeinstall: a Python pyproject accepts, compiler and headers,
+    torch built for the driver's CUDA and checked on every GPU) and record its GPUs and software into
+    `<state_dir>/node/`. A failure says that the lease still runs, until when, and how to release it."""
     if not _on_chameleon(target, "nothing to install, stages use this environment"):
         return None
-    runner = SSHRunner.from_state(Path(state_dir), workdir=Path(state_dir))
+    state_dir = Path(state_dir)
+    record = read_node_record(state_dir)
+    runner = SSHRunner.from_state(state_dir, workdir=state_dir)
     try:
-        with _step(f"installing nanorepro on {runner.host} (a venv with the CUDA build of torch: about 5 min)"):
-            runner.setup()
+        with _step(f"installing nanorepro on {runner.host} (a venv with torch for the node's CUDA driver: about 5 min)"):
+            runner.setup(image=record.get("image"))
         with _step("recording the node's nvidia-smi report and environment"):
             runner.record_node("node")
-            return runner.fetch("node", Path(state_dir))
+            return runner.fetch("node", state_dir)
+    except UserError as e:
+        raise UserError(f"{e.problem}. The {still_running(record, state_dir)}", e.fix) from e
     finally:
         runner.close()

@@ -44,8 +44,9 @@ class Site:
                       for i, (t, n) in enumerate((t, n) for t, count in NODES[uid] for n in range(count))]
         self.networks = [{"id": f"net-shared-{uid}", "name": "sharednet1", "router:external": False},
                          {"id": f"net-public-{uid}", "name": "public", "router:external": True}]
-        self.images = [{"id": f"img-{uid}-1", "name": "CC-Ubuntu22.04-CUDA", "status": "active",
-                        "created_at": "2026-01-01T00:00:00Z", "visibility": "public"}]
+        self.images = [{"id": f"img-{uid}-{i}", "name": name, "status": "active",
+                        "created_at": "2026-01-01T00:00:00Z", "visibility": "public"}
+                       for i, name in enumerate(("CC-Ubuntu22.04-CUDA", "CC-Ubuntu24.04-CUDA"))]
 
 
 class FakeCloud:
