@@ -129,9 +129,14 @@ class Pipeline:
                 "elapsed_s": ends[-1]["elapsed_s"] if ends else None}
 
     def sample(self, run: str | None = None, model: str | None = None, out: str | None = None,
-               max_new_tokens: int = 300, seed: int = 1337) -> str:
-        """Generated text from `runs/<run>` or a pretrained `model`, saved to `out` (relative to results)."""
+               max_new_tokens: int = 300, seed: int = 1337, device: str | None = None) -> str:
+        """Generated text from `runs/<run>` or a pretrained `model`, saved to `out` (relative to results);
+        on `device`, by default the device the run's config names (a run trained on the CPU on purpose
+        samples there too)."""
         args = ["sample", "--max-new-tokens", str(max_new_tokens), "--seed", str(seed)]
+        cfg_path = self.results / "runs" / str(run) / "config.json"
+        device = device or (json.loads(cfg_path.read_text()).get("device") if run and cfg_path.is_file() else None)
+        args += ["--device", device] if device else []
         args += ["--run", f"runs/{run}"] if run else ["--model", str(model)]
         out = out or (f"runs/{run}/samples.txt" if run else f"samples-{Path(str(model)).name}.txt")
         args += ["--out", out]
@@ -146,7 +151,7 @@ class Pipeline:
                  run: str = "finetune", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """Fine-tune a pretrained GPT-2 (`model`, default the preset's) and sample before and after."""
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-        config.resolve(preset, overrides)  # a bad preset or override fails here, before anything runs
+        device = config.resolve(preset, overrides).device  # a bad preset or override fails here, before anything runs
         init = model or config.PRESETS[preset].get("init_from", "gpt2")
         if not (self.results / "data" / "shakespeare_gpt2" / "meta.json").exists():  # fetched back by prepare_data
             return {**self._not_run(run, preset, time.time(), "no GPT-2-encoded data (01_prepare_data could not "
@@ -159,7 +164,7 @@ class Pipeline:
         if summary["status"] != "finished":
             return summary
         summary["sample_before"] = self.sample(model=init, out=f"runs/{run}/samples_before.txt", seed=seed,
-                                               max_new_tokens=200)
+                                               max_new_tokens=200, device=device)
         summary["sample_after"] = self.sample(run=run, seed=seed, max_new_tokens=200)
         return summary
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable
 
+from .config import ON_GPU_NODE
 from .errors import UserError
 from .files import project_root
 from .fmt import duration
@@ -88,7 +89,7 @@ rm -rf -- {job}; mkdir -p -- {job}
 cat > {job}/run.sh <<'{end}'
 cat {boot_id} > {boot} 2>/dev/null
 echo $$ > {pid}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 {on_gpu_node}=1
 {cmd}
 echo $? > {rc}.tmp && mv {rc}.tmp {rc}
 {end}
@@ -413,7 +414,7 @@ class SSHRunner:
         """Start the job unless the same one still runs ("running"); safe to repeat after a dropped connection."""
         end = "NANOREPRO_JOB_" + hashlib.sha1(cmd.encode()).hexdigest()[:12]  # never a line of the quoted cmd
         script = JOB_SCRIPT.format(cwd=_q(cwd), job=_q(job), pid=_q(job / "pid"), rc=_q(job / "rc"),
-                                   boot=_q(job / "boot"), log=_q(job / "log"), boot_id=BOOT_ID, cmd=cmd, end=end,
+                                   boot=_q(job / "boot"), log=_q(job / "log"), boot_id=BOOT_ID, cmd=cmd, end=end, on_gpu_node=ON_GPU_NODE,
                                    same_boot=_same_boot(_q(job / "boot")))
         return self.ssh.check(script, "starting the job").strip()
 

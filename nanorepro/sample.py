@@ -21,7 +21,7 @@ def sample(run_dir: str | Path | None = None, model: str | None = None, prompt: 
         raise UserError(f"temperature must be > 0, got {temperature}", "use e.g. --temperature 0.8")
     if top_k is not None and top_k < 1:
         top_k = None
-    dev, _ = hardware.pick_device(device)
+    dev, _ = hardware.pick_device(device, gpu_required=hardware.gpu_required_by(None))
     if run_dir is not None:
         net, cfg = checkpoint.load_model(Path(run_dir))
         codec = data.Codec.from_meta(data.load_meta(Path(data_root or cfg.data_root) / cfg.dataset))

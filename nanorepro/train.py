@@ -44,7 +44,8 @@ def train(cfg: Config, preset: str | None = None) -> dict[str, Any]:
     """Train (or resume, or skip when already finished) the run in `cfg.out_dir`; return its summary.
     Under torchrun every process calls this, and leaves the process group cleanly on every path."""
     cfg = validate(cfg)
-    world = distributed.start(cfg, lambda: hardware.pick_device(cfg.device)[0])
+    need = hardware.gpu_required_by(cfg.preset)
+    world = distributed.start(cfg, lambda: hardware.pick_device(cfg.device, gpu_required=need)[0])
     try:
         result = _train(cfg, preset, world)
     except BaseException as e:
@@ -97,7 +98,7 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
 def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
     """Device, data, checkpoint, network, memory check, model, optimizer, records: in this order, so
     that every refusal comes before anything large is loaded."""
-    device, dtype = hardware.pick_device(cfg.device, cfg.dtype)
+    device, dtype = hardware.pick_device(cfg.device, cfg.dtype, hardware.gpu_required_by(cfg.preset))
     device = world.device(device)
     device_type = torch.device(device).type
     data_dir = Path(cfg.data_root) / cfg.dataset

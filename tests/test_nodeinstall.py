@@ -90,6 +90,14 @@ def test_driver_560_gets_cu126_and_missing_headers_are_installed(node, tmp_path,
     assert "Driver Version: 560.35.03" in (state / "node" / "nvidia-smi.txt").read_text()
     import nanorepro  # the node's venv runs the copied code
     assert (tmp_path / "node home" / "nanorepro" / "__init__.py").read_text() == Path(nanorepro.__file__).read_text()
+    # a stage on the node never falls back to its CPU (here torch really sees no GPU): one line says why
+    lines: list[str] = []
+    runner = remote.SSHRunner.from_state(state, workdir=state, out=lines.append)
+    try:
+        assert runner.run(["sample", "--model", "gpt2"], stage="sample", check=False) == 2
+    finally:
+        runner.close()
+    assert any("no CUDA GPU is visible to torch" in line and "Chameleon GPU node" in line for line in lines), lines
 
 
 def test_driver_580_gets_cu130(node, tmp_path, clean_env):
