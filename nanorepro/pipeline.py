@@ -9,10 +9,11 @@ job starts; the job reads it from the run's `config.json`. No torch here: the hu
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import config, metrics, report
 from .errors import ModelUnavailable, UserError, WontFit
@@ -33,12 +34,31 @@ class Table:
     __repr__ = _repr_markdown_
 
 
+def _names_the_lease(stage: Callable) -> Callable:
+    """On a Chameleon node, a stage's failure also says that the lease still runs, until when, and how to
+    release it: the node costs SUs while the user reads the error."""
+    @functools.wraps(stage)
+    def run(self: "Pipeline", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return stage(self, *args, **kwargs)
+        except UserError as e:
+            if self.target != "chameleon" or "STILL RUNNING" in e.problem:
+                raise
+            from . import chameleon
+            from .remote import read_node_record
+
+            note = chameleon.still_running(read_node_record(self.results), self.results)
+            raise UserError(f"{e.problem}. The {note}", e.fix) from e
+    return run
+
+
 class Pipeline:
     """One reproduction, all its files under `results_dir`, its stages run on `target`."""
 
     def __init__(self, results_dir: str | Path = "results/local", target: str = "local"):
         self.results = project_root() / results_dir  # an absolute path stays itself
         self.results.mkdir(parents=True, exist_ok=True)
+        self.target = target
         self.runner = get_runner(target, self.results)
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -47,6 +67,7 @@ class Pipeline:
                                                             "elapsed_s": round(time.time() - started, 2), **values})
 
     # -- stages ------------------------------------------------------------------------------
+    @_names_the_lease
     def prepare_data(self, input_path: str | None = None, encodings: str = "all") -> Table:
         """Tiny Shakespeare (or `input_path`) into char and GPT-2 token files; the counts as a table.
 
@@ -73,6 +94,7 @@ class Pipeline:
             rows.append([enc, f"{meta['vocab_size']:,}", f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}"])
         return Table(["encoding", "vocab", "train tokens", "val tokens"], rows)
 
+    @_names_the_lease
     def train(self, run: str, preset: str, seed: int = 1337, max_iters: int | None = None,
               overrides: dict[str, Any] | None = None, dataset: str = "shakespeare_char") -> dict[str, Any]:
         """Train (or resume) `runs/<run>` with `preset` and `overrides` (None values leave the preset's);
@@ -114,6 +136,7 @@ class Pipeline:
             return None
         return next((r.get("reason") for r in reversed(metrics.of_kind(records, "stage"))), None)
 
+    @_names_the_lease
     def summary(self, run: str) -> dict[str, Any]:
         """Best and final losses, iterations and wall time of `runs/<run>`, from its metrics file."""
         for name in (metrics.METRICS_FILE, "config.json", "env.json"):
@@ -128,6 +151,7 @@ class Pipeline:
                 "iters": evals[-1]["iter"] if evals else 0,
                 "elapsed_s": ends[-1]["elapsed_s"] if ends else None}
 
+    @_names_the_lease
     def sample(self, run: str | None = None, model: str | None = None, out: str | None = None,
                max_new_tokens: int = 300, seed: int = 1337, device: str | None = None) -> str:
         """Generated text from `runs/<run>` or a pretrained `model`, saved to `out` (relative to results);
@@ -147,6 +171,7 @@ class Pipeline:
             raise UserError(f"sampling from {run or model} failed (exit {code})", "read the output above")
         return self.runner.fetch(out, self.results).read_text(encoding="utf-8")
 
+    @_names_the_lease
     def finetune(self, preset: str, model: str | None = None, max_iters: int | None = None, seed: int = 1337,
                  run: str = "finetune", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """Fine-tune a pretrained GPT-2 (`model`, default the preset's) and sample before and after."""
