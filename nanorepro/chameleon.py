@@ -36,6 +36,7 @@ from .errors import UserError
 from .files import write_text_atomic
 from .fmt import duration
 from .remote import KNOWN_HOSTS, NODE_FILE, SSHRunner, check_key_file, read_node_record
+from .runner import TARGETS, resolve_target, results_path
 
 # The A100 node types on Chameleon's bare-metal sites (the sites that have them), in the order "auto" tries them.
 A100_NODE_TYPES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -76,13 +77,20 @@ def _step(title: str) -> Iterator[None]:
 
 
 def _on_chameleon(target: str, local_note: str) -> bool:
-    """True for target 'chameleon'; False, after saying why nothing is done, for 'local'."""
-    if target == "local":
-        print(f"target is 'local': {local_note}")
+    """True for target 'chameleon' ('auto' on Chameleon's JupyterHub); False, after saying why nothing is
+    done, for 'local' ('auto' elsewhere)."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}", "use target='auto', 'local' or 'chameleon'")
+    if resolve_target(target) == "local":
+        why = "target is 'local'" if target == "local" else "target is 'auto' and this is not Chameleon's JupyterHub"
+        print(f"{why}: {local_note}")
         return False
-    if target != "chameleon":
-        raise UserError(f"unknown target {target!r}", "use target='local' or target='chameleon'")
     return True
+
+
+def _state_dir(state_dir: str | Path | None) -> Path:
+    """The folder of the node record: as given, or results/chameleon in the checkout (the notebooks' default)."""
+    return Path(state_dir) if state_dir else results_path(None, "chameleon")
 
 
 def _utcnow() -> dt.datetime:
@@ -267,7 +275,7 @@ def choose_node_type(chi: Any, site: str, node_type: str, hours: float) -> str:
 # -- reserve ------------------------------------------------------------------------------------
 def reserve(target: str = "chameleon", *, site: str | None = None, node_type: str = "auto",
             lease_hours: float = DEFAULT_LEASE_HOURS, image: str = DEFAULT_IMAGE, lease_name: str | None = None,
-            server_name: str | None = None, state_dir: str | Path = STATE_DIR, project: str | None = None,
+            server_name: str | None = None, state_dir: str | Path | None = STATE_DIR, project: str | None = None,
             key_name: str | None = None, private_key: str | None = None, public_key: str | None = None,
             keep_on_failure: bool = False, ssh_timeout_s: float = 20 * 60) -> dict[str, Any] | None:
     """Lease an A100 node, boot `image` on it, give it a floating IP and wait for SSH; the node record.
@@ -280,7 +288,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
     if not 0 < lease_hours <= MAX_LEASE_HOURS:
         raise UserError(f"lease_hours={lease_hours} is outside (0, {MAX_LEASE_HOURS}]",
                         "Chameleon caps leases at 7 days; the reproduction needs a few hours, boot included")
-    state_dir = Path(state_dir)
+    state_dir = _state_dir(state_dir)
     user = os.environ.get("OS_USERNAME") or os.environ.get("USER") or "user"
     lease_name = lease_name or f"nanorepro-{user}"
     old = read_node_record(state_dir)
@@ -664,13 +672,13 @@ def _wait_gone(exists: Callable[[], bool], timeout_s: float, poll: float) -> Non
         time.sleep(poll)
 
 # -- release ------------------------------------------------------------------------------------
-def release(target: str = "chameleon", *, state_dir: str | Path = STATE_DIR, site: str | None = None,
+def release(target: str = "chameleon", *, state_dir: str | Path | None = STATE_DIR, site: str | None = None,
             lease_name: str | None = None, server_name: str | None = None,
             project: str | None = None) -> dict[str, Any] | None:
     """Delete the server, floating IP and lease recorded in `state_dir` (or named), and check none is left."""
     if not _on_chameleon(target, "nothing was reserved, nothing to release"):
         return None
-    state_dir = Path(state_dir)
+    state_dir = _state_dir(state_dir)
     record = read_node_record(state_dir)
     if record.get("status") == "released" and not lease_name:
         print(f"the node recorded in {state_dir} was already released ({record.get('updated')}); nothing to do")
@@ -750,13 +758,13 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
     return left
 
 
-def setup_node(target: str = "chameleon", state_dir: str | Path = STATE_DIR) -> Path | None:
+def setup_node(target: str = "chameleon", state_dir: str | Path | None = STATE_DIR) -> Path | None:
     """Install nanorepro on the reserved node (nodeinstall: a Python pyproject accepts, compiler and headers,
     torch built for the driver's CUDA and checked on every GPU) and record its GPUs and software into
     `<state_dir>/node/`. A failure says that the lease still runs, until when, and how to release it."""
     if not _on_chameleon(target, "nothing to install, stages use this environment"):
         return None
-    state_dir = Path(state_dir)
+    state_dir = _state_dir(state_dir)
     record = read_node_record(state_dir)
     runner = SSHRunner.from_state(state_dir, workdir=state_dir)
     try:

@@ -17,9 +17,12 @@ from typing import Any, Callable
 
 from . import config, metrics, report
 from .errors import ModelUnavailable, UserError, WontFit
-from .files import project_root
 from .fmt import markdown_table
-from .runner import get_runner
+from .runner import get_runner, resolve_target, results_path
+
+# preset "auto": the A100 recipe on a Chameleon node, the laptop one here
+AUTO_PRESETS = {"char": {"chameleon": "shakespeare-char", "local": "shakespeare-char-cpu"},
+                "finetune": {"chameleon": "finetune-shakespeare", "local": "finetune-shakespeare-cpu"}}
 
 
 class Table:
@@ -55,11 +58,15 @@ def _names_the_lease(stage: Callable) -> Callable:
 class Pipeline:
     """One reproduction, all its files under `results_dir`, its stages run on `target`."""
 
-    def __init__(self, results_dir: str | Path = "results/local", target: str = "local"):
-        self.results = project_root() / results_dir  # an absolute path stays itself
+    def __init__(self, results_dir: str | Path | None = None, target: str = "auto"):
+        self.target = resolve_target(target)  # auto: chameleon on Chameleon's JupyterHub, local elsewhere
+        self.results = results_path(results_dir, self.target)  # None: results/<target>; an absolute path stays
         self.results.mkdir(parents=True, exist_ok=True)
-        self.target = target
-        self.runner = get_runner(target, self.results)
+        self.runner = get_runner(self.target, self.results)
+
+    def preset(self, kind: str, preset: str) -> str:
+        """`preset`, or for "auto" the recipe for this target (AUTO_PRESETS)."""
+        return AUTO_PRESETS[kind][self.target] if preset == "auto" else preset
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _record(self, name: str, status: str, started: float, **values: Any) -> None:
@@ -101,6 +108,7 @@ class Pipeline:
         the run's summary. The config is checked here, so a bad value fails in the notebook before any
         job starts; the job reads it from the run's config.json."""
         started = time.time()
+        preset = self.preset("finetune" if dataset == "shakespeare_gpt2" else "char", preset)
         values = {"out_dir": f"runs/{run}", "data_root": "data", "dataset": dataset, "seed": seed,
                   "max_iters": max_iters, **(overrides or {})}
         cfg = config.resolve(preset, {k: v for k, v in values.items() if v is not None})
@@ -176,6 +184,7 @@ class Pipeline:
                  run: str = "finetune", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """Fine-tune a pretrained GPT-2 (`model`, default the preset's) and sample before and after."""
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        preset = self.preset("finetune", preset)
         device = config.resolve(preset, overrides).device  # a bad preset or override fails here, before anything runs
         init = model or config.PRESETS[preset].get("init_from", "gpt2")
         if not (self.results / "data" / "shakespeare_gpt2" / "meta.json").exists():  # fetched back by prepare_data
