@@ -426,7 +426,9 @@ def test_whole_sequence_on_the_chameleon_target_gives_the_local_results(chi_env,
            "NANOREPRO_REMOTE_ENV": f"TIKTOKEN_CACHE_DIR={os.environ['TIKTOKEN_CACHE_DIR']} HF_HUB_OFFLINE=1"}
     params = ["-p", "target", "chameleon", "-p", "results_dir", str(results), "-p", "char_preset", "tiny",
               "-p", "input_path", str(shakespeare_path), "-p", "model", str(tiny_gpt2),
-              "-p", "finetune_max_iters", "2", "-p", "lease_hours", "1"]
+              "-p", "finetune_max_iters", "2", "-p", "lease_hours", "1",
+              # the CPU recipe on purpose: the default on a node is the A100 one (gpt2-xl), which this CPU "node" refuses
+              "-p", "finetune_preset", "finetune-shakespeare-cpu"]
     r = subprocess.run([sys.executable, "-m", "nanorepro", "run-notebooks", *params], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
