@@ -291,7 +291,7 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
     cfg = config_mod.resolve(preset, {**overrides, **runs_cfg})
     if cfg.eval_interval <= warmup and target_loss is None:
         raise UserError("eval_interval must exceed warmup", "leave eval_interval unset for throughput runs")
-    device, dtype = hardware.pick_device(cfg.device, cfg.dtype)
+    device, dtype = hardware.pick_device(cfg.device, cfg.dtype, hardware.gpu_required_by(preset))
     data_dir = Path(cfg.data_root) / cfg.dataset
     meta = data.load_meta(data_dir)
     n_params, flops = flops_per_iter(cfg, meta["vocab_size"])

@@ -31,18 +31,21 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
+from . import nodeinstall
 from .errors import UserError
 from .files import write_text_atomic
 from .fmt import duration
 from .remote import KNOWN_HOSTS, NODE_FILE, SSHRunner, check_key_file, read_node_record
+from .runner import TARGETS, resolve_target, results_path
 
-# The A100 node types on Chameleon's bare-metal sites, in the order "auto" tries them.
-A100_NODE_TYPES: dict[str, tuple[str, str]] = {
-    "compute_gigaio": ("CHI@UC", "1x A100 80 GB"),
-    "gpu_a100_pcie": ("CHI@UC", "4x A100 PCIe"),
-    "compute_liqid": ("CHI@TACC", "1-2x A100 40 GB"),
+# The A100 node types on Chameleon's bare-metal sites (the sites that have them), in the order "auto" tries them.
+A100_NODE_TYPES: dict[str, tuple[tuple[str, ...], str]] = {
+    "compute_gigaio": (("CHI@UC", "CHI@TACC"), "1x A100 80 GB"),
+    "gpu_a100_pcie": (("CHI@UC",), "4x A100 PCIe"),
+    "gpu_a100_nvlink": (("CHI@UC",), "4x A100 NVLink"),
+    "compute_liqid": (("CHI@TACC",), "1-2x A100 40 GB"),
 }
-DEFAULT_IMAGE = "CC-Ubuntu22.04-CUDA"
+DEFAULT_IMAGE = nodeinstall.CUDA_IMAGE  # Python 3.12; 22.04 has 3.10, below requires-python
 NETWORK = "sharednet1"
 MAX_LEASE_HOURS = 7 * 24  # Chameleon caps leases at 7 days
 DEFAULT_LEASE_HOURS = 4  # the reproduction on an A100, boot and install included, with time to spare
@@ -53,7 +56,10 @@ SU_PER_NODE_HOUR = 1.0
 SU_RATE_SOURCE = ("assumed: 1 SU = one bare-metal node for one hour, Chameleon's definition of an SU "
                   "(chameleoncloud.org FAQ / allocations docs); check your project's allocation page, "
                   "GPU nodes may be charged more")
-LIVE = ("PENDING", "STARTING", "ACTIVE", "UPDATING", "ERROR")  # lease states that hold (or may hold) a node
+# Blazar's lease states: a lease in one of REUSABLE is reused by name; LIVE ones hold (or may hold) a node or
+# are on their way out (TERMINATING, DELETING): "nothing left" means none of these.
+REUSABLE = ("CREATING", "PENDING", "STARTING", "ACTIVE", "UPDATING", "ERROR")
+LIVE = (*REUSABLE, "TERMINATING", "DELETING")
 
 
 # -- small helpers ----------------------------------------------------------------------------
@@ -71,13 +77,20 @@ def _step(title: str) -> Iterator[None]:
 
 
 def _on_chameleon(target: str, local_note: str) -> bool:
-    """True for target 'chameleon'; False, after saying why nothing is done, for 'local'."""
-    if target == "local":
-        print(f"target is 'local': {local_note}")
+    """True for target 'chameleon' ('auto' on Chameleon's JupyterHub); False, after saying why nothing is
+    done, for 'local' ('auto' elsewhere)."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}", "use target='auto', 'local' or 'chameleon'")
+    if resolve_target(target) == "local":
+        why = "target is 'local'" if target == "local" else "target is 'auto' and this is not Chameleon's JupyterHub"
+        print(f"{why}: {local_note}")
         return False
-    if target != "chameleon":
-        raise UserError(f"unknown target {target!r}", "use target='local' or target='chameleon'")
     return True
+
+
+def _state_dir(state_dir: str | Path | None) -> Path:
+    """The folder of the node record: as given, or results/chameleon in the checkout (the notebooks' default)."""
+    return Path(state_dir) if state_dir else results_path(None, "chameleon")
 
 
 def _utcnow() -> dt.datetime:
@@ -153,7 +166,12 @@ def connect(site: str | None, project: str | None = None) -> tuple[Any, str]:
                         "run on the Chameleon JupyterHub, or `source` an application-credential openrc "
                         "(created 'unrestricted', or Blazar refuses leases) before starting Jupyter")
     app_cred = env.get("OS_AUTH_TYPE", "").startswith("v3applicationcredential")
-    project = project or env.get("OS_PROJECT_NAME") or env.get("OS_PROJECT_ID")
+    env_id = env.get("OS_PROJECT_ID")
+    if project and env_id and project != env_id:  # keystone scopes by id before name
+        print(f"   warning: OS_PROJECT_ID={env_id} is set in this environment and decides the project charged, not "
+              f"project={project!r}; to charge {project}, unset it (in the notebook: "
+              "`import os; os.environ.pop('OS_PROJECT_ID')`) and run this again", flush=True)
+    project = project or env.get("OS_PROJECT_NAME") or env_id
     if not project and not app_cred:
         raise UserError("no Chameleon project chosen",
                         "set project='CHI-XXXXXX' in the parameters cell, or export OS_PROJECT_NAME")
@@ -205,32 +223,33 @@ def availability(chi: Any, node_type: str, hours: float) -> dict[str, Any]:
 def _other_sites(chi: Any, site: str, hours: float) -> list[str]:
     """'site=..., node_type=... (N free now)' for A100 types at other sites (best effort; the site is restored)."""
     found = []
-    for node_type, (other, _) in A100_NODE_TYPES.items():
-        if other == site:
-            continue
-        hint = f"site='{other}', node_type='{node_type}'"
-        try:
-            _use_site(chi, other)
-            hint += f" ({availability(chi, node_type, hours)['free_now']} free now)"
-        except Exception:
-            pass  # the hint without the count
-        finally:
-            _use_site(chi, site)
-        found.append(hint)
+    for node_type, (sites, _) in A100_NODE_TYPES.items():
+        for other in sites:
+            if other == site:
+                continue
+            hint = f"site='{other}', node_type='{node_type}'"
+            try:
+                _use_site(chi, other)
+                hint += f" ({availability(chi, node_type, hours)['free_now']} free now)"
+            except Exception:
+                pass  # the hint without the count
+            finally:
+                _use_site(chi, site)
+            found.append(hint)
     return found
 
 
 def choose_node_type(chi: Any, site: str, node_type: str, hours: float) -> str:
     """The A100 node type to lease: `node_type`, or the first free one at `site` for "auto"."""
-    here = [t for t, (s, _) in A100_NODE_TYPES.items() if s == site]
+    here = [t for t, (sites, _) in A100_NODE_TYPES.items() if site in sites]
     if node_type not in ("auto", *A100_NODE_TYPES):
         raise UserError(f"{node_type!r} is not an A100 node type",
                         "use node_type='auto' or one of: " + ", ".join(
-                            f"{t} ({s}, {g})" for t, (s, g) in A100_NODE_TYPES.items()))
-    home = A100_NODE_TYPES.get(node_type, (site,))[0]
-    if home != site:
-        raise UserError(f"{node_type} nodes are at {home}, not {site}",
-                        f"set site='{home}'" + (f" or node_type to one of {', '.join(here)}" if here else ""))
+                            f"{t} ({' or '.join(s)}, {g})" for t, (s, g) in A100_NODE_TYPES.items()))
+    homes = A100_NODE_TYPES.get(node_type, ((site,), ""))[0]
+    if site not in homes:
+        raise UserError(f"{node_type} nodes are at {' and '.join(homes)}, not {site}",
+                        f"set site='{homes[0]}'" + (f" or node_type to one of {', '.join(here)}" if here else ""))
     if not here:
         raise UserError(f"{site} has no A100 node types", "use site='CHI@UC' or site='CHI@TACC'")
     candidates = here if node_type == "auto" else [node_type]
@@ -256,7 +275,7 @@ def choose_node_type(chi: Any, site: str, node_type: str, hours: float) -> str:
 # -- reserve ------------------------------------------------------------------------------------
 def reserve(target: str = "chameleon", *, site: str | None = None, node_type: str = "auto",
             lease_hours: float = DEFAULT_LEASE_HOURS, image: str = DEFAULT_IMAGE, lease_name: str | None = None,
-            server_name: str | None = None, state_dir: str | Path = STATE_DIR, project: str | None = None,
+            server_name: str | None = None, state_dir: str | Path | None = STATE_DIR, project: str | None = None,
             key_name: str | None = None, private_key: str | None = None, public_key: str | None = None,
             keep_on_failure: bool = False, ssh_timeout_s: float = 20 * 60) -> dict[str, Any] | None:
     """Lease an A100 node, boot `image` on it, give it a floating IP and wait for SSH; the node record.
@@ -269,7 +288,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
     if not 0 < lease_hours <= MAX_LEASE_HOURS:
         raise UserError(f"lease_hours={lease_hours} is outside (0, {MAX_LEASE_HOURS}]",
                         "Chameleon caps leases at 7 days; the reproduction needs a few hours, boot included")
-    state_dir = Path(state_dir)
+    state_dir = _state_dir(state_dir)
     user = os.environ.get("OS_USERNAME") or os.environ.get("USER") or "user"
     lease_name = lease_name or f"nanorepro-{user}"
     old = read_node_record(state_dir)
@@ -332,9 +351,11 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
 def _note_lease(record: dict[str, Any], lease: dict[str, Any]) -> None:
     """The lease's id, dates, node type and GPUs, into the node record."""
     node_type = _lease_node_type(lease)
+    fips = [r["id"] for r in _reservations(lease) if r.get("resource_type") == "virtual:floatingip"]
+    record.update(fip_reservation_id=fips[0] if fips else None)
     record.update(lease_id=lease["id"], lease_start=_parse_blazar(lease["start_date"]).isoformat(),
                   lease_end=_parse_blazar(lease["end_date"]).isoformat(), node_type=node_type,
-                  gpus=A100_NODE_TYPES.get(node_type, ("", None))[1])
+                  gpus=A100_NODE_TYPES.get(node_type, ((), None))[1])
 
 
 def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str, hours: float,
@@ -350,7 +371,7 @@ def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str
     save_record(state_dir, record)  # the name is on record before Blazar hears it: release() finds it
     with _step(f"creating lease {name} for one {node_type} node, {hours:g} h"):
         try:
-            return create_lease(chi, name, node_type, hours)
+            return create_lease(chi, name, node_type, hours, fip=site_reserves_fips(chi))
         except Exception as e:  # the reply may be lost after Blazar made it
             made, error = _lease_made_anyway(chi, name, e, state_dir), e
         except KeyboardInterrupt:
@@ -431,7 +452,7 @@ def _check_image_and_key(chi: Any, image: str, key_name: str | None, private_key
     try:
         chi.image.get_image(image)
     except (CHIValueError, ResourceError) as e:
-        raise UserError(f"image {image!r}: {e}", f"use {DEFAULT_IMAGE} or CC-Ubuntu24.04-CUDA") from e
+        raise UserError(f"image {image!r}: {e}", f"use image={DEFAULT_IMAGE!r}") from e
     key_name = key_name or os.environ.get("OS_KEYPAIR_NAME") or chi.context.get("keypair_name")
     private_key = private_key or os.environ.get("OS_KEYPAIR_PRIVATE_KEY")
     public_key = public_key or os.environ.get("OS_KEYPAIR_PUBLIC_KEY")
@@ -452,27 +473,35 @@ def _check_image_and_key(chi: Any, image: str, key_name: str | None, private_key
 
 
 def find_lease(chi: Any, name: str) -> dict[str, Any] | None:
-    """The live lease called `name` in this project, if any (older TERMINATED ones are ignored: they
-    make python-chi's idempotent lookup fail)."""
-    live = [lease for lease in chi.blazar().lease.list() if lease["name"] == name and lease["status"] in LIVE]
+    """The live lease called `name` in this project, if any (TERMINATED, TERMINATING and DELETING ones are
+    ignored: they make python-chi's idempotent lookup fail, and cannot be used again)."""
+    live = [lease for lease in chi.blazar().lease.list() if lease["name"] == name and lease["status"] in REUSABLE]
     if len(live) > 1:
         raise UserError(f"{len(live)} live leases are named {name}",
                         "release the extra ones in the Chameleon GUI (Reservations > Leases), or pick another name")
     return live[0] if live else None
 
 
-def create_lease(chi: Any, name: str, node_type: str, hours: float) -> dict[str, Any]:
-    """Ask Blazar for one `node_type` node from now for `hours`; Blazar's refusal becomes a UserError
-    (`Lease.submit()` would reduce it to "Unable to make lease")."""
+def create_lease(chi: Any, name: str, node_type: str, hours: float, fip: bool = False) -> dict[str, Any]:
+    """Ask Blazar for one `node_type` node from now for `hours` (with `fip`, and a floating IP reserved with it,
+    so that it cannot run out after the boot; a site that refuses that gets the lease without one). Blazar's
+    refusal becomes a UserError (`Lease.submit()` would reduce it to "Unable to make lease")."""
     from blazarclient.exception import BlazarClientException
 
     lease = chi.lease.Lease(name, duration=dt.timedelta(hours=hours))  # counts from now, whatever start_date says
     lease.add_node_reservation(amount=1, node_type=node_type)
+    if fip:
+        lease.add_fip_reservation(1)
     try:
         return chi.blazar().lease.create(name=name, start=lease.start_date, end=lease.end_date,
-                                         reservations=lease.node_reservations, events=[])
+                                         reservations=lease.node_reservations + (lease.fip_reservations if fip else []),
+                                         events=[])
     except BlazarClientException as e:
         low = str(e).lower()
+        if fip and ("floatingip" in low or "floating ip" in low):
+            print(f"   the site cannot reserve a floating IP in the lease ({e}); asking without one: the node will "
+                  "get one from the on-demand pool", flush=True)
+            return create_lease(chi, name, node_type, hours)
         if "not enough" in low:
             fix = "no node is free for the whole lease: ask for fewer lease_hours, another node_type or site, or later"
         elif any(word in low for word in ("allocation", " su", "balance", "charge")):
@@ -481,6 +510,14 @@ def create_lease(chi: Any, name: str, node_type: str, hours: float) -> dict[str,
             fix = "check the project's allocation is active and, outside the hub, that the application credential " \
                   "was created 'unrestricted'"
         raise UserError(f"Chameleon refused the lease: {e}", fix) from e
+
+
+def site_reserves_fips(chi: Any) -> bool:
+    """Whether this site's Blazar has floating IPs to reserve in a lease (its `floatingips` list)."""
+    try:
+        return bool(chi.blazar().floatingip.list())
+    except Exception:  # no such API here, or not answering: the on-demand pool it is
+        return False
 
 
 def _reservations(lease: dict[str, Any]) -> list[dict[str, Any]]:
@@ -579,13 +616,24 @@ def attach_floating_ip(chi: Any, record: dict[str, Any], state_dir: Path) -> Non
         record.update(floating_ip=attached[0], floating_ip_id=fip.get("id", record.get("floating_ip_id")))
         print(f"   already has {attached[0]}")
     else:
-        fip = next((f for f in chi.network.list_floating_ips()
-                    if f["id"] == record.get("floating_ip_id") and not f.get("port_id")), None)
+        fips = chi.network.list_floating_ips()
+        fip = next((f for f in fips if f["id"] == record.get("floating_ip_id") and not f.get("port_id")), None)
+        tag = f"reservation:{record.get('fip_reservation_id')}"
+        if fip is None and record.get("fip_reservation_id"):  # the one reserved in the lease
+            fip = next((f for f in fips if tag in (f.get("tags") or []) and not f.get("port_id")), None)
+            if fip is None:
+                print("   the lease's reserved floating IP is not there: taking one from the on-demand pool")
         if fip is None:
             public = chi.network.get_network_id(chi.network.PUBLIC_NETWORK)
-            fip = chi.neutron().create_floatingip(
-                {"floatingip": {"floating_network_id": public,
-                                "description": f"nanorepro {record['server_name']}"}})["floatingip"]
+            try:
+                fip = chi.neutron().create_floatingip(
+                    {"floatingip": {"floating_network_id": public,
+                                    "description": f"nanorepro {record['server_name']}"}})["floatingip"]
+            except Exception as e:  # neutronclient's 409 "No more IP addresses available"
+                raise UserError(f"no floating IP could be had from {record['site']}'s public pool "
+                                f"({type(e).__name__}: {e})",
+                                "the pool runs dry at busy times: reserve again later (a new lease reserves its "
+                                "address where the site supports it)") from e
         record.update(floating_ip=fip["floating_ip_address"], floating_ip_id=fip["id"])
         save_record(state_dir, record)  # recorded before it is bound, so a crash cannot leak it
         chi.server.associate_floating_ip(record["server_id"], fip["floating_ip_address"])
@@ -612,7 +660,8 @@ def wait_for_ssh(host: str, port: int, timeout_s: float, poll: float) -> None:
         if time.monotonic() > deadline:
             raise UserError(f"the node at {host} does not answer SSH on port {port} after {duration(timeout_s)} "
                             f"({last})", "it may still be booting: run this notebook again to keep waiting "
-                            "(it reuses the lease and server); check sharednet1's security group allows SSH")
+                            "(it reuses the lease and server). On bare metal the image's own firewall decides, not security groups: "
+                            "Chameleon's CC images let SSH in, a custom image must too")
         time.sleep(poll)
 
 
@@ -623,13 +672,13 @@ def _wait_gone(exists: Callable[[], bool], timeout_s: float, poll: float) -> Non
         time.sleep(poll)
 
 # -- release ------------------------------------------------------------------------------------
-def release(target: str = "chameleon", *, state_dir: str | Path = STATE_DIR, site: str | None = None,
+def release(target: str = "chameleon", *, state_dir: str | Path | None = STATE_DIR, site: str | None = None,
             lease_name: str | None = None, server_name: str | None = None,
             project: str | None = None) -> dict[str, Any] | None:
     """Delete the server, floating IP and lease recorded in `state_dir` (or named), and check none is left."""
     if not _on_chameleon(target, "nothing was reserved, nothing to release"):
         return None
-    state_dir = Path(state_dir)
+    state_dir = _state_dir(state_dir)
     record = read_node_record(state_dir)
     if record.get("status") == "released" and not lease_name:
         print(f"the node recorded in {state_dir} was already released ({record.get('updated')}); nothing to do")
@@ -671,7 +720,9 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
                  if a.get("OS-EXT-IPS:type") == "floating"}
     if record.get("floating_ip"):
         addresses.add(record["floating_ip"])
-    leases = {lease["id"] for lease in chi.blazar().lease.list()
+    # an address reserved in the lease goes back with the lease: not deallocated here
+    addresses -= {f["floating_ip_address"] for f in chi.network.list_floating_ips() if "blazar" in (f.get("tags") or [])}
+    leases = {lease["id"]: lease["status"] for lease in chi.blazar().lease.list()
               if (lease["name"] == lease_name and lease["status"] in LIVE) or lease["id"] == record.get("lease_id")}
 
     with _step(f"deleting server {server_name}" if servers else "no server to delete"):
@@ -684,7 +735,9 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
             with contextlib.suppress(CHIValueError):  # already gone
                 chi.network.deallocate_floating_ip(address)  # not Server.delete(delete_ips=True): wrong path
     with _step(f"deleting lease {lease_name}" if leases else "no lease to delete"):
-        for lease_id in leases:
+        for lease_id, status in leases.items():
+            if status in ("TERMINATING", "DELETING", "TERMINATED", "DELETED"):
+                continue  # already on its way out: waited for below
             try:
                 chi.blazar().lease.delete(lease_id)
             except BlazarClientException as e:
@@ -696,24 +749,31 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
     with _step("checking nothing is left"):
         left = [f"server {s.name} ({s.id})" for s in chi.nova().servers.list()
                 if (s.id in servers or s.name == server_name) and s.status != "DELETED"]
+        reserved = f"reservation:{record.get('fip_reservation_id')}"
         left += [f"floating IP {f['floating_ip_address']}" for f in chi.network.list_floating_ips()
-                 if f["floating_ip_address"] in addresses]
+                 if f["floating_ip_address"] in addresses or reserved in (f.get("tags") or [])]
         left += [f"lease {lease['name']} ({lease['id']}, {lease['status']})" for lease in chi.blazar().lease.list()
                  if (lease["id"] in leases or lease["name"] == lease_name) and lease["status"] in LIVE]
         print("   nothing left" if not left else f"   left: {', '.join(left)}")
     return left
 
 
-def setup_node(target: str = "chameleon", state_dir: str | Path = STATE_DIR) -> Path | None:
-    """Install nanorepro on the reserved node and record its GPUs and software into `<state_dir>/node/`."""
+def setup_node(target: str = "chameleon", state_dir: str | Path | None = STATE_DIR) -> Path | None:
+    """Install nanorepro on the reserved node (nodeinstall: a Python pyproject accepts, compiler and headers,
+    torch built for the driver's CUDA and checked on every GPU) and record its GPUs and software into
+    `<state_dir>/node/`. A failure says that the lease still runs, until when, and how to release it."""
     if not _on_chameleon(target, "nothing to install, stages use this environment"):
         return None
-    runner = SSHRunner.from_state(Path(state_dir), workdir=Path(state_dir))
+    state_dir = _state_dir(state_dir)
+    record = read_node_record(state_dir)
+    runner = SSHRunner.from_state(state_dir, workdir=state_dir)
     try:
-        with _step(f"installing nanorepro on {runner.host} (a venv with the CUDA build of torch: about 5 min)"):
-            runner.setup()
+        with _step(f"installing nanorepro on {runner.host} (a venv with torch for the node's CUDA driver: about 5 min)"):
+            runner.setup(image=record.get("image"))
         with _step("recording the node's nvidia-smi report and environment"):
             runner.record_node("node")
-            return runner.fetch("node", Path(state_dir))
+            return runner.fetch("node", state_dir)
+    except UserError as e:
+        raise UserError(f"{e.problem}. The {still_running(record, state_dir)}", e.fix) from e
     finally:
         runner.close()

@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
     s.add_argument("--hours", type=float, default=chameleon.DEFAULT_LEASE_HOURS,
                    help="lease length (default %(default)s); it costs SUs until released")
-    s.add_argument("--image", default="CC-Ubuntu22.04-CUDA")
+    s.add_argument("--image", default=chameleon.DEFAULT_IMAGE)
     s.add_argument("--lease-name", help="default nanorepro-<user>; a live lease of this name is reused")
     s.add_argument("--server-name", help="default <lease-name>-node")
     s.add_argument("--project", help="default $OS_PROJECT_NAME")

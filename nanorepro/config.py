@@ -287,6 +287,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Set in every stage a Chameleon node runs (remote.JOB_SCRIPT): there "auto" must find the node's GPU.
+ON_GPU_NODE = "NANOREPRO_ON_GPU_NODE"
+# Presets made for GPUs: with device=auto they refuse to start on a CPU (hardware.pick_device); an
+# explicit device=cpu still runs them there.
+GPU_PRESETS = frozenset({"shakespeare-char", "shakespeare-char-gpu-fast", "finetune-shakespeare", "train-gpt2",
+                         *(f"eval-{name}" for name in PRETRAINED)})
+
 _WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import memory
-from .config import GPTConfig
+from .config import GPU_PRESETS, ON_GPU_NODE, GPTConfig
 from .errors import UserError
 from .model import GPT
 
@@ -22,16 +22,30 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FAST_MARGIN = 1.1
 
 
-def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+def gpu_required_by(preset: str | None) -> str | None:
+    """Why this run must not fall back to a CPU (None: it may): a preset made for GPUs, or a Chameleon node."""
+    if os.environ.get(ON_GPU_NODE):
+        return "it runs on a Chameleon GPU node, where a CPU run means the driver and torch disagree"
+    if preset in GPU_PRESETS:
+        return f"preset {preset} is made for GPUs (hours to days on a CPU)"
+    return None
+
+
+def pick_device(device: str = "auto", dtype: str = "auto", gpu_required: str | None = None) -> tuple[str, str]:
     """Resolve a config's `device` and `dtype`, refusing a device that is not there."""
-    device = resolve_device(device)
+    device = resolve_device(device, gpu_required)
     return device, resolve_dtype(device, dtype)
 
 
-def resolve_device(device: str = "auto") -> str:
-    """The device a config's `device` names, refused when absent. Creates no CUDA context (only
-    counts GPUs), so a rank can still pick its own GPU (use_device) before anything touches one."""
+def resolve_device(device: str = "auto", gpu_required: str | None = None) -> str:
+    """The device a config's `device` names, refused when absent. With `gpu_required` (why, from
+    gpu_required_by) "auto" never falls back to the CPU: only an explicit device=cpu runs there. Creates
+    no CUDA context (only counts GPUs), so a rank can still pick its own GPU (use_device) first."""
     if device == "auto":
+        if not torch.cuda.is_available() and gpu_required:
+            raise UserError(f"no CUDA GPU is visible to torch {torch.__version__} (CUDA build "
+                            f"{torch.version.cuda}) and {gpu_required}",
+                            "run it where torch sees a GPU, or pass --device=cpu to run it on this CPU on purpose")
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():

@@ -20,17 +20,19 @@ from typing import Any, Callable
 from . import config
 from .errors import UserError
 from .files import project_root
-from .runner import TARGETS
+from .runner import TARGETS, results_path
 
-# Small CPU settings: the README's main job finishes on a laptop in minutes.
+# The notebooks' own defaults: target "auto" (a Chameleon node on Chameleon's JupyterHub, this machine
+# elsewhere), results/<target>, and presets for it (small CPU ones here: the README's main job finishes
+# on a laptop in minutes).
 DEFAULTS: dict[str, Any] = {
-    "target": "local",
-    "results_dir": "results/local",
+    "target": "auto",
+    "results_dir": None,
     "seed": 1337,
-    "char_preset": "shakespeare-char-cpu",
+    "char_preset": "auto",
     "char_max_iters": None,
-    "finetune_preset": "finetune-shakespeare-cpu",
-    "model": "gpt2",
+    "finetune_preset": "auto",
+    "model": None,
     "finetune_max_iters": None,
 }
 
@@ -88,12 +90,14 @@ def check_params(params: dict[str, Any], defaults: dict[str, str | None]) -> Non
     """Refuse values no notebook can use before any notebook runs (a bad value found in notebook 02
     would come after 01 prepared the data), naming the parameter and the fix. Parameters without a
     rule here must have the type of their default in the notebook (`defaults`: name -> source text)."""
-    preset = (lambda v: v in config.PRESETS, f"one of the presets {', '.join(config.PRESETS)}")
+    preset = (lambda v: v == "auto" or v in config.PRESETS, f"auto or one of the presets {', '.join(config.PRESETS)}")
     iters = (lambda v: v is None or _whole(v) and v >= 0, "None or a whole number >= 0")
     overrides = (lambda v: isinstance(v, dict), "a mapping of config fields to values")
     rules = {  # name: (accepts, what it must be)
         "target": (lambda v: v in TARGETS, f"one of {', '.join(TARGETS)}"),
-        "results_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path"),
+        "results_dir": (lambda v: v is None or isinstance(v, str) and v.strip() != "", "None or a folder path"),
+        "project": (lambda v: v is None or isinstance(v, str) and v.strip() != "", "None or a project name"),
+        "site": (lambda v: v is None or isinstance(v, str) and v.strip() != "", "None or a site name"),
         "char_preset": preset, "finetune_preset": preset, "char_max_iters": iters, "finetune_max_iters": iters,
         "char_overrides": overrides, "finetune_overrides": overrides,
         "seed": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
@@ -110,7 +114,8 @@ def check_params(params: dict[str, Any], defaults: dict[str, str | None]) -> Non
         overrides = params.get(f"{stage}_overrides")
         if overrides:
             try:
-                config.resolve(params.get(f"{stage}_preset") or DEFAULTS[f"{stage}_preset"], overrides)
+                preset = params.get(f"{stage}_preset") or DEFAULTS[f"{stage}_preset"]
+                config.resolve(None if preset == "auto" else preset, overrides)
             except UserError as e:
                 raise UserError(f"notebook parameter {stage}_overrides: {e.problem}",
                                 f"{e.fix}, e.g. -p {stage}_overrides '{{block_size: 128}}'") from e
@@ -146,7 +151,7 @@ def run_notebooks(params: dict[str, Any], only: list[str] | None = None) -> list
         raise UserError(f"unknown notebook parameter(s): {', '.join(unknown)}",
                         f"use one of: {', '.join(sorted(defaults))}")
     check_params(params, defaults)
-    results = root / params["results_dir"]  # an absolute path stays itself
+    results = results_path(params["results_dir"], params["target"])  # an absolute path stays itself
     out_dir = results / "notebooks"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -9,19 +9,23 @@ job starts; the job reads it from the run's `config.json`. No torch here: the hu
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import config, live, metrics, report
 from .errors import ModelUnavailable, UserError, WontFit
-from .files import project_root
 from .fmt import markdown_table
 from .references import load_references
-from .runner import get_runner
+from .runner import get_runner, resolve_target, results_path
+
+# preset "auto": the A100 recipe on a Chameleon node, the laptop one here
+AUTO_PRESETS = {"char": {"chameleon": "shakespeare-char", "local": "shakespeare-char-cpu"},
+                "finetune": {"chameleon": "finetune-shakespeare", "local": "finetune-shakespeare-cpu"}}
 
 
 class Table:
@@ -85,13 +89,36 @@ def published_losses(preset: str) -> list[tuple[float, str]]:
             if c.get("metric") == "best_val_loss" and c.get("value") is not None and preset in (c.get("presets") or [])]
 
 
+def _names_the_lease(stage: Callable) -> Callable:
+    """On a Chameleon node, a stage's failure also says that the lease still runs, until when, and how to
+    release it: the node costs SUs while the user reads the error."""
+    @functools.wraps(stage)
+    def run(self: "Pipeline", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return stage(self, *args, **kwargs)
+        except UserError as e:
+            if self.target != "chameleon" or "STILL RUNNING" in e.problem:
+                raise
+            from . import chameleon
+            from .remote import read_node_record
+
+            note = chameleon.still_running(read_node_record(self.results), self.results)
+            raise UserError(f"{e.problem}. The {note}", e.fix) from e
+    return run
+
+
 class Pipeline:
     """One reproduction, all its files under `results_dir`, its stages run on `target`."""
 
-    def __init__(self, results_dir: str | Path = "results/local", target: str = "local"):
-        self.results = project_root() / results_dir  # an absolute path stays itself
+    def __init__(self, results_dir: str | Path | None = None, target: str = "auto"):
+        self.target = resolve_target(target)  # auto: chameleon on Chameleon's JupyterHub, local elsewhere
+        self.results = results_path(results_dir, self.target)  # None: results/<target>; an absolute path stays
         self.results.mkdir(parents=True, exist_ok=True)
-        self.runner = get_runner(target, self.results)
+        self.runner = get_runner(self.target, self.results)
+
+    def preset(self, kind: str, preset: str) -> str:
+        """`preset`, or for "auto" the recipe for this target (AUTO_PRESETS)."""
+        return AUTO_PRESETS[kind][self.target] if preset == "auto" else preset
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _record(self, name: str, status: str, started: float, **values: Any) -> None:
@@ -99,6 +126,7 @@ class Pipeline:
                                                             "elapsed_s": round(time.time() - started, 2), **values})
 
     # -- stages ------------------------------------------------------------------------------
+    @_names_the_lease
     def prepare_data(self, input_path: str | None = None, encodings: str = "all") -> Table:
         """Tiny Shakespeare (or `input_path`) into char and GPT-2 token files; the counts as a table.
 
@@ -125,12 +153,14 @@ class Pipeline:
             rows.append([enc, f"{meta['vocab_size']:,}", f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}"])
         return Table(["encoding", "vocab", "train tokens", "val tokens"], rows)
 
+    @_names_the_lease
     def train(self, run: str, preset: str, seed: int = 1337, max_iters: int | None = None,
               overrides: dict[str, Any] | None = None, dataset: str = "shakespeare_char") -> dict[str, Any]:
         """Train (or resume) `runs/<run>` with `preset` and `overrides` (None values leave the preset's);
         the run's summary. The config is checked here, so a bad value fails in the notebook before any
         job starts; the job reads it from the run's config.json."""
         started = time.time()
+        preset = self.preset("finetune" if dataset == "shakespeare_gpt2" else "char", preset)
         values = {"out_dir": f"runs/{run}", "data_root": "data", "dataset": dataset, "seed": seed,
                   "max_iters": max_iters, **(overrides or {})}
         cfg = config.resolve(preset, {k: v for k, v in values.items() if v is not None})
@@ -171,6 +201,7 @@ class Pipeline:
             return None
         return next((r.get("reason") for r in reversed(metrics.of_kind(records, "stage"))), None)
 
+    @_names_the_lease
     def summary(self, run: str) -> dict[str, Any]:
         """Best and final losses, iterations and wall time of `runs/<run>`, from its metrics file."""
         for name in (metrics.METRICS_FILE, "config.json", "env.json"):
@@ -185,10 +216,16 @@ class Pipeline:
                        iters=evals[-1]["iter"] if evals else 0,
                        elapsed_s=ends[-1]["elapsed_s"] if ends else None)
 
+    @_names_the_lease
     def sample(self, run: str | None = None, model: str | None = None, out: str | None = None,
-               max_new_tokens: int = 300, seed: int = 1337) -> str:
-        """Generated text from `runs/<run>` or a pretrained `model`, saved to `out` (relative to results)."""
+               max_new_tokens: int = 300, seed: int = 1337, device: str | None = None) -> str:
+        """Generated text from `runs/<run>` or a pretrained `model`, saved to `out` (relative to results);
+        on `device`, by default the device the run's config names (a run trained on the CPU on purpose
+        samples there too)."""
         args = ["sample", "--max-new-tokens", str(max_new_tokens), "--seed", str(seed)]
+        cfg_path = self.results / "runs" / str(run) / "config.json"
+        device = device or (json.loads(cfg_path.read_text()).get("device") if run and cfg_path.is_file() else None)
+        args += ["--device", device] if device else []
         args += ["--run", f"runs/{run}"] if run else ["--model", str(model)]
         out = out or (f"runs/{run}/samples.txt" if run else f"samples-{Path(str(model)).name}.txt")
         args += ["--out", out]
@@ -199,11 +236,13 @@ class Pipeline:
             raise UserError(f"sampling from {run or model} failed (exit {code})", "read the output above")
         return self.runner.fetch(out, self.results).read_text(encoding="utf-8")
 
+    @_names_the_lease
     def finetune(self, preset: str, model: str | None = None, max_iters: int | None = None, seed: int = 1337,
                  run: str = "finetune", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """Fine-tune a pretrained GPT-2 (`model`, default the preset's) and sample before and after."""
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-        config.resolve(preset, overrides)  # a bad preset or override fails here, before anything runs
+        preset = self.preset("finetune", preset)
+        device = config.resolve(preset, overrides).device  # a bad preset or override fails here, before anything runs
         init = model or config.PRESETS[preset].get("init_from", "gpt2")
         if not (self.results / "data" / "shakespeare_gpt2" / "meta.json").exists():  # fetched back by prepare_data
             return Summary(self._not_run(run, preset, time.time(), "no GPT-2-encoded data (01_prepare_data could not "
@@ -216,7 +255,7 @@ class Pipeline:
         if summary["status"] != "finished":
             return summary
         summary["sample_before"] = self.sample(model=init, out=f"runs/{run}/samples_before.txt", seed=seed,
-                                               max_new_tokens=200)
+                                               max_new_tokens=200, device=device)
         summary["sample_after"] = self.sample(run=run, seed=seed, max_new_tokens=200)
         return summary
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable
 
+from .config import ON_GPU_NODE
 from .errors import UserError
 from .files import project_root
 from .fmt import duration
@@ -39,8 +40,6 @@ if TYPE_CHECKING:
 
 NODE_FILE = "chameleon_node.json"  # the node record 00_reserve_node writes into the state folder
 KNOWN_HOSTS = ".chameleon_known_hosts"  # the node's host key, pinned on first use
-DEFAULT_INSTALL = ("python3 -m venv .venv && .venv/bin/python -m pip install -q --upgrade pip && "
-                   ".venv/bin/python -m pip install -e '.[train]'")
 JOBS = ".jobs"
 TAIL_LINES = 20
 RECONNECT_TIMEOUT_S = 600.0  # how long a dropped connection is retried before giving up
@@ -90,7 +89,7 @@ rm -rf -- {job}; mkdir -p -- {job}
 cat > {job}/run.sh <<'{end}'
 cat {boot_id} > {boot} 2>/dev/null
 echo $$ > {pid}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 {on_gpu_node}=1
 {cmd}
 echo $? > {rc}.tmp && mv {rc}.tmp {rc}
 {end}
@@ -327,11 +326,26 @@ class SSHRunner:
         self.ssh.close()
 
     # -- setup -------------------------------------------------------------------------------
-    def setup(self, install_cmd: str | None = None) -> None:
-        """Copy this checkout to the node, create its venv and install nanorepro with the training extras
-        (`install_cmd`, run in remote_dir: on a CUDA node the default brings the CUDA build of torch)."""
-        install_cmd = install_cmd or os.environ.get("NANOREPRO_INSTALL_CMD") or DEFAULT_INSTALL
+    def setup(self, install_cmd: str | None = None, image: str | None = None) -> dict[str, Any] | None:
+        """Copy this checkout to the node, create its venv and install nanorepro with the training extras.
+
+        By default (nodeinstall): the node's Python is checked against requires-python before anything is
+        copied, missing compiler/headers are installed, torch comes from PyTorch's index for the driver's
+        CUDA, and torch must then see every GPU (its report is returned). `install_cmd` (or
+        $NANOREPRO_INSTALL_CMD) replaces all of that with one command run in remote_dir (tests, odd nodes)."""
+        from . import nodeinstall
+
+        install_cmd = install_cmd or os.environ.get("NANOREPRO_INSTALL_CMD")
         started = time.time()
+        facts = build = None
+        if not install_cmd:
+            facts = nodeinstall.probe(self, image)
+            build = nodeinstall.torch_build(facts.cuda, facts.driver)
+            self._print(f"node: Python {facts.python}, NVIDIA driver {facts.driver} (CUDA "
+                        f"{facts.cuda[0]}.{facts.cuda[1]}), {facts.gpus} GPU(s): torch {nodeinstall.TORCH_VERSION} "
+                        f"{build}")
+            facts = nodeinstall.install_system_packages(self, facts, image)
+            install_cmd = nodeinstall.install_command(build)
         data, digest = source_tar(self.local_root)
         marker = f"{digest} {install_cmd}"
         here = _q(self.remote_dir)
@@ -348,8 +362,14 @@ class SSHRunner:
             self._print(f"installing on the node: {install_cmd}")
             self.run_command(["sh", "-c", install_cmd], stage="setup", cwd=self.remote_dir)
             self.ssh.check(f"printf '%s\\n' {_q(marker)} > {here}/.nanorepro-installed", "marking the install")
+        report = None
+        if facts is not None:
+            report = nodeinstall.check_gpus(self, facts, build)
+            self._print(f"torch {report['torch']} sees {len(report['devices'])} GPU(s) and runs bf16 on each: "
+                        + ", ".join(d["name"] for d in report["devices"]))
         self.ssh.check(f"mkdir -p -- {_q(self.stage_dir)}", "creating the work folder")
         self._print(f"node ready in {duration(time.time() - started)}")
+        return report
 
     def record_node(self, rel_dir: str = "node") -> None:
         """Write the node's `nvidia-smi` report and environment record into `<workdir>/<rel_dir>/` on the node."""
@@ -394,7 +414,7 @@ class SSHRunner:
         """Start the job unless the same one still runs ("running"); safe to repeat after a dropped connection."""
         end = "NANOREPRO_JOB_" + hashlib.sha1(cmd.encode()).hexdigest()[:12]  # never a line of the quoted cmd
         script = JOB_SCRIPT.format(cwd=_q(cwd), job=_q(job), pid=_q(job / "pid"), rc=_q(job / "rc"),
-                                   boot=_q(job / "boot"), log=_q(job / "log"), boot_id=BOOT_ID, cmd=cmd, end=end,
+                                   boot=_q(job / "boot"), log=_q(job / "log"), boot_id=BOOT_ID, cmd=cmd, end=end, on_gpu_node=ON_GPU_NODE,
                                    same_boot=_same_boot(_q(job / "boot")))
         return self.ssh.check(script, "starting the job").strip()
 

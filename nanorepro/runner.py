@@ -14,9 +14,30 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .files import project_root
 from .remote import SSHRunner
 
-TARGETS = ("local", "chameleon")
+TARGETS = ("auto", "local", "chameleon")
+# Set by Chameleon's JupyterHub in every user server: any JupyterHub, OpenStack credentials, and the
+# keypair the hub made for the user (its spawner sets OS_KEYPAIR_PRIVATE_KEY).
+HUB_VARIABLES = ("JUPYTERHUB_API_URL", "OS_AUTH_URL", "OS_KEYPAIR_PRIVATE_KEY")
+
+
+def on_chameleon_hub() -> bool:
+    """True inside a server of Chameleon's JupyterHub (the environment it sets), False elsewhere."""
+    return all(os.environ.get(v) for v in HUB_VARIABLES)
+
+
+def resolve_target(target: str) -> str:
+    """'auto': 'chameleon' on Chameleon's JupyterHub, 'local' elsewhere; 'local' and 'chameleon' as given."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}", f"use one of: {', '.join(TARGETS)}")
+    return ("chameleon" if on_chameleon_hub() else "local") if target == "auto" else target
+
+
+def results_path(results_dir: str | Path | None, target: str) -> Path:
+    """The results folder: `results_dir` (relative to the checkout), or results/<target> when None."""
+    return project_root() / (results_dir if results_dir else f"results/{resolve_target(target)}")
 
 
 class LocalRunner:
@@ -67,8 +88,6 @@ class LocalRunner:
 
 def get_runner(target: str, workdir: Path) -> LocalRunner | SSHRunner:
     """The runner for `target`; for 'chameleon', `workdir` holds the node record that `00_reserve_node` wrote."""
-    if target == "local":
+    if resolve_target(target) == "local":
         return LocalRunner(workdir)
-    if target == "chameleon":
-        return SSHRunner.from_state(Path(workdir), workdir=workdir)
-    raise UserError(f"unknown target {target!r}", f"use one of: {', '.join(TARGETS)}")
+    return SSHRunner.from_state(Path(workdir), workdir=workdir)

@@ -24,7 +24,7 @@ def sample(run_dir: str | Path | None = None, model: str | None = None, prompt: 
         top_k = None
     if dtype != "auto" and dtype not in hardware.DTYPES:
         raise UserError(f"unknown dtype={dtype!r} for sampling", f"use auto, {', '.join(hardware.DTYPES)}")
-    dev = hardware.resolve_device(device)
+    dev = hardware.resolve_device(device, hardware.gpu_required_by(None))
     hardware.use_device(dev)
     autocast = hardware.StepContext(torch.device(dev).type, hardware.resolve_dtype(dev, dtype))  # float32: none
     if run_dir is not None:

@@ -46,7 +46,8 @@ def train(cfg: Config, preset: str | None = None) -> dict[str, Any]:
     """Train (or resume, or skip when already finished) the run in `cfg.out_dir`; return its summary.
     Under torchrun every process calls this, and leaves the process group cleanly on every path."""
     cfg = validate(cfg)
-    world = distributed.start(cfg, lambda: hardware.resolve_device(cfg.device))  # touches no GPU yet
+    need = hardware.gpu_required_by(cfg.preset)
+    world = distributed.start(cfg, lambda: hardware.resolve_device(cfg.device, need))  # touches no GPU yet
     try:
         result = _train(cfg, preset, world)
     except BaseException as e:
@@ -100,7 +101,7 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
 def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
     """Device, data, checkpoint, network, memory check, model, optimizer, records: in this order, so
     that every refusal comes before anything large is loaded."""
-    device = world.device(hardware.resolve_device(cfg.device))
+    device = world.device(hardware.resolve_device(cfg.device, hardware.gpu_required_by(cfg.preset)))
     hardware.use_device(device)  # cuda:N current before anything touches CUDA; its peak count reset (--seeds)
     dtype = hardware.resolve_dtype(device, cfg.dtype)
     device_type = torch.device(device).type

@@ -5,8 +5,14 @@ flavors, Glance images, Neutron networks/floating IPs/ports, and the resource AP
 Two sites, CHI@UC and CHI@TACC, share one server under path prefixes. python-chi builds a site's
 Keystone URL as `<web>:5000/v3`, so `web` is `http://127.0.0.1:PORT/uc` and Keystone answers on the
 path `/uc:5000/v3`. Knobs on `FakeCloud` make leases fail (`lease_outcome="ERROR"`), Blazar refuse
-(`refuse_lease`), builds fail (`server_outcome="ERROR"`), nodes be booked (`booked`) or any request fail
-(`faults`).
+(`refuse_lease`), builds fail (`server_outcome="ERROR"`), nodes be booked (`booked`: Blazar then refuses
+them with "Not enough hosts available", as the real one does), the site refuse floating-IP reservations
+(`fip_reservable`), the on-demand floating-IP pool hold only so many (`fip_pool`, None: no limit) or any
+request fail (`faults`).
+
+Where the real services take their time, so does the fake: a new lease is CREATING, then PENDING,
+STARTING and ACTIVE; a deleted lease is DELETING for a few polls, then gone (with the floating IPs
+reserved in it); a deleted bare-metal server stays listed for a few polls.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from keystoneauth1 import fixture
 
 SITES = {"uc": "CHI@UC", "tacc": "CHI@TACC"}
 NODES = {"uc": [("gpu_a100_pcie", 2), ("compute_gigaio", 1), ("compute_skylake", 2)], "tacc": [("compute_liqid", 2)]}
+POLLS_TO_DELETE = 2  # reads of a deleted lease or server before it is gone
 FMT = "%Y-%m-%dT%H:%M:%S.%f"
 
 
@@ -44,8 +51,9 @@ class Site:
                       for i, (t, n) in enumerate((t, n) for t, count in NODES[uid] for n in range(count))]
         self.networks = [{"id": f"net-shared-{uid}", "name": "sharednet1", "router:external": False},
                          {"id": f"net-public-{uid}", "name": "public", "router:external": True}]
-        self.images = [{"id": f"img-{uid}-1", "name": "CC-Ubuntu22.04-CUDA", "status": "active",
-                        "created_at": "2026-01-01T00:00:00Z", "visibility": "public"}]
+        self.images = [{"id": f"img-{uid}-{i}", "name": name, "status": "active",
+                        "created_at": "2026-01-01T00:00:00Z", "visibility": "public"}
+                       for i, name in enumerate(("CC-Ubuntu22.04-CUDA", "CC-Ubuntu24.04-CUDA"))]
 
 
 class FakeCloud:
@@ -60,6 +68,8 @@ class FakeCloud:
         self.server_outcome = "ACTIVE"
         self.refuse_lease: str | None = None
         self.booked: set[str] = set()  # node types with every node reserved for the next week
+        self.fip_reservable = True  # Blazar accepts virtual:floatingip reservations
+        self.fip_pool: int | None = None  # on-demand floating IPs left (None: no limit)
         # (method, path regex, when, HTTP code): answer a matching request with that error, "before" doing it,
         # "after" doing it, or "drop" the connection after doing it (a lost reply); tests/test_faults.py
         self.faults: list[tuple[str, str, str, int]] = []
@@ -194,13 +204,22 @@ class _Handler(BaseHTTPRequestHandler):
         if rest == "":
             return 200, {"versions": [{"id": "v1.0", "status": "CURRENT", "links": [{"rel": "self", "href": f"{root}/v1/"}]}]}
         if rest == "/leases" and method == "GET":
+            for lease in list(s.leases.values()):
+                _tick_deleting(s, lease)
             return 200, {"leases": list(s.leases.values())}
         if rest == "/leases" and method == "POST":
             if cloud.refuse_lease:
                 return 409, {"error_code": 409, "error_message": cloud.refuse_lease}
+            kinds = [r["resource_type"] for r in body["reservations"]]
+            if "virtual:floatingip" in kinds and not cloud.fip_reservable:
+                return 400, {"error_code": 400, "error_message": "Invalid resource type virtual:floatingip"}
+            wanted = {json.loads(r["resource_properties"])[2] for r in body["reservations"]
+                      if r["resource_type"] == "physical:host" and r.get("resource_properties")}
+            if wanted & cloud.booked or wanted - {h["node_type"] for h in s.hosts}:
+                return 409, {"error_code": 409, "error_message": "Not enough hosts available"}
             now = _now()
             end = dt.datetime.strptime(body["end_date"], "%Y-%m-%d %H:%M")
-            lease = {"id": str(uuid.uuid4()), "name": body["name"], "status": "PENDING", "user_id": "user-1",
+            lease = {"id": str(uuid.uuid4()), "name": body["name"], "status": "CREATING", "user_id": "user-1",
                      "project_id": "proj-1", "created_at": now.strftime("%Y-%m-%d %H:%M:%S"),
                      "start_date": now.strftime(FMT), "end_date": end.strftime(FMT), "degraded": False,
                      "reservations": [{**r, "id": str(uuid.uuid4()), "status": "pending"} for r in body["reservations"]]}
@@ -211,14 +230,25 @@ class _Handler(BaseHTTPRequestHandler):
         if m:
             lease = s.leases[m.group(1)]  # by id only, like Blazar: a name gives 404
             if method == "DELETE":
-                lease["status"] = "TERMINATED"
+                if lease["status"] == "DELETING":
+                    return 409, {"error_code": 409, "error_message": f"Lease {lease['id']} is being deleted"}
+                lease["status"], lease["delete_polls"] = "DELETING", POLLS_TO_DELETE
                 return 204, None
+            if _tick_deleting(s, lease):
+                raise KeyError(rest)
             s.polls[lease["id"]] = s.polls.get(lease["id"], 0) + 1
             if lease["status"] in ("PENDING", "STARTING") and s.polls[lease["id"]] >= cloud.polls_to_active:
                 lease["status"] = cloud.lease_outcome
+                if lease["status"] == "ACTIVE":
+                    _reserve_fips(s, lease)
+            elif lease["status"] == "CREATING":
+                lease["status"] = "PENDING"
             elif lease["status"] == "PENDING":
                 lease["status"] = "STARTING"
             return 200, {"lease": lease}
+        if rest == "/floatingips" and method == "GET":  # the addresses Blazar can reserve
+            return 200, {"floatingips": [{"id": f"bfip-{s.uid}", "floating_ip_address": "127.0.0.1",
+                                          "floating_network_id": f"net-public-{s.uid}"}] if cloud.fip_reservable else []}
         if rest == "/os-hosts":
             return 200, {"hosts": s.hosts}
         if rest == "/os-hosts/allocations":
@@ -255,6 +285,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return 200, {"keypair": s.keypairs[name]}
             return 200, {"keypairs": [{"keypair": k} for k in s.keypairs.values()]}
         if rest in ("/servers/detail", "/servers") and method == "GET":
+            for x in list(s.servers.values()):
+                _tick_server(s, x)
             return 200, {"servers": [self._server_view(s, x) for x in s.servers.values()]}
         if rest == "/servers" and method == "POST":
             req = body["server"]
@@ -269,12 +301,10 @@ class _Handler(BaseHTTPRequestHandler):
         if m:
             server = s.servers[m.group(1)]
             if method == "DELETE":
-                del s.servers[server["id"]]
-                s.ports.pop(f"port-{server['id']}", None)
-                for fip in s.fips.values():
-                    if fip["port_id"] == f"port-{server['id']}":
-                        fip["port_id"] = fip["fixed_ip_address"] = None
+                server.setdefault("delete_polls", POLLS_TO_DELETE)  # bare metal: cleaned before it goes
                 return 204, None
+            if _tick_server(s, server):
+                raise KeyError(rest)
             server["polls"] += 1
             if server["status"] == "BUILD" and server["polls"] >= cloud.polls_to_active:
                 server["status"] = cloud.server_outcome
@@ -310,6 +340,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- Neutron -------------------------------------------------------------------------------
     def _neutron(self, s: Site, method: str, rest: str, q: dict, body: dict, root: str) -> tuple:
+        cloud = self.cloud
         rest = rest.removeprefix("/v2.0")
         if rest == "":
             return 200, {"versions": [{"id": "v2.0", "status": "CURRENT", "links": [{"rel": "self", "href": f"{root}/v2.0/"}]}]}
@@ -323,6 +354,11 @@ class _Handler(BaseHTTPRequestHandler):
         if rest == "/floatingips" and method == "GET":
             return 200, {"floatingips": list(s.fips.values())}
         if rest == "/floatingips" and method == "POST":
+            if cloud.fip_pool is not None:
+                if cloud.fip_pool <= 0:
+                    return 409, {"NeutronError": {"type": "IpAddressGenerationFailure", "detail": "",
+                                                  "message": "No more IP addresses available on network public."}}
+                cloud.fip_pool -= 1
             fid = str(uuid.uuid4())
             s.fips[fid] = {"id": fid, "floating_ip_address": "127.0.0.1", "port_id": None, "fixed_ip_address": None,
                            "floating_network_id": body["floatingip"]["floating_network_id"], "status": "DOWN",
@@ -339,6 +375,45 @@ class _Handler(BaseHTTPRequestHandler):
                 fip["status"] = "ACTIVE" if fip["port_id"] else "DOWN"
             return 200, {"floatingip": fip}
         raise KeyError(rest)
+
+
+def _tick_deleting(s: Site, lease: dict) -> bool:
+    """One more read of a DELETING lease; True once it is gone (with the floating IPs reserved in it)."""
+    if lease["status"] != "DELETING":
+        return False
+    lease["delete_polls"] -= 1
+    if lease["delete_polls"] > 0:
+        return False
+    del s.leases[lease["id"]]
+    ids = {f"reservation:{r['id']}" for r in lease["reservations"]}
+    for fid in [f["id"] for f in s.fips.values() if ids & set(f["tags"])]:
+        del s.fips[fid]
+    return True
+
+
+def _tick_server(s: Site, server: dict) -> bool:
+    """One more read of a server being deleted; True once it is gone (its port with it)."""
+    if "delete_polls" not in server:
+        return False
+    server["delete_polls"] -= 1
+    if server["delete_polls"] > 0:
+        return False
+    del s.servers[server["id"]]
+    s.ports.pop(f"port-{server['id']}", None)
+    for fip in s.fips.values():
+        if fip["port_id"] == f"port-{server['id']}":
+            fip["port_id"] = fip["fixed_ip_address"] = None
+    return True
+
+
+def _reserve_fips(s: Site, lease: dict) -> None:
+    """The floating IPs of a lease's virtual:floatingip reservations, made when it starts (tagged as Blazar does)."""
+    for r in lease["reservations"]:
+        for _ in range(int(r.get("amount", 1)) if r["resource_type"] == "virtual:floatingip" else 0):
+            fid = str(uuid.uuid4())
+            s.fips[fid] = {"id": fid, "floating_ip_address": "127.0.0.1", "port_id": None, "fixed_ip_address": None,
+                           "floating_network_id": r["network_id"], "status": "DOWN", "description": "",
+                           "tags": ["blazar", f"reservation:{r['id']}"]}
 
 
 def _allocation(cloud: FakeCloud, host: dict) -> dict:

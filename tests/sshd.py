@@ -58,8 +58,25 @@ def _keygen(path: Path) -> None:
                    check=True)
 
 
-def start(dir: Path, timeout_s: float = 15.0) -> Sshd:
-    """Start sshd listening on 127.0.0.1 only; raises RuntimeError saying what is missing."""
+def _path_first_shell(dir: Path, path_first: Path) -> Path:
+    """A ForceCommand that runs the client's command (or the SFTP server) with `path_first` leading PATH,
+    after the user's shell start-up files (which may put e.g. pyenv's shims first) have run."""
+    script = dir / "path-first.sh"
+    script.write_text(f"""#!/bin/sh
+export PATH={shlex.quote(str(path_first))}:"$PATH"
+case "$SSH_ORIGINAL_COMMAND" in
+  internal-sftp|*sftp-server*) exec /usr/lib/openssh/sftp-server ;;
+  "") exec sh ;;
+  *) exec sh -c "$SSH_ORIGINAL_COMMAND" ;;
+esac
+""")
+    script.chmod(0o755)
+    return script
+
+
+def start(dir: Path, timeout_s: float = 15.0, path_first: Path | None = None) -> Sshd:
+    """Start sshd listening on 127.0.0.1 only; raises RuntimeError saying what is missing. With `path_first`,
+    every session's PATH starts with that folder (where a test puts stand-ins for the node's tools)."""
     if not Path(SSHD).exists() or shutil.which("ssh-keygen") is None:
         raise RuntimeError(f"{SSHD} or ssh-keygen not found: install openssh-server (bash scripts/system-deps.sh)")
     dir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +96,7 @@ def start(dir: Path, timeout_s: float = 15.0) -> Sshd:
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
         "StrictModes no",  # keys under /tmp fail the mode check otherwise
         "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxSessions 50", "MaxStartups 50",
+        *([f"ForceCommand {_path_first_shell(dir, path_first)}"] if path_first else []),
     ]) + "\n")
     log = open(dir / "sshd.log", "wb")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
@@ -104,3 +122,94 @@ def cheap_install() -> str:
     return (f"{shlex.quote(sys.executable)} -m venv --without-pip .venv && "
             f"echo {shlex.quote(site.getsitepackages()[0])} > {pth} && "
             ".venv/bin/python -m pip install -q --no-deps --no-build-isolation --no-index -e .")
+
+
+# -- stand-ins for a GPU node's tools -----------------------------------------------------------
+NVIDIA_SMI = """#!/bin/sh
+# nvidia-smi of a node with driver $(cat driver) (CUDA $(cat cuda)) and $(cat gpus) A100s
+D=$(dirname "$0"); driver=$(cat "$D/driver"); cuda=$(cat "$D/cuda"); n=$(cat "$D/gpus")
+case "$1" in
+  -L) i=0; while [ $i -lt $n ]; do echo "GPU $i: NVIDIA A100-SXM4-80GB (UUID: GPU-$i)"; i=$((i+1)); done ;;
+  --query-gpu=*) i=0; while [ $i -lt $n ]; do echo "$i, NVIDIA A100-SXM4-80GB, 81920, $driver"; i=$((i+1)); done ;;
+  *) echo "| NVIDIA-SMI $driver      Driver Version: $driver      CUDA Version: $cuda     |" ;;
+esac
+"""
+
+# python3 whose `-m venv` makes a venv without pip that sees this test's packages (torch, numpy) and whose
+# `python -m nanorepro.gpucheck` reports what `torch-sees` says: "gpus" (the torch that pip was asked
+# for, on every GPU) or anything else (the real check, with this machine's CPU torch).
+PYTHON3 = """#!/bin/sh
+D=$(dirname "$0")
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+  {real} -m venv --without-pip "$3" || exit 1
+  echo {site} > "$3"/lib/python{ver}/site-packages/outer.pth
+  rm -f "$3/bin/python"  # a link to the real interpreter: replaced, never written through
+  cat > "$3/bin/python" <<'END'
+#!/bin/sh
+D={dir}
+if [ "$1 $2" = "-m nanorepro.gpucheck" ] && [ "$(cat $D/torch-sees)" = gpus ]; then
+  build=$(grep -o 'whl/cu[0-9]*' $D/pip.log | tail -n 1 | cut -d/ -f2)
+  echo '{{"torch": "2.13.0+'$build'", "cuda": "stand-in", "devices": [{{"index": 0, "name": "NVIDIA A100-SXM4-80GB", "bf16_matmul": true}}]}}'
+  exit 0
+fi
+exec "$(dirname "$0")/python{ver}" "$@"
+END
+  chmod +x "$3/bin/python"
+  exit 0
+fi
+exec {real} "$@"
+"""
+
+PYTHON3_10 = """#!/bin/sh
+# the python3 of CC-Ubuntu22.04: it only tells its version; anything else is logged as a failure
+if [ "$1" = "--version" ]; then echo "Python 3.10.12"; exit 0; fi
+echo "python3 3.10 asked to: $*" >> "$(dirname "$0")/python3.log"; exit 1
+"""
+
+# pip logs what it is asked; torch is "installed" by being seen through outer.pth, and `-e .` is a real,
+# offline editable install of the copied code
+PIP = """#!/bin/sh
+echo "pip $*" >> "$(dirname "$0")/pip.log"
+case "$*" in
+  *"-e .[train]"*) exec python -m pip install -q --no-deps --no-index --no-build-isolation -e . ;;
+esac
+exit 0
+"""
+
+# a C compiler that cannot find Python.h until apt-get installed python3-dev
+CC = """#!/bin/sh
+D=$(dirname "$0")
+if [ -f "$D/apt-installed" ]; then exec /usr/bin/cc "$@"; fi
+echo "<stdin>:1:10: fatal error: Python.h: No such file or directory" >&2; exit 1
+"""
+APT_GET = """#!/bin/sh
+echo "apt-get $*" >> "$(dirname "$0")/apt.log"
+case "$*" in *python3-dev*) touch "$(dirname "$0")/apt-installed" ;; esac
+exit 0
+"""
+
+
+def standins(bin_dir: Path, *, driver: str = "560.35.03", cuda: str = "12.6", gpus: int = 1, python: str = "real",
+             torch_sees: str = "gpus", headers: bool = True) -> Path:
+    """(Re)write the node's stand-in tools into `bin_dir` (the sshd's `path_first`): nvidia-smi for
+    `driver`/`cuda`/`gpus`, python3 (the real one, or "3.10"), pip, and without `headers` a cc that lacks
+    Python.h until apt-get installs python3-dev. Logs: pip.log, apt.log, python3.log."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("pip.log", "apt.log", "python3.log", "apt-installed", "cc", "apt-get"):
+        (bin_dir / name).unlink(missing_ok=True)
+    (bin_dir / "driver").write_text(driver)
+    (bin_dir / "cuda").write_text(cuda)
+    (bin_dir / "gpus").write_text(str(gpus))
+    (bin_dir / "torch-sees").write_text(torch_sees)
+    (bin_dir / "pip.log").touch()
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    scripts = {"nvidia-smi": NVIDIA_SMI, "pip": PIP,
+               "python3": PYTHON3_10 if python == "3.10" else PYTHON3.format(
+                   real=shlex.quote(sys.executable), site=shlex.quote(site.getsitepackages()[0]), ver=ver,
+                   dir=shlex.quote(str(bin_dir)))}
+    if not headers:
+        scripts |= {"cc": CC, "apt-get": APT_GET}
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir

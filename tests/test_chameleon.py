@@ -36,7 +36,7 @@ from chi import context as chi_context  # noqa: E402
 from novaclient.v2.servers import ServerManager  # noqa: E402
 
 # the real functions, to spec mocks from (a patched attribute is a mock already)
-LIST_SITES, GET_SERVER_ID = chi_context.list_sites, chi.server.get_server_id
+LIST_SITES, GET_SERVER_ID, GET_NODES = chi_context.list_sites, chi.server.get_server_id, chi.hardware.get_nodes
 
 REPO = Path(__file__).resolve().parent.parent
 CREDS = ("OS_ACCESS_TOKEN", "OS_APPLICATION_CREDENTIAL_ID", "OS_TOKEN", "OS_PASSWORD", "OS_PROJECT_NAME",
@@ -321,6 +321,10 @@ def test_reserve_twice_then_release_through_the_notebooks(chi_env, cloud, node_s
     assert [x["name"] for x in live["leases"]] == ["nanorepro-tester"] and live["leases"][0]["status"] == "ACTIVE"
     assert [s["reservation"] for s in live["servers"]] == [live["leases"][0]["reservations"][0]["id"]]
     assert len(live["fips"]) == 1 and live["fips"][0]["port_id"] == f"port-{live['servers'][0]['id']}"
+    # the address was reserved in the lease (not taken from the on-demand pool after the boot)
+    fip_res = [r for r in live["leases"][0]["reservations"] if r["resource_type"] == "virtual:floatingip"]
+    assert len(fip_res) == 1 and f"reservation:{fip_res[0]['id']}" in live["fips"][0]["tags"]
+    assert not any(m == "POST" and p.endswith("/floatingips") for m, p in cloud.requests)
 
     nb = papermill("00_reserve_node.ipynb", tmp_path / "00b.ipynb", **params)  # a re-run reuses everything
     text = outputs(nb)
@@ -398,8 +402,8 @@ def test_refused_lease_and_no_free_a100_are_clear_and_leave_nothing(chi_env, clo
     cloud.requests.clear()
     done = cli(chi_env, "reserve", "--results-dir", str(tmp_path / "b"), "--site", "CHI@UC", "--hours", "2")
     assert done.returncode == 2
-    assert "no A100 node (compute_gigaio, gpu_a100_pcie) is free at CHI@UC for 2 h; next free: compute_gigaio from" \
-        in done.stderr
+    assert "no A100 node (compute_gigaio, gpu_a100_pcie, gpu_a100_nvlink) is free at CHI@UC for 2 h; next free: " \
+        "compute_gigaio from" in done.stderr
     assert "site='CHI@TACC', node_type='compute_liqid' (2 free now)" in done.stderr
     assert not any(m == "POST" and p.endswith("/leases") for m, p in cloud.requests)
     assert cloud.live() == {"leases": [], "servers": [], "fips": []}
@@ -422,7 +426,9 @@ def test_whole_sequence_on_the_chameleon_target_gives_the_local_results(chi_env,
            "NANOREPRO_REMOTE_ENV": f"TIKTOKEN_CACHE_DIR={os.environ['TIKTOKEN_CACHE_DIR']} HF_HUB_OFFLINE=1"}
     params = ["-p", "target", "chameleon", "-p", "results_dir", str(results), "-p", "char_preset", "tiny",
               "-p", "input_path", str(shakespeare_path), "-p", "model", str(tiny_gpt2),
-              "-p", "finetune_max_iters", "2", "-p", "lease_hours", "1"]
+              "-p", "finetune_max_iters", "2", "-p", "lease_hours", "1",
+              # the CPU recipe on purpose: the default on a node is the A100 one (gpt2-xl), which this CPU "node" refuses
+              "-p", "finetune_preset", "finetune-shakespeare-cpu"]
     r = subprocess.run([sys.executable, "-m", "nanorepro", "run-notebooks", *params], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -447,3 +453,66 @@ def test_whole_sequence_on_the_chameleon_target_gives_the_local_results(chi_env,
     live = cloud.live()
     assert not live["servers"] and not live["fips"] and all(l["status"] == "DELETED" for l in live["leases"]) \
         or not live["leases"]
+
+
+# -- lease states, node types, project, floating IPs, failures that name the lease ----------------------
+def test_lease_states_creating_is_waited_for_and_leaving_ones_are_not_reused(blazar):
+    blazar.lease.get.side_effect = [lease_dict("CREATING"), lease_dict("PENDING"), lease_dict("ACTIVE")]
+    assert chameleon.wait_lease(chi, "lease-1", timeout_s=5, poll=0)["status"] == "ACTIVE"
+    blazar.lease.list.return_value = [lease_dict("DELETING", id="going"), lease_dict("TERMINATING", id="ending")]
+    assert chameleon.find_lease(chi, "l") is None  # on their way out: a new lease is made
+    blazar.lease.list.return_value.append(lease_dict("CREATING", id="new"))  # a lost create reply: found
+    assert chameleon.find_lease(chi, "l")["id"] == "new"
+    assert {"TERMINATING", "DELETING", "CREATING"} <= set(chameleon.LIVE)  # counted by "nothing left"
+
+
+def test_node_types_by_site(monkeypatch):
+    monkeypatch.setattr(chi.hardware, "get_nodes", mock.create_autospec(
+        GET_NODES, side_effect=lambda node_type: nodes(None) if node_type == "compute_gigaio" else []))
+    assert chameleon.choose_node_type(chi, "CHI@TACC", "compute_gigaio", 2) == "compute_gigaio"
+    calls = []
+    monkeypatch.setattr(chi.hardware, "get_nodes", mock.create_autospec(
+        GET_NODES, side_effect=lambda node_type: calls.append(node_type) or
+        (nodes(None) if node_type == "gpu_a100_nvlink" else [])))
+    assert chameleon.choose_node_type(chi, "CHI@UC", "auto", 2) == "gpu_a100_nvlink"
+    assert calls == ["compute_gigaio", "gpu_a100_pcie", "gpu_a100_nvlink"]
+
+
+def test_a_project_that_os_project_id_overrides_is_warned_about(chi_env, cloud, capsys, monkeypatch):
+    monkeypatch.setenv("OS_PROJECT_ID", "proj-1")
+    monkeypatch.setattr(chi_context, "RESOURCE_API_URL", chi_env["CHI_RESOURCE_API_URL"])  # read at import
+    monkeypatch.setattr(chi_context, "_sites", {})  # its cache, restored afterwards
+    chameleon.connect("CHI@UC", project="CHI-999999")
+    out = capsys.readouterr().out
+    assert "warning: OS_PROJECT_ID=proj-1 is set in this environment and decides the project charged, not " \
+        "project='CHI-999999'" in out and "os.environ.pop('OS_PROJECT_ID')" in out
+    chameleon.connect("CHI@UC")
+    assert "warning" not in capsys.readouterr().out  # the hub's own project: nothing to say
+
+
+def test_an_empty_floating_ip_pool_releases_the_fresh_node_and_says_so(chi_env, cloud, tmp_path):
+    cloud.fip_reservable, cloud.fip_pool = False, 0  # no IP reserved in the lease, none left in the pool
+    done = cli(chi_env, "reserve", "--results-dir", str(tmp_path / "r"), "--site", "CHI@UC", "--hours", "2",
+               "--no-setup")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "no floating IP could be had from CHI@UC's public pool" in done.stderr
+    assert "were released: nothing is left running" in done.stderr
+    assert cloud.live() == {"leases": [], "servers": [], "fips": []}
+    assert sum(1 for m, p in cloud.requests if m == "POST" and p.endswith("/leases")) == 1
+
+
+def test_a_stage_failing_on_the_node_names_the_lease_and_how_to_release_it(tmp_path):
+    from nanorepro.pipeline import Pipeline
+
+    end = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
+    key = tmp_path / "key"
+    key.write_text("not a key")
+    key.chmod(0o600)
+    (tmp_path / remote.NODE_FILE).write_text(json.dumps({
+        "host": "127.0.0.1", "port": sshd_helper._free_port(), "key_path": str(key), "site": "CHI@UC",
+        "lease_name": "nanorepro-tester", "lease_id": "lease-1", "lease_end": end.isoformat(), "status": "ready"}))
+    with pytest.raises(UserError) as e:
+        Pipeline(tmp_path, "chameleon").prepare_data(encodings="char")
+    assert "cannot reach" in e.value.problem and e.value.problem.count("STILL RUNNING") == 1
+    assert f"lease nanorepro-tester (lease-1) at CHI@UC is STILL RUNNING until {end:%Y-%m-%d %H:%M} UTC" \
+        in e.value.problem and f"nanorepro release --results-dir {tmp_path}" in e.value.problem

@@ -122,6 +122,7 @@ def cloud_env(tmp_path, monkeypatch):
     keys.mkdir()
     sshd_helper._keygen(keys / "id")
     with FakeCloud() as cloud:
+        cloud.fip_reservable = False  # the floating IP comes from the on-demand pool, after the boot
         env = {k: v for k, v in ENV.items() if not k.startswith("OS_")}
         env.update(cloud.env(), OS_KEYPAIR_NAME="tester-jupyter", OS_KEYPAIR_PRIVATE_KEY=str(keys / "id"),
                    OS_KEYPAIR_PUBLIC_KEY=str(keys / "id.pub"), NANOREPRO_CHI_POLL_S="0.02", USER="tester",

@@ -41,7 +41,7 @@ TROVI_SETUP_TYPES = {"jupyterhub", "isolated_jupyter", "source_code", "image", "
 
 # Modules the Chameleon hub kernel (1 GB, no GPU) imports: none may pull in torch.
 HUB_MODULES = ("config", "metrics", "errors", "plots", "report", "envinfo", "chameleon", "runner", "pipeline",
-               "remote", "notebooks", "cli", "references", "files", "fmt", "live")
+               "remote", "notebooks", "cli", "references", "files", "fmt", "live", "nodeinstall")
 
 EXTRAS_FOR_A_FULL_RUN = ("train", "notebooks", "chameleon")
 
@@ -102,6 +102,23 @@ def test_trovi_description_lists_the_shipped_notebooks(crate_root):
     shipped = [p.name for p in NOTEBOOKS]
     # "open the notebooks in order": the description lists every one, in the order they run
     assert named == shipped, f"trovi.json lists {named}; notebooks/ holds {shipped}"
+
+
+def test_trovi_how_to_run_matches_the_notebooks_defaults(crate_root):
+    """"Run All, nothing needs setting" holds only if every notebook defaults to target "auto" and results
+    that follow it, and only 00 asks for the node's site, type, hours and project."""
+    how = crate_root.get("description").split("**How to run:**")[1]
+    assert 'target = "auto"' in how and "results/chameleon" in how
+    for path in NOTEBOOKS:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        params = "".join(next(c["source"] for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])))
+        assert 'target = "auto"' in params and "results_dir = None" in params, path.name
+        names = {line.split("=")[0].strip() for line in params.splitlines() if "=" in line and line[0] != "#"}
+        node_choices = {"site", "node_type", "lease_hours", "project", "image"} & names
+        assert node_choices == (node_choices if path.name.startswith("00_") else set()), path.name
+        if path.name.startswith("00_"):
+            assert node_choices == {"site", "node_type", "lease_hours", "project", "image"}
+            assert all(f"`{n}`" in how for n in node_choices)
 
 
 def test_trovi_keywords_are_known_tags(crate_root):

@@ -1,0 +1,57 @@
+"""Device choice: no silent CPU fallback for GPU presets or on a Chameleon node; --device=cpu still runs there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanorepro import config, hardware
+from nanorepro.errors import UserError
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv(config.ON_GPU_NODE, raising=False)
+
+
+def test_gpu_presets_and_gpu_nodes_require_a_gpu(no_gpu, monkeypatch):
+    for preset in ("shakespeare-char", "shakespeare-char-gpu-fast", "finetune-shakespeare", "train-gpt2",
+                   "eval-gpt2", "eval-gpt2-xl"):
+        assert f"preset {preset} is made for GPUs" in hardware.gpu_required_by(preset)
+    for preset in ("shakespeare-char-cpu", "shakespeare-char-cpu-quick", "finetune-shakespeare-cpu", "tiny", None):
+        assert hardware.gpu_required_by(preset) is None
+    monkeypatch.setenv(config.ON_GPU_NODE, "1")
+    assert "Chameleon GPU node" in hardware.gpu_required_by("tiny")
+
+
+def test_auto_never_falls_back_to_the_cpu_when_a_gpu_is_required(no_gpu):
+    assert hardware.pick_device("auto") == ("cpu", "float32")  # the local CPU flow, unchanged
+    with pytest.raises(UserError) as e:
+        hardware.pick_device("auto", gpu_required=hardware.gpu_required_by("shakespeare-char"))
+    assert "no CUDA GPU is visible to torch" in e.value.problem and "preset shakespeare-char" in e.value.problem
+    assert "--device=cpu" in e.value.fix
+    assert hardware.pick_device("cpu", gpu_required="x")[0] == "cpu"  # asked for explicitly
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanorepro", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env})
+
+
+def test_a_gpu_preset_on_a_cpu_refuses_in_one_line_unless_the_cpu_is_asked_for(char_data_root, tmp_path):
+    small = [f"--data_root={char_data_root}", "--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--n_layer=1",
+             "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--compile=false"]
+    r = cli("train", "--preset", "shakespeare-char", "--out-dir", str(tmp_path / "gpu"), *small)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "preset shakespeare-char is made for GPUs" in r.stderr and "--device=cpu" in r.stderr
+    assert not (tmp_path / "gpu" / "metrics.jsonl").exists()
+    r = cli("train", "--preset", "shakespeare-char", "--out-dir", str(tmp_path / "cpu"), *small, "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "cpu" / "metrics.jsonl").is_file()
+    r = cli("sample", "--model", "gpt2", **{config.ON_GPU_NODE: "1"})  # any stage on a node
+    assert r.returncode == 2 and "runs on a Chameleon GPU node" in r.stderr

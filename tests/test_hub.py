@@ -1,0 +1,106 @@
+"""Run All on Chameleon's JupyterHub with the defaults: 00 -> 05 through papermill with no parameters, in the
+environment the hub sets (JUPYTERHUB_*, OS_*, the keypair), pointed at the fake OpenStack and a loopback-sshd
+node whose nvidia-smi reports driver 560 and whose pip and python3 are stand-ins (tests/sshd.py).
+
+Two things stand in for the A100: the node's torch (this machine's CPU build) is reported as seeing the GPU
+by the stand-in python, and the GPU presets are shrunk, with device=cpu said explicitly, by a sitecustomize
+in the notebook kernel (the presets are resolved there; the node trains what config.json says)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sshd as sshd_helper
+from nanorepro import remote, runner
+
+pytest.importorskip("chi", reason="python-chi is part of the test environment (pip install -e '.[chameleon]')")
+from fake_openstack import FakeCloud  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+SITECUSTOMIZE = """
+import nanorepro.config as c
+# the A100 presets at toy size, on the node's CPU on purpose (an A100 trains the real ones in minutes)
+small = dict(max_iters=4, eval_interval=2, eval_iters=1, log_interval=1, device="cpu", compile=False)
+c.PRESETS["shakespeare-char"] = {**c.PRESETS["shakespeare-char"], **c.PRESETS["tiny"], **small,
+                                 "out_dir": "runs/shakespeare-char"}
+c.PRESETS["finetune-shakespeare"] = {**c.PRESETS["finetune-shakespeare"], **small, "init_from": INIT_FROM,
+                                     "block_size": 32, "gradient_accumulation_steps": 2, "dtype": "float32"}
+"""
+
+
+def hub_env(cloud: FakeCloud, node: sshd_helper.Sshd, home: Path) -> dict[str, str]:
+    """What Chameleon's JupyterHub sets in a user's server (auth here by application credential: the fake
+    has no OIDC endpoint), plus the test's knobs for the loopback node."""
+    return {**cloud.env(), "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api", "JUPYTERHUB_USER": "tester",
+            "JUPYTERHUB_SERVICE_PREFIX": "/user/tester/", "OS_KEYPAIR_NAME": "tester-jupyter",
+            "OS_KEYPAIR_PRIVATE_KEY": str(node.key_path), "OS_KEYPAIR_PUBLIC_KEY": str(node.pub_path),
+            "NANOREPRO_CHI_POLL_S": "0.02", "NANOREPRO_SSH_POLL_S": "0.1", "NANOREPRO_SSH_PORT": str(node.port),
+            "NANOREPRO_SSH_USER": node.user, "NANOREPRO_REMOTE_DIR": str(home), "USER": "tester"}
+
+
+def test_the_hub_environment_means_chameleon_and_elsewhere_local(monkeypatch):
+    for var in ("JUPYTERHUB_API_URL", "JUPYTERHUB_USER", "OS_AUTH_URL", "OS_KEYPAIR_PRIVATE_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    assert runner.resolve_target("auto") == "local" and runner.resolve_target("chameleon") == "chameleon"
+    monkeypatch.setenv("JUPYTERHUB_API_URL", "http://hub:8081/hub/api")  # some JupyterHub, not Chameleon's
+    assert runner.resolve_target("auto") == "local"
+    monkeypatch.setenv("OS_AUTH_URL", "https://chi.uc.chameleoncloud.org:5000/v3")
+    monkeypatch.setenv("OS_KEYPAIR_PRIVATE_KEY", "/home/tester/work/.ssh/id_rsa")
+    assert runner.resolve_target("auto") == "chameleon" and runner.resolve_target("local") == "local"
+    assert runner.results_path(None, "auto").name == "chameleon"
+
+
+def test_run_all_with_no_parameters_on_the_hub_leases_installs_trains_fetches_and_releases(
+        tmp_path, shakespeare_path, tiktoken_offline, tiny_gpt2):
+    # a checkout of the artifact as the hub clones it (its results/ go there)
+    checkout = tmp_path / "artifact"
+    for path in remote.source_files(REPO):
+        dest = checkout / path.relative_to(REPO)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
+    (checkout / "notebooks" / "nanorepro").unlink(missing_ok=True)
+    (checkout / "notebooks" / "nanorepro").symlink_to("../nanorepro")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SITECUSTOMIZE.replace("INIT_FROM", repr(str(tiny_gpt2))))
+    bin_dir = sshd_helper.standins(tmp_path / "node-bin", driver="560.35.03", cuda="12.6")
+    node = sshd_helper.start(tmp_path / "sshd", path_first=bin_dir)
+    try:
+        with FakeCloud() as cloud:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "NANOREPRO_"))}
+            env.update(hub_env(cloud, node, tmp_path / "node home"),
+                       PYTHONPATH=f"{checkout}{os.pathsep}{shim}", HF_HUB_OFFLINE="1",
+                       # the node has no network either: it gets the BPE files the way a user passes settings
+                       NANOREPRO_REMOTE_ENV=f"TIKTOKEN_CACHE_DIR={os.environ['TIKTOKEN_CACHE_DIR']} HF_HUB_OFFLINE=1")
+            r = subprocess.run([sys.executable, "-m", "nanorepro", "run-notebooks"], env=env, cwd=checkout,
+                               capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+            live = cloud.live()
+            assert live == {"leases": [], "servers": [], "fips": []}  # released: nothing left
+            assert sum(1 for m, p in cloud.requests if m == "POST" and p.endswith("/leases")) == 1
+    finally:
+        node.stop()
+    results = checkout / "results" / "chameleon"  # the results folder follows the target
+    assert not (checkout / "results" / "local").exists()
+    record = json.loads((results / remote.NODE_FILE).read_text())
+    assert record["status"] == "released" and record["site"] == "CHI@UC" and record["image"] == "CC-Ubuntu24.04-CUDA"
+    assert record["project"] == "CHI-000000"  # the hub's project
+    pip = (bin_dir / "pip.log").read_text()  # the driver-matched torch
+    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in pip
+    out = r.stdout
+    assert "torch 2.13.0+cu126 sees 1 GPU(s)" in out and "This lease will cost 4 SU" in out
+    for rel in ["node/nvidia-smi.txt", "data/shakespeare_char/meta.json", "runs/char/metrics.jsonl",
+                "runs/char/samples.txt", "runs/finetune/metrics.jsonl", "runs/finetune/samples_before.txt",
+                "REPORT.md", "report.json", "notebooks/05_release_node.ipynb"]:
+        assert (results / rel).is_file(), rel
+    char = json.loads((results / "runs" / "char" / "config.json").read_text())
+    assert char["preset"] == "shakespeare-char" and char["device"] == "cpu"  # the GPU preset, trained on the node
+    assert (tmp_path / "node home" / "results" / "chameleon" / "runs" / "char" / "ckpt.pt").is_file()

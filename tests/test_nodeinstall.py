@@ -1,0 +1,136 @@
+"""The node install (nodeinstall + SSHRunner.setup + chameleon.setup_node): the real install command runs on
+a loopback-sshd "node" whose nvidia-smi, pip, python3, cc and apt-get are stand-ins (tests/sshd.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+import sshd as sshd_helper
+from nanorepro import chameleon, nodeinstall, remote
+from nanorepro.errors import UserError
+
+SMI_560 = """+-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 560.35.03              Driver Version: 560.35.03      CUDA Version: 12.6     |
+|-----------------------------------------+------------------------+----------------------+
+rc=0
+GPU 0: NVIDIA A100-PCIE-40GB (UUID: GPU-1)
+GPU 1: NVIDIA A100-PCIE-40GB (UUID: GPU-2)
+"""
+
+
+def test_the_driver_decides_the_torch_build():
+    assert nodeinstall.parse_nvidia_smi(SMI_560) == ("560.35.03", (12, 6), 2)
+    assert nodeinstall.torch_build((12, 6), "560.35.03") == "cu126"
+    assert nodeinstall.torch_build((12, 8), "570.86") == "cu126"
+    assert nodeinstall.torch_build((12, 9), "575.51") == "cu129"
+    assert nodeinstall.torch_build((13, 0), "580.65.06") == "cu130"
+    assert nodeinstall.torch_build((13, 2), "595.1") == "cu132"
+    with pytest.raises(UserError, match="driver 535.104 supports CUDA 12.2, older than") as e:
+        nodeinstall.torch_build((12, 2), "535.104")
+    assert "CC-Ubuntu24.04-CUDA" in e.value.fix
+    assert "--index-url https://download.pytorch.org/whl/cu126" in nodeinstall.install_command("cu126")
+
+
+def test_requires_python_is_read_from_pyproject():
+    spec = nodeinstall.requires_python(Path(__file__).parents[1])
+    assert spec == ">=3.11"
+    assert not nodeinstall.python_satisfies("3.10.12", spec) and nodeinstall.python_satisfies("3.12.3", spec)
+    assert not nodeinstall.python_satisfies("4.0.0", ">=3.11,<4") and nodeinstall.python_satisfies("3.11.0", ">=3.11,<4")
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    """A loopback sshd whose sessions find the stand-ins first on PATH."""
+    base = tmp_path_factory.mktemp("gpu-node")
+    bin_dir = base / "bin"
+    sshd_helper.standins(bin_dir)
+    try:
+        srv = sshd_helper.start(base / "sshd", path_first=bin_dir)
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield srv, bin_dir
+    srv.stop()
+
+
+def reserved(node, tmp_path: Path) -> Path:
+    """A results folder holding the record of a reserved node (the sshd), as 00_reserve_node leaves it."""
+    srv, _ = node
+    state = tmp_path / "results"
+    state.mkdir()
+    end = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=3, minutes=1)
+    (state / remote.NODE_FILE).write_text(json.dumps({
+        "host": srv.host, "port": srv.port, "user": srv.user, "key_path": str(srv.key_path),
+        "remote_dir": str(tmp_path / "node home"), "site": "CHI@UC", "lease_name": "nanorepro-tester",
+        "lease_id": "lease-1", "lease_end": end.isoformat(), "image": "CC-Ubuntu24.04-CUDA", "status": "ready"}))
+    return state
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("NANOREPRO_INSTALL_CMD", raising=False)  # the real install
+    monkeypatch.setenv("NANOREPRO_SSH_POLL_S", "0.1")
+
+
+def test_driver_560_gets_cu126_and_missing_headers_are_installed(node, tmp_path, clean_env, capsys):
+    _, bin_dir = node
+    sshd_helper.standins(bin_dir, driver="560.35.03", cuda="12.6", headers=False)
+    state = reserved(node, tmp_path)
+    assert chameleon.setup_node("chameleon", state) == state / "node"
+    out = capsys.readouterr().out
+    assert "apt-get install -y -q python3-dev" in (bin_dir / "apt.log").read_text()  # torch.compile's headers
+    pip = (bin_dir / "pip.log").read_text()
+    assert "pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in pip
+    assert "pip install -q -e .[train]" in pip
+    assert "NVIDIA driver 560.35.03 (CUDA 12.6), 1 GPU(s): torch 2.13.0 cu126" in out
+    assert "torch 2.13.0+cu126 sees 1 GPU(s) and runs bf16 on each" in out
+    assert "Driver Version: 560.35.03" in (state / "node" / "nvidia-smi.txt").read_text()
+    import nanorepro  # the node's venv runs the copied code
+    assert (tmp_path / "node home" / "nanorepro" / "__init__.py").read_text() == Path(nanorepro.__file__).read_text()
+    # a stage on the node never falls back to its CPU (here torch really sees no GPU): one line says why
+    lines: list[str] = []
+    runner = remote.SSHRunner.from_state(state, workdir=state, out=lines.append)
+    try:
+        assert runner.run(["sample", "--model", "gpt2"], stage="sample", check=False) == 2
+    finally:
+        runner.close()
+    assert any("no CUDA GPU is visible to torch" in line and "Chameleon GPU node" in line for line in lines), lines
+
+
+def test_driver_580_gets_cu130(node, tmp_path, clean_env):
+    _, bin_dir = node
+    sshd_helper.standins(bin_dir, driver="580.65.06", cuda="13.0")
+    chameleon.setup_node("chameleon", reserved(node, tmp_path))
+    assert "--index-url https://download.pytorch.org/whl/cu130" in (bin_dir / "pip.log").read_text()
+    assert not (bin_dir / "apt.log").exists()  # compiler and headers were there
+
+
+def test_python_3_10_is_refused_before_anything_is_installed(node, tmp_path, clean_env):
+    _, bin_dir = node
+    sshd_helper.standins(bin_dir, python="3.10")
+    state = reserved(node, tmp_path)
+    with pytest.raises(UserError) as e:
+        chameleon.setup_node("chameleon", state)
+    assert "the node's python3 is 3.10.12 (image CC-Ubuntu24.04-CUDA); nanorepro needs Python >=3.11" in e.value.problem
+    assert "image='CC-Ubuntu24.04-CUDA'" in e.value.fix
+    assert "lease nanorepro-tester (lease-1) at CHI@UC is STILL RUNNING until" in e.value.problem
+    assert (bin_dir / "pip.log").read_text() == ""
+    assert "-m venv" not in (bin_dir / "python3.log").read_text()  # only the probe asked it anything
+    assert not (tmp_path / "node home").exists()  # not even the code was copied
+
+
+def test_torch_that_sees_no_gpu_fails_setup_naming_driver_wheel_and_fix(node, tmp_path, clean_env):
+    _, bin_dir = node
+    sshd_helper.standins(bin_dir, driver="560.35.03", cuda="12.6", torch_sees="none")  # this machine's CPU torch
+    state = reserved(node, tmp_path)
+    with pytest.raises(UserError) as e:
+        chameleon.setup_node("chameleon", state)
+    problem = e.value.problem
+    assert "sees 0 of the node's 1 GPU(s) with NVIDIA driver 560.35.03 (CUDA 12.6)" in problem
+    assert "wheel: torch 2.13.0 from https://download.pytorch.org/whl/cu126" in problem
+    assert "STILL RUNNING until" in problem and "nanorepro release --results-dir" in problem
+    assert "reserve again with image='CC-Ubuntu24.04-CUDA'" in e.value.fix
+    assert not (state / "node").exists()  # no record of a node that cannot train
