@@ -101,6 +101,11 @@ def test_run_all_with_no_parameters_on_the_hub_leases_installs_trains_fetches_an
                 "runs/char/samples.txt", "runs/finetune/metrics.jsonl", "runs/finetune/samples_before.txt",
                 "REPORT.md", "report.json", "notebooks/05_release_node.ipynb"]:
         assert (results / rel).is_file(), rel
+    for nb in sorted((results / "notebooks").glob("*.ipynb")):  # what a reader sees: no stray reprs
+        values = [o["data"].get("text/plain", "") for c in json.loads(nb.read_text())["cells"]
+                  for o in c.get("outputs", []) if o.get("output_type") == "execute_result"]
+        text = "".join("".join(v) if isinstance(v, list) else v for v in values)
+        assert not any(bad in text for bad in ("PosixPath(", " object at 0x", "{'")), (nb.name, text[:300])
     char = json.loads((results / "runs" / "char" / "config.json").read_text())
     assert char["preset"] == "shakespeare-char" and char["device"] == "cpu"  # the GPU preset, trained on the node
     assert (tmp_path / "node home" / "results" / "chameleon" / "runs" / "char" / "ckpt.pt").is_file()
