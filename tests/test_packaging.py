@@ -235,6 +235,13 @@ def test_notebook_is_clean_and_parameterised(path):
     tagged = [i for i, c in enumerate(nb["cells"]) if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, f"{path.name}: cells tagged 'parameters': {tagged}"
     assert nb["cells"][tagged[0]]["cell_type"] == "code"
+    # papermill reads every parameter (a `>=` in a comment, say, makes it skip the line with a warning)
+    import nbformat
+    from papermill.translators import PythonTranslator
+
+    cell = nbformat.v4.new_code_cell("".join(nb["cells"][tagged[0]]["source"]))
+    assigned = re.findall(r"^(\w+)\s*=", cell.source, re.M)
+    assert [p.name for p in PythonTranslator.inspect(cell)] == assigned and assigned, path.name
 
 
 # --------------------------------------------------------------------------- a fresh clone needs nothing else
