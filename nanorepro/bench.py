@@ -48,7 +48,6 @@ NANOGPT_FIELDS = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "dr
                   "gradient_accumulation_steps", "max_iters", "learning_rate", "weight_decay", "beta1", "beta2",
                   "grad_clip", "decay_lr", "warmup_iters", "lr_decay_iters", "min_lr", "eval_interval",
                   "eval_iters", "log_interval", "always_save_checkpoint", "compile")
-STEP_RE = re.compile(r"step (\d+): train loss ([-\d.naif]+), val loss ([-\d.naif]+)")
 NANOGPT_ITER_RE = re.compile(r"^iter (\d+): loss [-\d.naif]+, time ([\d.]+)ms")
 
 
@@ -157,7 +156,7 @@ class _Child:
 
 def _evals(lines: list[tuple[float, str]]) -> list[tuple[float, int, float]]:
     """(seconds since launch, iteration, val loss) of each evaluation line."""
-    return [(t, int(m.group(1)), float(m.group(3))) for t, line in lines if (m := STEP_RE.search(line))]
+    return [(t, int(m.group(1)), float(m.group(3))) for t, line in lines if (m := metrics.EVAL_LINE.search(line))]
 
 
 def _first_at(lines: list[tuple[float, str]], target_loss: float) -> tuple[float, int, float] | None:

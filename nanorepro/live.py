@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import re
 import sys
 from typing import Any, Iterator
 
@@ -21,7 +20,6 @@ from matplotlib.ticker import MaxNLocator
 
 from . import metrics
 
-EVAL_LINE = re.compile(r"step (\d+): train loss (\S+), val loss (\S+)")  # train.py's line at each evaluation
 
 
 def in_notebook() -> bool:
@@ -57,7 +55,7 @@ class LossCurve:
         lines = (self._partial + text).replace("\r", "\n").split("\n")
         self._partial = lines.pop()
         for line in lines:
-            m = EVAL_LINE.search(line)
+            m = metrics.EVAL_LINE.search(line)
             if m:
                 self.add(int(m[1]), _number(m[2]), _number(m[3]))
 

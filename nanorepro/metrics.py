@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,6 +22,10 @@ from typing import Any, Iterable
 from . import faults
 from .errors import UserError
 from .files import write_text_atomic
+
+# The line train.py prints at each evaluation, as nanoGPT's train.py does: what the live curve follows in
+# a stage's output and what the bench reads from either implementation.
+EVAL_LINE = re.compile(r"step (\d+): train loss ([-\d.naif]+), val loss ([-\d.naif]+)")
 
 METRICS_FILE = "metrics.jsonl"
 STAGES_FILE = "stages.jsonl"  # the pipeline's stage records, in the results folder above runs/

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from packaging.specifiers import SpecifierSet
+
 from .errors import UserError
 
 SSHRunner = Any  # remote.SSHRunner, which imports this module: the probes use its ssh, run_command and _print
@@ -81,15 +83,8 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def python_satisfies(version: str, spec: str) -> bool:
-    """Whether `version` ("3.10.12") meets a requires-python spec of comparisons (">=3.11,<4")."""
-    have = _version(version)
-    ops = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b,
-           "==": lambda a, b: a[:len(b)] == b, "!=": lambda a, b: a[:len(b)] != b}
-    for clause in filter(None, (c.strip() for c in spec.split(","))):
-        op, want = re.fullmatch(r"(>=|<=|==|!=|>|<)\s*([\d.]+)", clause).groups()
-        if not ops[op](have, _version(want)):
-            return False
-    return True
+    """Whether `version` ("3.10.12") meets a requires-python spec (">=3.11,<4"), as pip reads it."""
+    return SpecifierSet(spec).contains(version)
 
 
 def parse_probe(text: str) -> NodeFacts:
