@@ -385,6 +385,20 @@ def _host(device: str) -> str:
             f"{hardware.describe_cpu_features(hardware.cpu_features())}")
 
 
+def _same_progress(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Time for the same progress: when nanoGPT's run first reached its best validation loss, and when
+    ours first got at or below that loss (None if it never did). Unlike a fixed target, this compares any
+    two runs, however far each goes, and favours neither: both pay their own evaluations."""
+    if not theirs:
+        return None
+    best = min(e["val_loss"] for e in theirs)
+    tb = next(e for e in theirs if e["val_loss"] == best)
+    ta = next((e for e in ours if e["val_loss"] <= best), None)
+    return {"val_loss": best, "nanogpt_s": tb["wall_s"], "nanogpt_iter": tb["iter"],
+            "nanorepro_s": ta["wall_s"] if ta else None, "nanorepro_iter": ta["iter"] if ta else None,
+            "ratio": ta["wall_s"] / tb["wall_s"] if ta else None}
+
+
 def _summary(record: dict[str, Any]) -> dict[str, Any]:
     """Medians over runs per implementation, and per-pair ratios (nanoGPT / nanorepro: above 1 is ours faster)."""
     out: dict[str, Any] = {}
@@ -425,6 +439,9 @@ def _summary(record: dict[str, Any]) -> dict[str, Any]:
             tb = b["target"]["wall_s"] if b["target"]["reached"] else b["wall_s"]
             pair["nanogpt_reached_target"] = b["target"]["reached"]
             pair["time_to_target_ratio"] = (ta / tb) if ta is not None else None
+        same = _same_progress(a.get("evals") or [], b.get("evals") or [])
+        if same:
+            pair["same_progress"] = same
         pairs.append(pair)
     if pairs:
         out["pairs"] = pairs
@@ -475,4 +492,8 @@ def summary_line(record: dict[str, Any]) -> str:
         tt = [p["time_to_target_ratio"] for p in s.get("pairs", []) if p.get("time_to_target_ratio") is not None]
         if tt:
             parts.append("time to target ours/nanoGPT " + ", ".join(f"{r:.2f}" for r in tt))
+        same = [p["same_progress"] for p in s.get("pairs", []) if p.get("same_progress")]
+        if same:
+            parts.append(f"time to nanoGPT's best val ({same[0]['val_loss']:.4f}) ours/nanoGPT "
+                         + ", ".join(f"{p['ratio']:.2f}" if p["ratio"] is not None else "never" for p in same))
     return "; ".join(parts)

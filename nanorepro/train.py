@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__, checkpoint, data, distributed, envinfo, faults, fmt, hardware, memory, metrics, optim
-from .config import PRETRAINED, Config, GPTConfig, validate
+from .config import PRETRAINED, Config, GPTConfig, from_dict, validate
 from .distributed import World
 from .errors import Interrupted, UserError, WontFit
 from .model import GPT, load_pretrained, require_pretrained
@@ -248,7 +248,8 @@ def _loop(run: _Run, say) -> dict[str, Any]:
     total = time.perf_counter() - t_origin
     status = "finished" if not cfg.eval_only else "evaluated"
     log(metrics_path, {"kind": "end", "iter": iter_num, "best_val_loss": best_val,
-                       "elapsed_s": total, "status": status, "peak_memory_bytes": peak_memory_bytes(device)})
+                       "elapsed_s": total, "status": status, "peak_memory_bytes": peak_memory_bytes(device),
+                       "config": cfg.to_dict()})  # what a later launch must match to count as this run
     say(f"{run.out}: {status} at iter {iter_num}, best val loss {best_val:.4f}, {total:.1f} s")
     return {"out_dir": str(run.out), "best_val_loss": best_val, "iter": iter_num, "elapsed_s": total, "skipped": False}
 
@@ -269,10 +270,28 @@ def _stop_now(world: World, received: bool, iter_num: int, log_interval: int) ->
     return iter_num % log_interval == 0 and world.any(received)
 
 
+# fields that change how a run is watched or where it lives, not what it trains
+_NOT_THE_RESULT = ("out_dir", "data_root", "log_interval", "compile")
+
+
 def _finished_already(out: Path, cfg: Config) -> bool:
+    """Has `out` finished this very run? A run that finished with other settings is refused, not passed
+    off as this one; its records stay as they are and its config.json says what it trained."""
     path = out / metrics.METRICS_FILE
-    ends = metrics.of_kind(metrics.read(path), "end") if path.exists() else []
-    return bool(ends) and ends[-1].get("status") == "finished" and ends[-1].get("iter") == cfg.max_iters
+    records = metrics.read(path) if path.exists() else []
+    ends = metrics.of_kind(records, "end")
+    if not (ends and ends[-1].get("status") == "finished" and ends[-1].get("iter") == cfg.max_iters):
+        return False
+    was = ends[-1].get("config") or metrics.meta(records).get("config") or {}
+    differ = [f"{k}={was[k]!r} (finished) vs {v!r} (now)" for k, v in cfg.to_dict().items()
+              if k in was and k not in _NOT_THE_RESULT and v is not None and v != was[k]]
+    if differ:
+        if was:  # a notebook stage writes the new config.json before the job starts: put the run's back
+            from_dict(was).save(out / "config.json")
+        raise UserError(f"{out} holds a run that finished with other settings: {', '.join(differ)}",
+                        f"use a new --out-dir for these settings, or delete {out} to train it again "
+                        "(the finished run is kept)")
+    return True
 
 
 def _network(cfg: Config, meta: dict[str, Any], ckpt: dict[str, Any] | None) -> GPTConfig:

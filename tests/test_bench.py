@@ -270,3 +270,20 @@ def test_logging_windows_leave_evaluations_and_start_up_out(tmp_path):
     assert steps == [(0, 0.009), (4, 0.005), (10, 0.006)] and info["end"]["iter"] == 12
     metrics.rewrite(tmp_path / metrics.METRICS_FILE, [r for r in records if r["kind"] != "eval" or r["iter"]])
     assert bench._ours_steps(tmp_path, 10)[0] == [(4, 0.005), (10, 0.006)]  # resumed: no known start for 0-3
+
+
+def test_same_progress_compares_the_time_each_side_took_to_nanogpts_best_validation_loss():
+    def run(impl, evals):
+        return {"impl": impl, "pair": 1, "wall_s": 100.0, "peak_memory_mb": 1.0, "ms_per_iter": None,
+                "target": {"reached": False, "wall_s": None},
+                "evals": [{"iter": i, "val_loss": v, "wall_s": t} for i, v, t in evals]}
+
+    theirs = run("nanogpt", [(0, 4.2, 2.0), (250, 2.1, 30.0), (500, 1.90, 60.0), (750, 1.93, 90.0)])
+    ours = run("nanorepro", [(100, 2.5, 10.0), (200, 1.95, 20.0), (300, 1.89, 30.0), (400, 1.70, 40.0)])
+    (pair,) = bench._summary({"target_loss": 1.47, "runs": [ours, theirs]})["pairs"]
+    # nanoGPT's best (1.90, first at 60 s), ours first at or below it at 30 s
+    assert pair["same_progress"] == {"val_loss": 1.90, "nanogpt_s": 60.0, "nanogpt_iter": 500,
+                                     "nanorepro_s": 30.0, "nanorepro_iter": 300, "ratio": 0.5}
+    slow = run("nanorepro", [(100, 2.5, 50.0), (200, 1.95, 70.0)])
+    (pair,) = bench._summary({"target_loss": 1.47, "runs": [slow, theirs]})["pairs"]
+    assert pair["same_progress"]["ratio"] is None and pair["same_progress"]["nanorepro_s"] is None

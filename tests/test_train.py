@@ -376,3 +376,18 @@ def test_per_step_records_are_not_fsynced_inside_the_timed_steps(char_data_root,
     durable = [r for r in records if r["kind"] != "train"]  # meta, 3 evaluations, end
     assert len(durable) == 5 and len(metrics.of_kind(records, "train")) == 10
     assert sum(p.endswith("metrics.jsonl") for p in synced) == len(durable)
+
+
+def test_a_finished_run_relaunched_with_other_settings_is_refused_not_passed_off(char_data_root, tmp_path):
+    cfg = tiny(char_data_root, tmp_path / "run", max_iters=10)
+    train(cfg)
+    run = tmp_path / "run"
+    before = {f: (run / f).read_bytes() for f in ("metrics.jsonl", "ckpt.pt", "config.json")}
+    # as a notebook stage does: the new settings' config.json is written before the job starts
+    changed = tiny(char_data_root, run, max_iters=10, learning_rate=2e-3)
+    changed.save(run / "config.json")
+    with pytest.raises(UserError, match=r"finished with other settings: learning_rate=0.001 \(finished\) vs 0.002"):
+        train(changed)
+    assert {f: (run / f).read_bytes() for f in before} == before  # records, checkpoint and config.json as they were
+    # a setting that does not change what is trained still finds the run finished
+    assert train(tiny(char_data_root, run, max_iters=10, log_interval=5))["skipped"] is True
