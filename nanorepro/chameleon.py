@@ -500,7 +500,8 @@ def _boot(chi: Any, record: dict[str, Any], state_dir: Path, *, poll: float, ssh
             node["server_id"] = launch_server(chi, record, NETWORK, poll, SERVER_TIMEOUT_S, name=node["name"])
             record["server_id"] = nodes[0]["server_id"]
             save_record(state_dir, record)
-    with _step(f"waiting for the server{'s' if len(nodes) > 1 else ''} to build (bare-metal A100 nodes take 10-30 min)"):
+    servers = "servers" if len(nodes) > 1 else "server"
+    with _step(f"waiting for the {servers} to build (bare-metal A100 nodes take 10-30 min)"):
         for node in nodes:
             wait_server(chi, node["server_id"], node["name"], SERVER_TIMEOUT_S, poll)
             node["private_ip"] = private_ip(chi, node["server_id"])
@@ -580,7 +581,8 @@ def create_lease(chi: Any, name: str, node_type: str, hours: float, fip: bool = 
             fix = (f"{'no node is' if nodes == 1 else f'fewer than {nodes} nodes are'} free for the whole lease: "
                    f"ask for fewer lease_hours{'' if nodes == 1 else ' or nodes'}, another node_type or site, or later")
         elif any(word in low for word in ("allocation", " su", "balance", "charge")):
-            fix = f"the project's allocation cannot cover {su_cost(hours, nodes):g} SU: ask its PI to renew or recharge it"
+            fix = (f"the project's allocation cannot cover {su_cost(hours, nodes):g} SU: ask its PI to renew or "
+                   "recharge it")
         else:
             fix = "check the project's allocation is active and, outside the hub, that the application credential " \
                   "was created 'unrestricted'"

@@ -671,7 +671,8 @@ def test_estimate_for_two_nodes_of_four_a100s_prints_tokens_days_and_service_uni
     from nanorepro import cli as nanorepro_cli, config, data, memory
 
     monkeypatch.chdir(tmp_path)  # no prepared data here: GPT-2's vocabulary, as on the hub
-    assert nanorepro_cli.main(["estimate", "--preset", "train-gpt2", "--nodes", "2", "--gpus", "4", "--gpu", "A100"]) == 0
+    argv = ["estimate", "--preset", "train-gpt2", "--nodes", "2", "--gpus", "4", "--gpu", "A100"]
+    assert nanorepro_cli.main(argv) == 0
     out = capsys.readouterr().out
     cfg = config.resolve("train-gpt2", {"parallel": "ddp"})
     shape = cfg.model_config(data.GPT2_VOCAB_SIZE)
