@@ -1,19 +1,26 @@
-"""Reserve an A100 bare-metal node on Chameleon with python-chi, and give it back.
+"""Reserve A100 bare-metal nodes on Chameleon with python-chi, and give them back.
 
-`reserve()`: credentials and site, node type and availability, image and key checks, then a lease
-(reused by name), ACTIVE, a server on it (reused by name), a floating IP, and SSH answering. The
-node record `<state_dir>/chameleon_node.json` is rewritten after every step, so `release()` always
+`reserve(nodes=N)`: credentials and site, node type and availability (N free hosts of one type),
+image and key checks, then ONE lease for N hosts (reused by name), ACTIVE, N servers on it named
+`<lease>-0..N-1` (reused by name), one floating IP on the head (node 0), and SSH answering there.
+The other nodes get no public address: they are reached through the head over the private network.
+The node record `<state_dir>/chameleon_node.json` is rewritten after every step, so `release()` always
 knows what to delete, and a failure after the lease exists never leaves it running unannounced:
 it is released, or the message says it still runs, until when, and the command that releases it.
-`release()`: server, floating IP, lease; then it checks that nothing is left.
+`release()`: every server, the floating IP, the lease; then it checks that nothing is left.
+
+The record keeps the head's `host` (floating IP), `port`, `server_name`, `server_id` as for one node,
+and `nodes`: [{"name", "server_id", "private_ip", "ssh_port"}, ...], head first, one entry per node
+(present for one node too; entries are written with the names before the servers exist).
 
 python-chi 1.2.10's quirks are handled where each bites. Its `Lease.wait()`/`Server.wait()` return
 normally on ERROR and its `.status` properties call the API on every read: we poll the clients ourselves.
 Light module (the hub kernel imports it): no torch, and python-chi is imported only when used.
 
 Knobs for unusual setups and tests, as environment variables: NANOREPRO_CHI_POLL_S (seconds between
-status polls, default 10), NANOREPRO_SSH_USER (cc), NANOREPRO_SSH_PORT (22), NANOREPRO_REMOTE_DIR
-(nanorepro, under the user's home on the node).
+status polls, default 10), NANOREPRO_SSH_USER (cc), NANOREPRO_SSH_PORT (22; or one port per node,
+comma-separated, head first: the tests' loopback sshds), NANOREPRO_REMOTE_DIR (nanorepro, under the
+user's home on the node).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import socket
 import time
@@ -106,9 +114,36 @@ def _when(value: dt.datetime) -> str:
     return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def su_cost(hours: float) -> float:
-    """Service units a one-node lease costs: node-hours times the rate."""
-    return hours * SU_PER_NODE_HOUR
+def su_cost(hours: float, nodes: int = 1) -> float:
+    """Service units a lease of `nodes` nodes costs: node-hours times the rate."""
+    return hours * nodes * SU_PER_NODE_HOUR
+
+
+def check_nodes(nodes: Any) -> int:
+    """`nodes` as a node count, or a UserError naming the fix."""
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise UserError(f"nodes={nodes!r} is not a positive whole number of nodes",
+                        "set nodes=1 for one node, or e.g. nodes=2 for two (each gpu_a100_pcie node has 4 A100s)")
+    return nodes
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _ssh_ports(nodes: int) -> list[int]:
+    """Each node's SSH port: 22, or $NANOREPRO_SSH_PORT (one port for all, or one per node, head first)."""
+    raw = os.environ.get("NANOREPRO_SSH_PORT", "22")
+    try:
+        ports = [int(p) for p in raw.split(",")]
+    except ValueError:
+        ports = []
+    if len(ports) == 1:
+        ports *= nodes
+    if len(ports) != nodes:
+        raise UserError(f"NANOREPRO_SSH_PORT={raw!r} does not give one port for each of the {nodes} nodes",
+                        "unset it (22 on Chameleon), or give one port, or one per node separated by commas")
+    return ports
 
 
 def save_record(state_dir: Path, record: dict[str, Any]) -> None:
@@ -129,7 +164,8 @@ def still_running(record: dict[str, Any], state_dir: Path) -> str:
     if record.get("lease_end"):
         end = dt.datetime.fromisoformat(record["lease_end"])
         hours = max((end - _utcnow()).total_seconds() / 3600, 0)
-        left = f" until {_when(end)} ({hours:.1f} h more, about {su_cost(hours):.0f} SU)"
+        count = len(record.get("nodes") or [None])
+        left = f" until {_when(end)} ({hours:.1f} h more, about {su_cost(hours, count):.0f} SU)"
     return (f"lease {record.get('lease_name')} ({record.get('lease_id')}) at {record.get('site')} is STILL RUNNING"
             f"{left}; release it with `{release_command(state_dir)}`, or run notebooks/05_release_node.ipynb with "
             f"target='chameleon' and results_dir={str(state_dir)!r}")
@@ -204,20 +240,20 @@ def connect(site: str | None, project: str | None = None) -> tuple[Any, str]:
 
 
 # -- availability -------------------------------------------------------------------------------
-def availability(chi: Any, node_type: str, hours: float) -> dict[str, Any]:
+def availability(chi: Any, node_type: str, hours: float, nodes: int = 1) -> dict[str, Any]:
     """How many `node_type` nodes the current site has, how many are free for `hours` from now, and
-    when the next one frees up (None when unknown)."""
+    when `nodes` of them are next free together (None when unknown, or the site has fewer)."""
     from chi.exception import CHIValueError
 
     try:
-        nodes = chi.hardware.get_nodes(node_type=node_type)
+        hosts = chi.hardware.get_nodes(node_type=node_type)
     except CHIValueError:
         return {"node_type": node_type, "nodes": 0, "free_now": 0, "next_free": None}
     soon = _utcnow() + dt.timedelta(minutes=5)
     slot_hours = max(1, math.ceil(hours))
-    starts = [node.next_free_timeslot(minimum_hours=slot_hours)[0] for node in nodes if node.reservable]
-    return {"node_type": node_type, "nodes": len(nodes), "free_now": sum(s <= soon for s in starts),
-            "next_free": min(starts, default=None)}
+    starts = sorted(host.next_free_timeslot(minimum_hours=slot_hours)[0] for host in hosts if host.reservable)
+    return {"node_type": node_type, "nodes": len(hosts), "free_now": sum(s <= soon for s in starts),
+            "next_free": starts[nodes - 1] if len(starts) >= nodes else None}
 
 
 def _other_sites(chi: Any, site: str, hours: float) -> list[str]:
@@ -239,8 +275,8 @@ def _other_sites(chi: Any, site: str, hours: float) -> list[str]:
     return found
 
 
-def choose_node_type(chi: Any, site: str, node_type: str, hours: float) -> str:
-    """The A100 node type to lease: `node_type`, or the first free one at `site` for "auto"."""
+def choose_node_type(chi: Any, site: str, node_type: str, hours: float, nodes: int = 1) -> str:
+    """The A100 node type to lease: `node_type`, or for "auto" the first of which `site` has `nodes` free."""
     here = [t for t, (sites, _) in A100_NODE_TYPES.items() if site in sites]
     if node_type not in ("auto", *A100_NODE_TYPES):
         raise UserError(f"{node_type!r} is not an A100 node type",
@@ -256,33 +292,38 @@ def choose_node_type(chi: Any, site: str, node_type: str, hours: float) -> str:
     seen = []
     for t in candidates:
         try:
-            info = availability(chi, t, hours)
+            info = availability(chi, t, hours, nodes)
         except Exception as e:  # the hardware API is a convenience: Blazar has the last word
             print(f"   could not check availability of {t} ({type(e).__name__}: {e}); asking for a lease anyway")
             return t
         print(f"   {t} at {site}: {info['nodes']} nodes, {info['free_now']} free for {hours:g} h", flush=True)
-        if info["free_now"]:
+        if info["free_now"] >= nodes:
             return t
         seen.append(info)
     nexts = [f"{i['node_type']} from {_when(i['next_free'])}" for i in seen if i["next_free"]]
     others = _other_sites(chi, site, hours)
-    raise UserError(f"no A100 node ({', '.join(candidates)}) is free at {site} for {hours:g} h" +
-                    (f"; next free: {', '.join(nexts)}" if nexts else ""),
-                    "re-run later" + (f", or try {'; or '.join(others)}" if others else "") +
-                    ", or ask for fewer lease_hours")
+    where = f"at {site} for {hours:g} h" + (f"; next free: {', '.join(nexts)}" if nexts else "")
+    fix = "re-run later" + (f", or try {'; or '.join(others)}" if others else "") + ", or ask for fewer lease_hours"
+    if nodes == 1:
+        raise UserError(f"no A100 node ({', '.join(candidates)}) is free {where}", fix)
+    small = [f"{i['node_type']} has {i['nodes']} in all" for i in seen if i["nodes"] < nodes]
+    raise UserError(f"fewer than {nodes} A100 nodes of one type ({', '.join(candidates)}) are free {where}" +
+                    (f" ({site}: {', '.join(small)})" if small else ""), f"{fix} or fewer nodes")
 
 
 # -- reserve ------------------------------------------------------------------------------------
-def reserve(target: str = "chameleon", *, site: str | None = None, node_type: str = "auto",
+def reserve(target: str = "chameleon", *, site: str | None = None, node_type: str = "auto", nodes: int = 1,
             lease_hours: float = DEFAULT_LEASE_HOURS, image: str = DEFAULT_IMAGE, lease_name: str | None = None,
             server_name: str | None = None, state_dir: str | Path | None = STATE_DIR, project: str | None = None,
             key_name: str | None = None, private_key: str | None = None, public_key: str | None = None,
             keep_on_failure: bool = False, ssh_timeout_s: float = 20 * 60) -> dict[str, Any] | None:
-    """Lease an A100 node, boot `image` on it, give it a floating IP and wait for SSH; the node record.
+    """Lease `nodes` A100 nodes of one type, boot `image` on each (servers `<server_name>-0..N-1`, by default
+    `<lease_name>-0..`), give the head (node 0) a floating IP and wait for SSH there; the node record.
 
-    Re-running reuses the live lease and server of the same names. On a failure after the lease
+    Re-running reuses the live lease and servers of the same names. On a failure after the lease
     exists, everything made is released (or kept, with `keep_on_failure=True`, and said so plainly).
     """
+    nodes = check_nodes(nodes)
     if not _on_chameleon(target, "nothing to reserve, every stage runs on this machine"):
         return None
     if not 0 < lease_hours <= MAX_LEASE_HOURS:
@@ -291,6 +332,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
     state_dir = _state_dir(state_dir)
     user = os.environ.get("OS_USERNAME") or os.environ.get("USER") or "user"
     lease_name = lease_name or f"nanorepro-{user}"
+    ports = _ssh_ports(nodes)
     old = read_node_record(state_dir)
     if old and old.get("status") != "released" and old.get("lease_name") not in (None, lease_name):
         raise UserError(f"{state_dir} already holds the node of lease {old.get('lease_name')}",
@@ -301,10 +343,10 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
         chi, site = connect(site, project)
     record: dict[str, Any] = {
         "site": site, "project": project or os.environ.get("OS_PROJECT_NAME") or os.environ.get("OS_PROJECT_ID"),
-        "lease_name": lease_name, "server_name": server_name or f"{lease_name}-node", "image": image,
-        "status": "reserving", "user": os.environ.get("NANOREPRO_SSH_USER", "cc"),
-        "port": int(os.environ.get("NANOREPRO_SSH_PORT", 22)),
+        "lease_name": lease_name, "server_name": f"{server_name or lease_name}-0", "image": image,
+        "status": "reserving", "user": os.environ.get("NANOREPRO_SSH_USER", "cc"), "port": ports[0],
         "remote_dir": os.environ.get("NANOREPRO_REMOTE_DIR", "nanorepro"),
+        "nodes": _node_entries(server_name or lease_name, ports, nodes),
     }
 
     with _step(f"looking for a live lease named {lease_name}"):
@@ -317,6 +359,13 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
         raise UserError(f"lease {lease_name} at {site} is in ERROR from an earlier try; until released it may "
                         "still hold a node and count against the allocation",
                         f"release it (`{release_command(state_dir)}` or 05_release_node), then run this again")
+    if lease and _lease_hosts(lease) not in (None, nodes):
+        held = _lease_hosts(lease)
+        record["nodes"] = _node_entries(server_name or lease_name, ports, held)  # what release() looks for
+        save_record(state_dir, record)
+        raise UserError(f"lease {lease_name} at {site} holds {_plural(held, 'node')}, not the nodes={nodes} asked "
+                        f"for. The {still_running(record, state_dir)}",
+                        f"set nodes={held} to use it, or release it first to lease {_plural(nodes, 'node')}")
 
     with _step("checking the image and the SSH key"):
         try:
@@ -327,7 +376,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
             raise
 
     if lease is None:
-        _note_lease(record, _new_lease(chi, record, state_dir, node_type, lease_hours, keep_on_failure))
+        _note_lease(record, _new_lease(chi, record, state_dir, node_type, lease_hours, keep_on_failure, nodes))
     save_record(state_dir, record)
 
     try:
@@ -340,12 +389,22 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
 
     record["status"] = "ready"
     save_record(state_dir, record)
-    print(f"node ready in {duration(time.monotonic() - started)}: ssh {record['user']}@{record['host']}"
+    what = f"{record['node_type']} ({record['gpus']})" if nodes == 1 else \
+        f"{nodes}x {record['node_type']} ({record['gpus']} each; the others reached through the head at " \
+        f"{', '.join(str(n['private_ip']) for n in record['nodes'][1:])})"
+    print(f"{'node' if nodes == 1 else f'{nodes} nodes'} ready in {duration(time.monotonic() - started)}: "
+          f"ssh {record['user']}@{record['host']}"
           f"{' -p ' + str(record['port']) if record['port'] != 22 else ''} -i {record['key_path']}\n"
-          f"{record['node_type']} ({record['gpus']}) at {site}, lease {lease_name} until "
+          f"{what} at {site}, lease {lease_name} until "
           f"{_when(dt.datetime.fromisoformat(record['lease_end']))}. When done: 05_release_node "
           f"or `{release_command(state_dir)}`", flush=True)
     return record
+
+
+def _node_entries(base: str, ports: list[int], count: int) -> list[dict[str, Any]]:
+    """The record's "nodes", head first, before their servers exist: names and SSH ports."""
+    return [{"name": f"{base}-{i}", "server_id": None, "private_ip": None, "ssh_port": ports[min(i, len(ports) - 1)]}
+            for i in range(count)]
 
 
 def _note_lease(record: dict[str, Any], lease: dict[str, Any]) -> None:
@@ -359,19 +418,20 @@ def _note_lease(record: dict[str, Any], lease: dict[str, Any]) -> None:
 
 
 def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str, hours: float,
-               keep_on_failure: bool) -> dict[str, Any]:
+               keep_on_failure: bool, nodes: int = 1) -> dict[str, Any]:
     """Choose the node type, say what the lease costs, and create it. When creating fails but Blazar
     made the lease all the same (its reply was lost), that lease is released (or kept) and the failure raised."""
     site, name = record["site"], record["lease_name"]
     with _step(f"choosing an A100 node type at {site}"):
-        node_type = choose_node_type(chi, site, node_type, hours)
-    print(f"This lease will cost {su_cost(hours):g} SU: 1 node x {hours:g} h x "
+        node_type = choose_node_type(chi, site, node_type, hours, nodes)
+    print(f"This lease will cost {su_cost(hours, nodes):g} SU: {_plural(nodes, 'node')} x {hours:g} h x "
           f"{SU_PER_NODE_HOUR:g} SU per node-hour ({SU_RATE_SOURCE}). Releasing early "
           "(05_release_node) stops the charge for the hours left.", flush=True)
     save_record(state_dir, record)  # the name is on record before Blazar hears it: release() finds it
-    with _step(f"creating lease {name} for one {node_type} node, {hours:g} h"):
+    with _step(f"creating lease {name} for {'one' if nodes == 1 else nodes} {node_type} node"
+               f"{'' if nodes == 1 else 's'}, {hours:g} h"):
         try:
-            return create_lease(chi, name, node_type, hours, fip=site_reserves_fips(chi))
+            return create_lease(chi, name, node_type, hours, fip=site_reserves_fips(chi), nodes=nodes)
         except Exception as e:  # the reply may be lost after Blazar made it
             made, error = _lease_made_anyway(chi, name, e, state_dir), e
         except KeyboardInterrupt:
@@ -398,11 +458,13 @@ def _release_after_failure(chi: Any, record: dict[str, Any], state_dir: Path, er
         raise UserError(f"{problem}; releasing failed too ({type(e2).__name__}: {e2}). The "
                         f"{still_running(record, state_dir)}", fix) from error
     if left:
-        raise UserError(f"{problem}; after releasing, still left at {record['site']}: {', '.join(left)}. The "
-                        f"{still_running(record, state_dir)}", fix) from error
+        raise UserError(f"{problem}; after releasing, still left at {record['site']}: "
+                        f"{', '.join(what for what, _ in left)}. The {still_running(record, state_dir)}",
+                        f"{fix}; remove what is left: {'; '.join(f'`{command}`' for _, command in left)}") from error
     record["status"] = "released"
     save_record(state_dir, record)
-    raise UserError(f"{problem}. The lease, server and floating IP were released: nothing is left running",
+    raise UserError(f"{problem}. The lease, server{'s' if len(record.get('nodes') or []) > 1 else ''} and floating "
+                    "IP were released: nothing is left running",
                     f"{fix}; then run this notebook again") from error
 
 
@@ -425,17 +487,28 @@ def _lease_made_anyway(chi: Any, name: str, error: BaseException, state_dir: Pat
 
 
 def _boot(chi: Any, record: dict[str, Any], state_dir: Path, *, poll: float, ssh_timeout_s: float) -> None:
-    """Everything after the lease exists: ACTIVE, server, floating IP, SSH."""
+    """Everything after the lease exists: ACTIVE, a server per node, the head's floating IP, SSH on the head
+    (the other nodes have no public address: the head reaches them)."""
     with _step(f"waiting for lease {record['lease_name']} to become ACTIVE"):
         lease = wait_lease(chi, record["lease_id"], LEASE_TIMEOUT_S, poll)
     record["reservation_id"] = _node_reservation(lease)["id"]
     save_record(state_dir, record)
 
-    with _step(f"launching server {record['server_name']} with {record['image']}"):
-        record["server_id"] = launch_server(chi, record, NETWORK, poll, SERVER_TIMEOUT_S)
+    nodes = record["nodes"]
+    for node in nodes:  # all submitted before any is waited for: they build side by side
+        with _step(f"launching server {node['name']} with {record['image']}"):
+            node["server_id"] = launch_server(chi, record, NETWORK, poll, SERVER_TIMEOUT_S, name=node["name"])
+            record["server_id"] = nodes[0]["server_id"]
+            save_record(state_dir, record)
+    servers = "servers" if len(nodes) > 1 else "server"
+    with _step(f"waiting for the {servers} to build (bare-metal A100 nodes take 10-30 min)"):
+        for node in nodes:
+            wait_server(chi, node["server_id"], node["name"], SERVER_TIMEOUT_S, poll)
+            node["private_ip"] = private_ip(chi, node["server_id"])
+            if node["private_ip"] is None and len(nodes) > 1:
+                raise UserError(f"server {node['name']} has no address on {NETWORK}",
+                                "the nodes reach each other over it: reserve again")
         save_record(state_dir, record)
-    with _step("waiting for the server to build (bare-metal A100 nodes take 10-30 min)"):
-        wait_server(chi, record["server_id"], record["server_name"], SERVER_TIMEOUT_S, poll)
 
     with _step("attaching a floating IP"):
         attach_floating_ip(chi, record, state_dir)
@@ -482,14 +555,16 @@ def find_lease(chi: Any, name: str) -> dict[str, Any] | None:
     return live[0] if live else None
 
 
-def create_lease(chi: Any, name: str, node_type: str, hours: float, fip: bool = False) -> dict[str, Any]:
-    """Ask Blazar for one `node_type` node from now for `hours` (with `fip`, and a floating IP reserved with it,
+def create_lease(chi: Any, name: str, node_type: str, hours: float, fip: bool = False,
+                 nodes: int = 1) -> dict[str, Any]:
+    """Ask Blazar for `nodes` `node_type` hosts (min = max = nodes) from now for `hours` (with `fip`, and one
+    floating IP reserved with it, for the head,
     so that it cannot run out after the boot; a site that refuses that gets the lease without one). Blazar's
     refusal becomes a UserError (`Lease.submit()` would reduce it to "Unable to make lease")."""
     from blazarclient.exception import BlazarClientException
 
     lease = chi.lease.Lease(name, duration=dt.timedelta(hours=hours))  # counts from now, whatever start_date says
-    lease.add_node_reservation(amount=1, node_type=node_type)
+    lease.add_node_reservation(amount=nodes, node_type=node_type)
     if fip:
         lease.add_fip_reservation(1)
     try:
@@ -501,11 +576,13 @@ def create_lease(chi: Any, name: str, node_type: str, hours: float, fip: bool = 
         if fip and ("floatingip" in low or "floating ip" in low):
             print(f"   the site cannot reserve a floating IP in the lease ({e}); asking without one: the node will "
                   "get one from the on-demand pool", flush=True)
-            return create_lease(chi, name, node_type, hours)
+            return create_lease(chi, name, node_type, hours, nodes=nodes)
         if "not enough" in low:
-            fix = "no node is free for the whole lease: ask for fewer lease_hours, another node_type or site, or later"
+            fix = (f"{'no node is' if nodes == 1 else f'fewer than {nodes} nodes are'} free for the whole lease: "
+                   f"ask for fewer lease_hours{'' if nodes == 1 else ' or nodes'}, another node_type or site, or later")
         elif any(word in low for word in ("allocation", " su", "balance", "charge")):
-            fix = f"the project's allocation cannot cover {su_cost(hours):g} SU: ask its PI to renew or recharge it"
+            fix = (f"the project's allocation cannot cover {su_cost(hours, nodes):g} SU: ask its PI to renew or "
+                   "recharge it")
         else:
             fix = "check the project's allocation is active and, outside the hub, that the application credential " \
                   "was created 'unrestricted'"
@@ -532,6 +609,13 @@ def _node_reservation(lease: dict[str, Any]) -> dict[str, Any]:
     raise UserError(f"lease {lease.get('name')} has no node reservation", "release it and reserve again")
 
 
+def _lease_hosts(lease: dict[str, Any]) -> int | None:
+    """How many hosts the lease's node reservation holds (None when Blazar does not say)."""
+    res = next((r for r in _reservations(lease) if r.get("resource_type") == "physical:host"), {})
+    count = res.get("max", res.get("min"))
+    return int(count) if count is not None else None
+
+
 def _lease_node_type(lease: dict[str, Any]) -> str | None:
     props = " ".join(str(res.get("resource_properties", "")) for res in _reservations(lease))
     return next((t for t in A100_NODE_TYPES if t in props), None)
@@ -555,9 +639,11 @@ def wait_lease(chi: Any, lease_id: str, timeout_s: float, poll: float) -> dict[s
         time.sleep(poll)
 
 
-def launch_server(chi: Any, record: dict[str, Any], network: str, poll: float, timeout_s: float) -> str:
-    """Create the server on the reservation (or find the one of that name); its id."""
-    name = record["server_name"]
+def launch_server(chi: Any, record: dict[str, Any], network: str, poll: float, timeout_s: float,
+                  name: str | None = None) -> str:
+    """Create the server `name` (default the record's server_name) on the reservation (or find the one of
+    that name); its id."""
+    name = name or record["server_name"]
     existing = chi.server.get_server_id(name)
     if existing:
         status = chi.nova().servers.get(existing).status
@@ -587,6 +673,14 @@ def _server_exists(chi: Any, server_id: str) -> bool:
         return chi.nova().servers.get(server_id).status != "DELETED"
     except NotFound:
         return False
+
+
+def private_ip(chi: Any, server_id: str) -> str | None:
+    """The server's fixed address on the shared network (what the other nodes reach it at)."""
+    addresses = chi.nova().servers.get(server_id).addresses
+    fixed = [a["addr"] for net in (NETWORK, *addresses) for a in addresses.get(net, [])
+             if a.get("OS-EXT-IPS:type", "fixed") == "fixed"]
+    return fixed[0] if fixed else None
 
 
 def wait_server(chi: Any, server_id: str, name: str, timeout_s: float, poll: float) -> None:
@@ -675,7 +769,8 @@ def _wait_gone(exists: Callable[[], bool], timeout_s: float, poll: float) -> Non
 def release(target: str = "chameleon", *, state_dir: str | Path | None = STATE_DIR, site: str | None = None,
             lease_name: str | None = None, server_name: str | None = None,
             project: str | None = None) -> dict[str, Any] | None:
-    """Delete the server, floating IP and lease recorded in `state_dir` (or named), and check none is left."""
+    """Delete every server, the floating IP and the lease recorded in `state_dir` (or named: `lease_name`, and
+    `server_name` or `<lease_name>-<i>` for the servers), then check that none of them is left."""
     if not _on_chameleon(target, "nothing was reserved, nothing to release"):
         return None
     state_dir = _state_dir(state_dir)
@@ -698,24 +793,38 @@ def release(target: str = "chameleon", *, state_dir: str | Path | None = STATE_D
                         f"retry `{release_command(state_dir)}`; if it keeps failing delete the lease in the "
                         f"Chameleon GUI ({record['site']}: Reservations > Leases)") from e
     if left:
-        raise UserError(f"still left at {record['site']} after {duration(RELEASE_TIMEOUT_S)}: {', '.join(left)}",
-                        f"retry `{release_command(state_dir)}` in a few minutes, or delete them in the Chameleon GUI")
+        raise UserError(f"still left at {record['site']} after {duration(RELEASE_TIMEOUT_S)}: "
+                        f"{', '.join(what for what, _ in left)}",
+                        f"retry `{release_command(state_dir)}` in a few minutes, or remove them: "
+                        f"{'; '.join(f'`{command}`' for _, command in left)} (or in the Chameleon GUI)")
     record["status"] = "released"
     if state_dir.is_dir():
         save_record(state_dir, record)
-    print(f"released in {duration(time.monotonic() - started)}: no server, floating IP or lease of "
+    print(f"released in {duration(time.monotonic() - started)}, and checked: no server, floating IP or lease of "
           f"{record.get('lease_name')} is left at {record['site']}", flush=True)
     return record
 
 
-def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float) -> list[str]:
-    """Delete what the record names (and what carries its names); what is still left afterwards."""
+def _server_matcher(record: dict[str, Any]) -> Callable[[Any], bool]:
+    """Whether a Nova server is one of the record's: by id, by name, or named `<lease>-<i>` / `<server_name>-<i>`
+    (a crash may come before an id is recorded; a release by name has no record)."""
+    nodes = record.get("nodes") or []
+    ids = {n.get("server_id") for n in nodes} | {record.get("server_id")}
+    names = {n.get("name") for n in nodes} | {record.get("server_name")}
+    bases = [re.escape(b) for b in (record.get("lease_name"), record.get("server_name")) if b]
+    numbered = re.compile(rf"(?:{'|'.join(bases)})-\d+") if bases else None
+    return lambda s: s.id in ids - {None} or s.name in names - {None} or bool(numbered and numbered.fullmatch(s.name))
+
+
+def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float) -> list[tuple[str, str]]:
+    """Delete what the record names (and what carries its names); what is still left afterwards, each with
+    the command that removes it."""
     from blazarclient.exception import BlazarClientException
     from chi.exception import CHIValueError
     from novaclient.exceptions import NotFound
 
-    lease_name, server_name = record.get("lease_name"), record.get("server_name")
-    servers = {s.id: s for s in chi.nova().servers.list() if s.name == server_name or s.id == record.get("server_id")}
+    lease_name, ours = record.get("lease_name"), _server_matcher(record)
+    servers = {s.id: s for s in chi.nova().servers.list() if ours(s)}
     addresses = {a["addr"] for s in servers.values() for addrs in s.addresses.values() for a in addrs
                  if a.get("OS-EXT-IPS:type") == "floating"}
     if record.get("floating_ip"):
@@ -725,7 +834,8 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
     leases = {lease["id"]: lease["status"] for lease in chi.blazar().lease.list()
               if (lease["name"] == lease_name and lease["status"] in LIVE) or lease["id"] == record.get("lease_id")}
 
-    with _step(f"deleting server {server_name}" if servers else "no server to delete"):
+    names = ", ".join(sorted(s.name for s in servers.values()))
+    with _step(f"deleting server{'s' if len(servers) > 1 else ''} {names}" if servers else "no server to delete"):
         for server_id in servers:
             with contextlib.suppress(NotFound):
                 chi.server.delete_server(server_id)
@@ -747,14 +857,17 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
                                for lease in chi.blazar().lease.list()), timeout_s, poll)
 
     with _step("checking nothing is left"):
-        left = [f"server {s.name} ({s.id})" for s in chi.nova().servers.list()
-                if (s.id in servers or s.name == server_name) and s.status != "DELETED"]
+        left = [(f"server {s.name} ({s.id})", f"openstack server delete {s.id}") for s in chi.nova().servers.list()
+                if (s.id in servers or ours(s)) and s.status != "DELETED"]
         reserved = f"reservation:{record.get('fip_reservation_id')}"
-        left += [f"floating IP {f['floating_ip_address']}" for f in chi.network.list_floating_ips()
+        left += [(f"floating IP {f['floating_ip_address']}", f"openstack floating ip delete {f['id']}")
+                 for f in chi.network.list_floating_ips()
                  if f["floating_ip_address"] in addresses or reserved in (f.get("tags") or [])]
-        left += [f"lease {lease['name']} ({lease['id']}, {lease['status']})" for lease in chi.blazar().lease.list()
+        left += [(f"lease {lease['name']} ({lease['id']}, {lease['status']})",
+                  f"openstack reservation lease delete {lease['id']}") for lease in chi.blazar().lease.list()
                  if (lease["id"] in leases or lease["name"] == lease_name) and lease["status"] in LIVE]
-        print("   nothing left" if not left else f"   left: {', '.join(left)}")
+        print(f"   nothing left: no server ({len(servers)} deleted), floating IP or lease" if not left
+              else f"   left: {', '.join(what for what, _ in left)}")
     return left
 
 

@@ -43,23 +43,48 @@ def _compare_gpt2(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _estimate(args: argparse.Namespace, extra: list[str]) -> None:
-    cfg = config.resolve(args.preset, config.parse_overrides(extra))
+    """Memory per process, then (with --gpu) time, tokens/s and, on several nodes or GPUs, the Chameleon SUs.
+    A run on more than one GPU in all is torchrun's: parallel=none is estimated as ddp, as nanoGPT runs it."""
+    for option, value in (("--nodes", args.nodes), ("--gpus", args.gpus)):
+        if value < 1:
+            raise UserError(f"{option} {value} is not a positive number", f"give {option} 1 or more")
+    overrides = config.parse_overrides(extra)
+    cfg = config.resolve(args.preset, overrides)
+    world = args.nodes * args.gpus
+    if world > 1 and cfg.parallel == "none":
+        cfg = config.resolve(args.preset, {**overrides, "parallel": "ddp"})
+        print(f"parallel=none: estimated as parallel=ddp over {world} processes (torchrun; --parallel=fsdp to shard)")
     try:
         vocab = data.load_meta(Path(cfg.data_root) / cfg.dataset)["vocab_size"]
     except UserError:
         vocab = data.GPT2_VOCAB_SIZE  # not prepared here (e.g. on the hub): GPT-2's
     shape = cfg.model_config(vocab)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if args.gpu or args.gpu_memory_gib else "float32")
-    world = args.gpus if cfg.parallel != "none" else 1  # processes: a single one without ddp or fsdp
     est = memory.estimate_for(cfg, shape, dtype, world)
     print(f"{shape.n_params / 1e6:.1f}M parameters, {cfg.tokens_per_iter:,} tokens/iter; per process {est.describe()}")
     if args.gpu_memory_gib:
         memory.check(cfg, shape, dtype, int(args.gpu_memory_gib * 2**30), f"a {args.gpu_memory_gib:g} GiB GPU",
                      world, args.gpus)
         print(f"fits in {args.gpu_memory_gib:g} GiB")
-    secs = memory.estimate_seconds(cfg, shape, args.gpu, world, dtype)
-    if secs is not None:
-        print(f"time: ~{fmt.duration(secs)} at {memory.ASSUMED_MFU:.0%} MFU on {world}x {args.gpu}")
+    secs = memory.estimate_seconds(cfg, shape, args.gpu, world, dtype, nodes=args.nodes)
+    if secs is None:
+        return
+    spread = "" if args.nodes == 1 else (f" ({args.nodes} nodes x {args.gpus}; {memory.INTER_NODE_EFFICIENCY:.0%} "
+                                         "of the one-node rate per GPU assumed across nodes)")
+    print(f"time: ~{fmt.duration(secs)} at {memory.ASSUMED_MFU:.0%} MFU on {world}x {args.gpu}{spread}")
+    if not cfg.eval_only:
+        tokens = cfg.max_iters * cfg.tokens_per_iter
+        print(f"throughput: ~{tokens / secs:,.0f} tokens/s; {cfg.max_iters:,} iters x {cfg.tokens_per_iter:,} tokens = "
+              f"{tokens / 1e9:.1f}B tokens in {secs / 86400:.2f} days")
+    hours = secs / 3600
+    nodes = "1 node" if args.nodes == 1 else f"{args.nodes} nodes"
+    su = chameleon.su_cost(hours, args.nodes)
+    print(f"Chameleon: ~{su:,.0f} SU" if su >= 10 else f"Chameleon: ~{su:.2g} SU",
+          f"({hours:,.1f} h x {nodes} x {chameleon.SU_PER_NODE_HOUR:g} SU per node-hour, an assumed rate; "
+          "the run alone: boot and install add about an hour)")
+    if hours > chameleon.MAX_LEASE_HOURS:
+        print(f"   longer than one lease ({chameleon.MAX_LEASE_HOURS // 24} days at most): reserve again when it "
+              "ends, and the train stage resumes from the last checkpoint")
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> None:
@@ -126,7 +151,7 @@ def _bundle(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _reserve(args: argparse.Namespace, extra: list[str]) -> None:
-    chameleon.reserve("chameleon", site=args.site, node_type=args.node_type, lease_hours=args.hours,
+    chameleon.reserve("chameleon", site=args.site, node_type=args.node_type, nodes=args.nodes, lease_hours=args.hours,
                       image=args.image, lease_name=args.lease_name, server_name=args.server_name,
                       state_dir=args.results_dir, project=args.project, keep_on_failure=args.keep_on_failure)
     if not args.no_setup:
@@ -233,21 +258,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="where the node record goes")
     s.add_argument("--site", help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
     s.add_argument("--node-type", default="auto", help="auto, compute_gigaio, gpu_a100_pcie or compute_liqid")
+    s.add_argument("--nodes", type=int, default=1, help="nodes of that type in the one lease (default 1); "
+                   "only the first gets a floating IP")
     s.add_argument("--hours", type=float, default=chameleon.DEFAULT_LEASE_HOURS,
                    help="lease length (default %(default)s); it costs SUs until released")
     s.add_argument("--image", default=chameleon.DEFAULT_IMAGE)
     s.add_argument("--lease-name", help="default nanorepro-<user>; a live lease of this name is reused")
-    s.add_argument("--server-name", help="default <lease-name>-node")
+    s.add_argument("--server-name", help="servers are <server-name>-0, -1, ... (default <lease-name>-0, ...)")
     s.add_argument("--project", help="default $OS_PROJECT_NAME")
     s.add_argument("--keep-on-failure", action="store_true", help="keep the lease when a later step fails")
     s.add_argument("--no-setup", action="store_true", help="do not install nanorepro on the node")
     s.set_defaults(func=_reserve)
 
-    s = sub.add_parser("release", help="delete the Chameleon server, floating IP and lease (see 05_release_node)")
+    s = sub.add_parser("release", help="delete the Chameleon servers, floating IP and lease, and check none is left "
+                       "(see 05_release_node)")
     s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="the folder holding the node record")
     s.add_argument("--site", help="default: the recorded site")
-    s.add_argument("--lease-name", help="release this lease (and its server) even without a record")
-    s.add_argument("--server-name")
+    s.add_argument("--lease-name", help="release this lease (and its servers <lease-name>-N) even without a record")
+    s.add_argument("--server-name", help="a server name (or prefix of <name>-N) to delete as well")
     s.add_argument("--project")
     s.set_defaults(func=_release)
 
@@ -267,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("estimate", help="memory and time a run needs (no torch): --preset P [--field=value ...]",
                        epilog="Override any config field with --field=value, as for train.")
     s.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
-    s.add_argument("--gpus", type=int, default=1, help="GPUs (processes) when parallel is ddp or fsdp")
+    s.add_argument("--gpus", type=int, default=1,
+                   help="GPUs (processes) per node; more than one in all runs under torchrun (parallel=none: ddp)")
+    s.add_argument("--nodes", type=int, default=1,
+                   help="nodes of --gpus GPUs each (Chameleon: reserve with nodes=N); adds the lease's SUs")
     s.add_argument("--gpu", help="GPU name for the time estimate, e.g. A100")
     s.add_argument("--gpu-memory-gib", type=float, help="refuse (exit 4) when it does not fit this")
     s.set_defaults(func=_estimate)

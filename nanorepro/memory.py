@@ -31,6 +31,11 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12,
                    "RTX A6000": 155e12, "V100": 125e12, "T4": 65e12}
 # Model FLOPs utilisation assumed for time estimates: nanoGPT's 124M run (4 days on 8x A100) is ~0.3
 ASSUMED_MFU = 0.3
+# Share of the one-node rate each GPU keeps when a run spans several nodes (assumed, not measured): nanoGPT's
+# 0.3 MFU is 8 GPUs on one node's NVLink; across nodes DDP's gradient all-reduce (once an optimizer step, fp32:
+# 0.5 GB for GPT-2 124M) crosses the nodes' Ethernet (10-25 Gb/s on Chameleon) in ~0.2-0.4 s against ~0.6 s
+# of compute per step, partly overlapped with backward.
+INTER_NODE_EFFICIENCY = 0.7
 SKIP_ENV = "NANOREPRO_SKIP_MEMORY_CHECK"  # 1: run even when the estimate says it will not fit
 LIMIT_ENV = "NANOREPRO_MEMORY_LIMIT_GIB"  # use at most this much of the device (a shared GPU, tests)
 
@@ -206,18 +211,28 @@ def peak_flops(gpu_name: str | None, dtype: str) -> float | None:
     return None
 
 
-def estimate_seconds(cfg: Config, shape: GPTConfig, gpu_name: str | None, n_gpus: int, dtype: str,
-                     start_iter: int = 0) -> float | None:
-    """Wall time of the rest of the run at ASSUMED_MFU of the GPUs' peak; None on unknown hardware."""
+def flops_per_second(gpu_name: str | None, n_gpus: int, dtype: str, nodes: int = 1) -> float | None:
+    """FLOP/s a run achieves on `n_gpus` GPUs in all, over `nodes` nodes: ASSUMED_MFU of their peak, times
+    INTER_NODE_EFFICIENCY when it spans more than one node; None on unknown hardware."""
     peak = peak_flops(gpu_name, dtype)
     if peak is None:
+        return None
+    return peak * ASSUMED_MFU * max(1, n_gpus) * (INTER_NODE_EFFICIENCY if nodes > 1 else 1.0)
+
+
+def estimate_seconds(cfg: Config, shape: GPTConfig, gpu_name: str | None, n_gpus: int, dtype: str,
+                     start_iter: int = 0, nodes: int = 1) -> float | None:
+    """Wall time of the rest of the run on `n_gpus` GPUs in all (over `nodes` nodes) at flops_per_second();
+    None on unknown hardware."""
+    rate = flops_per_second(gpu_name, n_gpus, dtype, nodes)
+    if rate is None:
         return None
     T = min(cfg.block_size, shape.block_size)
     if cfg.eval_only:  # forward only (a third of forward + backward), both splits
         flops = 2 * cfg.eval_iters * cfg.batch_size * T * shape.flops_per_token(T) / 3
     else:
         flops = max(0, cfg.max_iters - start_iter) * cfg.tokens_per_iter * shape.flops_per_token(T)
-    return flops / (peak * ASSUMED_MFU * max(1, n_gpus))
+    return flops / rate
 
 
 def available_ram() -> int | None:

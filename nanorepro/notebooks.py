@@ -102,6 +102,7 @@ def check_params(params: dict[str, Any], defaults: dict[str, str | None]) -> Non
         "char_overrides": overrides, "finetune_overrides": overrides,
         "seed": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
         "lease_hours": (lambda v: _number(v) and 0 < v <= 168, "a number of hours in (0, 168]"),
+        "nodes": (lambda v: _whole(v) and v >= 1, "a whole number of nodes, 1 or more"),
         "input_path": (lambda v: v is None or (isinstance(v, str) and Path(v).expanduser().is_file()),
                        "None or an existing text file"),
     }

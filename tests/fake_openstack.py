@@ -10,6 +10,11 @@ them with "Not enough hosts available", as the real one does), the site refuse f
 (`fip_reservable`), the on-demand floating-IP pool hold only so many (`fip_pool`, None: no limit) or any
 request fail (`faults`).
 
+A lease holds `min` hosts of its node type (Blazar refuses with "Not enough hosts available" when fewer are
+free: not held by another live lease, nor `booked`); held hosts show in the allocations the hardware API
+reads. Nova builds as many servers on a reservation as it holds hosts (one more goes to ERROR, "No valid
+host"). Every server's fixed (private) address is 127.0.0.1, so a hop to a node lands on a loopback sshd.
+
 Where the real services take their time, so does the fake: a new lease is CREATING, then PENDING,
 STARTING and ACTIVE; a deleted lease is DELETING for a few polls, then gone (with the floating IPs
 reserved in it); a deleted bare-metal server stays listed for a few polls.
@@ -47,6 +52,7 @@ class Site:
         self.ports: dict[str, dict] = {}
         self.keypairs: dict[str, dict] = {}
         self.polls: dict[str, int] = {}
+        self.held: dict[str, list[str]] = {}  # lease id -> the host ids it holds
         self.hosts = [{"id": str(i), "hypervisor_hostname": f"{uid}-{t}-{n}", "node_type": t, "reservable": True}
                       for i, (t, n) in enumerate((t, n) for t, count in NODES[uid] for n in range(count))]
         self.networks = [{"id": f"net-shared-{uid}", "name": "sharednet1", "router:external": False},
@@ -213,10 +219,16 @@ class _Handler(BaseHTTPRequestHandler):
             kinds = [r["resource_type"] for r in body["reservations"]]
             if "virtual:floatingip" in kinds and not cloud.fip_reservable:
                 return 400, {"error_code": 400, "error_message": "Invalid resource type virtual:floatingip"}
-            wanted = {json.loads(r["resource_properties"])[2] for r in body["reservations"]
-                      if r["resource_type"] == "physical:host" and r.get("resource_properties")}
-            if wanted & cloud.booked or wanted - {h["node_type"] for h in s.hosts}:
-                return 409, {"error_code": 409, "error_message": "Not enough hosts available"}
+            held, taken = [], {h for ids in s.held.values() for h in ids}
+            for r in body["reservations"]:
+                if r["resource_type"] != "physical:host" or not r.get("resource_properties"):
+                    continue
+                node_type = json.loads(r["resource_properties"])[2]
+                free = [h["id"] for h in s.hosts if h["node_type"] == node_type and h["id"] not in taken
+                        and node_type not in cloud.booked]
+                if int(r.get("min", 1)) > len(free):
+                    return 409, {"error_code": 409, "error_message": "Not enough hosts available"}
+                held += free[:int(r.get("min", 1))]
             now = _now()
             end = dt.datetime.strptime(body["end_date"], "%Y-%m-%d %H:%M")
             lease = {"id": str(uuid.uuid4()), "name": body["name"], "status": "CREATING", "user_id": "user-1",
@@ -225,6 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
                      "reservations": [{**r, "id": str(uuid.uuid4()), "status": "pending"} for r in body["reservations"]]}
             s.leases[lease["id"]] = lease
             s.polls[lease["id"]] = 0
+            s.held[lease["id"]] = held
             return 201, {"lease": lease}
         m = re.fullmatch(r"/leases/([^/]+)", rest)
         if m:
@@ -252,10 +265,10 @@ class _Handler(BaseHTTPRequestHandler):
         if rest == "/os-hosts":
             return 200, {"hosts": s.hosts}
         if rest == "/os-hosts/allocations":
-            return 200, {"allocations": [_allocation(cloud, h) for h in s.hosts]}
+            return 200, {"allocations": [_allocation(cloud, s, h) for h in s.hosts]}
         m = re.fullmatch(r"/os-hosts/([^/]+)/allocation", rest)
         if m:
-            return 200, {"allocation": _allocation(cloud, next(h for h in s.hosts if h["id"] == m.group(1)))}
+            return 200, {"allocation": _allocation(cloud, s, next(h for h in s.hosts if h["id"] == m.group(1)))}
         raise KeyError(rest)
 
     # -- Nova ----------------------------------------------------------------------------------
@@ -292,10 +305,14 @@ class _Handler(BaseHTTPRequestHandler):
             req = body["server"]
             sid = str(uuid.uuid4())
             hint = (body.get("OS-SCH-HNT:scheduler_hints") or req.get("scheduler_hints") or {}).get("reservation")
+            hosts = next((int(r.get("min", 1)) for lease in s.leases.values() for r in lease["reservations"]
+                          if r["id"] == hint), 0)
+            on_it = sum(1 for x in s.servers.values() if x["reservation"] == hint and "delete_polls" not in x)
             s.servers[sid] = {"id": sid, "name": req["name"], "status": "BUILD", "key_name": req.get("key_name"),
-                              "image": {"id": req.get("imageRef")}, "reservation": hint, "polls": 0}
+                              "image": {"id": req.get("imageRef")}, "reservation": hint, "polls": 0,
+                              "outcome": None if on_it < hosts else "ERROR"}  # no host left on the reservation
             s.ports[f"port-{sid}"] = {"id": f"port-{sid}", "device_id": sid, "network_id": f"net-shared-{s.uid}",
-                                      "fixed_ips": [{"ip_address": "10.140.0.5"}], "status": "ACTIVE"}
+                                      "fixed_ips": [{"ip_address": "127.0.0.1"}], "status": "ACTIVE"}
             return 202, {"server": {"id": sid, "links": [], "adminPass": "x"}}
         m = re.fullmatch(r"/servers/([^/]+)", rest)
         if m:
@@ -307,12 +324,12 @@ class _Handler(BaseHTTPRequestHandler):
                 raise KeyError(rest)
             server["polls"] += 1
             if server["status"] == "BUILD" and server["polls"] >= cloud.polls_to_active:
-                server["status"] = cloud.server_outcome
+                server["status"] = server["outcome"] or cloud.server_outcome
             return 200, {"server": self._server_view(s, server)}
         raise KeyError(rest)
 
     def _server_view(self, s: Site, x: dict) -> dict:
-        addrs = [{"addr": "10.140.0.5", "version": 4, "OS-EXT-IPS:type": "fixed", "OS-EXT-IPS-MAC:mac_addr": "aa"}]
+        addrs = [{"addr": "127.0.0.1", "version": 4, "OS-EXT-IPS:type": "fixed", "OS-EXT-IPS-MAC:mac_addr": "aa"}]
         addrs += [{"addr": f["floating_ip_address"], "version": 4, "OS-EXT-IPS:type": "floating",
                    "OS-EXT-IPS-MAC:mac_addr": "aa"} for f in s.fips.values() if f["port_id"] == f"port-{x['id']}"]
         view = {"id": x["id"], "name": x["name"], "status": x["status"], "key_name": x["key_name"],
@@ -385,6 +402,7 @@ def _tick_deleting(s: Site, lease: dict) -> bool:
     if lease["delete_polls"] > 0:
         return False
     del s.leases[lease["id"]]
+    s.held.pop(lease["id"], None)
     ids = {f"reservation:{r['id']}" for r in lease["reservations"]}
     for fid in [f["id"] for f in s.fips.values() if ids & set(f["tags"])]:
         del s.fips[fid]
@@ -416,8 +434,10 @@ def _reserve_fips(s: Site, lease: dict) -> None:
                            "tags": ["blazar", f"reservation:{r['id']}"]}
 
 
-def _allocation(cloud: FakeCloud, host: dict) -> dict:
-    reservations = []
+def _allocation(cloud: FakeCloud, s: Site, host: dict) -> dict:
+    reservations = [{"id": lease["reservations"][0]["id"], "lease_id": lease["id"], "start_date": lease["start_date"],
+                     "end_date": lease["end_date"]}
+                    for lease_id, ids in s.held.items() if host["id"] in ids for lease in [s.leases[lease_id]]]
     if host["node_type"] in cloud.booked:
         start, end = _now() - dt.timedelta(hours=1), _now() + dt.timedelta(days=2)
         reservations.append({"id": "r-other", "lease_id": "l-other", "start_date": start.strftime(FMT),

@@ -92,6 +92,10 @@ CASES = [
     ("report-missing-run", "cli", lambda c: ["report", str(c.tmp / "no-run")], r"run folder .*no-run does not exist"),
     ("lease-hours-out-of-range", "cli", lambda c: ["reserve", "--results-dir", str(c.tmp), "--hours", "500"],
      r"lease_hours=500.0 is outside \(0, 168\]"),
+    ("reserve-no-nodes", "cli", lambda c: ["reserve", "--results-dir", str(c.tmp), "--nodes", "0"],
+     r"nodes=0 is not a positive whole number of nodes \(fix: set nodes=1"),
+    ("estimate-no-nodes", "cli", lambda c: ["estimate", "--preset", "train-gpt2", "--nodes", "0"],
+     r"--nodes 0 is not a positive number \(fix: give --nodes 1 or more"),
     ("missing-credentials", "cli", lambda c: ["reserve", "--results-dir", str(c.tmp)],
      r"no Chameleon credentials in this environment.*fix: run on the Chameleon JupyterHub"),
     # -- the notebook parameters ----------------------------------------------------------------
@@ -111,6 +115,7 @@ CASES = [
      r"cannot read the config .*nope.json"),
     ("nb-unknown-parameter", "nb", lambda c: ["-p", "char_presett", "tiny"], r"unknown notebook parameter\(s\): char_presett"),
     ("nb-lease-hours-out-of-range", "nb", lambda c: ["-p", "lease_hours", "0"], r"lease_hours=0 is not valid"),
+    ("nb-no-nodes", "nb", lambda c: ["-p", "nodes", "0"], r"nodes=0 is not valid: it must be a whole number of nodes"),
     ("nb-input-does-not-exist", "nb", lambda c: ["-p", "input_path", str(c.tmp / "nope.txt")],
      r"input_path=.* must be None or an existing text file"),
     ("nb-results-not-writable", "nb", lambda c: ["-p", "results_dir", str(c.afile / "results")],

@@ -516,3 +516,172 @@ def test_a_stage_failing_on_the_node_names_the_lease_and_how_to_release_it(tmp_p
     assert "cannot reach" in e.value.problem and e.value.problem.count("STILL RUNNING") == 1
     assert f"lease nanorepro-tester (lease-1) at CHI@UC is STILL RUNNING until {end:%Y-%m-%d %H:%M} UTC" \
         in e.value.problem and f"nanorepro release --results-dir {tmp_path}" in e.value.problem
+
+
+# -- several nodes: one lease, N servers, one floating IP; release checks nothing is left; the estimate ---------
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])
+def test_a_node_count_that_is_not_a_positive_whole_number_is_refused(bad):
+    with pytest.raises(UserError, match=r"nodes=.* is not a positive whole number of nodes") as e:
+        chameleon.reserve("local", nodes=bad)  # refused whatever the target, before anything else
+    assert "nodes=1" in e.value.fix and "nodes=2" in e.value.fix
+
+
+def test_ssh_ports_are_one_for_all_nodes_or_one_per_node(monkeypatch):
+    monkeypatch.delenv("NANOREPRO_SSH_PORT", raising=False)
+    assert chameleon._ssh_ports(3) == [22, 22, 22]
+    monkeypatch.setenv("NANOREPRO_SSH_PORT", "2201,2202")
+    assert chameleon._ssh_ports(2) == [2201, 2202]
+    with pytest.raises(UserError, match=r"NANOREPRO_SSH_PORT='2201,2202' does not give one port for each of the 3"):
+        chameleon.reserve("chameleon", nodes=3)  # before any connection
+
+
+def test_node_type_choice_needs_that_many_free_nodes_of_one_type(monkeypatch):
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=30)
+    by_type = {"compute_gigaio": nodes(None), "gpu_a100_pcie": nodes(None, later), "gpu_a100_nvlink": nodes(None, None),
+               "compute_liqid": nodes(None, None)}
+    monkeypatch.setattr(chi.hardware, "get_nodes", mock.create_autospec(
+        GET_NODES, side_effect=lambda node_type: by_type[node_type]))
+    monkeypatch.setattr(chi, "use_site", mock.create_autospec(chi.use_site))
+    assert chameleon.choose_node_type(chi, "CHI@UC", "auto", 4) == "compute_gigaio"  # one node: the first free
+    assert chameleon.choose_node_type(chi, "CHI@UC", "auto", 4, nodes=2) == "gpu_a100_nvlink"  # two free together
+    with pytest.raises(UserError) as e:
+        chameleon.choose_node_type(chi, "CHI@UC", "gpu_a100_pcie", 4, nodes=2)
+    # when two are free together: when the second frees up
+    assert f"fewer than 2 A100 nodes of one type (gpu_a100_pcie) are free at CHI@UC for 4 h; next free: " \
+        f"gpu_a100_pcie from {later:%Y-%m-%d %H:%M} UTC" in e.value.problem
+    assert "or fewer nodes" in e.value.fix and "site='CHI@TACC', node_type='compute_liqid' (2 free now)" in e.value.fix
+    with pytest.raises(UserError) as e:
+        chameleon.choose_node_type(chi, "CHI@UC", "auto", 4, nodes=3)
+    assert "fewer than 3 A100 nodes of one type (compute_gigaio, gpu_a100_pcie, gpu_a100_nvlink)" in e.value.problem
+    assert "(CHI@UC: compute_gigaio has 1 in all, gpu_a100_pcie has 2 in all, gpu_a100_nvlink has 2 in all)" \
+        in e.value.problem and "next free" not in e.value.problem
+
+
+@pytest.fixture
+def chi_here(chi_env, monkeypatch):
+    """python-chi in this process pointed at the fake cloud (its resource API URL is read at import)."""
+    for module in (chi_context, chi.hardware):
+        monkeypatch.setattr(module, "RESOURCE_API_URL", chi_env["CHI_RESOURCE_API_URL"])
+    monkeypatch.setattr(chi_context, "_sites", {})  # its cache, restored afterwards
+    return chi_env
+
+
+def posts(cloud, suffix: str) -> int:
+    return sum(1 for m, p in cloud.requests if m == "POST" and p.endswith(suffix))
+
+
+def test_two_nodes_one_lease_one_floating_ip_on_the_head_then_all_released_and_checked(
+        chi_here, cloud, node_sshd, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    create, said = chameleon.create_lease, []
+
+    def create_lease(*args, **kwargs):  # what had been said, and asked, when the lease is asked for
+        said.append((capsys.readouterr().out, posts(cloud, "/leases")))
+        return create(*args, **kwargs)
+    monkeypatch.setattr(chameleon, "create_lease", create_lease)
+
+    record = chameleon.reserve("chameleon", site="CHI@UC", nodes=2, lease_hours=2, state_dir=results)
+    (before, leases_posted), = said
+    assert leases_posted == 0 and "This lease will cost 4 SU: 2 nodes x 2 h x 1 SU per node-hour" in before
+    assert "compute_gigaio at CHI@UC: 1 nodes, 1 free" in before  # one host: not enough for two
+    out = capsys.readouterr().out
+    assert "2 nodes ready in" in out and "2x gpu_a100_pcie (4x A100 PCIe each" in out
+    assert record == json.loads((results / remote.NODE_FILE).read_text())
+    live = cloud.live()
+    (lease,) = live["leases"]
+    (hosts,) = [r for r in lease["reservations"] if r["resource_type"] == "physical:host"]
+    assert hosts["min"] == hosts["max"] == 2 and record["node_type"] == "gpu_a100_pcie"
+    servers = {s["name"]: s for s in live["servers"]}
+    assert sorted(servers) == ["nanorepro-tester-0", "nanorepro-tester-1"]
+    assert {s["reservation"] for s in servers.values()} == {hosts["id"]}
+    assert record["nodes"] == [{"name": name, "server_id": servers[name]["id"], "private_ip": "127.0.0.1",
+                                "ssh_port": node_sshd.port} for name in ("nanorepro-tester-0", "nanorepro-tester-1")]
+    head = servers["nanorepro-tester-0"]
+    assert record["server_id"] == head["id"] and record["server_name"] == "nanorepro-tester-0"
+    assert record["host"] == "127.0.0.1" and record["port"] == node_sshd.port and record["status"] == "ready"
+    (fip,) = live["fips"]  # one address, on the head only
+    assert fip["port_id"] == f"port-{head['id']}"
+
+    # a re-run that asks for another node count is refused before anything changes, saying the lease runs
+    with pytest.raises(UserError, match="holds 2 nodes, not the nodes=1 asked for. The lease nanorepro-tester") as e:
+        chameleon.reserve("chameleon", site="CHI@UC", nodes=1, lease_hours=2, state_dir=results)
+    assert "set nodes=2" in e.value.fix and posts(cloud, "/leases") == 1 and len(cloud.live()["servers"]) == 2
+
+    capsys.readouterr()
+    assert chameleon.release("chameleon", state_dir=results)["status"] == "released"
+    out = capsys.readouterr().out
+    assert "deleting servers nanorepro-tester-0, nanorepro-tester-1" in out
+    assert "nothing left: no server (2 deleted), floating IP or lease" in out
+    assert "released in" in out and "and checked: no server, floating IP or lease of nanorepro-tester is left" in out
+    assert cloud.live() == {"leases": [], "servers": [], "fips": []}
+
+
+class Crash(BaseException):
+    """The kernel dying: nothing in reserve() catches it."""
+
+
+def test_a_crash_between_server_launches_still_releases_everything(chi_here, cloud, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    launch, launched = chameleon.launch_server, []
+
+    def launch_server(*args, **kwargs):
+        launched.append(launch(*args, **kwargs))
+        if len(launched) == 2:  # Nova made the second server, the record never heard of it
+            raise Crash
+        return launched[-1]
+    monkeypatch.setattr(chameleon, "launch_server", launch_server)
+    with pytest.raises(Crash):
+        chameleon.reserve("chameleon", site="CHI@UC", nodes=2, lease_hours=2, state_dir=results)
+    record = json.loads((results / remote.NODE_FILE).read_text())
+    assert [n["server_id"] for n in record["nodes"]] == [launched[0], None] and record["status"] == "reserving"
+    assert len(cloud.live()["servers"]) == 2 and len(cloud.live()["leases"]) == 1
+
+    done = cli(chi_here, "release", "--results-dir", str(results))
+    assert done.returncode == 0, done.stderr
+    assert "nothing left" in done.stdout and "and checked" in done.stdout
+    assert cloud.live() == {"leases": [], "servers": [], "fips": []}
+
+
+def test_what_release_cannot_remove_is_named_with_the_command_that_does(chi_here, cloud, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    chameleon.reserve("chameleon", site="CHI@UC", nodes=2, lease_hours=2, state_dir=results)
+    # the servers outlive the release (a stuck bare-metal cleanup): asked to go, they stay
+    monkeypatch.setattr(chi.server, "delete_server", mock.create_autospec(chi.server.delete_server))
+    monkeypatch.setattr(chameleon, "RELEASE_TIMEOUT_S", 0.3)
+    server_ids = [s["id"] for s in cloud.live()["servers"]]
+    with pytest.raises(UserError, match="still left at CHI@UC") as e:
+        chameleon.release("chameleon", state_dir=results)
+    for server_id in server_ids:
+        assert f"`openstack server delete {server_id}`" in e.value.fix
+    assert json.loads((results / remote.NODE_FILE).read_text())["status"] != "released"
+
+
+def test_blazar_refuses_more_hosts_than_the_site_has_free(chi_here, cloud):
+    chi_mod, _ = chameleon.connect("CHI@UC")
+    with pytest.raises(UserError, match="Chameleon refused the lease: .*Not enough hosts available") as e:
+        chameleon.create_lease(chi_mod, "three", "gpu_a100_pcie", 2, nodes=3)  # the site has 2
+    assert "fewer than 3 nodes are free" in e.value.fix and "fewer lease_hours or nodes" in e.value.fix
+    assert chameleon.create_lease(chi_mod, "two", "gpu_a100_pcie", 2, nodes=2)["name"] == "two"
+    with pytest.raises(UserError, match="Not enough hosts available"):  # both are held now
+        chameleon.create_lease(chi_mod, "one-more", "gpu_a100_pcie", 2)
+    assert [lease["name"] for lease in cloud.live()["leases"]] == ["two"]
+
+
+def test_estimate_for_two_nodes_of_four_a100s_prints_tokens_days_and_service_units(tmp_path, monkeypatch, capsys):
+    from nanorepro import cli as nanorepro_cli, config, data, memory
+
+    monkeypatch.chdir(tmp_path)  # no prepared data here: GPT-2's vocabulary, as on the hub
+    argv = ["estimate", "--preset", "train-gpt2", "--nodes", "2", "--gpus", "4", "--gpu", "A100"]
+    assert nanorepro_cli.main(argv) == 0
+    out = capsys.readouterr().out
+    cfg = config.resolve("train-gpt2", {"parallel": "ddp"})
+    shape = cfg.model_config(data.GPT2_VOCAB_SIZE)
+    secs = memory.estimate_seconds(cfg, shape, "A100", 8, "bfloat16", nodes=2)
+    tokens = cfg.max_iters * cfg.tokens_per_iter
+    assert "estimated as parallel=ddp over 8 processes" in out and "ddp x8" in out
+    assert f"on 8x A100 (2 nodes x 4; {memory.INTER_NODE_EFFICIENCY:.0%} of the one-node rate per GPU" in out
+    assert f"throughput: ~{tokens / secs:,.0f} tokens/s" in out and f"in {secs / 86400:.2f} days" in out
+    assert f"Chameleon: ~{secs / 3600 * 2 * chameleon.SU_PER_NODE_HOUR:,.0f} SU ({secs / 3600:,.1f} h x 2 nodes" in out
+    # the same eight GPUs on one node: no inter-node loss
+    one_node = memory.estimate_seconds(cfg, shape, "A100", 8, "bfloat16")
+    assert one_node / secs == pytest.approx(memory.INTER_NODE_EFFICIENCY)

@@ -114,10 +114,10 @@ def test_trovi_how_to_run_matches_the_notebooks_defaults(crate_root):
         params = "".join(next(c["source"] for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])))
         assert 'target = "auto"' in params and "results_dir = None" in params, path.name
         names = {line.split("=")[0].strip() for line in params.splitlines() if "=" in line and line[0] != "#"}
-        node_choices = {"site", "node_type", "lease_hours", "project", "image"} & names
+        node_choices = {"site", "node_type", "nodes", "lease_hours", "project", "image"} & names
         assert node_choices == (node_choices if path.name.startswith("00_") else set()), path.name
         if path.name.startswith("00_"):
-            assert node_choices == {"site", "node_type", "lease_hours", "project", "image"}
+            assert node_choices == {"site", "node_type", "nodes", "lease_hours", "project", "image"}
             assert all(f"`{n}`" in how for n in node_choices)
 
 
