@@ -91,8 +91,9 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
     """Skip a finished run; else set up, then loop."""
     say = print if world.main else _silent
     out = Path(cfg.out_dir)
-    if _finished_already(out, cfg):
-        best = metrics.best_val_loss(metrics.read(out / metrics.METRICS_FILE))
+    records = world.main_bytes(out / metrics.METRICS_FILE)  # rank 0's, on every node (only it writes them)
+    if _finished_already(records, cfg):
+        best = metrics.best_val_loss(metrics.parse(records.decode("utf-8", "replace"), out / metrics.METRICS_FILE))
         say(f"{out}: already finished at iter {cfg.max_iters} (best val {best:.4f}); nothing to do")
         return {"out_dir": str(out), "best_val_loss": best, "skipped": True}
     return _loop(_setup(cfg, world, preset, say), say)
@@ -117,7 +118,9 @@ def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ckpt_path = out / checkpoint.CKPT_FILE
-    ckpt = checkpoint.load(ckpt_path) if ckpt_path.exists() else None
+    ckpt_bytes = world.main_bytes(ckpt_path)  # rank 0 wrote it; on other nodes it is not on disk
+    ckpt = checkpoint.load(ckpt_path, ckpt_bytes) if ckpt_bytes is not None else None
+    del ckpt_bytes
     if device_type == "cpu" and world.size == 1:  # torchrun gives each process OMP_NUM_THREADS=1
         hardware.set_cpu_threads()
     model_cfg = _network(cfg, meta, ckpt)
@@ -269,9 +272,9 @@ def _stop_now(world: World, received: bool, iter_num: int, log_interval: int) ->
     return iter_num % log_interval == 0 and world.any(received)
 
 
-def _finished_already(out: Path, cfg: Config) -> bool:
-    path = out / metrics.METRICS_FILE
-    ends = metrics.of_kind(metrics.read(path), "end") if path.exists() else []
+def _finished_already(records: bytes | None, cfg: Config) -> bool:
+    """Whether the metrics file's bytes (None: no file) end with this run finished at max_iters."""
+    ends = metrics.of_kind(metrics.parse(records.decode("utf-8", "replace")), "end") if records is not None else []
     return bool(ends) and ends[-1].get("status") == "finished" and ends[-1].get("iter") == cfg.max_iters
 
 
