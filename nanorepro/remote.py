@@ -653,8 +653,12 @@ class SSHRunner:
                     "it stopped without an exit code (killed, or the node rebooted)" if i not in stopped else
                     "it did not end with the other nodes' jobs")
 
-        tails = "".join(f"\nthe last lines of node {i}'s log ({jobs[i] / 'log'}):\n" + "\n".join(
-            head_tail if i == 0 else self.nodes[i].ssh.retrying(stage, lambda: self.nodes[i]._tail(jobs[i]))) for i in culprits)
+        def tail(i: int) -> str:
+            lines = head_tail if i == 0 else self.nodes[i].ssh.retrying(stage, lambda: self.nodes[i]._tail(jobs[i]))
+            where = f"node {i}'s log ({jobs[i] / 'log'} on that node)"
+            return f"\nthe last lines of {where}:\n" + "\n".join(lines) if lines else f"\n{where} is empty"
+
+        tails = "".join(tail(i) for i in culprits)
         others = [i for i in stopped if i not in culprits]
         lease = f" of lease {self.lease}" if self.lease else ""
         return UserError(f"stage {stage} failed on " + "; ".join(f"{self.label(i)}{lease}: {how(i)}" for i in culprits)

@@ -7,8 +7,8 @@ a node killed mid-run fails the stage on both, and a re-run resumes from the hea
 Why the losses can match: as in test_distributed.py, every rank walks the same batch stream and takes
 its share of each iteration's micro-batches, so 2 ranks x 1 micro-step see exactly the samples one
 process x 2 micro-steps sees; only the order of float32 sums differs (the all-reduce). TOL is
-test_distributed's bound for 20 AdamW steps (measured differences ~1e-6); the 150-step run gets 1e-3,
-ten times the drift that float32 reordering can grow to over that many steps at this size.
+test_distributed's bound: measured here, both the 20-step run and the 150-step run killed at about
+iter 75 and resumed stay within 1e-5 of one process (exact resume on the CPU, see train.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from nanorepro.pipeline import Pipeline
 from nanorepro.remote import SSHRunner
 
 TOL = 1e-4
-LONG_TOL = 1e-3
 LEASE = "nanorepro-tester"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -311,7 +310,7 @@ def test_a_killed_node_fails_the_stage_on_both_and_a_rerun_resumes(installed, no
         assert killed, "the stage ended before the test could kill node 1"
         assert problem.startswith(f"stage train long failed on node 1 ({LEASE}-1, ")
         assert "it stopped without an exit code (killed, or the node rebooted)" in problem
-        assert "the last lines of node 1's log" in problem
+        assert "node 1's log (nanorepro/work/results/.jobs/train_long-" in problem
         assert f"lease {LEASE} (lease-1) at CHI@UC is STILL RUNNING" in problem
         assert "resumes from the last checkpoint" in e.value.fix
         # both nodes' jobs are gone: nothing waits on the dead node
@@ -327,4 +326,4 @@ def test_a_killed_node_fails_the_stage_on_both_and_a_rerun_resumes(installed, no
     assert f"resuming runs/long from iter {saved} " in out  # node 1 resumed from the head's checkpoint too
     assert summary["status"] == "finished"
     reference = one_process(tmp_path / "one", char_data_root, 150, eval_interval=25, eval_iters=1)
-    assert_close(losses(installed / "runs" / "long"), reference, LONG_TOL)
+    assert_close(losses(installed / "runs" / "long"), reference, TOL)
