@@ -10,6 +10,14 @@ and a local work folder inside the checkout (e.g. `results/chameleon`) mirrored 
 path under `remote_dir`. The SSH private key is read from its path; it is never copied anywhere.
 `Connection` is the SSH side (connect, host-key pinning, reconnect and retry, exec, SFTP); `SSHRunner`
 uses it for the stages (setup, jobs, files). No torch here; paramiko is imported only to connect.
+
+A lease of several nodes (the record's "nodes", head first): only the head has a public address; the
+others are reached through it (ProxyJump, done by paramiko) at their private addresses, their host
+keys pinned in the same known_hosts. A parallel training stage runs torchrun on every node as
+detached jobs (static rendezvous at the head's private address: rank 0, which writes the run's files,
+is on the head); the head's log is streamed, and a node whose job fails stops the others' and fails
+the stage, naming it. A re-run resumes from the head's checkpoint, which rank 0 sends to the ranks
+on the other nodes (distributed.World.main_bytes).
 """
 
 from __future__ import annotations

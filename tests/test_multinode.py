@@ -201,6 +201,30 @@ def test_a_stage_that_fails_on_one_node_stops_the_other(installed, nodes, fast, 
     assert not processes_in([stage_dir(n, installed) for n in nodes])  # the sleeping python too
 
 
+def test_a_rerun_attaches_to_jobs_running_on_every_node_and_restarts_a_partial_run(installed, fast):
+    lines: list[str] = []
+    runner = SSHRunner.from_state(installed, out=lines.append)
+    code = "import sys, time\nprint('beat', sys.argv[1], flush=True)\ntime.sleep(5)\nprint('done', sys.argv[1], flush=True)"
+    argvs = [[sys.executable, "-c", code, str(i)] for i in range(2)]
+    try:
+        # the kernel that started the jobs died: start them as run_everywhere does, then walk away
+        jobs = [node._job(argv, "beat") for node, argv in zip(runner.nodes, argvs)]
+        for node, (cmd, job) in zip(runner.nodes, jobs):
+            assert node._launch(cmd, job, node.stage_dir) == "started"
+        assert runner.run_everywhere(argvs, stage="beat") == 0
+        assert "[beat] already running on all 2 nodes: attaching to it" in lines
+        assert "done 0" in lines and lines.count("beat 0") <= 1
+        # only node 1's job still runs (node 0's ended): it cannot meet a new partner, so it is stopped
+        lines.clear()
+        node1 = runner.peers[0]
+        assert node1._launch(*jobs[1], node1.stage_dir) == "started"
+        assert runner.run_everywhere(argvs, stage="beat") == 0
+        assert any(line.startswith("[beat] stopping what is left of an earlier run on node 1 (") for line in lines)
+        assert any(line.startswith("[beat] started on 2 nodes") for line in lines) and "done 0" in lines
+    finally:
+        runner.close()
+
+
 # -- training over both nodes ----------------------------------------------------------------------
 def alive(pid: int) -> bool:
     try:
