@@ -59,13 +59,8 @@ def append(path: Path, record: dict[str, Any], durable: bool = True) -> None:
 def read(path: Path) -> list[dict[str, Any]]:
     """All records; a torn last line (a run killed mid-write) is skipped with a warning."""
     path = Path(path) / METRICS_FILE if Path(path).is_dir() else Path(path)
-    return parse(path.read_text(encoding="utf-8"), path)
-
-
-def parse(text: str, path: Path | str = METRICS_FILE) -> list[dict[str, Any]]:
-    """The records in a metrics file's text (read on another node, say); `path` names it in warnings."""
     records = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:

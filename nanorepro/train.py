@@ -91,9 +91,8 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
     """Skip a finished run; else set up, then loop."""
     say = print if world.main else _silent
     out = Path(cfg.out_dir)
-    records = world.main_bytes(out / metrics.METRICS_FILE)  # rank 0's, on every node (only it writes them)
-    if _finished_already(records, cfg):
-        best = metrics.best_val_loss(metrics.parse(records.decode("utf-8", "replace"), out / metrics.METRICS_FILE))
+    if _finished_on_main(world, out, cfg):
+        best = metrics.best_val_loss(metrics.read(out / metrics.METRICS_FILE)) if world.main else None
         say(f"{out}: already finished at iter {cfg.max_iters} (best val {best:.4f}); nothing to do")
         return {"out_dir": str(out), "best_val_loss": best, "skipped": True}
     return _loop(_setup(cfg, world, preset, say), say)
@@ -272,9 +271,23 @@ def _stop_now(world: World, received: bool, iter_num: int, log_interval: int) ->
     return iter_num % log_interval == 0 and world.any(received)
 
 
-def _finished_already(records: bytes | None, cfg: Config) -> bool:
-    """Whether the metrics file's bytes (None: no file) end with this run finished at max_iters."""
-    ends = metrics.of_kind(metrics.parse(records.decode("utf-8", "replace")), "end") if records is not None else []
+def _finished_on_main(world: World, out: Path, cfg: Config) -> bool:
+    """_finished_already as rank 0 answers it, on every rank: only rank 0 writes the run's records, and
+    ranks on other nodes do not share its disk. A refusal on rank 0 is every rank's."""
+    finished, refusal = False, None
+    if world.main:
+        try:
+            finished = _finished_already(out, cfg)
+        except UserError as e:
+            refusal = e
+    if world.any(refusal is not None):
+        raise refusal or UserError("rank 0 refused to continue this run", "see rank 0's message")
+    return world.any(finished)
+
+
+def _finished_already(out: Path, cfg: Config) -> bool:
+    path = out / metrics.METRICS_FILE
+    ends = metrics.of_kind(metrics.read(path), "end") if path.exists() else []
     return bool(ends) and ends[-1].get("status") == "finished" and ends[-1].get("iter") == cfg.max_iters
 
 
