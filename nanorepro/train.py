@@ -98,6 +98,20 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
     return _loop(_setup(cfg, world, preset, say), say)
 
 
+def _finished_on_main(world: World, out: Path, cfg: Config) -> bool:
+    """_finished_already as rank 0 answers it, on every rank: only rank 0 writes the run's records, and
+    ranks on other nodes do not share its disk. A refusal on rank 0 is every rank's."""
+    finished, refusal = False, None
+    if world.main:
+        try:
+            finished = _finished_already(out, cfg)
+        except UserError as e:
+            refusal = e
+    if world.any(refusal is not None):
+        raise refusal or UserError("rank 0 refused to continue this run", "see rank 0's message")
+    return world.any(finished)
+
+
 def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
     """Device, data, checkpoint, network, memory check, model, optimizer, records: in this order, so
     that every refusal comes before anything large is loaded."""
@@ -269,20 +283,6 @@ def _stop_now(world: World, received: bool, iter_num: int, log_interval: int) ->
     if not world.active:
         return received
     return iter_num % log_interval == 0 and world.any(received)
-
-
-def _finished_on_main(world: World, out: Path, cfg: Config) -> bool:
-    """_finished_already as rank 0 answers it, on every rank: only rank 0 writes the run's records, and
-    ranks on other nodes do not share its disk. A refusal on rank 0 is every rank's."""
-    finished, refusal = False, None
-    if world.main:
-        try:
-            finished = _finished_already(out, cfg)
-        except UserError as e:
-            refusal = e
-    if world.any(refusal is not None):
-        raise refusal or UserError("rank 0 refused to continue this run", "see rank 0's message")
-    return world.any(finished)
 
 
 def _finished_already(out: Path, cfg: Config) -> bool:
