@@ -92,8 +92,10 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
     say = print if world.main else _silent
     out = Path(cfg.out_dir)
     if _finished_on_main(world, out, cfg):
-        best = metrics.best_val_loss(metrics.read(out / metrics.METRICS_FILE)) if world.main else None
-        say(f"{out}: already finished at iter {cfg.max_iters} (best val {best:.4f}); nothing to do")
+        best = None  # on ranks other than 0, which may not have the records (another node's disk)
+        if world.main:
+            best = metrics.best_val_loss(metrics.read(out / metrics.METRICS_FILE))
+            say(f"{out}: already finished at iter {cfg.max_iters} (best val {best:.4f}); nothing to do")
         return {"out_dir": str(out), "best_val_loss": best, "skipped": True}
     return _loop(_setup(cfg, world, preset, say), say)
 

@@ -291,11 +291,14 @@ def test_two_nodes_train_tiny_with_the_losses_of_one_process(installed, nodes, f
     try:
         run.prepare_data(input_path=str(shakespeare_path), encodings="char")
         summary = run.train("ddp", preset="tiny", max_iters=20, overrides=overrides(20, eval_interval=5, eval_iters=3))
+        out = capsys.readouterr().out
+        # run again: rank 0 finds the run finished in its records, and node 1 (which has none) follows it
+        again = run.train("ddp", preset="tiny", max_iters=20, overrides=overrides(20, eval_interval=5, eval_iters=3))
     finally:
         run.runner.close()
-    out = capsys.readouterr().out
-    assert summary["status"] == "finished"
+    assert summary["status"] == "finished" and again["status"] == "finished"
     assert "[train ddp] started on 2 nodes" in out and "step 20: train loss" in out  # rank 0's output, streamed
+    assert "runs/ddp: already finished at iter 20" in capsys.readouterr().out
     head, other = (stage_dir(n, installed) for n in nodes)
     for d in (head, other):  # each node prepared its own data
         assert (d / "data" / "shakespeare_char" / "train.bin").is_file()
