@@ -54,7 +54,8 @@ JOBS = ".jobs"
 TAIL_LINES = 20
 RECONNECT_TIMEOUT_S = 600.0  # how long a dropped connection is retried before giving up
 PEER_GRACE_S = 10.0  # how long the other nodes' jobs may take to end on their own once one node's has ended
-RDZV_PORT = 29500  # torchrun's rendezvous port on the head node (its default master port)
+RDZV_PORT = 29500  # torchrun's rendezvous port on the head (its default); the record's rdzv_port or
+# $NANOREPRO_RDZV_PORT replace it (tests running side by side on one machine)
 _KNOWN_HOSTS_LOCK = threading.Lock()  # nodes connect in parallel; each adds its key to the one known_hosts file
 BOOT_ID = "/proc/sys/kernel/random/boot_id"  # new at every boot: a pid from before a reboot means nothing
 # Written by a stage that records the node: the full nvidia-smi report and envinfo's record (no env vars).
@@ -438,9 +439,10 @@ class SSHRunner:
                                 "re-run 00_reserve_node: it reuses the lease and server it already made")
         poll = kwargs.pop("poll_s", None) or float(os.environ.get("NANOREPRO_SSH_POLL_S", 2.0))
         nodes = node.get("nodes") or [{}]
-        common = dict(key_path=node["key_path"], user=node.get("user", "cc"), remote_dir=node.get("remote_dir", "nanorepro"),
-                      workdir=workdir if workdir is not None else Path(state_dir), state_dir=Path(state_dir),
-                      poll_s=poll, lease=node.get("lease_name"), rdzv_port=node.get("rdzv_port", RDZV_PORT), **kwargs)
+        common = dict(key_path=node["key_path"], user=node.get("user", "cc"),
+                      remote_dir=node.get("remote_dir", "nanorepro"), workdir=workdir if workdir is not None else Path(state_dir), state_dir=Path(state_dir),
+                      poll_s=poll, lease=node.get("lease_name"), **kwargs,
+                      rdzv_port=node.get("rdzv_port") or int(os.environ.get("NANOREPRO_RDZV_PORT", RDZV_PORT)))
         head = cls(node["host"], port=node.get("port", 22), name=nodes[0].get("name"),
                    private_ip=nodes[0].get("private_ip"), **common)
         for i, peer in enumerate(nodes[1:], start=1):

@@ -102,7 +102,10 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
 
 def _finished_on_main(world: World, out: Path, cfg: Config) -> bool:
     """_finished_already as rank 0 answers it, on every rank: only rank 0 writes the run's records, and
-    ranks on other nodes do not share its disk. A refusal on rank 0 is every rank's."""
+    ranks on other nodes do not share its disk. A refusal on rank 0 is every rank's. On one node every
+    rank reads the same file: no collective."""
+    if not world.spans_nodes:
+        return _finished_already(out, cfg)
     finished, refusal = False, None
     if world.main:
         try:
