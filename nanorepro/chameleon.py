@@ -43,7 +43,7 @@ from . import nodeinstall
 from .errors import UserError
 from .files import write_text_atomic
 from .fmt import duration
-from .remote import KNOWN_HOSTS, NODE_FILE, SSHRunner, check_key_file, read_node_record
+from .remote import KNOWN_HOSTS, NODE_FILE, SSHRunner, check_key_file, on_each, read_node_record
 from .runner import TARGETS, resolve_target, results_path
 
 # The A100 node types on Chameleon's bare-metal sites (the sites that have them), in the order "auto" tries them.
@@ -871,22 +871,71 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
     return left
 
 
+def node_folder(i: int) -> str:
+    """Where node i's nvidia-smi report and environment are kept in the state folder: node/ for the head
+    (as for a single node), node-<i>/ for the others."""
+    return "node" if i == 0 else f"node-{i}"
+
+
 def setup_node(target: str = "chameleon", state_dir: str | Path | None = STATE_DIR) -> Path | None:
-    """Install nanorepro on the reserved node (nodeinstall: a Python pyproject accepts, compiler and headers,
-    torch built for the driver's CUDA and checked on every GPU) and record its GPUs and software into
-    `<state_dir>/node/`. A failure says that the lease still runs, until when, and how to release it."""
+    """Install nanorepro on the reserved node, or on every node of the lease at once (one thread and one
+    SSH connection each; nodeinstall: a Python pyproject accepts, compiler and headers, torch built for
+    the driver's CUDA and checked on every GPU), and record each node's GPUs and software into
+    `<state_dir>/node/` (the head) and `node-<i>/` (node i), and how its install went into its entry of
+    the record's "nodes" ("setup": status, torch, GPUs, when; a record without "nodes" keeps only the
+    folder). A failure names the node(s) it happened on and says that the lease still runs, until when,
+    and how to release it. Returns the head's folder."""
     if not _on_chameleon(target, "nothing to install, stages use this environment"):
         return None
     state_dir = _state_dir(state_dir)
     record = read_node_record(state_dir)
     runner = SSHRunner.from_state(state_dir, workdir=state_dir)
+    nodes = runner.nodes
+    if len(nodes) > 1:  # the nodes install at once: each line says whose it is
+        for i, node in enumerate(nodes):
+            node._print = lambda s, i=i: print(f"[node {i}] {s}", flush=True)
+    where = runner.host if len(nodes) == 1 else f"{len(nodes)} nodes in parallel"
     try:
-        with _step(f"installing nanorepro on {runner.host} (a venv with torch for the node's CUDA driver: about 5 min)"):
-            runner.setup(image=record.get("image"))
-        with _step("recording the node's nvidia-smi report and environment"):
-            runner.record_node("node")
-            return runner.fetch("node", state_dir)
-    except UserError as e:
-        raise UserError(f"{e.problem}. The {still_running(record, state_dir)}", e.fix) from e
+        with _step(f"installing nanorepro on {where} (a venv with torch for the node's CUDA driver: about 5 min), "
+                   "then recording each node's nvidia-smi report and environment"):
+            results = on_each(nodes, lambda i, node: _install(node, record.get("image"), node_folder(i), state_dir))
     finally:
         runner.close()
+    _note_setup(state_dir, results)
+    failed = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+    if not failed:
+        return state_dir / node_folder(0)
+    errors = [e if isinstance(e, UserError) else UserError(f"{type(e).__name__}: {e}", "retry setup_node") for _, e in failed]
+    if len(nodes) == 1:
+        problem = errors[0].problem
+    else:
+        problem = "setup failed on " + "; on ".join(f"{runner.label(i)}: {e.problem}" for (i, _), e in zip(failed, errors))
+        if len(failed) < len(nodes):
+            problem += f" (the other node{'s' if len(nodes) - len(failed) > 1 else ''} installed fine)"
+    raise UserError(f"{problem}. The {still_running(record, state_dir)}", errors[0].fix) from failed[0][1]
+
+
+def _install(node: SSHRunner, image: str | None, folder: str, state_dir: Path) -> dict[str, Any] | None:
+    """One node's setup (in its own thread): install, then its nvidia-smi report and environment fetched
+    into `<state_dir>/<folder>/`; the GPU check's report (None with an install command of one's own)."""
+    report = node.setup(image=image)
+    node.record_node(folder)
+    node.fetch(folder, state_dir)
+    return report
+
+
+def _note_setup(state_dir: Path, results: list[Any]) -> None:
+    """Each node's install result into its entry of the record's "nodes" (when the record has them)."""
+    record = read_node_record(state_dir)
+    entries = record.get("nodes")
+    if not entries:
+        return
+    at = _utcnow().isoformat(timespec="seconds")
+    for i, (entry, result) in enumerate(zip(entries, results)):
+        if isinstance(result, BaseException):
+            problem = result.problem if isinstance(result, UserError) else f"{type(result).__name__}: {result}"
+            entry["setup"] = {"status": "failed", "error": problem, "at": at}
+        else:
+            entry["setup"] = {"status": "ready", "folder": node_folder(i), "at": at,
+                              "torch": (result or {}).get("torch"), "gpus": len((result or {}).get("devices", [])) or None}
+    save_record(state_dir, record)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,11 @@ def save(path: Path, state: dict[str, Any]) -> None:
     faults.hit("ckpt-renamed")
 
 
-def load(path: Path) -> dict[str, Any]:
-    """The checkpoint's dict, read without unpickling anything."""
+def load(path: Path, data: bytes | None = None) -> dict[str, Any]:
+    """The checkpoint's dict, read without unpickling anything: from `path`, or from `data`, the bytes
+    of the file at `path` on another machine (a run over several nodes resumes from rank 0's)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign or damaged file: never guess
         raise UserError(f"cannot read checkpoint {path}: {e.__class__.__name__}: {e}",
                         "move it away and start a fresh run in a new --out-dir") from e

@@ -8,7 +8,9 @@ NCCL on CUDA) and takes its share of every iteration's micro-batches. How the wo
   each iteration's micro-batches: N ranks train on exactly the samples one process would, and the
   stream's state is all a checkpoint needs for exact resume (exact on the CPU; close on GPUs, whose
   kernels are not deterministic). Evaluation batches are split likewise.
-- Only rank 0 writes. FSDP checkpoints are gathered into the same full state dict a single process
+- Only rank 0 writes, into its own folder. Ranks on other nodes (torchrun --nnodes) share no disk
+  with it, so what a run reads back from that folder (is it finished? its checkpoint) is rank 0's,
+  sent to them (`main_bytes`). FSDP checkpoints are gathered into the same full state dict a single process
   writes, so `nanorepro sample` and a single-process resume read it unchanged.
 With `parallel="none"` nothing here touches torch.distributed.
 """
@@ -22,6 +24,7 @@ import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
@@ -45,6 +48,7 @@ class World:
     size: int = 1
     parallel: str = "none"
     backend: str | None = None  # None: no process group (a single process)
+    spans_nodes: bool = False  # ranks on more than one machine (torchrun --nnodes > 1): no shared disk
     control: Any = field(default=None, repr=False)  # a gloo group for the bounded error-path barrier
 
     @property
@@ -79,6 +83,21 @@ class World:
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """Mean of `t` over ranks (gloo has no AVG: sum, then divide)."""
         return self.total(t) / self.size if self.active else t
+
+    def main_bytes(self, path: Path) -> bytes | None:
+        """The bytes of `path` as rank 0 reads them, on every rank (None: rank 0 has no such file).
+        Within one node every rank reads the file itself; across nodes rank 0 sends it (collective)."""
+        if not self.spans_nodes:
+            return path.read_bytes() if path.is_file() else None
+        data = path.read_bytes() if self.main and path.is_file() else None
+        size = torch.tensor([-1 if data is None else len(data)], dtype=torch.int64)
+        dist.broadcast(size, src=0, group=self.control)  # on the gloo group: CPU tensors, under NCCL too
+        n = int(size.item())
+        if n <= 0:
+            return None if n < 0 else b""
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.main else torch.empty(n, dtype=torch.uint8)
+        dist.broadcast(buf, src=0, group=self.control)
+        return data if self.main else buf.numpy().tobytes()
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on any: decisions (stop now) all ranks must share."""
@@ -117,6 +136,7 @@ def start(cfg: Config, device_of: Callable[[], str]) -> World:
                         f"--parallel={cfg.parallel}` "
                         "(--nproc_per_node = your GPU count), or use --parallel=none")
     rank, local_rank, size = env
+    spans_nodes = size > int(os.environ.get("LOCAL_WORLD_SIZE", size))
     if cfg.gradient_accumulation_steps % size:
         ok = [n for n in range(1, cfg.gradient_accumulation_steps + 1) if cfg.gradient_accumulation_steps % n == 0]
         raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} cannot be split evenly "
@@ -135,10 +155,10 @@ def start(cfg: Config, device_of: Callable[[], str]) -> World:
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", device_id=torch.device(f"cuda:{local_rank}"))
         control = dist.new_group(backend="gloo")  # NCCL has no barrier with a timeout
-        world = World(rank, local_rank, size, cfg.parallel, "nccl", control)
+        world = World(rank, local_rank, size, cfg.parallel, "nccl", spans_nodes, control)
     elif device == "cpu":
         dist.init_process_group("gloo")
-        world = World(rank, local_rank, size, cfg.parallel, "gloo", dist.group.WORLD)
+        world = World(rank, local_rank, size, cfg.parallel, "gloo", spans_nodes, dist.group.WORLD)
     else:
         raise UserError(f"parallel={cfg.parallel} runs on CUDA GPUs (NCCL) or on the CPU (gloo), not {device}",
                         "use --device=cuda or --device=cpu")

@@ -138,7 +138,8 @@ class Pipeline:
             args = ["prepare", "--data-root", "data", "--encoding", enc]
             if input_path:
                 args += ["--input", self.runner.put(Path(input_path).expanduser(), "inputs/input.txt")]
-            code = self.runner.run(args, stage=f"prepare {enc}", check=enc != "gpt2")
+            # on every node of a multi-node lease: each rank reads the data from its own disk
+            code = self.runner.run(args, stage=f"prepare {enc}", check=enc != "gpt2", every_node=True)
             if code == ModelUnavailable.exit_code:
                 reason = "the GPT-2 BPE files are not available offline"
                 self._record(f"prepare {enc}", metrics.NOT_RUN, started, reason=reason)

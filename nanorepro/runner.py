@@ -48,8 +48,10 @@ class LocalRunner:
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
 
-    def run(self, args: list[str], *, stage: str, check: bool = True, parallel: str = "none") -> int:
-        """Run `python -m nanorepro <args>` in the work folder, streaming its output live; its exit code."""
+    def run(self, args: list[str], *, stage: str, check: bool = True, parallel: str = "none",
+            every_node: bool = False) -> int:
+        """Run `python -m nanorepro <args>` in the work folder, streaming its output live; its exit code.
+        (`every_node` is SSHRunner's: here there is one machine.)"""
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "nanorepro", *args]
         tail: collections.deque[str] = collections.deque(maxlen=20)

@@ -91,11 +91,30 @@ def _train(cfg: Config, preset: str | None, world: World) -> dict[str, Any]:
     """Skip a finished run; else set up, then loop."""
     say = print if world.main else _silent
     out = Path(cfg.out_dir)
-    if _finished_already(out, cfg):
-        best = metrics.best_val_loss(metrics.read(out / metrics.METRICS_FILE))
-        say(f"{out}: already finished at iter {cfg.max_iters} (best val {best:.4f}); nothing to do")
+    if _finished_on_main(world, out, cfg):
+        best = None  # on ranks other than 0, which may not have the records (another node's disk)
+        if world.main:
+            best = metrics.best_val_loss(metrics.read(out / metrics.METRICS_FILE))
+            say(f"{out}: already finished at iter {cfg.max_iters} (best val {best:.4f}); nothing to do")
         return {"out_dir": str(out), "best_val_loss": best, "skipped": True}
     return _loop(_setup(cfg, world, preset, say), say)
+
+
+def _finished_on_main(world: World, out: Path, cfg: Config) -> bool:
+    """_finished_already as rank 0 answers it, on every rank: only rank 0 writes the run's records, and
+    ranks on other nodes do not share its disk. A refusal on rank 0 is every rank's. On one node every
+    rank reads the same file: no collective."""
+    if not world.spans_nodes:
+        return _finished_already(out, cfg)
+    finished, refusal = False, None
+    if world.main:
+        try:
+            finished = _finished_already(out, cfg)
+        except UserError as e:
+            refusal = e
+    if world.any(refusal is not None):
+        raise refusal or UserError("rank 0 refused to continue this run", "see rank 0's message")
+    return world.any(finished)
 
 
 def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
@@ -117,7 +136,9 @@ def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ckpt_path = out / checkpoint.CKPT_FILE
-    ckpt = checkpoint.load(ckpt_path) if ckpt_path.exists() else None
+    ckpt_bytes = world.main_bytes(ckpt_path)  # rank 0 wrote it; on other nodes it is not on disk
+    ckpt = checkpoint.load(ckpt_path, ckpt_bytes) if ckpt_bytes is not None else None
+    del ckpt_bytes
     if device_type == "cpu" and world.size == 1:  # torchrun gives each process OMP_NUM_THREADS=1
         hardware.set_cpu_threads()
     model_cfg = _network(cfg, meta, ckpt)

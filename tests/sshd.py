@@ -3,10 +3,16 @@
 It runs Debian's /usr/sbin/sshd (package openssh-server, installed by scripts/system-deps.sh) on a
 free port with a temp host key, a temp client key and its own authorized_keys, and lets in only the
 user running the tests (creating a system user would need root and change the machine).
+
+Several nodes (`start_nodes`): one sshd each, on its own port, each session starting in the node's own
+home folder (the same user on one machine, but no shared files: a node's relative paths land in its
+home). `reachable_only_through_head` makes every node but the first unreachable from this process, as
+Chameleon's nodes without a floating IP are: only the head's sshd can connect to them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shlex
@@ -18,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 SSHD = "/usr/sbin/sshd"
 
@@ -31,6 +38,7 @@ class Sshd:
     pub_path: Path
     proc: subprocess.Popen
     dir: Path
+    home: Path | None = None  # where sessions start (None: the user's own home)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -58,12 +66,17 @@ def _keygen(path: Path) -> None:
                    check=True)
 
 
-def _path_first_shell(dir: Path, path_first: Path) -> Path:
-    """A ForceCommand that runs the client's command (or the SFTP server) with `path_first` leading PATH,
-    after the user's shell start-up files (which may put e.g. pyenv's shims first) have run."""
-    script = dir / "path-first.sh"
-    script.write_text(f"""#!/bin/sh
-export PATH={shlex.quote(str(path_first))}:"$PATH"
+def _session_shell(dir: Path, path_first: Path | None, home: Path | None) -> Path:
+    """A ForceCommand that runs the client's command (or the SFTP server) in `home` (with HOME set to it)
+    and with `path_first` leading PATH, after the user's shell start-up files (which may put e.g.
+    pyenv's shims first) have run."""
+    script = dir / "session.sh"
+    lines = ["#!/bin/sh"]
+    if home is not None:
+        lines.append(f"cd {shlex.quote(str(home))} || exit 1; export HOME={shlex.quote(str(home))}")
+    if path_first is not None:
+        lines.append(f'export PATH={shlex.quote(str(path_first))}:"$PATH"')
+    script.write_text("\n".join(lines) + """
 case "$SSH_ORIGINAL_COMMAND" in
   internal-sftp|*sftp-server*) exec /usr/lib/openssh/sftp-server ;;
   "") exec sh ;;
@@ -74,9 +87,10 @@ esac
     return script
 
 
-def start(dir: Path, timeout_s: float = 15.0, path_first: Path | None = None) -> Sshd:
+def start(dir: Path, timeout_s: float = 15.0, path_first: Path | None = None, home: Path | None = None) -> Sshd:
     """Start sshd listening on 127.0.0.1 only; raises RuntimeError saying what is missing. With `path_first`,
-    every session's PATH starts with that folder (where a test puts stand-ins for the node's tools)."""
+    every session's PATH starts with that folder (where a test puts stand-ins for the node's tools); with
+    `home`, every session starts there (created if missing)."""
     if not Path(SSHD).exists() or shutil.which("ssh-keygen") is None:
         raise RuntimeError(f"{SSHD} or ssh-keygen not found: install openssh-server (bash scripts/system-deps.sh)")
     dir.mkdir(parents=True, exist_ok=True)
@@ -96,11 +110,13 @@ def start(dir: Path, timeout_s: float = 15.0, path_first: Path | None = None) ->
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
         "StrictModes no",  # keys under /tmp fail the mode check otherwise
         "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxSessions 50", "MaxStartups 50",
-        *([f"ForceCommand {_path_first_shell(dir, path_first)}"] if path_first else []),
+        *([f"ForceCommand {_session_shell(dir, path_first, home)}"] if path_first or home else []),
     ]) + "\n")
+    if home is not None:
+        home.mkdir(parents=True, exist_ok=True)
     log = open(dir / "sshd.log", "wb")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    server = Sshd("127.0.0.1", port, user, client_key, Path(f"{client_key}.pub"), proc, dir)
+    server = Sshd("127.0.0.1", port, user, client_key, Path(f"{client_key}.pub"), proc, dir, home)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -113,6 +129,47 @@ def start(dir: Path, timeout_s: float = 15.0, path_first: Path | None = None) ->
             time.sleep(0.05)
     server.stop()
     raise RuntimeError(f"sshd did not answer on 127.0.0.1:{port} within {timeout_s} s")
+
+
+def start_nodes(dir: Path, n: int, path_first: Path | None = None) -> list[Sshd]:
+    """n sshd "nodes", node i in `dir/node<i>` with its home `dir/node<i>/home`, all accepting node 0's
+    client key (one keypair for the lease, as on Chameleon). Stops those started if one fails."""
+    nodes: list[Sshd] = []
+    try:
+        for i in range(n):
+            nodes.append(start(dir / f"node{i}", path_first=path_first, home=dir / f"node{i}" / "home"))
+            if i:
+                (nodes[i].dir / "authorized_keys").write_text(nodes[0].pub_path.read_text())
+                nodes[i].key_path, nodes[i].pub_path = nodes[0].key_path, nodes[0].pub_path
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes
+
+
+@contextlib.contextmanager
+def reachable_only_through_head(nodes: list[Sshd]) -> Iterator[None]:
+    """While open, this process cannot open a TCP connection to nodes[1:] (connect() is refused, as a
+    private address is unroutable from outside Chameleon); the sshd processes, other processes, are
+    unaffected, so node 0's sshd can still forward a connection to them (ProxyJump)."""
+    private = {("127.0.0.1", node.port) for node in nodes[1:]}
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def blocked(address: object) -> bool:
+        return isinstance(address, tuple) and tuple(address[:2]) in private
+
+    def guarded_connect(self: socket.socket, address: object) -> None:
+        if blocked(address):
+            raise ConnectionRefusedError(111, f"{address} is only reachable through the head node")
+        return connect(self, address)
+
+    socket.socket.connect = guarded_connect
+    socket.socket.connect_ex = lambda self, address: 111 if blocked(address) else connect_ex(self, address)
+    try:
+        yield
+    finally:
+        socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
 
 
 def cheap_install() -> str:
