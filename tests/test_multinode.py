@@ -18,13 +18,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import sshd as sshd_helper
+from test_distributed import assert_close, losses  # the same losses, the same comparison
 from nanorepro import chameleon, metrics, remote
 from nanorepro.errors import UserError
 from nanorepro.pipeline import Pipeline
@@ -263,22 +263,6 @@ def one_process(out: Path, data_root: Path, max_iters: int, **overrides) -> list
                         "--out-dir", str(out), *args], capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return losses(out)
-
-
-def losses(run: Path) -> list[tuple]:
-    out = []
-    for r in metrics.read(run / metrics.METRICS_FILE):
-        if r["kind"] == "train":
-            out.append(("train", r["iter"], r["loss"]))
-        elif r["kind"] == "eval":
-            out.append(("eval", r["iter"], r["train_loss"], r["val_loss"]))
-    return out
-
-
-def assert_close(a: list[tuple], b: list[tuple], tol: float) -> None:
-    assert [r[:2] for r in a] == [r[:2] for r in b]
-    worst = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra[2:], rb[2:]))
-    assert worst <= tol, f"losses differ by {worst:.3g} > {tol}"
 
 
 def overrides(max_iters: int, **more) -> dict:
