@@ -304,8 +304,11 @@ def _finished_already(out: Path, cfg: Config) -> bool:
     if not (ends and ends[-1].get("status") == "finished" and ends[-1].get("iter") == cfg.max_iters):
         return False
     was = ends[-1].get("config") or metrics.meta(records).get("config") or {}
+    ignore = set(_NOT_THE_RESULT)
+    if cfg.init_from != "scratch":  # the run recorded the pretrained model's shape; init_from names it
+        ignore |= {"n_layer", "n_head", "n_embd", "vocab_size", "bias"}
     differ = [f"{k}={was[k]!r} (finished) vs {v!r} (now)" for k, v in cfg.to_dict().items()
-              if k in was and k not in _NOT_THE_RESULT and v is not None and v != was[k]]
+              if k in was and k not in ignore and v is not None and v != was[k]]
     if differ:
         if was:  # a notebook stage writes the new config.json before the job starts: put the run's back
             from_dict(was).save(out / "config.json")

@@ -391,3 +391,12 @@ def test_a_finished_run_relaunched_with_other_settings_is_refused_not_passed_off
     assert {f: (run / f).read_bytes() for f in before} == before  # records, checkpoint and config.json as they were
     # a setting that does not change what is trained still finds the run finished
     assert train(tiny(char_data_root, run, max_iters=10, log_interval=5))["skipped"] is True
+
+
+def test_a_finished_fine_tune_relaunched_as_it_was_is_skipped(tmp_path, tiny_gpt2, gpt2_data_root):
+    # the run records the pretrained model's shape, which the launch config leaves at its defaults
+    cfg = resolve("finetune-shakespeare-cpu", {"init_from": str(tiny_gpt2), "data_root": str(gpt2_data_root),
+                                               "out_dir": str(tmp_path / "ft"), "max_iters": 2, "eval_iters": 1,
+                                               "block_size": 32})
+    train(cfg)
+    assert train(cfg)["skipped"] is True
