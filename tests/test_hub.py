@@ -135,8 +135,9 @@ def test_run_all_with_two_nodes_trains_one_run_on_both_and_releases_everything(
     nodes = sshd_helper.start_nodes(tmp_path / "nodes", 2, path_first=bin_dir)
     kernels = tmp_path / "guarded.log"
     checkout, shim = artifact(tmp_path, tiny_gpt2, sshd_helper.through_head_sitecustomize(nodes, kernels))
-    # parallel=ddp: one run over both nodes; its 2 micro-steps per iteration split over the 2 ranks
-    params = ["-p", "nodes", "2", "-p", "char_overrides", "{parallel: ddp, gradient_accumulation_steps: 2}"]
+    # the README's command: one run over both nodes, its 8 micro-steps per iteration split over the ranks
+    params = ["-p", "nodes", "2", "-p", "node_type", "gpu_a100_pcie",
+              "-p", "char_overrides", "{parallel: ddp, gradient_accumulation_steps: 8, batch_size: 8}"]
     try:
         with FakeCloud() as cloud:
             hub = hub_env(cloud, nodes[0], "nanorepro", ports=[n.port for n in nodes])  # in each node's home
@@ -165,6 +166,7 @@ def test_run_all_with_two_nodes_trains_one_run_on_both_and_releases_everything(
     # one run trained by torchrun on both nodes: world size 2, rank 0 on the head, node 1's share ran to the end
     (meta,) = [m for m in metrics.read(results / "runs" / "char" / metrics.METRICS_FILE) if m["kind"] == "meta"]
     assert meta["world_size"] == 2 and meta["config"]["parallel"] == "ddp"
+    assert (meta["config"]["gradient_accumulation_steps"], meta["config"]["batch_size"]) == (8, 8)
     assert "[train char] started on 2 nodes" in out and "step 4: train loss" in out
     (job,) = (stages[1] / ".jobs").glob("train_char-*")
     script = (job / "run.sh").read_text()
