@@ -7,7 +7,8 @@ user running the tests (creating a system user would need root and change the ma
 Several nodes (`start_nodes`): one sshd each, on its own port, each session starting in the node's own
 home folder (the same user on one machine, but no shared files: a node's relative paths land in its
 home). `reachable_only_through_head` makes every node but the first unreachable from this process, as
-Chameleon's nodes without a floating IP are: only the head's sshd can connect to them.
+Chameleon's nodes without a floating IP are: only the head's sshd can connect to them;
+`through_head_sitecustomize` does the same in other Python processes (a notebook's kernel).
 """
 
 from __future__ import annotations
@@ -200,6 +201,7 @@ with open({str(log)!r}, "a") as _f:
 
 # -- what is left on the nodes ----------------------------------------------------------------------
 def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,6 +1,7 @@
 """Run All on Chameleon's JupyterHub with the defaults: 00 -> 05 through papermill with no parameters, in the
 environment the hub sets (JUPYTERHUB_*, OS_*, the keypair), pointed at the fake OpenStack and a loopback-sshd
-node whose nvidia-smi reports driver 560 and whose pip and python3 are stand-ins (tests/sshd.py).
+node whose nvidia-smi reports driver 560 and whose pip and python3 are stand-ins (tests/sshd.py); and with
+nodes=2, two such nodes, the second reachable only through the first, training one run under DDP.
 
 Two things stand in for the A100: the node's torch (this machine's CPU build) is reported as seeing the GPU
 by the stand-in python, and the GPU presets are shrunk, with device=cpu said explicitly, by a sitecustomize
