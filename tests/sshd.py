@@ -7,7 +7,8 @@ user running the tests (creating a system user would need root and change the ma
 Several nodes (`start_nodes`): one sshd each, on its own port, each session starting in the node's own
 home folder (the same user on one machine, but no shared files: a node's relative paths land in its
 home). `reachable_only_through_head` makes every node but the first unreachable from this process, as
-Chameleon's nodes without a floating IP are: only the head's sshd can connect to them.
+Chameleon's nodes without a floating IP are: only the head's sshd can connect to them;
+`through_head_sitecustomize` does the same in other Python processes (a notebook's kernel).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 SSHD = "/usr/sbin/sshd"
 
@@ -148,12 +149,10 @@ def start_nodes(dir: Path, n: int, path_first: Path | None = None) -> list[Sshd]
     return nodes
 
 
-@contextlib.contextmanager
-def reachable_only_through_head(nodes: list[Sshd]) -> Iterator[None]:
-    """While open, this process cannot open a TCP connection to nodes[1:] (connect() is refused, as a
-    private address is unroutable from outside Chameleon); the sshd processes, other processes, are
-    unaffected, so node 0's sshd can still forward a connection to them (ProxyJump)."""
-    private = {("127.0.0.1", node.port) for node in nodes[1:]}
+def refuse_connections(ports: set[int]) -> Callable[[], None]:
+    """From now on this process cannot open a TCP connection to 127.0.0.1 at any of `ports` (connect() is
+    refused, as a private address is unroutable from outside Chameleon); returns what undoes it."""
+    private = {("127.0.0.1", port) for port in ports}
     connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
 
     def blocked(address: object) -> bool:
@@ -166,10 +165,61 @@ def reachable_only_through_head(nodes: list[Sshd]) -> Iterator[None]:
 
     socket.socket.connect = guarded_connect
     socket.socket.connect_ex = lambda self, address: 111 if blocked(address) else connect_ex(self, address)
+
+    def undo() -> None:
+        socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
+
+    return undo
+
+
+@contextlib.contextmanager
+def reachable_only_through_head(nodes: list[Sshd]) -> Iterator[None]:
+    """While open, this process cannot open a TCP connection to nodes[1:]; the sshd processes, other
+    processes, are unaffected, so node 0's sshd can still forward a connection to them (ProxyJump)."""
+    undo = refuse_connections({node.port for node in nodes[1:]})
     try:
         yield
     finally:
-        socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
+        undo()
+
+
+def through_head_sitecustomize(nodes: list[Sshd], log: Path) -> str:
+    """Source for a sitecustomize.py that does what reachable_only_through_head does in every Python
+    process that loads it (a notebook's kernel, which papermill starts in a process of its own, where a
+    patch in the test's process does not reach), each such process appending its command line to `log`."""
+    here, ports = str(Path(__file__).resolve().parent), {node.port for node in nodes[1:]}
+    return f"""
+import sys
+sys.path.insert(0, {here!r})
+import sshd as _sshd
+sys.path.remove({here!r})
+_sshd.refuse_connections({ports!r})
+with open({str(log)!r}, "a") as _f:
+    _f.write(open("/proc/self/cmdline", "rb").read().replace(b"\\0", b" ").decode() + "\\n")
+"""
+
+
+# -- what is left on the nodes ----------------------------------------------------------------------
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0  # a zombie is gone
+
+
+def processes_in(dirs: list[Path]) -> list[int]:
+    """Live processes whose working folder is inside one of `dirs` (a node's jobs run in its stage folder)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cwd = (proc / "cwd").resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue
+        if any(cwd.is_relative_to(d.resolve()) for d in dirs) and alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
 
 
 def cheap_install() -> str:

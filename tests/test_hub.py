@@ -1,6 +1,7 @@
 """Run All on Chameleon's JupyterHub with the defaults: 00 -> 05 through papermill with no parameters, in the
 environment the hub sets (JUPYTERHUB_*, OS_*, the keypair), pointed at the fake OpenStack and a loopback-sshd
-node whose nvidia-smi reports driver 560 and whose pip and python3 are stand-ins (tests/sshd.py).
+node whose nvidia-smi reports driver 560 and whose pip and python3 are stand-ins (tests/sshd.py); and with
+nodes=2, two such nodes, the second reachable only through the first, training one run under DDP.
 
 Two things stand in for the A100: the node's torch (this machine's CPU build) is reported as seeing the GPU
 by the stand-in python, and the GPU presets are shrunk, with device=cpu said explicitly, by a sitecustomize
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import sshd as sshd_helper
-from nanorepro import remote, runner
+from nanorepro import metrics, remote, runner
 
 pytest.importorskip("chi", reason="python-chi is part of the test environment (pip install -e '.[chameleon]')")
 from fake_openstack import FakeCloud  # noqa: E402
@@ -36,14 +37,45 @@ c.PRESETS["finetune-shakespeare"] = {**c.PRESETS["finetune-shakespeare"], **smal
 """
 
 
-def hub_env(cloud: FakeCloud, node: sshd_helper.Sshd, home: Path) -> dict[str, str]:
+def hub_env(cloud: FakeCloud, node: sshd_helper.Sshd, remote_dir: Path | str,
+            ports: list[int] | None = None) -> dict[str, str]:
     """What Chameleon's JupyterHub sets in a user's server (auth here by application credential: the fake
-    has no OIDC endpoint), plus the test's knobs for the loopback node."""
+    has no OIDC endpoint), plus the test's knobs for the loopback node(s): one SSH port per node, head first."""
     return {**cloud.env(), "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api", "JUPYTERHUB_USER": "tester",
             "JUPYTERHUB_SERVICE_PREFIX": "/user/tester/", "OS_KEYPAIR_NAME": "tester-jupyter",
             "OS_KEYPAIR_PRIVATE_KEY": str(node.key_path), "OS_KEYPAIR_PUBLIC_KEY": str(node.pub_path),
-            "NANOREPRO_CHI_POLL_S": "0.02", "NANOREPRO_SSH_POLL_S": "0.1", "NANOREPRO_SSH_PORT": str(node.port),
-            "NANOREPRO_SSH_USER": node.user, "NANOREPRO_REMOTE_DIR": str(home), "USER": "tester"}
+            "NANOREPRO_CHI_POLL_S": "0.02", "NANOREPRO_SSH_POLL_S": "0.1",
+            "NANOREPRO_SSH_PORT": ",".join(str(p) for p in ports or [node.port]),
+            "NANOREPRO_SSH_USER": node.user, "NANOREPRO_REMOTE_DIR": str(remote_dir), "USER": "tester"}
+
+
+def artifact(tmp_path: Path, tiny_gpt2: Path, more_site: str = "") -> tuple[Path, Path]:
+    """A checkout of the artifact as the hub clones it (its results/ go there), and the folder of the
+    notebook kernel's sitecustomize (SITECUSTOMIZE, then `more_site`)."""
+    checkout = tmp_path / "artifact"
+    for path in remote.source_files(REPO):
+        dest = checkout / path.relative_to(REPO)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
+    (checkout / "notebooks" / "nanorepro").unlink(missing_ok=True)
+    (checkout / "notebooks" / "nanorepro").symlink_to("../nanorepro")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SITECUSTOMIZE.replace("INIT_FROM", repr(str(tiny_gpt2))) + more_site)
+    return checkout, shim
+
+
+def run_all(checkout: Path, shim: Path, hub: dict[str, str], params: list[str] = (), remote_env: list[str] = (),
+            timeout: float = 900) -> subprocess.CompletedProcess:
+    """`nanorepro run-notebooks [-p NAME VALUE ...]` in the checkout, in the hub's environment `hub`;
+    `remote_env`: more NAME=VALUE settings for the node's stages."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "NANOREPRO_"))}
+    # the node has no network either: it gets the BPE files the way a user passes settings
+    node_env = [f"TIKTOKEN_CACHE_DIR={os.environ['TIKTOKEN_CACHE_DIR']}", "HF_HUB_OFFLINE=1", *remote_env]
+    env.update(hub, PYTHONPATH=f"{checkout}{os.pathsep}{shim}", HF_HUB_OFFLINE="1",
+               NANOREPRO_REMOTE_ENV=" ".join(node_env))
+    return subprocess.run([sys.executable, "-m", "nanorepro", "run-notebooks", *params], env=env, cwd=checkout,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_the_hub_environment_means_chameleon_and_elsewhere_local(monkeypatch):
@@ -60,28 +92,12 @@ def test_the_hub_environment_means_chameleon_and_elsewhere_local(monkeypatch):
 
 def test_run_all_with_no_parameters_on_the_hub_leases_installs_trains_fetches_and_releases(
         tmp_path, shakespeare_path, tiktoken_offline, tiny_gpt2):
-    # a checkout of the artifact as the hub clones it (its results/ go there)
-    checkout = tmp_path / "artifact"
-    for path in remote.source_files(REPO):
-        dest = checkout / path.relative_to(REPO)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, dest)
-    (checkout / "notebooks" / "nanorepro").unlink(missing_ok=True)
-    (checkout / "notebooks" / "nanorepro").symlink_to("../nanorepro")
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(SITECUSTOMIZE.replace("INIT_FROM", repr(str(tiny_gpt2))))
+    checkout, shim = artifact(tmp_path, tiny_gpt2)
     bin_dir = sshd_helper.standins(tmp_path / "node-bin", driver="560.35.03", cuda="12.6")
     node = sshd_helper.start(tmp_path / "sshd", path_first=bin_dir)
     try:
         with FakeCloud() as cloud:
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "NANOREPRO_"))}
-            env.update(hub_env(cloud, node, tmp_path / "node home"),
-                       PYTHONPATH=f"{checkout}{os.pathsep}{shim}", HF_HUB_OFFLINE="1",
-                       # the node has no network either: it gets the BPE files the way a user passes settings
-                       NANOREPRO_REMOTE_ENV=f"TIKTOKEN_CACHE_DIR={os.environ['TIKTOKEN_CACHE_DIR']} HF_HUB_OFFLINE=1")
-            r = subprocess.run([sys.executable, "-m", "nanorepro", "run-notebooks"], env=env, cwd=checkout,
-                               capture_output=True, text=True, timeout=900)
+            r = run_all(checkout, shim, hub_env(cloud, node, tmp_path / "node home"))
             assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
             live = cloud.live()
             assert live == {"leases": [], "servers": [], "fips": []}  # released: nothing left
@@ -109,3 +125,54 @@ def test_run_all_with_no_parameters_on_the_hub_leases_installs_trains_fetches_an
     char = json.loads((results / "runs" / "char" / "config.json").read_text())
     assert char["preset"] == "shakespeare-char" and char["device"] == "cpu"  # the GPU preset, trained on the node
     assert (tmp_path / "node home" / "results" / "chameleon" / "runs" / "char" / "ckpt.pt").is_file()
+
+
+def test_run_all_with_two_nodes_trains_one_run_on_both_and_releases_everything(
+        tmp_path, shakespeare_path, tiktoken_offline, tiny_gpt2):
+    """00 -> 05 with nodes=2 and 02 training under DDP: one lease of two hosts, node 1 reached only through
+    the head (from the notebook kernel too), installed on both and recorded per node, torchrun on both
+    nodes (world size 2), and nothing left afterwards: no lease, server or floating IP, no job on a node."""
+    bin_dir = sshd_helper.standins(tmp_path / "node-bin", driver="560.35.03", cuda="12.6")
+    nodes = sshd_helper.start_nodes(tmp_path / "nodes", 2, path_first=bin_dir)
+    kernels = tmp_path / "guarded.log"
+    checkout, shim = artifact(tmp_path, tiny_gpt2, sshd_helper.through_head_sitecustomize(nodes, kernels))
+    # the README's command: one run over both nodes, its 8 micro-steps per iteration split over the ranks
+    params = ["-p", "nodes", "2", "-p", "node_type", "gpu_a100_pcie",
+              "-p", "char_overrides", "{parallel: ddp, gradient_accumulation_steps: 8, batch_size: 8}"]
+    try:
+        with FakeCloud() as cloud:
+            hub = hub_env(cloud, nodes[0], "nanorepro", ports=[n.port for n in nodes])  # in each node's home
+            hub["NANOREPRO_RDZV_PORT"] = str(sshd_helper._free_port())
+            r = run_all(checkout, shim, hub, params, remote_env=["OMP_NUM_THREADS=1"], timeout=1500)
+            assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+            assert cloud.live() == {"leases": [], "servers": [], "fips": []}  # released: nothing left
+            assert sum(1 for m, p in cloud.requests if m == "POST" and p.endswith("/leases")) == 1
+        stages = [n.home / "nanorepro" / "results" / "chameleon" for n in nodes]
+        assert not sshd_helper.processes_in(stages)  # no job left running on either node
+    finally:
+        for node in nodes:
+            node.stop()
+    # the kernels that drove the nodes could not reach node 1 but through the head
+    assert any("ipykernel" in line for line in kernels.read_text().splitlines())
+    out = r.stdout
+    assert "This lease will cost 8 SU: 2 nodes x 4 h" in out
+    results = checkout / "results" / "chameleon"
+    record = json.loads((results / remote.NODE_FILE).read_text())
+    assert record["status"] == "released" and len(record["nodes"]) == 2
+    setup = [n["setup"] for n in record["nodes"]]  # installed on both, recorded per node
+    assert [(s["status"], s["folder"]) for s in setup] == [("ready", "node"), ("ready", "node-1")]
+    for folder in ("node", "node-1"):
+        assert (results / folder / "nvidia-smi.txt").is_file() and (results / folder / "env.json").is_file()
+    assert out.count("torch 2.13.0+cu126 sees 1 GPU(s)") == 2
+    # one run trained by torchrun on both nodes: world size 2, rank 0 on the head, node 1's share ran to the end
+    (meta,) = [m for m in metrics.read(results / "runs" / "char" / metrics.METRICS_FILE) if m["kind"] == "meta"]
+    assert meta["world_size"] == 2 and meta["config"]["parallel"] == "ddp"
+    assert (meta["config"]["gradient_accumulation_steps"], meta["config"]["batch_size"]) == (8, 8)
+    assert "[train char] started on 2 nodes" in out and "step 4: train loss" in out
+    (job,) = (stages[1] / ".jobs").glob("train_char-*")
+    script = (job / "run.sh").read_text()
+    assert "--nnodes=2" in script and "--node_rank=1" in script and "--rdzv_backend=static" in script
+    assert (job / "rc").read_text().strip() == "0"
+    assert (stages[0] / "runs" / "char" / "ckpt.pt").is_file() and not (stages[1] / "runs" / "char" / "ckpt.pt").exists()
+    for rel in ["runs/char/samples.txt", "runs/finetune/metrics.jsonl", "REPORT.md", "notebooks/05_release_node.ipynb"]:
+        assert (results / rel).is_file(), rel

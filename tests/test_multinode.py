@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import sshd as sshd_helper
+from sshd import alive, processes_in
 from test_distributed import assert_close, losses  # the same losses, the same comparison
 from nanorepro import chameleon, metrics, remote
 from nanorepro.errors import UserError
@@ -226,27 +227,6 @@ def test_a_rerun_attaches_to_jobs_running_on_every_node_and_restarts_a_partial_r
 
 
 # -- training over both nodes ----------------------------------------------------------------------
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0  # a zombie is gone
-
-
-def processes_in(dirs: list[Path]) -> list[int]:
-    """Live processes whose working folder is inside one of `dirs` (a node's jobs run in its stage folder)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cwd = (proc / "cwd").resolve(strict=True)
-        except (OSError, RuntimeError):
-            continue
-        if any(cwd.is_relative_to(d.resolve()) for d in dirs) and alive(int(proc.name)):
-            found.append(int(proc.name))
-    return found
-
-
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants (what a dying node does to its jobs)."""
     children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
