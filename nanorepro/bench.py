@@ -285,7 +285,8 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
     forced: dict[str, Any] = {}  # the preset's log_interval: the host syncs and logs as often as it would
     if target_loss is None:
         n = warmup + iters
-        forced.update(max_iters=n, eval_interval=n, eval_iters=1, always_save_checkpoint=False)
+        # every block from the first step: a throughput run times the whole network's step
+        forced.update(max_iters=n, eval_interval=n, eval_iters=1, always_save_checkpoint=False, grow_from_layers=0)
     runs_cfg = {k: v for k, v in forced.items() if k not in overrides}
     cfg = config_mod.resolve(preset, {**overrides, **runs_cfg})
     if cfg.eval_interval <= warmup and target_loss is None:

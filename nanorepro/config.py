@@ -93,7 +93,8 @@ RANGES = {
     "> 0": (("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
              "eval_interval", "eval_iters", "log_interval", "learning_rate"), lambda v: v > 0,
             "set {} to a positive value"),
-    ">= 0": (("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "seed"),
+    ">= 0": (("max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip", "seed",
+              "grow_from_layers", "grow_iter"),
              lambda v: v >= 0, "set {} to 0 or more"),
     "in [0, 1)": (("dropout", "beta1", "beta2"), lambda v: 0 <= v < 1, "use e.g. {}=0.2"),
 }
@@ -136,6 +137,9 @@ class Config:
     warmup_iters: int = _field(100, "steps of linear warm-up")
     lr_decay_iters: int = _field(5000, "the step where the decay reaches min_lr")
     min_lr: float = _field(6e-5, "the learning rate at the end of the decay")
+    grow_from_layers: int = _field(0, "train only the first this many blocks until grow_iter, the others adding "
+                                   "nothing (zeroed output projections) until then: a cheaper start; 0: all blocks")
+    grow_iter: int = _field(0, "the step from which all n_layer blocks train (with grow_from_layers)")
     # evaluation, logging, checkpoints
     eval_interval: int = _field(250, "steps between evaluations (and checkpoints)")
     eval_iters: int = _field(200, "batches per evaluation")
@@ -346,10 +350,28 @@ def validate(cfg: Config) -> Config:
     if modern and cfg.init_from != "scratch":
         raise UserError(f"{', '.join(modern)} change the network, so GPT-2's weights ({cfg.init_from}) do not fit it",
                         f"leave {', '.join(modern)} off when fine-tuning, or train from scratch")
+    if cfg.grow_from_layers:
+        _check_growth(cfg)
     if cfg.init_from not in ("scratch",) + PRETRAINED and not Path(cfg.init_from).is_dir():
         raise UserError(f"init_from={cfg.init_from!r} is neither 'scratch', a GPT-2 name {PRETRAINED}, nor a local folder",
                         "give one of those or the path of a Hugging Face model folder")
     return cfg
+
+
+def _check_growth(cfg: Config) -> None:
+    """A run that starts with fewer blocks: only from scratch, in one process, growing at a given step."""
+    if cfg.grow_from_layers >= cfg.n_layer:
+        raise UserError(f"grow_from_layers={cfg.grow_from_layers} is not below n_layer={cfg.n_layer}",
+                        f"use 1..{cfg.n_layer - 1} blocks to start with, or 0 to train all from the start")
+    if cfg.init_from != "scratch":
+        raise UserError(f"grow_from_layers starts a network from scratch, but init_from={cfg.init_from}",
+                        "set grow_from_layers=0 when fine-tuning")
+    if cfg.parallel != "none":  # idle blocks get no gradient, which DDP's reducer and FSDP refuse
+        raise UserError(f"grow_from_layers needs every block in every step under parallel={cfg.parallel}",
+                        "set grow_from_layers=0, or parallel=none")
+    if cfg.grow_iter < 1:  # at or past max_iters is allowed: a shortened run is the start of the long one
+        raise UserError(f"grow_from_layers={cfg.grow_from_layers} needs the step to grow at, but grow_iter={cfg.grow_iter}",
+                        "set grow_iter, e.g. --grow_iter=300")
 
 
 def from_dict(values: dict[str, Any]) -> Config:

@@ -118,6 +118,7 @@ class GPT(nn.Module):
             raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}",
                             "pick n_embd a multiple of n_head")
         self.config = cfg  # frozen: crop_block_size replaces it
+        self.active_layers = cfg.n_layer  # the blocks forward runs: a run may start shallower (start_shallow)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             **({} if cfg.rope else {"wpe": nn.Embedding(cfg.block_size, cfg.n_embd)}),
@@ -134,6 +135,18 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def start_shallow(self, n_blocks: int) -> None:
+        """Zero the output projections of the blocks after the first `n_blocks`: each then adds nothing to
+        the residual stream, so the network computes the same whether they run or not, and forward skips
+        them until `active_layers` is raised. They receive no gradient while skipped, so they stay neutral
+        until they join (zero output projections, as modded-nanogpt initialises every block)."""
+        for block in self.transformer.h[n_blocks:]:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                nn.init.zeros_(proj.weight)
+                if proj.bias is not None:
+                    nn.init.zeros_(proj.bias)
+        self.active_layers = n_blocks
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -164,7 +177,7 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:  # with rope, positions enter in attention instead
             x = x + self.transformer.wpe(torch.arange(T, dtype=torch.long, device=idx.device))
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
+        for block in self.transformer.h[: self.active_layers]:
             x = block(x)
         x = self.transformer.ln_f(x)
         if targets is None:

@@ -198,10 +198,16 @@ def _loop(run: _Run, say) -> dict[str, Any]:
             lr = lr_at(iter_num, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # blocks in use for this iteration: the first grow_from_layers until grow_iter, then all
+            if cfg.grow_from_layers:
+                model.active_layers = cfg.n_layer if iter_num >= cfg.grow_iter else cfg.grow_from_layers
+                if iter_num == cfg.grow_iter:
+                    note(f"step {iter_num}: all {cfg.n_layer} blocks train from here on "
+                         f"(the first {cfg.grow_from_layers} until now)")
 
             # evaluate every eval_interval iterations and at the end; checkpoint when better (or always)
-            if (iter_num % cfg.eval_interval == 0 and (iter_num > 0 or cfg.eval_at_start or cfg.eval_only)
-                    or iter_num == cfg.max_iters):
+            if (cfg.eval_only or iter_num == cfg.max_iters
+                    or iter_num % cfg.eval_interval == 0 and (iter_num > 0 or cfg.eval_at_start)):
                 losses = _evaluate(step_model, run.batches, cfg, world, autocast, device, iter_num)
                 improved = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])
@@ -210,10 +216,10 @@ def _loop(run: _Run, say) -> dict[str, Any]:
                                    "best_val_loss": best_val})
                 note(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 bar.set_postfix(val=f"{losses['val']:.4f}", refresh=False)
-                if iter_num > 0 and (improved or cfg.always_save_checkpoint):
+                if iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
                     save_checkpoint()
                 window_t, window_iters = time.perf_counter(), 0  # keep eval time out of tokens/s
-            if iter_num >= cfg.max_iters or (iter_num == 0 and cfg.eval_only):
+            if iter_num >= cfg.max_iters or cfg.eval_only:  # eval_only: a resumed checkpoint is not trained on
                 break
 
             # SIGINT/SIGTERM: checkpoint and stop, all ranks at the same iteration. Several processes agree
@@ -358,6 +364,8 @@ def _build_model(cfg: Config, model_cfg: GPTConfig, ckpt: dict[str, Any] | None)
     model = GPT(model_cfg)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    elif cfg.grow_from_layers:
+        model.start_shallow(cfg.grow_from_layers)
     return model
 
 

@@ -55,6 +55,11 @@ def test_overrides_are_typed_in_every_spelling():
     (["max_iters"], "cannot read option"),
     (["--optimizer=sgd"], "unknown optimizer='sgd'"),
     (["--optimizer=muon", "--parallel=fsdp"], "FSDP shards"),
+    (["--grow_from_layers=2", "--grow_iter=5"], "grow_from_layers=2 is not below n_layer=2"),
+    (["--grow_from_layers=1"], "needs the step to grow at, but grow_iter=0"),
+    (["--grow_from_layers=1", "--grow_iter=5", "--parallel=ddp"], "every block in every step"),
+    (["--grow_from_layers=1", "--grow_iter=5", "--init_from=gpt2"], "starts a network from scratch"),
+    (["--grow_from_layers=-1"], "grow_from_layers must be >= 0"),
 ])
 def test_bad_values_are_refused_with_the_field_named(args, needle):
     with pytest.raises(UserError) as e:

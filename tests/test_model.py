@@ -339,3 +339,22 @@ def test_pretrained_name_not_available_offline_fails_fast(tmp_path, offline):
     else:
         assert ["127.0.0.1", port] in result["connects"] and len(result["connects"]) <= 2
         assert all(c == ["127.0.0.1", port] for c in result["connects"]), result["connects"]
+
+
+def test_a_shallow_start_computes_the_same_with_or_without_its_idle_blocks_which_learn_nothing_until_they_join():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=32, block_size=16, vocab_size=65, rope=True, qk_norm=True))
+    model.start_shallow(1)
+    x = torch.randint(0, 65, (3, 16))
+    _, shallow = model(x, x)
+    shallow.backward()
+    idle = [p for name, p in model.named_parameters() if name.startswith(("transformer.h.1.", "transformer.h.2.",
+                                                                          "transformer.h.3."))]
+    assert idle and all(p.grad is None for p in idle)  # the optimizer skips them: they stay neutral
+    assert all(p.grad is not None for p in model.transformer.h[0].parameters())
+    model.zero_grad(set_to_none=True)
+    model.active_layers = 4
+    _, deep = model(x, x)
+    assert deep.item() == pytest.approx(shallow.item(), abs=1e-6)  # the joining blocks add nothing yet
+    deep.backward()
+    assert model.transformer.h[3].mlp.c_proj.weight.grad.abs().sum() > 0  # but they learn from here on

@@ -74,6 +74,28 @@ def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(char_data_root
     assert losses(tmp_path / "part" / "metrics.jsonl") == losses(tmp_path / "full" / "metrics.jsonl")
 
 
+def test_a_growing_run_trains_its_later_blocks_from_grow_iter_on_and_resumes_across_it(char_data_root, tmp_path):
+    kw = dict(n_layer=3, grow_from_layers=1, grow_iter=15, max_iters=30, eval_interval=10, lr_decay_iters=30,
+              optimizer="muon")
+    train(tiny(char_data_root, tmp_path / "full", **kw))
+    train(tiny(char_data_root, tmp_path / "part", **{**kw, "max_iters": 10}))  # a checkpoint before growing
+    before = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["model"]
+    fresh = tiny(char_data_root, tmp_path / "part", **kw)
+    train(fresh)  # resumes at 10, grows at 15
+    after = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["model"]
+    assert losses(tmp_path / "part" / "metrics.jsonl") == losses(tmp_path / "full" / "metrics.jsonl")
+    for i in (1, 2):  # idle until step 15: output projections still zero, then trained
+        for proj in ("attn.c_proj.weight", "mlp.c_proj.weight"):
+            assert before[f"transformer.h.{i}.{proj}"].abs().max() == 0
+            assert after[f"transformer.h.{i}.{proj}"].abs().max() > 0
+    assert before["transformer.h.0.mlp.c_proj.weight"].abs().max() > 0
+    grown = [r for r in metrics.read(tmp_path / "full" / "metrics.jsonl") if r["kind"] == "train"]
+    plain = tmp_path / "plain"
+    train(tiny(char_data_root, plain, **{**kw, "grow_from_layers": 0, "grow_iter": 0}))
+    assert [r["loss"] for r in metrics.of_kind(metrics.read(plain / "metrics.jsonl"), "train")] != \
+        [r["loss"] for r in grown]  # growing changes the run (and is part of its identity)
+
+
 def test_killed_run_resumes_with_identical_losses(char_data_root, tmp_path):
     """SIGKILL mid-run (after at least one checkpoint), then resume: same curve as an uninterrupted run."""
     args = ["--preset", "tiny", f"--data_root={char_data_root}", "--max_iters=300", "--eval_interval=20",
@@ -150,6 +172,18 @@ def test_eval_only_evaluates_once(char_data_root, tmp_path):
     records = metrics.read(tmp_path / "run" / "metrics.jsonl")
     assert [r["iter"] for r in metrics.of_kind(records, "eval")] == [0]
     assert not metrics.of_kind(records, "train") and records[-1]["status"] == "evaluated"
+
+
+def test_eval_only_on_a_checkpoint_evaluates_it_where_it_stands_and_trains_nothing(char_data_root, tmp_path):
+    train(tiny(char_data_root, tmp_path / "run", max_iters=10, eval_interval=5))
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "ckpt.pt").write_bytes((tmp_path / "run" / "ckpt.pt").read_bytes())
+    before = hashlib.sha256((tmp_path / "ev" / "ckpt.pt").read_bytes()).hexdigest()
+    summary = train(tiny(char_data_root, tmp_path / "ev", max_iters=20, eval_interval=4, eval_only=True))
+    records = metrics.read(tmp_path / "ev" / "metrics.jsonl")
+    assert [(r["kind"], r["iter"]) for r in records if r["kind"] != "meta"] == [("eval", 10), ("end", 10)]
+    assert records[-1]["status"] == "evaluated" and summary["iter"] == 10
+    assert hashlib.sha256((tmp_path / "ev" / "ckpt.pt").read_bytes()).hexdigest() == before
 
 
 def test_eval_at_start_false_skips_only_the_untrained_evaluation(char_data_root, tmp_path):
