@@ -258,8 +258,11 @@ def _run_nanogpt(upstream: Path, cfg: Config, device: str, workdir: Path, label:
 
 
 def _summarise(run: dict[str, Any], warmup: int, cfg: Config, flops: float, peak: float | None) -> dict[str, Any]:
-    """The run's record: step-time statistics after warm-up, tokens/s and MFU at the median step."""
-    ms = stats([s * 1000 for k, s in run["steps"] if k >= warmup])
+    """The run's record: step-time statistics after warm-up, tokens/s and MFU at the median step. A run that
+    starts with fewer blocks is timed from grow_iter on: the FLOPs counted are the whole network's."""
+    grown = cfg.grow_from_layers and run["impl"] == "nanorepro"  # a log line averages the log_interval steps before it
+    first = max(warmup, cfg.grow_iter + cfg.log_interval if grown else 0)
+    ms = stats([s * 1000 for k, s in run["steps"] if k >= first])
     run = {k: v for k, v in run.items() if k not in ("lines", "steps")}
     run["ms_per_iter"] = ms
     if ms:
@@ -289,13 +292,17 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
         forced.update(max_iters=n, eval_interval=n, eval_iters=1, always_save_checkpoint=False, grow_from_layers=0)
     runs_cfg = {k: v for k, v in forced.items() if k not in overrides}
     cfg = config_mod.resolve(preset, {**overrides, **runs_cfg})
+    if nanogpt and cfg.grow_from_layers and not nanogpt_preset:
+        raise UserError("nanoGPT cannot start with fewer blocks (grow_from_layers), so it would train another run",
+                        "give --nanogpt-preset, or leave grow_from_layers unset")
     if cfg.eval_interval <= warmup and target_loss is None:
         raise UserError("eval_interval must exceed warmup", "leave eval_interval unset for throughput runs")
     device, dtype = hardware.pick_device(cfg.device, cfg.dtype, hardware.gpu_required_by(preset))
     data_dir = Path(cfg.data_root) / cfg.dataset
     meta = data.load_meta(data_dir)
     n_params, flops = flops_per_iter(cfg, meta["vocab_size"])
-    other_cfg = config_mod.resolve(nanogpt_preset, {**overrides, **runs_cfg}) if nanogpt_preset else cfg
+    other_cfg = (config_mod.resolve(nanogpt_preset, {**overrides, **runs_cfg, "grow_from_layers": 0})
+                 if nanogpt_preset else cfg)
     if nanogpt and other_cfg.dataset != cfg.dataset:
         raise UserError("the nanoGPT preset uses another dataset", "pick presets on the same dataset")
 

@@ -287,3 +287,17 @@ def test_same_progress_compares_the_time_each_side_took_to_nanogpts_best_validat
     slow = run("nanorepro", [(100, 2.5, 50.0), (200, 1.95, 70.0)])
     (pair,) = bench._summary({"target_loss": 1.47, "runs": [slow, theirs]})["pairs"]
     assert pair["same_progress"]["ratio"] is None and pair["same_progress"]["nanorepro_s"] is None
+
+
+def test_a_run_that_starts_shallower_is_timed_only_once_every_block_trains():
+    """Its early steps run two of four blocks; the MFU counts the whole network's FLOPs, so only the steps
+    after grow_iter may be timed. nanoGPT's steps are all timed, and nanoGPT cannot grow."""
+    cfg = config.resolve("shakespeare-char-cpu-tuned", {"grow_from_layers": 2, "grow_iter": 100})
+    steps = [(50, 0.5), (100, 0.5), (150, 1.0), (200, 1.0), (250, 1.0)]  # log lines every 50 steps
+    ours = bench._summarise({"impl": "nanorepro", "steps": steps}, 0, cfg, 1e9, 2e9)
+    assert ours["ms_per_iter"]["n"] == 3 and ours["ms_per_iter"]["median"] == 1000 and ours["mfu"] == 0.5
+    upstream = bench._summarise({"impl": "nanogpt", "steps": steps}, 0, cfg, 1e9, 2e9)
+    assert upstream["ms_per_iter"]["n"] == 5
+    with pytest.raises(UserError, match="nanoGPT cannot start with fewer blocks"):
+        bench.bench("shakespeare-char-cpu-tuned", {"grow_from_layers": 2, "grow_iter": 100}, target_loss=1.5,
+                    nanogpt="/nonexistent")
