@@ -140,9 +140,14 @@ class Config:
     grow_from_layers: int = _field(0, "train only the first this many blocks until grow_iter, the others adding "
                                    "nothing (zeroed output projections) until then: a cheaper start; 0: all blocks")
     grow_iter: int = _field(0, "the step from which all n_layer blocks train (with grow_from_layers)")
+    grow_by: str = _field("zero", "how the later blocks join at grow_iter: zero (as they started, adding nothing) "
+                          "or copy (each a copy of one of the first grow_from_layers, in order: stacking)",
+                          ("zero", "copy"))
     # evaluation, logging, checkpoints
     eval_interval: int = _field(250, "steps between evaluations (and checkpoints)")
     eval_iters: int = _field(200, "batches per evaluation")
+    eval_whole_val: bool = _field(False, "val loss over every non-overlapping block_size window of the val split "
+                                  "(exact, the same windows each time) instead of eval_iters random batches")
     eval_at_start: bool = _field(True, "evaluate the untrained model at step 0 too (nanoGPT does); False saves "
                                  "one evaluation where only the time to a target loss matters")
     log_interval: int = _field(10, "steps between progress lines")
@@ -229,12 +234,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (it costs more per step on a CPU and slows learning; the cosine schedule ends as overfitting starts).
     "shakespeare-char-cpu-tuned": dict(
         out_dir="runs/shakespeare-char-cpu-tuned", dataset="shakespeare_char",
-        eval_interval=250, eval_iters=100, eval_at_start=False, log_interval=50, always_save_checkpoint=False,
+        eval_interval=250, eval_iters=50, eval_whole_val=True, eval_at_start=False, log_interval=50, always_save_checkpoint=False,
         gradient_accumulation_steps=1, batch_size=8, block_size=256,
         n_layer=4, n_head=4, n_embd=256, dropout=0.0, optimizer="muon",
         rope=True, qk_norm=True, relu_squared=True,
         learning_rate=3e-3, max_iters=1500, lr_decay_iters=1500, min_lr=3e-5,
         beta2=0.99, warmup_iters=50, device="cpu", dtype="fast", compile=False,
+        grow_from_layers=2, grow_iter=150, grow_by="copy",
     ),
     # gpu-fast: the baby GPT's network and batch with the CPU presets' Muon and architecture options,
     # aiming at its val 1.4697 in ~30 s of training on one A100/H100 (benchmarks/gpu.sh). A candidate:
@@ -335,7 +341,7 @@ def validate(cfg: Config) -> Config:
                 raise UserError(f"{name} must be {rule}, got {getattr(cfg, name)}", fix.format(name))
     if cfg.vocab_size is not None and cfg.vocab_size <= 0:
         raise UserError(f"vocab_size must be > 0, got {cfg.vocab_size}", "leave vocab_size unset to read it from the data")
-    for name in ("optimizer", "dtype", "parallel", "device"):
+    for name in ("optimizer", "dtype", "parallel", "device", "grow_by"):
         value, allowed = getattr(cfg, name), Config.__dataclass_fields__[name].metadata["allowed"]
         if value not in allowed and not (name == "device" and value.startswith("cuda:") and value[5:].isdigit()):
             raise UserError(f"unknown {name}={value!r}", f"use {', '.join(allowed)}"
@@ -352,6 +358,9 @@ def validate(cfg: Config) -> Config:
                         f"leave {', '.join(modern)} off when fine-tuning, or train from scratch")
     if cfg.grow_from_layers:
         _check_growth(cfg)
+    elif cfg.grow_by != "zero":
+        raise UserError(f"grow_by={cfg.grow_by} says how a growing run's blocks join, but grow_from_layers=0",
+                        "set grow_from_layers and grow_iter too, or leave grow_by unset")
     if cfg.init_from not in ("scratch",) + PRETRAINED and not Path(cfg.init_from).is_dir():
         raise UserError(f"init_from={cfg.init_from!r} is neither 'scratch', a GPT-2 name {PRETRAINED}, nor a local folder",
                         "give one of those or the path of a Hugging Face model folder")

@@ -431,6 +431,15 @@ class Batches:
             raise UserError(f"unknown split {split!r}", "use 'train' or 'val'")
         return torch.randint(len(self._data[split]) - self.block_size, (self.batch_size,), generator=generator)
 
+    def windows(self, split: str) -> list:
+        """Start offsets of every non-overlapping window of the split (block_size tokens and their targets),
+        in order, in batches of batch_size (the last one may be shorter): the whole split, once."""
+        import torch
+
+        self.draw(split)  # opens the split (and refuses an unknown one)
+        starts = torch.arange(0, len(self._data[split]) - self.block_size, self.block_size)
+        return list(starts.split(self.batch_size))
+
     def read(self, split: str, ix):
         """(x, y), int64 of shape (batch_size, block_size), for the start offsets `ix` drawn by `draw`;
         y is x shifted by one token."""

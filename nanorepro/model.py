@@ -148,6 +148,15 @@ class GPT(nn.Module):
                     nn.init.zeros_(proj.bias)
         self.active_layers = n_blocks
 
+    def stack(self, n_blocks: int) -> None:
+        """Make block i a copy of block i % n_blocks for every i from n_blocks on (growth by stacking,
+        Gong et al. 2019): the later blocks join as copies of the trained ones instead of neutral ones."""
+        blocks = self.transformer.h
+        with torch.no_grad():
+            for i in range(n_blocks, len(blocks)):
+                for mine, theirs in zip(blocks[i].parameters(), blocks[i % n_blocks].parameters()):
+                    mine.copy_(theirs)
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

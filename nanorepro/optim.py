@@ -45,10 +45,33 @@ def orthogonalise(g: torch.Tensor, steps: int, coefficients: tuple[float, float,
     if tall:  # iterate on the smaller Gram matrix
         x = x.T
     x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if dtype == torch.float32 and x.size(1) > 1.5 * x.size(0):
+        x = _orthogonalise_in_gram_space(x, steps, coefficients)
+    else:
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if tall else x
+
+
+def _orthogonalise_in_gram_space(x: torch.Tensor, steps: int, coefficients: tuple[float, float, float]) -> torch.Tensor:
+    """The same iteration for a wide x (m x n, n > 1.5 m), with every product but two m x m.
+
+    Each step multiplies x on the left by p(G) = a + b G + c G^2, G = x x^T, so after k steps x_k = q_k x_0
+    with q_k a polynomial in G_0; and G_{k+1} = p(G_k) G_k p(G_k)^T = p(G_k)^2 G_k, as polynomials in G_0
+    commute. So q and G can be iterated as m x m matrices and x formed once at the end: 2 m^2 n + (4 steps - 3)
+    m^3 multiply-adds instead of steps (2 m^2 n + m^3), 34-44% fewer for a block's c_attn and MLP matrices.
+    It squares x's condition number, which float32 holds for this purpose; bf16 keeps torch's iteration."""
+    a, b, c = coefficients
+    gram = x @ x.T
+    q: torch.Tensor | None = None
+    for k in range(steps):
+        p = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        p.diagonal().add_(a)
+        q = p if q is None else p @ q
+        if k < steps - 1:
+            gram = p @ (p @ gram)
+    return x if q is None else q @ x
 
 
 class Muon(torch.optim.Muon):

@@ -198,12 +198,9 @@ def _loop(run: _Run, say) -> dict[str, Any]:
             lr = lr_at(iter_num, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # blocks in use for this iteration: the first grow_from_layers until grow_iter, then all
+            # blocks in use: the first grow_from_layers up to grow_iter's evaluation, then all (below)
             if cfg.grow_from_layers:
-                model.active_layers = cfg.n_layer if iter_num >= cfg.grow_iter else cfg.grow_from_layers
-                if iter_num == cfg.grow_iter:
-                    note(f"step {iter_num}: all {cfg.n_layer} blocks train from here on "
-                         f"(the first {cfg.grow_from_layers} until now)")
+                model.active_layers = cfg.n_layer if iter_num > cfg.grow_iter else cfg.grow_from_layers
 
             # evaluate every eval_interval iterations and at the end; checkpoint when better (or always)
             if (cfg.eval_only or iter_num == cfg.max_iters
@@ -232,6 +229,15 @@ def _loop(run: _Run, say) -> dict[str, Any]:
                                    "signal": name, "peak_memory_bytes": peak_memory_bytes(device)})
                 raise Interrupted(f"{name} at iter {iter_num}: checkpoint saved to {ckpt_path}, metrics flushed",
                                   "run the same command again to resume from this iteration", stop.signum)
+
+            # grow: the evaluation and checkpoint at grow_iter are of the network as it stood, so a run
+            # resumed from that checkpoint grows here the same way
+            if cfg.grow_from_layers and iter_num == cfg.grow_iter:
+                if cfg.grow_by == "copy":
+                    model.stack(cfg.grow_from_layers)
+                model.active_layers = cfg.n_layer
+                note(f"step {iter_num}: all {cfg.n_layer} blocks train from here on (the first "
+                     f"{cfg.grow_from_layers} until now{', copied into the others' if cfg.grow_by == 'copy' else ''})")
 
             # forward and backward over the micro-steps, gradients accumulated (this rank's share of them)
             mine = world.micro_steps(cfg.gradient_accumulation_steps)  # all of them in a single process
@@ -427,21 +433,26 @@ def _check_memory(cfg: Config, model_cfg: GPTConfig, start_iter: int | None, dev
 def _evaluate(step_model: torch.nn.Module, batches: data.Batches, cfg: Config, world: World,
               autocast: hardware.StepContext, device: str, iter_num: int) -> dict[str, float]:
     """Mean loss over `eval_iters` batches of each split, drawn from a generator seeded by the iteration
-    (so a resumed run evaluates on the same batches), split over the ranks."""
+    (so a resumed run evaluates on the same batches), split over the ranks; with eval_whole_val, the val
+    loss is over every window of the val split instead: exact, so evaluations differ only by the model."""
     step_model.eval()
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iter_num)
     out = {}
     for split in ("train", "val"):
         total = torch.zeros((), device=device)
-        draws = [batches.draw(split, gen) for _ in range(cfg.eval_iters)]  # the same on every rank
-        mine, passes = world.eval_batches(cfg.eval_iters)
+        if split == "val" and cfg.eval_whole_val:
+            draws = batches.windows(split)
+        else:
+            draws = [batches.draw(split, gen) for _ in range(cfg.eval_iters)]  # the same on every rank
+        mine, passes = world.eval_batches(len(draws))
         for j in range(passes):
-            x, y = batches.read(split, draws[mine[j] if j < len(mine) else 0])
+            ix = draws[mine[j] if j < len(mine) else 0]
+            x, y = batches.read(split, ix)
             with autocast:
                 loss = step_model(x, y)[1].float()
             if j < len(mine):  # else a spare pass: FSDP's forward needs every rank
-                total += loss
-        out[split] = (world.total(total) / cfg.eval_iters).item()
+                total += loss * (len(ix) / batches.batch_size)  # a short last window batch weighs less
+        out[split] = (world.total(total) / (sum(len(ix) for ix in draws) / batches.batch_size)).item()
         faults.hit("eval")
     step_model.train()
     return out

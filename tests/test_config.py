@@ -60,6 +60,8 @@ def test_overrides_are_typed_in_every_spelling():
     (["--grow_from_layers=1", "--grow_iter=5", "--parallel=ddp"], "every block in every step"),
     (["--grow_from_layers=1", "--grow_iter=5", "--init_from=gpt2"], "starts a network from scratch"),
     (["--grow_from_layers=-1"], "grow_from_layers must be >= 0"),
+    (["--grow_by=copy"], "grow_by=copy says how a growing run's blocks join, but grow_from_layers=0"),
+    (["--grow_from_layers=1", "--grow_iter=5", "--grow_by=stack"], "grow_by"),
 ])
 def test_bad_values_are_refused_with_the_field_named(args, needle):
     with pytest.raises(UserError) as e:
@@ -106,8 +108,9 @@ def test_help_fields_shows_allowed_values_and_meaning_from_the_source_validate_c
         for value in f.metadata["allowed"] or ():
             if value.isupper() or value.endswith(":N"):  # a placeholder: FOLDER, cuda:N
                 continue
-            other = "ddp" if f.name == "optimizer" else None  # muon + fsdp is refused on purpose
-            config.resolve("tiny", {f.name: value, **({"parallel": other} if other else {})})  # each one passes
+            # with what each needs: muon + fsdp is refused on purpose, grow_by only means something with growth
+            needs = {"optimizer": {"parallel": "ddp"}, "grow_by": {"grow_from_layers": 1, "grow_iter": 5}}
+            config.resolve("tiny", {f.name: value, **needs.get(f.name, {})})  # each one passes
             assert value in lines[f.name]
         if f.metadata["allowed"] and f.name != "init_from":
             with pytest.raises(UserError, match=f"unknown {f.name}='bogus'.*fix: use {f.metadata['allowed'][0]}"):

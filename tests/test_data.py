@@ -470,6 +470,19 @@ def test_batches(char_data_root):
         get("test", torch.Generator())
 
 
+def test_windows_cover_the_split_once_in_order(char_data_root):
+    folder = char_data_root / "shakespeare_char"
+    b = data.Batches(folder, block_size=256, batch_size=8)
+    val = _read_bin(folder / "val.bin").astype(np.int64)
+    windows = b.windows("val")
+    assert [len(ix) for ix in windows[:-1]] == [8] * (len(windows) - 1) and 1 <= len(windows[-1]) <= 8
+    assert sum(len(ix) for ix in windows) == 435  # (111,540 - 256) / 256, rounded up
+    targets = np.concatenate([b.read("val", ix)[1].flatten().numpy() for ix in windows])
+    assert targets.tolist() == val[1:1 + 435 * 256].tolist()  # every target once, nothing past the end
+    with pytest.raises(UserError, match="unknown split"):
+        b.windows("test")
+
+
 def test_batches_refuse_bad_data(char_data_root, tmp_path):
     folder = shutil.copytree(char_data_root / "shakespeare_char", tmp_path / "shakespeare_char")
     with pytest.raises(UserError, match="block_size 111540 is not shorter than the val split"):

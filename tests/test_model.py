@@ -358,3 +358,16 @@ def test_a_shallow_start_computes_the_same_with_or_without_its_idle_blocks_which
     assert deep.item() == pytest.approx(shallow.item(), abs=1e-6)  # the joining blocks add nothing yet
     deep.backward()
     assert model.transformer.h[3].mlp.c_proj.weight.grad.abs().sum() > 0  # but they learn from here on
+
+
+def test_stacking_makes_each_later_block_a_copy_of_one_of_the_first_with_its_own_weights():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=5, n_head=2, n_embd=32, block_size=16, vocab_size=65, rope=True, qk_norm=True))
+    model.start_shallow(2)
+    model.stack(2)
+    blocks = model.transformer.h
+    for i, source in ((2, 0), (3, 1), (4, 0)):
+        for (name, mine), theirs in zip(blocks[i].named_parameters(), blocks[source].parameters()):
+            assert torch.equal(mine, theirs), (i, name)
+            assert mine.data_ptr() != theirs.data_ptr()  # copies, not shared: they train apart
+    assert not torch.equal(blocks[0].attn.c_attn.weight, blocks[1].attn.c_attn.weight)

@@ -57,3 +57,21 @@ def test_muon_orthogonalises_in_bf16_only_where_the_cpu_has_it(monkeypatch, nati
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
     muon, _ = optim.build(model, "muon", 0.1, 1e-3, (0.9, 0.95), "cpu").optimizers
     assert muon.ns_dtype == want
+
+
+@pytest.mark.parametrize("shape", [(96, 256), (256, 64), (64, 64), (40, 200)])
+def test_float32_orthogonalisation_in_gram_space_equals_the_plain_iteration(shape):
+    """Wide and tall matrices take the Gram-space route in float32; it must compute the same iteration."""
+    gen = torch.Generator().manual_seed(4)
+    low_rank = torch.randn(shape[0], 8, generator=gen) @ torch.randn(8, shape[1], generator=gen)
+    coefficients = (3.4445, -4.7750, 2.0315)
+    for g in (torch.randn(shape, generator=gen), low_rank + 1e-3 * torch.randn(shape, generator=gen)):
+        x = (g.T if g.size(0) > g.size(1) else g).double()
+        x = x / x.norm()
+        for _ in range(5):  # the plain iteration in float64, as the reference
+            gram = x @ x.T
+            x = coefficients[0] * x + (coefficients[1] * gram + coefficients[2] * gram @ gram) @ x
+        want = (x.T if g.size(0) > g.size(1) else x).float()
+        got = optim.orthogonalise(g, 5, coefficients, 1e-7, dtype=torch.float32)
+        assert got.shape == g.shape and got.dtype == torch.float32
+        assert (got - want).abs().max() < 1e-4

@@ -9,10 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from nanorepro import metrics
+from nanorepro.checkpoint import load_model
 from nanorepro.config import resolve
 from nanorepro.errors import UserError
 from nanorepro.sample import sample
@@ -74,13 +76,30 @@ def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(char_data_root
     assert losses(tmp_path / "part" / "metrics.jsonl") == losses(tmp_path / "full" / "metrics.jsonl")
 
 
-def test_a_growing_run_trains_its_later_blocks_from_grow_iter_on_and_resumes_across_it(char_data_root, tmp_path):
-    kw = dict(n_layer=3, grow_from_layers=1, grow_iter=15, max_iters=30, eval_interval=10, lr_decay_iters=30,
-              optimizer="muon")
+def test_eval_whole_val_is_the_mean_loss_over_every_window_of_the_val_split(char_data_root, tmp_path):
+    train(tiny(char_data_root, tmp_path / "run", max_iters=10, eval_whole_val=True))
+    model, cfg = load_model(tmp_path / "run")
+    val = np.fromfile(char_data_root / "shakespeare_char" / "val.bin", dtype=np.uint16).astype(np.int64)
+    T, total, n = cfg.block_size, 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(val) - T, T):
+            x = torch.from_numpy(val[start:start + T])[None]
+            y = torch.from_numpy(val[start + 1:start + T + 1])[None]
+            total, n = total + model(x, y)[1].item(), n + 1
+    evals = {r["iter"]: r for r in metrics.of_kind(metrics.read(tmp_path / "run" / "metrics.jsonl"), "eval")}
+    assert evals[10]["val_loss"] == pytest.approx(total / n, abs=1e-5)
+
+
+@pytest.mark.parametrize("grow_by, stop_at", [("zero", 10), ("copy", 10), ("copy", 15)])
+def test_a_growing_run_trains_its_later_blocks_from_grow_iter_on_and_resumes_across_it(char_data_root, tmp_path,
+                                                                                       grow_by, stop_at):
+    kw = dict(n_layer=3, grow_from_layers=1, grow_iter=15, max_iters=30, eval_interval=5, lr_decay_iters=30,
+              optimizer="muon", grow_by=grow_by)
     train(tiny(char_data_root, tmp_path / "full", **kw))
-    train(tiny(char_data_root, tmp_path / "part", **{**kw, "max_iters": 10}))  # a checkpoint before growing
+    # a checkpoint before growing; at 15 it is of the network as it stood before the growth
+    train(tiny(char_data_root, tmp_path / "part", **{**kw, "max_iters": stop_at}))
     before = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["model"]
-    train(tiny(char_data_root, tmp_path / "part", **kw))  # resumes at 10, grows at 15
+    train(tiny(char_data_root, tmp_path / "part", **kw))  # resumes, grows at 15
     after = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["model"]
     assert losses(tmp_path / "part" / "metrics.jsonl") == losses(tmp_path / "full" / "metrics.jsonl")
     for i in (1, 2):  # idle until step 15: output projections still zero, then trained
@@ -88,10 +107,16 @@ def test_a_growing_run_trains_its_later_blocks_from_grow_iter_on_and_resumes_acr
             assert before[f"transformer.h.{i}.{proj}"].abs().max() == 0
             assert after[f"transformer.h.{i}.{proj}"].abs().max() > 0
     assert before["transformer.h.0.mlp.c_proj.weight"].abs().max() > 0
-    train(tiny(char_data_root, tmp_path / "plain", **{**kw, "grow_from_layers": 0, "grow_iter": 0}))
-    train_losses = [[r["loss"] for r in metrics.of_kind(metrics.read(tmp_path / name / "metrics.jsonl"), "train")]
-                    for name in ("full", "plain")]
-    assert train_losses[0] != train_losses[1]  # growing changes the run (and is part of its identity)
+    evals = {r["iter"]: r["val_loss"] for r in metrics.of_kind(metrics.read(tmp_path / "full" / "metrics.jsonl"), "eval")}
+    other = "copy" if grow_by == "zero" else "zero"
+    train(tiny(char_data_root, tmp_path / other, **{**kw, "grow_by": other}))
+    train(tiny(char_data_root, tmp_path / "plain", **{**kw, "grow_from_layers": 0, "grow_iter": 0, "grow_by": "zero"}))
+    runs = {name: metrics.read(tmp_path / name / "metrics.jsonl") for name in ("full", other, "plain")}
+    train_losses = {name: [r["loss"] for r in metrics.of_kind(rs, "train")] for name, rs in runs.items()}
+    # growing changes the run, and so does how the blocks join (each part of the run's identity)
+    assert len({tuple(v) for v in train_losses.values()}) == 3
+    other_evals = {r["iter"]: r["val_loss"] for r in metrics.of_kind(runs[other], "eval")}
+    assert other_evals[15] == evals[15] and other_evals[20] != evals[20]  # the same network until it grows
 
 
 def test_killed_run_resumes_with_identical_losses(char_data_root, tmp_path):
