@@ -427,18 +427,20 @@ class Batches:
         """The start offsets of one random batch, without reading it."""
         import torch
 
-        if split not in self._data:
-            raise UserError(f"unknown split {split!r}", "use 'train' or 'val'")
-        return torch.randint(len(self._data[split]) - self.block_size, (self.batch_size,), generator=generator)
+        return torch.randint(len(self._split(split)) - self.block_size, (self.batch_size,), generator=generator)
 
     def windows(self, split: str) -> list:
         """Start offsets of every non-overlapping window of the split (block_size tokens and their targets),
         in order, in batches of batch_size (the last one may be shorter): the whole split, once."""
         import torch
 
-        self.draw(split)  # opens the split (and refuses an unknown one)
-        starts = torch.arange(0, len(self._data[split]) - self.block_size, self.block_size)
+        starts = torch.arange(0, len(self._split(split)) - self.block_size, self.block_size)
         return list(starts.split(self.batch_size))
+
+    def _split(self, split: str) -> np.memmap:
+        if split not in self._data:
+            raise UserError(f"unknown split {split!r}", "use 'train' or 'val'")
+        return self._data[split]
 
     def read(self, split: str, ix):
         """(x, y), int64 of shape (batch_size, block_size), for the start offsets `ix` drawn by `draw`;

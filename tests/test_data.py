@@ -471,10 +471,14 @@ def test_batches(char_data_root):
 
 
 def test_windows_cover_the_split_once_in_order(char_data_root):
+    import torch
+
     folder = char_data_root / "shakespeare_char"
     b = data.Batches(folder, block_size=256, batch_size=8)
     val = _read_bin(folder / "val.bin").astype(np.int64)
+    rng = torch.get_rng_state()
     windows = b.windows("val")
+    assert torch.equal(torch.get_rng_state(), rng)  # draws nothing: dropout masks and resumes stay as they were
     assert [len(ix) for ix in windows[:-1]] == [8] * (len(windows) - 1) and 1 <= len(windows[-1]) <= 8
     assert sum(len(ix) for ix in windows) == 435  # (111,540 - 256) / 256, rounded up
     targets = np.concatenate([b.read("val", ix)[1].flatten().numpy() for ix in windows])
