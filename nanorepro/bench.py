@@ -290,7 +290,7 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
         n = warmup + iters
         # every block from the first step: a throughput run times the whole network's step
         forced.update(max_iters=n, eval_interval=n, eval_iters=1, eval_whole_val=False, always_save_checkpoint=False,
-                      grow_from_layers=0)
+                      grow_from_layers=0, grow_by="zero")
     runs_cfg = {k: v for k, v in forced.items() if k not in overrides}
     cfg = config_mod.resolve(preset, {**overrides, **runs_cfg})
     if nanogpt and cfg.grow_from_layers and not nanogpt_preset:
