@@ -301,3 +301,14 @@ def test_a_run_that_starts_shallower_is_timed_only_once_every_block_trains():
     with pytest.raises(UserError, match="nanoGPT cannot start with fewer blocks"):
         bench.bench("shakespeare-char-cpu-tuned", {"grow_from_layers": 2, "grow_iter": 100}, target_loss=1.5,
                     nanogpt="/nonexistent")
+
+
+def test_a_throughput_run_of_a_growing_config_times_the_whole_network(char_data_root, tmp_path):
+    """A throughput run turns the growth off whole: leaving grow_by=copy without grow_from_layers would be
+    refused by validation (the tuned preset's case), and a shallow start would time a smaller network."""
+    assert config.resolve("shakespeare-char-cpu-tuned").grow_by == "copy"
+    small = tiny(char_data_root, n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, log_interval=1)
+    rec = bench.bench("shakespeare-char-cpu-tuned", small, iters=2, warmup=1, out=tmp_path / "g.json")
+    assert rec["config"]["grow_from_layers"] == 0 and rec["config"]["grow_by"] == "zero"
+    (run,) = rec["runs"]
+    assert run["exit_code"] == 0 and run["ms_per_iter"]["n"] == 2
