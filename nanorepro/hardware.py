@@ -4,7 +4,9 @@ device's peak FLOP/s (for bench's MFU), and the faster CPU dtype (train's `dtype
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,28 @@ def set_cpu_threads() -> int:
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(physical_cores())
     return torch.get_num_threads()
+
+
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of handing them back to the
+    kernel; False where the C library is not glibc. By default every activation a step frees is returned,
+    and the next step faults it in again page by page: on a 2-core VM, 4x the page faults and a forward
+    pass ~30% slower. The cost: the process holds its peak memory (plus 64 MiB) until it exits."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    return all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, 32 << 20),  # glibc's ceiling: blocks above it are still mapped per allocation
+        (_M_TRIM_THRESHOLD, 1 << 30),
+        (_M_TOP_PAD, 64 << 20)))
 
 
 def cpu_has_native_bf16() -> bool:

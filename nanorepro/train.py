@@ -139,8 +139,10 @@ def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
     ckpt_bytes = world.main_bytes(ckpt_path)  # rank 0 wrote it; on other nodes it is not on disk
     ckpt = checkpoint.load(ckpt_path, ckpt_bytes) if ckpt_bytes is not None else None
     del ckpt_bytes
-    if device_type == "cpu" and world.size == 1:  # torchrun gives each process OMP_NUM_THREADS=1
-        hardware.set_cpu_threads()
+    if device_type == "cpu":
+        hardware.keep_freed_memory()
+        if world.size == 1:  # torchrun gives each process OMP_NUM_THREADS=1
+            hardware.set_cpu_threads()
     model_cfg = _network(cfg, meta, ckpt)
     dtype, attention = _settle_dtype(cfg, model_cfg, dtype, world, say)
     say(_check_memory(cfg, model_cfg, ckpt["iter_num"] if ckpt else None, device, dtype, world))

@@ -66,6 +66,17 @@ def test_run_writes_config_env_metrics_and_a_loadable_checkpoint(char_data_root,
     assert not list(run.glob("*.tmp"))
 
 
+def test_a_cpu_run_has_malloc_keep_its_freed_activations(char_data_root, tmp_path, monkeypatch):
+    """Before the model is built (test_hardware shows what it saves: the page faults of every step)."""
+    from nanorepro import hardware, train as train_mod
+    calls = []
+    monkeypatch.setattr(hardware, "keep_freed_memory", lambda: calls.append("kept") or True)
+    monkeypatch.setattr(train_mod, "_build_model", lambda *a: calls.append("built") or pytest.fail("stop here"))
+    with pytest.raises(pytest.fail.Exception):
+        train(tiny(char_data_root, tmp_path / "run"), preset="tiny")
+    assert calls == ["kept", "built"]
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(char_data_root, tmp_path, optimizer):
     full = tiny(char_data_root, tmp_path / "full", max_iters=30, eval_interval=10, lr_decay_iters=30, optimizer=optimizer)
