@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -76,10 +77,11 @@ print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_freed_activations_are_reused_without_faulting_their_pages_in_again():
     """Without it, glibc hands freed blocks back to the kernel and the next step faults their pages in
-    again (hundreds to thousands of 4 KiB pages a step here); with it, the blocks are reused and their pages stay."""
+    again (hundreds to thousands of 4 KiB pages a step here); with it, the blocks are reused and their
+    pages stay."""
     def faults(mode: str) -> tuple[str, float]:
         out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], capture_output=True, text=True, check=True)
         kept, per_step = out.stdout.split()
