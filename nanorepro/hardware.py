@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import sys
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -119,13 +119,9 @@ def keep_freed_memory() -> bool:
     kernel; False where the C library is not glibc. By default every activation a step frees is returned,
     and the next step faults it in again page by page: on a 2-core VM, 4x the page faults and a forward
     pass ~30% slower. The cost: the process holds its peak memory (plus 64 MiB) until it exits."""
-    if not sys.platform.startswith("linux"):
+    if platform.libc_ver()[0] != "glibc":  # macOS, Windows, musl: no mallopt
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others: no mallopt
-        return False
+    mallopt = ctypes.CDLL(None).mallopt  # this process's own C library
     return all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, 32 << 20),  # glibc's ceiling: blocks above it are still mapped per allocation
         (_M_TRIM_THRESHOLD, 1 << 30),
