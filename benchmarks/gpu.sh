@@ -1,6 +1,8 @@
 #!/bin/bash
-# Measure this machine's GPU in one command (at most ~10 minutes, no network): see benchmarks/gpu.py.
-#   bash benchmarks/gpu.sh [--nanogpt PATH] [--out DIR]     # on a GPU node, after `make install`
+# The first thing to run on a GPU machine: a preflight in seconds, then each GPU claim measured in its own
+# time budget (10 minutes in all on one A100/H100), ending in one table of claim, measured, expected and
+# verdict (also gpu.json). No network. See benchmarks/gpu.py.
+#   bash benchmarks/gpu.sh [--nanogpt PATH] [--out DIR] [--steps gpu-tests,shakespeare-char,gpu-fast,gpt2-xl]
 #   bash benchmarks/gpu.sh --dry-run                          # on any CPU: tiny sizes, checks the script
 set -euo pipefail
 cd "$(dirname "$0")/.."

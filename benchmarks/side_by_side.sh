@@ -35,7 +35,7 @@ fi
 
 if [[ $STEPS == *3* ]]; then
 # 3. Time to the baby GPT's A100 result, val <= 1.4697, with the tuned preset, against nanoGPT's CPU recipe
-#    (issue 14's goal: at most 2.3x its time; the run stops at the first evaluation reaching it)
+#    (the tuned preset's goal: at most 2.3x its time; the run stops at the first evaluation reaching it)
 nanorepro bench --preset shakespeare-char-cpu-tuned --nanogpt "$NANOGPT" --nanogpt-preset shakespeare-char-cpu \
   --target-loss 1.4697 --pairs 1 "${input[@]}" --out results/bench/cpu-tuned-vs-nanogpt.json
 fi

@@ -172,14 +172,19 @@ def run_one(impl: str, cmd: list[str], cwd: Path, env: dict[str, str], workdir: 
         child = _Child(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
                                         bufsize=1, start_new_session=True))
     target = None
-    with tqdm(total=total_iters, desc=label, unit="it", dynamic_ncols=True, mininterval=1.0, leave=False) as bar:
-        while child.poll() is None:
-            time.sleep(0.1)
-            bar.update(max(0, progress_of(child) - bar.n))
-            if target_loss is not None and target is None:
-                target = _first_at(child.lines, target_loss)
-                if target:
-                    child.stop()
+    try:
+        with tqdm(total=total_iters, desc=label, unit="it", dynamic_ncols=True, mininterval=1.0, leave=False) as bar:
+            while child.poll() is None:
+                time.sleep(0.1)
+                bar.update(max(0, progress_of(child) - bar.n))
+                if target_loss is not None and target is None:
+                    target = _first_at(child.lines, target_loss)
+                    if target:
+                        child.stop()
+    finally:  # Ctrl-C or SIGTERM here: the child runs in its own session, so it must be stopped by hand
+        if child.poll() is None:
+            child.stop()
+            child.poll(block=True)
     code = child.poll(block=True)
     wall = time.perf_counter() - child.started
     child.reader.join(timeout=5)  # the last lines
@@ -290,7 +295,7 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
         n = warmup + iters
         # every block from the first step: a throughput run times the whole network's step
         forced.update(max_iters=n, eval_interval=n, eval_iters=1, eval_whole_val=False, always_save_checkpoint=False,
-                      grow_from_layers=0, grow_by="zero")
+                      save_checkpoint=False, grow_from_layers=0, grow_by="zero")
     runs_cfg = {k: v for k, v in forced.items() if k not in overrides}
     cfg = config_mod.resolve(preset, {**overrides, **runs_cfg})
     if nanogpt and cfg.grow_from_layers and not nanogpt_preset:
@@ -312,6 +317,9 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
     pkg_parent = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
     load_before = os.getloadavg()
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM unwinds like Ctrl-C, stopping the run it started (run_one), instead of leaving it running
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
         upstream = prepare_nanogpt(nanogpt, data_dir, workdir, input_path) if nanogpt else None
         overrides_cli = [f"--{k}={v}" for k, v in {**overrides, **runs_cfg}.items()]
@@ -335,6 +343,8 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
                 results.append(run)
                 print(_run_line(run), flush=True)
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if keep:
             print(f"kept the bench folder {workdir}")
         else:
@@ -364,6 +374,10 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
     print(record["summary_line"])
     print(f"wrote {out}")
     return record
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _last_iter(path: Path) -> int:

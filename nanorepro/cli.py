@@ -54,14 +54,14 @@ def _estimate(args: argparse.Namespace, extra: list[str]) -> None:
     if world > 1 and cfg.parallel == "none":
         cfg = config.resolve(args.preset, {**overrides, "parallel": "ddp"})
         print(f"parallel=none: estimated as parallel=ddp over {world} processes (torchrun; --parallel=fsdp to shard)")
-    try:
-        vocab = data.load_meta(Path(cfg.data_root) / cfg.dataset)["vocab_size"]
-    except UserError:
-        vocab = data.GPT2_VOCAB_SIZE  # not prepared here (e.g. on the hub): GPT-2's
+    vocab, source = data.vocab_size_of(cfg.data_root, cfg.dataset)
     shape = cfg.model_config(vocab)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if args.gpu or args.gpu_memory_gib else "float32")
+    dtype, why = (cfg.dtype, f"dtype {cfg.dtype}") if cfg.dtype not in ("auto", "fast") else memory.dtype_for(
+        args.gpu, args.preset in config.GPU_PRESETS or bool(args.gpu_memory_gib))
     est = memory.estimate_for(cfg, shape, dtype, world)
-    print(f"{shape.n_params / 1e6:.1f}M parameters, {cfg.tokens_per_iter:,} tokens/iter; per process {est.describe()}")
+    print(f"vocabulary {vocab:,} ({source}); {why}")
+    print(f"{shape.non_embedding_params / 1e6:.2f}M parameters (as nanoGPT and `train` count them: no position "
+          f"embeddings), {cfg.tokens_per_iter:,} tokens/iter; per process {est.describe()}")
     if args.gpu_memory_gib:
         memory.check(cfg, shape, dtype, int(args.gpu_memory_gib * 2**30), f"a {args.gpu_memory_gib:g} GiB GPU",
                      world, args.gpus)

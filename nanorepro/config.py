@@ -153,6 +153,8 @@ class Config:
     log_interval: int = _field(10, "steps between progress lines")
     eval_only: bool = _field(False, "evaluate once and stop")
     always_save_checkpoint: bool = _field(True, "False: save only when the val loss improves (nanoGPT)")
+    save_checkpoint: bool = _field(True, "False: never write ckpt.pt (throughput benchmarks: a gpt2-xl checkpoint "
+                                   "is ~19 GB); such a run cannot be resumed")
     # system
     device: str = _field("auto", "where to train; auto: a GPU if there is one",
                          ("auto", "cpu", "cuda", "cuda:N", "mps"))

@@ -348,6 +348,22 @@ def summary(meta: dict) -> str:
 _META_KEYS = ("name", "encoding", "vocab_size", "train_tokens", "val_tokens", "dtype")
 
 
+# Each preset dataset's vocabulary before it is prepared (estimates on the hub, before `prepare`): the
+# bundled Tiny Shakespeare has 65 characters; the others are GPT-2 BPE. A prepared meta.json wins.
+DATASET_VOCAB = {"shakespeare_char": 65, "shakespeare_gpt2": GPT2_VOCAB_SIZE, "openwebtext_gpt2": GPT2_VOCAB_SIZE}
+
+
+def vocab_size_of(data_root: str | Path, dataset: str) -> tuple[int, str]:
+    """(vocabulary size, where it came from) of a dataset, prepared or not; GPT-2's for an unknown one."""
+    try:
+        return load_meta(Path(data_root) / dataset)["vocab_size"], f"prepared in {Path(data_root) / dataset}"
+    except UserError:
+        pass
+    if dataset in DATASET_VOCAB:
+        return DATASET_VOCAB[dataset], f"{dataset} as `nanorepro prepare` makes it (not prepared here)"
+    return GPT2_VOCAB_SIZE, f"{dataset} is not prepared here: GPT-2's vocabulary assumed"
+
+
 def load_meta(data_dir: str | Path) -> dict:
     """meta.json of a prepared folder, plus `data_dir` (where it was read; not stored in the file)."""
     path = Path(data_dir) / "meta.json"

@@ -146,8 +146,8 @@ def start(cfg: Config, device_of: Callable[[], str]) -> World:
                         f"or run {', '.join(map(str, ok[-4:]))} processes")
     device = device_of()
     if device.startswith("cuda"):
-        if ":" in device and size > 1:
-            raise UserError(f"device={device} pins every rank to one GPU",
+        if ":" in cfg.device and size > 1:  # what was asked: resolve_device always gives an index
+            raise UserError(f"device={cfg.device} pins every rank to one GPU",
                             "use --device=cuda (or auto): each rank takes the GPU of its LOCAL_RANK")
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible",

@@ -53,13 +53,26 @@ def resolve_device(device: str = "auto", gpu_required: str | None = None) -> str
         if not torch.cuda.is_available():
             raise UserError(f"device={device} was asked for but no CUDA GPU is visible",
                             "use --device=cpu, or run on a GPU node (target=chameleon)")
-        index = int(device.split(":")[1]) if ":" in device else 0
+        index = cuda_index(device)
         if index >= torch.cuda.device_count():
             raise UserError(f"device={device} does not exist: {torch.cuda.device_count()} GPU(s) visible",
                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        device = f"cuda:{index}"  # torch.cuda.set_device refuses a device without an index
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("device=mps was asked for but MPS is not available", "use --device=cpu")
     return device
+
+
+def cuda_index(device: str) -> int:
+    """The GPU a CUDA device string names: its index, or for plain "cuda" the current device (GPU 0 in a
+    process that has not touched CUDA yet: asking torch would initialise CUDA before a rank picks its GPU)."""
+    try:
+        index = torch.device(device).index
+    except RuntimeError as e:
+        raise UserError(f"device={device!r} is not a device torch knows", "use cpu, cuda, cuda:N, mps or auto") from e
+    if index is not None:
+        return index
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
 
 
 def use_device(device: str) -> None:
@@ -67,24 +80,18 @@ def use_device(device: str) -> None:
     check and the context land on GPU 0), and start its peak-memory count afresh (one process may
     train several runs: --seeds). Nothing on other devices."""
     if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def gpu_dtype(capability: tuple[int, int]) -> str:
-    """bf16 on GPUs that compute it natively (compute capability 8.0 on: A100, H100, ...); else fp16
-    with a GradScaler, as nanoGPT intends. Not torch.cuda.is_bf16_supported(): by default it also says
-    yes where bf16 is only emulated (T4, V100, RTX 6000), and it asks the *current* device."""
-    return "bfloat16" if tuple(capability) >= (8, 0) else "float16"
+        index = cuda_index(device)
+        torch.cuda.set_device(index)
+        torch.cuda.reset_peak_memory_stats(index)
 
 
 def resolve_dtype(device: str, dtype: str = "auto") -> str:
-    """A config's `dtype` on `device`: auto/fast -> bf16 or fp16 on CUDA (gpu_dtype, of that GPU),
+    """A config's `dtype` on `device`: auto/fast -> bf16 or fp16 on CUDA (memory.gpu_dtype, of that GPU),
     float32 elsewhere; "fast" on a CPU is left for train to settle by timing (fast_cpu_dtype)."""
     if dtype in ("auto", "fast"):
         # nanoGPT trains in float32 on CPU and bf16 (else fp16) on CUDA
         if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.version.hip else gpu_dtype(torch.cuda.get_device_capability(device))
+            dtype = "bfloat16" if torch.version.hip else memory.gpu_dtype(torch.cuda.get_device_capability(device))
         elif dtype == "auto" or device != "cpu":
             dtype = "float32"
     return dtype

@@ -29,6 +29,11 @@ OVERHEAD_BYTES = GiB // 2  # CUDA context / interpreter and torch runtime, not i
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100": 756e12,
                    "A100": 312e12, "A30": 165e12, "A10": 125e12, "A40": 150e12, "L40S": 362e12, "RTX 6000 Ada": 364e12,
                    "RTX A6000": 155e12, "V100": 125e12, "T4": 65e12}
+# Compute capability by GPU name (NVIDIA's CUDA GPUs page), longest name first when matching: which
+# precision a run gets there (gpu_dtype), before any GPU is at hand
+GPU_CAPABILITY = {"H200": (9, 0), "H100": (9, 0), "A100": (8, 0), "A30": (8, 0), "A10": (8, 6), "A40": (8, 6),
+                  "L40S": (8, 9), "RTX 6000 Ada": (8, 9), "RTX A6000": (8, 6), "Quadro RTX 6000": (7, 5),
+                  "V100": (7, 0), "T4": (7, 5), "P100": (6, 0)}
 # Model FLOPs utilisation assumed for time estimates: nanoGPT's 124M run (4 days on 8x A100) is ~0.3
 ASSUMED_MFU = 0.3
 # Share of the one-node rate each GPU keeps when a run spans several nodes (assumed, not measured): nanoGPT's
@@ -200,15 +205,38 @@ def check(cfg: Config, shape: GPTConfig, dtype: str, capacity: int, where: str, 
 # ---------------------------------------------------------------------------------------------
 # Time
 
+def gpu_dtype(capability: tuple[int, int]) -> str:
+    """bf16 on GPUs that compute it natively (compute capability 8.0 on: A100, H100, ...); else fp16
+    with a GradScaler, as nanoGPT intends. Not torch.cuda.is_bf16_supported(): by default it also says
+    yes where bf16 is only emulated (T4, V100, RTX 6000), and it asks the *current* device."""
+    return "bfloat16" if tuple(capability) >= (8, 0) else "float16"
+
+
+def _by_name(table: dict, gpu_name: str):
+    for key in sorted(table, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key.lower() in gpu_name.lower():
+            return table[key]
+    return None
+
+
+def dtype_for(gpu_name: str | None, gpu_preset: bool) -> tuple[str, str]:
+    """(dtype, why) that dtype=auto gives a run: on a named GPU, its native precision; with no GPU named,
+    bf16 for a preset made for GPUs (as on the A100 it was published on), else float32 (a CPU)."""
+    if gpu_name:
+        cap = _by_name(GPU_CAPABILITY, gpu_name)
+        if cap is None:
+            return "bfloat16", f"dtype auto: bfloat16 assumed ({gpu_name}'s compute capability is not known here)"
+        return gpu_dtype(cap), f"dtype auto: {gpu_dtype(cap)} on {gpu_name} (compute capability {cap[0]}.{cap[1]})"
+    if gpu_preset:
+        return "bfloat16", "dtype auto: bfloat16, as on the A100 this preset was made for (--gpu NAME for another GPU)"
+    return "float32", "dtype auto: float32, as on a CPU (--gpu NAME for a GPU's precision)"
+
+
 def peak_flops(gpu_name: str | None, dtype: str) -> float | None:
     """Dense peak FLOP/s of a named GPU at the run's precision; None when unknown (or a CPU).
     hardware.peak_flops adds a CPU's, measured."""
-    if not gpu_name:
-        return None
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
-        if key.lower() in gpu_name.lower():
-            return PEAK_BF16_FLOPS[key] / (2 if dtype == "float32" else 1)
-    return None
+    peak = _by_name(PEAK_BF16_FLOPS, gpu_name) if gpu_name else None
+    return None if peak is None else peak / (2 if dtype == "float32" else 1)
 
 
 def flops_per_second(gpu_name: str | None, n_gpus: int, dtype: str, nodes: int = 1) -> float | None:

@@ -29,7 +29,8 @@ from .references import DATA_METRICS, load_references
 # Fields a run may change and still be "the published recipe": where files go, which seed,
 # which device/precision/compiler runs it, how often it prints. Everything else must match the preset.
 NEUTRAL_FIELDS = {"out_dir", "data_root", "seed", "device", "dtype", "compile", "log_interval",
-                  "always_save_checkpoint", "vocab_size", "parallel", "activation_checkpointing", "preset"}
+                  "always_save_checkpoint", "save_checkpoint", "vocab_size", "parallel", "activation_checkpointing",
+                  "preset"}
 # For a GPT-2 init the model's shape comes from the checkpoint, whatever the config said.
 PRETRAINED_SHAPE_FIELDS = {"n_layer", "n_head", "n_embd", "bias"}
 EPS = 1e-9

@@ -188,6 +188,8 @@ def _loop(run: _Run, say) -> dict[str, Any]:
     loss_acc, loss_iters = torch.zeros((), device=device), 0  # summed on the device: one sync per log
 
     def save_checkpoint() -> None:
+        if not cfg.save_checkpoint:
+            return
         checkpoint.save_training(ckpt_path, model, optimizer, world, iter_num=iter_num, best_val_loss=best_val,
                                  elapsed_s=time.perf_counter() - t_origin, batch_gen=run.batch_gen, device=device,
                                  meta=run.meta, scaler=scaler)
@@ -229,6 +231,10 @@ def _loop(run: _Run, say) -> dict[str, Any]:
                 log(metrics_path, {"kind": "end", "iter": iter_num, "best_val_loss": best_val,
                                    "elapsed_s": time.perf_counter() - t_origin, "status": "interrupted",
                                    "signal": name, "peak_memory_bytes": peak_memory_bytes(device)})
+                if not cfg.save_checkpoint:
+                    raise Interrupted(f"{name} at iter {iter_num}: metrics flushed, no checkpoint (save_checkpoint=false)",
+                                      "run it again from the start, with save_checkpoint=true to be able to resume",
+                                      stop.signum)
                 raise Interrupted(f"{name} at iter {iter_num}: checkpoint saved to {ckpt_path}, metrics flushed",
                                   "run the same command again to resume from this iteration", stop.signum)
 
@@ -306,7 +312,7 @@ def _stop_now(world: World, received: bool, iter_num: int, log_interval: int) ->
 
 
 # fields that change how a run is watched or where it lives, not what it trains
-_NOT_THE_RESULT = ("out_dir", "data_root", "log_interval", "compile")
+_NOT_THE_RESULT = ("out_dir", "data_root", "log_interval", "compile", "save_checkpoint")
 
 
 def _finished_already(out: Path, cfg: Config) -> bool:

@@ -79,7 +79,7 @@ def test_memory_estimate_bounds_the_measured_peak(tmp_path, char_data_root):
 
 
 # ---------------------------------------------------------------------------------------------
-# The GPU path's fixes (issue 18) as only a GPU shows them; losses compared within tolerances
+# The GPU path as only a GPU shows it; losses compared within tolerances
 # (resume is exact on the CPU only: flash attention's backward and Inductor's dropout RNG are not
 # deterministic).
 

@@ -5,6 +5,7 @@ refusals that name the largest setting that fits, and the time estimate."""
 from __future__ import annotations
 
 import contextlib
+import re
 import dataclasses
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from nanorepro import memory, metrics
+from nanorepro import data, memory, metrics
 from nanorepro.config import GPTConfig, resolve
 from nanorepro.model import GPT, load_pretrained
 from nanorepro.train import train
@@ -150,11 +151,36 @@ def test_estimate_command_is_torch_free(tmp_path):
             "assert 'torch' not in sys.modules; sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "1557.6M parameters" in r.stdout and "fits in 40 GiB" in r.stdout and "time: ~" in r.stdout
+    assert "1555.97M parameters" in r.stdout and "fits in 40 GiB" in r.stdout and "time: ~" in r.stdout
     r = subprocess.run([sys.executable, "-m", "nanorepro", "estimate", "--preset", "finetune-shakespeare",
                         "--batch_size=8", "--gradient_accumulation_steps=4", "--gpu-memory-gib", "40"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 4 and "--batch_size=2 --gradient_accumulation_steps=16" in r.stderr
+
+
+@pytest.mark.parametrize("gpu, dtype", [(None, "bfloat16"), ("A100", "bfloat16"), ("H100", "bfloat16"),
+                                        ("Tesla T4", "float16"), ("V100", "float16")])
+def test_the_baby_gpt_is_estimated_with_its_own_vocabulary_before_anything_is_prepared(tmp_path, gpu, dtype):
+    """On a fresh clone (no data/): the 65-character vocabulary its dataset implies, nanoGPT's 10.65M
+    parameters, and the precision of the GPU it runs on (bf16 on an A100, fp16 where bf16 is emulated),
+    not GPT-2's vocabulary in float32 (30.0M parameters and 9.25 GiB of logits)."""
+    r = subprocess.run([sys.executable, "-m", "nanorepro", "estimate", "--preset", "shakespeare-char",
+                        *(["--gpu", gpu] if gpu else [])], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "vocabulary 65 " in r.stdout and "10.65M parameters" in r.stdout, r.stdout
+    assert f"64 x 256 tokens per micro-batch, {dtype})" in r.stdout
+    logits = float(re.search(r"logits ([0-9.]+) GiB", r.stdout).group(1))
+    assert logits < 0.1 and not (tmp_path / "data").exists()
+    cpu = subprocess.run([sys.executable, "-m", "nanorepro", "estimate", "--preset", "shakespeare-char-cpu"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert "float32)" in cpu.stdout and "vocabulary 65 " in cpu.stdout
+
+
+def test_a_prepared_dataset_s_vocabulary_is_what_it_was_prepared_with(char_data_root, gpt2_data_root):
+    for root, name in ((char_data_root, "shakespeare_char"), (gpt2_data_root, "shakespeare_gpt2")):
+        vocab, source = data.vocab_size_of(root, name)
+        assert vocab == data.DATASET_VOCAB[name] and source.startswith("prepared in")
+    assert data.vocab_size_of("/nonexistent", "mytext_char")[0] == data.GPT2_VOCAB_SIZE
 
 
 def test_fsdp_ranks_with_several_micro_steps_hold_whole_gradients():

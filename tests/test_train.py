@@ -230,6 +230,12 @@ def test_eval_at_start_false_skips_only_the_untrained_evaluation(char_data_root,
     assert [r["iter"] for r in metrics.of_kind(metrics.read(tmp_path / "c" / "metrics.jsonl"), "eval")] == [0]
 
 
+def test_a_run_without_checkpoints_finishes_and_writes_none(char_data_root, tmp_path):
+    train(tiny(char_data_root, tmp_path / "run", max_iters=6, eval_interval=3, save_checkpoint=False))
+    assert metrics.finished(metrics.read(tmp_path / "run" / "metrics.jsonl"))
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
 def test_missing_data_and_absent_gpu_are_one_line_errors(tmp_path, char_data_root):
     r = subprocess.run([sys.executable, "-m", "nanorepro", "train", "--preset", "tiny",
                         f"--data_root={tmp_path / 'nothing'}"], capture_output=True, text=True, cwd=tmp_path)
@@ -309,77 +315,15 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_say_how_to_resume(char_data_ro
 
 
 # ---------------------------------------------------------------------------------------------
-# The GPU path, reached on the CPU (issue 18): what train decides and calls, CUDA faked where needed
-
-
-class FakeCuda:
-    """torch.cuda as a node with `n` GPUs of compute capability `cap` shows it, recording every call
-    that names or touches a device; anything that would need a real GPU fails the test."""
-
-    def __init__(self, monkeypatch, n: int = 2, cap: tuple[int, int] = (8, 0)):
-        self.calls: list[tuple[str, object]] = []
-        self.cap = cap
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
-        for name in ("set_device", "reset_peak_memory_stats", "get_device_capability"):
-            monkeypatch.setattr(torch.cuda, name, lambda d=None, _n=name: self.record(_n, d))
-        for name in ("is_bf16_supported", "current_device", "mem_get_info", "init"):
-            monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name, **k: pytest.fail(f"torch.cuda.{_n} was called"))
-
-    def record(self, name: str, device: object):
-        where = f"cuda:{device}" if isinstance(device, int) else str(torch.device(device)) if device is not None else None
-        self.calls.append((name, where))
-        return self.cap if name == "get_device_capability" else None
+# The GPU path on a CPU: tests/test_cuda_path.py drives it under a strict torch.cuda stand-in
 
 
 def test_gpus_only_emulating_bf16_get_float16_and_a_grad_scaler():
-    from nanorepro import hardware
+    from nanorepro import memory
 
     for cap, dtype in [((7, 0), "float16"), ((7, 5), "float16"), ((6, 1), "float16"),  # V100, T4 / RTX 6000, P100
                        ((8, 0), "bfloat16"), ((8, 6), "bfloat16"), ((9, 0), "bfloat16")]:  # A100, A10, H100
-        assert hardware.gpu_dtype(cap) == dtype, cap
-
-
-@pytest.mark.parametrize("cap, dtype", [((7, 5), "float16"), ((8, 0), "bfloat16")])
-def test_cuda_n_is_made_current_and_its_peak_reset_before_anything_touches_cuda(tmp_path, monkeypatch, cap, dtype):
-    """--device=cuda:1: set_device(1) first (else pinned memory, the bf16 check and a context land on
-    GPU 0), the peak-memory count reset (each of --seeds' runs), the dtype from GPU 1's capability."""
-    from nanorepro import hardware
-
-    cuda = FakeCuda(monkeypatch, cap=cap)
-    with pytest.raises(UserError, match="nanorepro prepare"):  # stops at the data, after the device
-        train(resolve("tiny", {"device": "cuda:1", "data_root": str(tmp_path / "none"), "out_dir": str(tmp_path / "r")}))
-    assert cuda.calls == [("set_device", "cuda:1"), ("reset_peak_memory_stats", "cuda:1"),
-                          ("get_device_capability", "cuda:1")]
-    assert hardware.resolve_dtype("cuda:1", "auto") == dtype and hardware.resolve_dtype("cuda:1", "float32") == "float32"
-
-
-def test_each_rank_picks_its_gpu_before_anything_touches_cuda(tmp_path, monkeypatch):
-    """Under torchrun, rank 1 sets GPU 1 before joining the group and never names GPU 0."""
-    import torch.distributed as dist
-
-    cuda = FakeCuda(monkeypatch, n=2)
-    joined = []
-    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append((backend, list(cuda.calls))))
-    monkeypatch.setattr(dist, "new_group", lambda **kw: None)
-    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
-        monkeypatch.setenv(k, v)
-    with pytest.raises(UserError, match="nanorepro prepare"):
-        train(resolve("tiny", {"device": "cuda", "parallel": "ddp", "gradient_accumulation_steps": 2,
-                               "data_root": str(tmp_path / "none"), "out_dir": str(tmp_path / "r")}))
-    assert joined == [("nccl", [("set_device", "cuda:1")])]
-    assert all(device == "cuda:1" for _, device in cuda.calls), cuda.calls
-
-
-def test_the_fit_check_counts_what_the_caching_allocator_holds_free(monkeypatch):
-    """Blocks an earlier run (--seeds) left in PyTorch's cache are this process's to reuse."""
-    from nanorepro.train import cuda_free_bytes
-
-    GiB = 2**30
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (2 * GiB, 80 * GiB))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 30 * GiB)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 1 * GiB)
-    assert cuda_free_bytes("cuda:0") == 31 * GiB
+        assert memory.gpu_dtype(cap) == dtype, cap
 
 
 def test_float16_runs_checkpoint_the_grad_scaler_and_resume_with_it(char_data_root, tmp_path):
