@@ -46,24 +46,32 @@ from .fmt import duration
 from .remote import KNOWN_HOSTS, NODE_FILE, SSHRunner, check_key_file, on_each, read_node_record
 from .runner import TARGETS, resolve_target, results_path
 
-# The A100 node types on Chameleon's bare-metal sites (the sites that have them), in the order "auto" tries them.
+# The A100 node types on Chameleon's bare-metal sites (the sites that have them, the GPUs of one node), in the
+# order "auto" tries them; from Chameleon's hardware pages (technical/baremetal/composable_hardware, 2026-07).
+# TACC's compute_gigaio is not here: its six nodes share four composable GPUs (two A100 40 GB, two A30), so a
+# node there may have an A30, or no GPU at all.
 A100_NODE_TYPES: dict[str, tuple[tuple[str, ...], str]] = {
-    "compute_gigaio": (("CHI@UC", "CHI@TACC"), "1x A100 80 GB"),
+    "compute_gigaio": (("CHI@UC",), "1x A100 80 GB"),
     "gpu_a100_pcie": (("CHI@UC",), "4x A100 PCIe"),
     "gpu_a100_nvlink": (("CHI@UC",), "4x A100 NVLink"),
     "compute_liqid": (("CHI@TACC",), "1-2x A100 40 GB"),
 }
+# Where those node types exist without a sure A100: a user may still name them (the GPU is checked after boot)
+ALSO_AT: dict[str, tuple[str, ...]] = {"compute_gigaio": ("CHI@TACC",)}
+EXPECTED_GPU = "A100"  # what the presets' published figures ran on: nvidia-smi -L must show it
 DEFAULT_IMAGE = nodeinstall.CUDA_IMAGE  # Python 3.12; 22.04 has 3.10, below requires-python
 NETWORK = "sharednet1"
 MAX_LEASE_HOURS = 7 * 24  # Chameleon caps leases at 7 days
 DEFAULT_LEASE_HOURS = 4  # the reproduction on an A100, boot and install included, with time to spare
 LEASE_TIMEOUT_S, SERVER_TIMEOUT_S, RELEASE_TIMEOUT_S = 15 * 60, 40 * 60, 10 * 60
 STATE_DIR = "results/chameleon"  # where the node record goes unless a results folder is given
-# Chameleon charges a lease in service units (SU): node-hours times the node type's rate.
-SU_PER_NODE_HOUR = 1.0
-SU_RATE_SOURCE = ("assumed: 1 SU = one bare-metal node for one hour, Chameleon's definition of an SU "
-                  "(chameleoncloud.org FAQ / allocations docs); check your project's allocation page, "
-                  "GPU nodes may be charged more")
+# Chameleon charges a lease in service units (SU): node-hours times the node type's rate. Its published
+# rates (SU per node-hour): base bare metal 1, a node with one A100 4, a node with four A100s 16.
+SU_RATES_SOURCE = ("Chameleon's published rates: changelog of 2025-09-03 (blog.chameleoncloud.org) and the FAQ "
+                   "'What are the units of an allocation'")
+SU_RATES: dict[str, float] = {"compute_gigaio": 4.0, "compute_liqid": 4.0, "gpu_a100_pcie": 16.0,
+                              "gpu_a100_nvlink": 16.0}
+SU_BASE_RATE = 1.0  # a node type not in SU_RATES: assumed at the base rate, and said so
 # Blazar's lease states: a lease in one of REUSABLE is reused by name; LIVE ones hold (or may hold) a node or
 # are on their way out (TERMINATING, DELETING): "nothing left" means none of these.
 REUSABLE = ("CREATING", "PENDING", "STARTING", "ACTIVE", "UPDATING", "ERROR")
@@ -114,9 +122,17 @@ def _when(value: dt.datetime) -> str:
     return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def su_cost(hours: float, nodes: int = 1) -> float:
-    """Service units a lease of `nodes` nodes costs: node-hours times the rate."""
-    return hours * nodes * SU_PER_NODE_HOUR
+def su_rate(node_type: str | None) -> tuple[float, str]:
+    """(SU per node-hour, where that rate comes from) of a node type."""
+    if node_type in SU_RATES:
+        return SU_RATES[node_type], f"{node_type}'s rate, {SU_RATES_SOURCE}"
+    return SU_BASE_RATE, (f"assumed: {node_type or 'this node type'} has no published rate, so the base bare-metal "
+                          "rate; GPU nodes are charged more (check Chameleon's FAQ)")
+
+
+def su_cost(hours: float, nodes: int = 1, node_type: str | None = None) -> float:
+    """Service units a lease of `nodes` nodes of `node_type` costs: node-hours times the type's rate."""
+    return hours * nodes * su_rate(node_type)[0]
 
 
 def check_nodes(nodes: Any) -> int:
@@ -155,20 +171,24 @@ def save_record(state_dir: Path, record: dict[str, Any]) -> None:
 
 
 def release_command(state_dir: Path) -> str:
-    return f"nanorepro release --results-dir {shlex.quote(str(state_dir))}"
+    """A command that releases the lease wherever this checkout is, the hub included (which installs nothing:
+    there is no `nanorepro` command there, but the package runs from the project folder)."""
+    root = Path(__file__).resolve().parent.parent
+    return f"cd {shlex.quote(str(root))} && python3 -m nanorepro release --results-dir {shlex.quote(str(state_dir))}"
 
 
 def still_running(record: dict[str, Any], state_dir: Path) -> str:
-    """The plain statement that a lease still runs, until when, and how to release it."""
+    """The plain statement that a lease still runs, until when, and how to release it: notebook 05 first
+    (what a hub user has at hand), then a terminal command that works on the hub too."""
     left = ""
     if record.get("lease_end"):
         end = dt.datetime.fromisoformat(record["lease_end"])
         hours = max((end - _utcnow()).total_seconds() / 3600, 0)
         count = len(record.get("nodes") or [None])
-        left = f" until {_when(end)} ({hours:.1f} h more, about {su_cost(hours, count):.0f} SU)"
+        left = f" until {_when(end)} ({hours:.1f} h more, about {su_cost(hours, count, record.get('node_type')):.0f} SU)"
     return (f"lease {record.get('lease_name')} ({record.get('lease_id')}) at {record.get('site')} is STILL RUNNING"
-            f"{left}; release it with `{release_command(state_dir)}`, or run notebooks/05_release_node.ipynb with "
-            f"target='chameleon' and results_dir={str(state_dir)!r}")
+            f"{left}; release it with notebooks/05_release_node.ipynb (target='chameleon', "
+            f"results_dir={str(state_dir)!r}), or in a terminal: `{release_command(state_dir)}`")
 
 
 # -- connecting ---------------------------------------------------------------------------------
@@ -278,16 +298,16 @@ def _other_sites(chi: Any, site: str, hours: float) -> list[str]:
 def choose_node_type(chi: Any, site: str, node_type: str, hours: float, nodes: int = 1) -> str:
     """The A100 node type to lease: `node_type`, or for "auto" the first of which `site` has `nodes` free."""
     here = [t for t, (sites, _) in A100_NODE_TYPES.items() if site in sites]
-    if node_type not in ("auto", *A100_NODE_TYPES):
-        raise UserError(f"{node_type!r} is not an A100 node type",
-                        "use node_type='auto' or one of: " + ", ".join(
-                            f"{t} ({' or '.join(s)}, {g})" for t, (s, g) in A100_NODE_TYPES.items()))
-    homes = A100_NODE_TYPES.get(node_type, ((site,), ""))[0]
+    if node_type == "auto" and not here:
+        raise UserError(f"{site} has no node type with a sure A100", "use site='CHI@UC' or site='CHI@TACC'")
+    homes = (*A100_NODE_TYPES.get(node_type, ((site,), ""))[0], *ALSO_AT.get(node_type, ()))
     if site not in homes:
         raise UserError(f"{node_type} nodes are at {' and '.join(homes)}, not {site}",
                         f"set site='{homes[0]}'" + (f" or node_type to one of {', '.join(here)}" if here else ""))
-    if not here:
-        raise UserError(f"{site} has no A100 node types", "use site='CHI@UC' or site='CHI@TACC'")
+    if node_type != "auto" and node_type not in here:  # the user's choice runs; the GPU is checked after boot
+        print(f"   note: {node_type} at {site} is not one of the node types with a sure A100 here "
+              f"({', '.join(here) or 'none'}): its GPU is checked after boot and named in the record and the "
+              "report, and the published A100 figures may not apply", flush=True)
     candidates = here if node_type == "auto" else [node_type]
     seen = []
     for t in candidates:
@@ -381,6 +401,8 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
 
     try:
         _boot(chi, record, state_dir, poll=_poll_s(), ssh_timeout_s=ssh_timeout_s)
+        with _step("checking each node's GPUs (nvidia-smi -L), before anything is installed"):
+            check_gpus(record, state_dir, need=EXPECTED_GPU if node_type == "auto" else None)
     except KeyboardInterrupt:
         print("\ninterrupted: " + still_running(record, state_dir), flush=True)
         raise
@@ -424,14 +446,15 @@ def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str
     site, name = record["site"], record["lease_name"]
     with _step(f"choosing an A100 node type at {site}"):
         node_type = choose_node_type(chi, site, node_type, hours, nodes)
-    print(f"This lease will cost {su_cost(hours, nodes):g} SU: {_plural(nodes, 'node')} x {hours:g} h x "
-          f"{SU_PER_NODE_HOUR:g} SU per node-hour ({SU_RATE_SOURCE}). Releasing early "
-          "(05_release_node) stops the charge for the hours left.", flush=True)
+    rate, source = su_rate(node_type)
+    print(f"This lease will cost {su_cost(hours, nodes, node_type):g} SU: {_plural(nodes, 'node')} x {hours:g} h x "
+          f"{rate:g} SU per node-hour ({source}). Releasing early (05_release_node) stops the charge for the hours "
+          "left.", flush=True)
     save_record(state_dir, record)  # the name is on record before Blazar hears it: release() finds it
     with _step(f"creating lease {name} for {'one' if nodes == 1 else nodes} {node_type} node"
                f"{'' if nodes == 1 else 's'}, {hours:g} h"):
         try:
-            return create_lease(chi, name, node_type, hours, fip=site_reserves_fips(chi), nodes=nodes)
+            return create_lease(chi, name, node_type, hours, fip=True, nodes=nodes)
         except Exception as e:  # the reply may be lost after Blazar made it
             made, error = _lease_made_anyway(chi, name, e, state_dir), e
         except KeyboardInterrupt:
@@ -516,6 +539,40 @@ def _boot(chi: Any, record: dict[str, Any], state_dir: Path, *, poll: float, ssh
         wait_for_ssh(record["host"], record["port"], ssh_timeout_s, poll)
 
 
+def check_gpus(record: dict[str, Any], state_dir: Path, need: str | None) -> None:
+    """Every node's GPUs as `nvidia-smi -L` lists them, into the record (the node entries' "gpu_models",
+    the record's "gpu_model"). A node without an NVIDIA GPU is refused; with `need` (node_type="auto": the
+    presets' A100), so is a node whose GPUs are another model. A user's own node_type runs with what it has."""
+    runner = SSHRunner.from_state(state_dir, workdir=state_dir)
+    try:
+        listings = on_each(runner.nodes, lambda i, node: node.ssh.exec("nvidia-smi -L", timeout=60))
+    finally:
+        runner.close()
+    bad = []
+    for i, (entry, result) in enumerate(zip(record["nodes"], listings)):
+        if isinstance(result, BaseException):
+            raise result
+        code, out = result
+        models = re.findall(r"^GPU \d+: (.+?) \(UUID", out, re.M)
+        entry["gpu_models"] = models
+        where = f"node {i} ({entry['name']}, server {entry.get('server_id')})"
+        if code != 0 or not models:
+            bad.append(f"{where} shows no NVIDIA GPU (nvidia-smi -L: {out.strip()[:120] or f'exit {code}'})")
+        elif need and not all(need in m for m in models):
+            bad.append(f"{where} has {', '.join(sorted(set(models)))}, not an {need}")
+    record["gpu_model"] = (record["nodes"][0].get("gpu_models") or [None])[0]
+    save_record(state_dir, record)
+    if bad:
+        types = ", ".join(t for t, (sites, _) in A100_NODE_TYPES.items() if record["site"] in sites)
+        raise UserError("; ".join(bad), f"reserve again (a new lease may get another host), or name a node type "
+                        f"whose hosts all have an {EXPECTED_GPU}: node_type one of {types or 'none at this site'}")
+    models = sorted({m for entry in record["nodes"] for m in entry["gpu_models"]})
+    found = ", ".join(f"{len(e['gpu_models'])}x {e['gpu_models'][0]}" for e in record["nodes"])
+    other = "" if all(EXPECTED_GPU in m for m in models) else \
+        f": not an {EXPECTED_GPU}, the published figures were measured on one (the report says so)"
+    print(f"   {found}{other}", flush=True)
+
+
 def _check_image_and_key(chi: Any, image: str, key_name: str | None, private_key: str | None,
                          public_key: str | None) -> dict[str, str]:
     """Fail before any lease exists: the image must exist, the key must be usable and in Nova; the
@@ -581,20 +638,12 @@ def create_lease(chi: Any, name: str, node_type: str, hours: float, fip: bool = 
             fix = (f"{'no node is' if nodes == 1 else f'fewer than {nodes} nodes are'} free for the whole lease: "
                    f"ask for fewer lease_hours{'' if nodes == 1 else ' or nodes'}, another node_type or site, or later")
         elif any(word in low for word in ("allocation", " su", "balance", "charge")):
-            fix = (f"the project's allocation cannot cover {su_cost(hours, nodes):g} SU: ask its PI to renew or "
+            fix = (f"the project's allocation cannot cover {su_cost(hours, nodes, node_type):g} SU: ask its PI to renew or "
                    "recharge it")
         else:
             fix = "check the project's allocation is active and, outside the hub, that the application credential " \
                   "was created 'unrestricted'"
         raise UserError(f"Chameleon refused the lease: {e}", fix) from e
-
-
-def site_reserves_fips(chi: Any) -> bool:
-    """Whether this site's Blazar has floating IPs to reserve in a lease (its `floatingips` list)."""
-    try:
-        return bool(chi.blazar().floatingip.list())
-    except Exception:  # no such API here, or not answering: the on-demand pool it is
-        return False
 
 
 def _reservations(lease: dict[str, Any]) -> list[dict[str, Any]]:
@@ -629,7 +678,7 @@ def wait_lease(chi: Any, lease_id: str, timeout_s: float, poll: float) -> dict[s
         status = lease["status"]
         if status == "ACTIVE":
             return lease
-        if status in ("ERROR", "TERMINATED", "TERMINATING", "DELETED"):
+        if status in ("ERROR", "TERMINATED", "TERMINATING", "DELETING", "DELETED"):
             raise UserError(f"lease {lease['name']} went to {status} instead of ACTIVE",
                             "the site could not start it (often a node failed its checks): reserve again, "
                             "or try another node_type or site")

@@ -78,10 +78,12 @@ def _estimate(args: argparse.Namespace, extra: list[str]) -> None:
               f"{tokens / 1e9:.1f}B tokens in {secs / 86400:.2f} days")
     hours = secs / 3600
     nodes = "1 node" if args.nodes == 1 else f"{args.nodes} nodes"
-    su = chameleon.su_cost(hours, args.nodes)
+    node_type = "compute_gigaio" if args.gpus == 1 else "gpu_a100_pcie"  # one A100, or four
+    rate, source = chameleon.su_rate(node_type)
+    su = chameleon.su_cost(hours, args.nodes, node_type)
     print(f"Chameleon: ~{su:,.0f} SU" if su >= 10 else f"Chameleon: ~{su:.2g} SU",
-          f"({hours:,.1f} h x {nodes} x {chameleon.SU_PER_NODE_HOUR:g} SU per node-hour, an assumed rate; "
-          "the run alone: boot and install add about an hour)")
+          f"({hours:,.1f} h x {nodes} x {rate:g} SU per node-hour: {source}; the run alone: boot and install add "
+          "about an hour)")
     if hours > chameleon.MAX_LEASE_HOURS:
         print(f"   longer than one lease ({chameleon.MAX_LEASE_HOURS // 24} days at most): reserve again when it "
               "ends, and the train stage resumes from the last checkpoint")

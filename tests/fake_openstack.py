@@ -7,7 +7,7 @@ Keystone URL as `<web>:5000/v3`, so `web` is `http://127.0.0.1:PORT/uc` and Keys
 path `/uc:5000/v3`. Knobs on `FakeCloud` make leases fail (`lease_outcome="ERROR"`), Blazar refuse
 (`refuse_lease`), builds fail (`server_outcome="ERROR"`), nodes be booked (`booked`: Blazar then refuses
 them with "Not enough hosts available", as the real one does), the site refuse floating-IP reservations
-(`fip_reservable`), the on-demand floating-IP pool hold only so many (`fip_pool`, None: no limit) or any
+(`fip_reservable`; listing Blazar's floating IPs is admin-only, as in Chameleon's policy: 403), the on-demand floating-IP pool hold only so many (`fip_pool`, None: no limit) or any
 request fail (`faults`).
 
 A lease holds `min` hosts of its node type (Blazar refuses with "Not enough hosts available" when fewer are
@@ -219,6 +219,9 @@ class _Handler(BaseHTTPRequestHandler):
             kinds = [r["resource_type"] for r in body["reservations"]]
             if "virtual:floatingip" in kinds and not cloud.fip_reservable:
                 return 400, {"error_code": 400, "error_message": "Invalid resource type virtual:floatingip"}
+            for r in body["reservations"]:  # Blazar's floating-IP plugin checks these (check_params)
+                if r["resource_type"] == "virtual:floatingip" and not {"network_id", "amount"} <= set(r):
+                    return 400, {"error_code": 400, "error_message": "Missing parameter network_id or amount"}
             held, taken = [], {h for ids in s.held.values() for h in ids}
             for r in body["reservations"]:
                 if r["resource_type"] != "physical:host" or not r.get("resource_properties"):
@@ -259,9 +262,9 @@ class _Handler(BaseHTTPRequestHandler):
             elif lease["status"] == "PENDING":
                 lease["status"] = "STARTING"
             return 200, {"lease": lease}
-        if rest == "/floatingips" and method == "GET":  # the addresses Blazar can reserve
-            return 200, {"floatingips": [{"id": f"bfip-{s.uid}", "floating_ip_address": "127.0.0.1",
-                                          "floating_network_id": f"net-public-{s.uid}"}] if cloud.fip_reservable else []}
+        if rest.startswith("/floatingips"):  # Blazar's policy: blazar:floatingips:* is rule:admin; users get 403
+            return 403, {"error_code": 403,
+                         "error_message": f"Policy doesn't allow blazar:floatingips:{method.lower()} to be performed."}
         if rest == "/os-hosts":
             return 200, {"hosts": s.hosts}
         if rest == "/os-hosts/allocations":

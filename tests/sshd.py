@@ -233,11 +233,13 @@ def cheap_install() -> str:
 
 # -- stand-ins for a GPU node's tools -----------------------------------------------------------
 NVIDIA_SMI = """#!/bin/sh
-# nvidia-smi of a node with driver $(cat driver) (CUDA $(cat cuda)) and $(cat gpus) A100s
-D=$(dirname "$0"); driver=$(cat "$D/driver"); cuda=$(cat "$D/cuda"); n=$(cat "$D/gpus")
+# nvidia-smi of a node with driver $(cat driver) (CUDA $(cat cuda)) and $(cat gpus) GPUs named $(cat model);
+# with none, what the real one says and its exit code
+D=$(dirname "$0"); driver=$(cat "$D/driver"); cuda=$(cat "$D/cuda"); n=$(cat "$D/gpus"); model=$(cat "$D/model")
+if [ "$n" = 0 ]; then echo "No devices were found"; exit 6; fi
 case "$1" in
-  -L) i=0; while [ $i -lt $n ]; do echo "GPU $i: NVIDIA A100-SXM4-80GB (UUID: GPU-$i)"; i=$((i+1)); done ;;
-  --query-gpu=*) i=0; while [ $i -lt $n ]; do echo "$i, NVIDIA A100-SXM4-80GB, 81920, $driver"; i=$((i+1)); done ;;
+  -L) i=0; while [ $i -lt $n ]; do echo "GPU $i: $model (UUID: GPU-$i)"; i=$((i+1)); done ;;
+  --query-gpu=*) i=0; while [ $i -lt $n ]; do echo "$i, $model, 81920, $driver"; i=$((i+1)); done ;;
   *) echo "| NVIDIA-SMI $driver      Driver Version: $driver      CUDA Version: $cuda     |" ;;
 esac
 """
@@ -297,9 +299,9 @@ exit 0
 
 
 def standins(bin_dir: Path, *, driver: str = "560.35.03", cuda: str = "12.6", gpus: int = 1, python: str = "real",
-             torch_sees: str = "gpus", headers: bool = True) -> Path:
+             torch_sees: str = "gpus", headers: bool = True, model: str = "NVIDIA A100-SXM4-80GB") -> Path:
     """(Re)write the node's stand-in tools into `bin_dir` (the sshd's `path_first`): nvidia-smi for
-    `driver`/`cuda`/`gpus`, python3 (the real one, or "3.10"), pip, and without `headers` a cc that lacks
+    `driver`/`cuda`/`gpus` GPUs named `model`, python3 (the real one, or "3.10"), pip, and without `headers` a cc that lacks
     Python.h until apt-get installs python3-dev. Logs: pip.log, apt.log, python3.log."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     for name in ("pip.log", "apt.log", "python3.log", "apt-installed", "cc", "apt-get"):
@@ -307,6 +309,7 @@ def standins(bin_dir: Path, *, driver: str = "560.35.03", cuda: str = "12.6", gp
     (bin_dir / "driver").write_text(driver)
     (bin_dir / "cuda").write_text(cuda)
     (bin_dir / "gpus").write_text(str(gpus))
+    (bin_dir / "model").write_text(model)
     (bin_dir / "torch-sees").write_text(torch_sees)
     (bin_dir / "pip.log").touch()
     ver = f"{sys.version_info.major}.{sys.version_info.minor}"

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -128,7 +129,7 @@ def test_create_lease_sends_the_node_type_and_keeps_blazars_refusal(blazar):
     blazar.lease.create.side_effect = BlazarClientException("ERROR: Allocation exceeded: 3 SU over balance", code=403)
     with pytest.raises(UserError) as e:
         chameleon.create_lease(chi, "l", "compute_gigaio", 3)
-    assert "recharge" in e.value.fix and "3 SU" in e.value.fix
+    assert "recharge" in e.value.fix and "12 SU" in e.value.fix  # 3 h x compute_gigaio's 4 SU per hour
 
 
 def test_find_lease_ignores_terminated_namesakes(blazar):
@@ -195,8 +196,8 @@ def test_node_type_choice_and_availability_messages(monkeypatch):
     chi.use_site.assert_called_with("CHI@UC")  # the site is restored after looking elsewhere
     with pytest.raises(UserError, match="compute_liqid nodes are at CHI@TACC, not CHI@UC"):
         chameleon.choose_node_type(chi, "CHI@UC", "compute_liqid", 4)
-    with pytest.raises(UserError, match="'compute_skylake' is not an A100 node type"):
-        chameleon.choose_node_type(chi, "CHI@UC", "compute_skylake", 4)
+    by_type["compute_skylake"] = nodes(None)  # the user's choice: it runs, its GPU checked after boot
+    assert chameleon.choose_node_type(chi, "CHI@UC", "compute_skylake", 4) == "compute_skylake"
 
 
 def test_lease_hours_are_bounded_and_local_reserves_nothing(capsys):
@@ -236,14 +237,19 @@ def test_still_running_says_until_when_and_how_to_release(tmp_path):
     msg = chameleon.still_running({"lease_name": "l", "lease_id": "id-1", "site": "CHI@UC",
                                    "lease_end": end.isoformat()}, tmp_path / "my results")
     assert "STILL RUNNING until" in msg and f"{end:%Y-%m-%d %H:%M} UTC" in msg and "(3.0 h more, about 3 SU)" in msg
-    assert f"`nanorepro release --results-dir '{tmp_path}/my results'`" in msg
+    assert msg.index("notebooks/05_release_node.ipynb") < msg.index("python3 -m nanorepro release")  # 05 first
+    assert f"&& python3 -m nanorepro release --results-dir '{tmp_path}/my results'`" in msg
+    assert f"`cd {REPO} &&" in msg  # the hub installs nothing: the package runs from the project folder
 
 
 # -- end to end: the fake cloud and a real sshd -----------------------------------------------
 @pytest.fixture(scope="module")
 def node_sshd(tmp_path_factory):
+    """A loopback "node" whose nvidia-smi shows one A100 (`node_bin`: its stand-in tools, rewritable per test)."""
+    bin_dir = sshd_helper.standins(tmp_path_factory.mktemp("node-bin"))
     try:
-        srv = sshd_helper.start(tmp_path_factory.mktemp("sshd"))
+        srv = sshd_helper.start(tmp_path_factory.mktemp("sshd"), path_first=bin_dir)
+        srv.bin_dir = bin_dir
     except RuntimeError as e:
         pytest.fail(str(e))
     yield srv
@@ -306,7 +312,8 @@ def test_reserve_twice_then_release_through_the_notebooks(chi_env, cloud, node_s
     params = dict(target="chameleon", results_dir=str(results), site="CHI@UC", lease_hours=2)
     nb = papermill("00_reserve_node.ipynb", tmp_path / "00.ipynb", **params)
     text = outputs(nb)
-    assert "This lease will cost 2 SU: 1 node x 2 h x 1 SU per node-hour" in text
+    assert "This lease will cost 8 SU: 1 node x 2 h x 4 SU per node-hour (compute_gigaio's rate, Chameleon's " \
+           "published rates" in text
     assert re.search(r"-> creating lease nanorepro-tester .*\n   done in [\d.]+ s", text)
     assert "node ready in" in text
     record = json.loads((results / remote.NODE_FILE).read_text())
@@ -381,13 +388,49 @@ def test_keep_on_failure_says_the_lease_still_runs_and_how_to_release_it(chi_env
                "--keep-on-failure")
     assert done.returncode == 2, done.stderr
     err = done.stderr
-    assert "failed to build" in err and "is STILL RUNNING until" in err and "(3.0 h more, about 3 SU)" in err
-    command = re.search(r"release it with `([^`]+)`", err).group(1)
+    assert "failed to build" in err and "is STILL RUNNING until" in err and "(3.0 h more, about 12 SU)" in err
+    command = re.search(r"in a terminal: `([^`]+)`", err).group(1)
     assert len(cloud.live()["leases"]) == 1  # kept, as asked, and said so
-    done = subprocess.run(command.replace("nanorepro", f"{sys.executable} -m nanorepro", 1), shell=True,
+    done = subprocess.run(command.replace("python3 -m nanorepro", f"{sys.executable} -m nanorepro", 1), shell=True,
                           env=chi_env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert cloud.live() == {"leases": [], "servers": [], "fips": []}
+
+
+@pytest.fixture
+def gpu_model(node_sshd):
+    """Set what the node's nvidia-smi shows for this test; back to one A100 afterwards."""
+    yield lambda **kw: sshd_helper.standins(node_sshd.bin_dir, **kw)
+    sshd_helper.standins(node_sshd.bin_dir)
+
+
+def test_a_node_without_an_a100_is_refused_before_any_install_and_released(chi_env, cloud, tmp_path, gpu_model):
+    """node_type="auto" promises an A100: a node that shows another GPU is given back at once."""
+    gpu_model(model="NVIDIA A30")
+    done = cli(chi_env, "reserve", "--results-dir", str(tmp_path / "r"), "--site", "CHI@UC", "--hours", "2")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "node 0 (nanorepro-tester-0, server " in done.stderr and "has NVIDIA A30, not an A100" in done.stderr
+    assert "were released: nothing is left running" in done.stderr
+    assert "node_type one of compute_gigaio, gpu_a100_pcie, gpu_a100_nvlink" in done.stderr
+    assert "installing" not in done.stdout  # refused before anything was installed
+    assert cloud.live() == {"leases": [], "servers": [], "fips": []}
+    gpu_model(gpus=0)  # a composable node whose GPU went elsewhere: refused whatever the node type
+    done = cli(chi_env, "reserve", "--results-dir", str(tmp_path / "r"), "--site", "CHI@UC", "--hours", "2",
+               "--node-type", "compute_gigaio")
+    assert done.returncode == 2 and "shows no NVIDIA GPU (nvidia-smi -L: No devices were found)" in done.stderr
+    assert cloud.live() == {"leases": [], "servers": [], "fips": []}
+
+
+def test_a_node_type_the_user_names_runs_with_the_gpu_it_has_on_record(chi_env, cloud, tmp_path, gpu_model):
+    gpu_model(model="NVIDIA A30", gpus=1)
+    results = tmp_path / "r"
+    done = cli(chi_env, "reserve", "--results-dir", str(results), "--site", "CHI@UC", "--hours", "2",
+               "--node-type", "compute_gigaio", "--no-setup")
+    assert done.returncode == 0, done.stderr
+    assert "1x NVIDIA A30: not an A100, the published figures were measured on one" in done.stdout
+    record = json.loads((results / "chameleon_node.json").read_text())
+    assert record["gpu_model"] == "NVIDIA A30" and record["nodes"][0]["gpu_models"] == ["NVIDIA A30"]
+    assert cli(chi_env, "release", "--results-dir", str(results)).returncode == 0
 
 
 def test_refused_lease_and_no_free_a100_are_clear_and_leave_nothing(chi_env, cloud, tmp_path):
@@ -464,12 +507,24 @@ def test_lease_states_creating_is_waited_for_and_leaving_ones_are_not_reused(bla
     blazar.lease.list.return_value.append(lease_dict("CREATING", id="new"))  # a lost create reply: found
     assert chameleon.find_lease(chi, "l")["id"] == "new"
     assert {"TERMINATING", "DELETING", "CREATING"} <= set(chameleon.LIVE)  # counted by "nothing left"
+    blazar.lease.get.side_effect = [lease_dict("PENDING"), lease_dict("DELETING")]  # deleted elsewhere meanwhile
+    started = time.monotonic()
+    with pytest.raises(UserError, match="went to DELETING instead of ACTIVE"):
+        chameleon.wait_lease(chi, "lease-1", timeout_s=900, poll=0)
+    assert time.monotonic() - started < 5  # at once, not after the 15-minute timeout
 
 
-def test_node_types_by_site(monkeypatch):
+def test_node_types_by_site(monkeypatch, capsys):
+    """TACC's compute_gigaio nodes share two A100s and two A30s among six: never chosen for "auto" there,
+    but a user who names it gets it, told that its GPU will be checked."""
+    assert "compute_gigaio" not in [t for t, (sites, _) in chameleon.A100_NODE_TYPES.items() if "CHI@TACC" in sites]
     monkeypatch.setattr(chi.hardware, "get_nodes", mock.create_autospec(
-        GET_NODES, side_effect=lambda node_type: nodes(None) if node_type == "compute_gigaio" else []))
+        GET_NODES, side_effect=lambda node_type: nodes(None) if node_type in ("compute_gigaio", "compute_liqid")
+        else []))
+    assert chameleon.choose_node_type(chi, "CHI@TACC", "auto", 2) == "compute_liqid"
     assert chameleon.choose_node_type(chi, "CHI@TACC", "compute_gigaio", 2) == "compute_gigaio"
+    assert "compute_gigaio at CHI@TACC is not one of the node types with a sure A100 here (compute_liqid)" \
+        in capsys.readouterr().out
     calls = []
     monkeypatch.setattr(chi.hardware, "get_nodes", mock.create_autospec(
         GET_NODES, side_effect=lambda node_type: calls.append(node_type) or
@@ -498,7 +553,9 @@ def test_an_empty_floating_ip_pool_releases_the_fresh_node_and_says_so(chi_env, 
     assert "no floating IP could be had from CHI@UC's public pool" in done.stderr
     assert "were released: nothing is left running" in done.stderr
     assert cloud.live() == {"leases": [], "servers": [], "fips": []}
-    assert sum(1 for m, p in cloud.requests if m == "POST" and p.endswith("/leases")) == 1
+    # asked with a floating IP (the site refused it), then without one
+    assert sum(1 for m, p in cloud.requests if m == "POST" and p.endswith("/leases")) == 2
+    assert "the site cannot reserve a floating IP in the lease" in done.stdout
 
 
 def test_a_stage_failing_on_the_node_names_the_lease_and_how_to_release_it(tmp_path):
@@ -582,7 +639,7 @@ def test_two_nodes_one_lease_one_floating_ip_on_the_head_then_all_released_and_c
 
     record = chameleon.reserve("chameleon", site="CHI@UC", nodes=2, lease_hours=2, state_dir=results)
     (before, leases_posted), = said
-    assert leases_posted == 0 and "This lease will cost 4 SU: 2 nodes x 2 h x 1 SU per node-hour" in before
+    assert leases_posted == 0 and "This lease will cost 64 SU: 2 nodes x 2 h x 16 SU per node-hour" in before
     assert "compute_gigaio at CHI@UC: 1 nodes, 1 free" in before  # one host: not enough for two
     out = capsys.readouterr().out
     assert "2 nodes ready in" in out and "2x gpu_a100_pcie (4x A100 PCIe each" in out
@@ -595,7 +652,8 @@ def test_two_nodes_one_lease_one_floating_ip_on_the_head_then_all_released_and_c
     assert sorted(servers) == ["nanorepro-tester-0", "nanorepro-tester-1"]
     assert {s["reservation"] for s in servers.values()} == {hosts["id"]}
     assert record["nodes"] == [{"name": name, "server_id": servers[name]["id"], "private_ip": "127.0.0.1",
-                                "ssh_port": node_sshd.port} for name in ("nanorepro-tester-0", "nanorepro-tester-1")]
+                                "ssh_port": node_sshd.port, "gpu_models": ["NVIDIA A100-SXM4-80GB"]}
+                               for name in ("nanorepro-tester-0", "nanorepro-tester-1")]  # each node's GPUs checked
     head = servers["nanorepro-tester-0"]
     assert record["server_id"] == head["id"] and record["server_name"] == "nanorepro-tester-0"
     assert record["host"] == "127.0.0.1" and record["port"] == node_sshd.port and record["status"] == "ready"
@@ -681,7 +739,8 @@ def test_estimate_for_two_nodes_of_four_a100s_prints_tokens_days_and_service_uni
     assert "estimated as parallel=ddp over 8 processes" in out and "ddp x8" in out
     assert f"on 8x A100 (2 nodes x 4; {memory.INTER_NODE_EFFICIENCY:.0%} of the one-node rate per GPU" in out
     assert f"throughput: ~{tokens / secs:,.0f} tokens/s" in out and f"in {secs / 86400:.2f} days" in out
-    assert f"Chameleon: ~{secs / 3600 * 2 * chameleon.SU_PER_NODE_HOUR:,.0f} SU ({secs / 3600:,.1f} h x 2 nodes" in out
+    assert f"Chameleon: ~{secs / 3600 * 2 * 16:,.0f} SU ({secs / 3600:,.1f} h x 2 nodes x 16 SU per node-hour: " \
+           "gpu_a100_pcie's rate, Chameleon's published rates" in out
     # the same eight GPUs on one node: no inter-node loss
     one_node = memory.estimate_seconds(cfg, shape, "A100", 8, "bfloat16")
     assert one_node / secs == pytest.approx(memory.INTER_NODE_EFFICIENCY)

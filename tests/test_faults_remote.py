@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -41,7 +42,8 @@ def node(tmp_path_factory):
     from nanorepro.remote import SSHRunner
 
     try:
-        server = sshd_helper.start(tmp_path_factory.mktemp("sshd"))
+        server = sshd_helper.start(tmp_path_factory.mktemp("sshd"),
+                                   path_first=sshd_helper.standins(tmp_path_factory.mktemp("node-bin")))
     except RuntimeError as e:
         pytest.fail(str(e))
     base, src = tmp_path_factory.mktemp("node"), tmp_path_factory.mktemp("src")
@@ -150,6 +152,7 @@ NOTHING = {"leases": [], "servers": [], "fips": []}
 def test_a_cloud_failure_after_resources_exist_releases_them_and_says_so(cloud_env, tmp_path, fault, made, message):
     cloud, env = cloud_env
     cloud.faults.append(fault)
+    cloud.fip_reservable = made == "/leases" and "blazar" in fault[1]  # the lease's own POST is the one that fails
     results = tmp_path / "results"
     r = nanorepro("reserve", "--results-dir", str(results), "--site", "CHI@UC", "--hours", "2", "--no-setup", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
@@ -157,7 +160,8 @@ def test_a_cloud_failure_after_resources_exist_releases_them_and_says_so(cloud_e
     assert r.stderr.count("\n") == 1 and message in r.stdout + r.stderr
     assert "were released: nothing is left running" in r.stderr
     assert cloud.live() == NOTHING
-    assert posted(cloud, "/leases") == 1  # never a second lease
+    # never a second lease (a site that refuses the floating IP in the lease is asked once more, without it)
+    assert posted(cloud, "/leases") == (1 if cloud.fip_reservable else 2)
     assert json.loads((results / "chameleon_node.json").read_text())["status"] == "released"
 
 
@@ -192,13 +196,13 @@ def test_an_interrupted_reservation_says_what_runs_and_release_finds_it(cloud_en
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
     assert "interrupted: lease nanorepro-tester" in out and "is STILL RUNNING until" in out
-    command = re.search(r"release it with `([^`]+)`", out).group(1)
+    command = re.search(r"in a terminal: `cd \S+ && python3 -m nanorepro ([^`]+)`", out).group(1)
     assert len(cloud.live()["leases"]) == 1  # announced, and still there
     cloud.faults.append(("DELETE", r"/blazar/v1/leases/", "before", 500))  # releasing fails once...
-    r = nanorepro(*command.split()[1:], env=env)
+    r = nanorepro(*shlex.split(command), env=env)
     assert r.returncode == 2 and "releasing failed" in r.stderr and "is STILL RUNNING" in r.stderr
     cloud.faults.clear()  # ...and works when the site is back
-    r = nanorepro(*command.split()[1:], env=env)
+    r = nanorepro(*shlex.split(command), env=env)
     assert r.returncode == 0, r.stderr
     assert cloud.live() == NOTHING
 

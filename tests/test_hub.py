@@ -112,7 +112,7 @@ def test_run_all_with_no_parameters_on_the_hub_leases_installs_trains_fetches_an
     pip = (bin_dir / "pip.log").read_text()  # the driver-matched torch
     assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in pip
     out = r.stdout
-    assert "torch 2.13.0+cu126 sees 1 GPU(s)" in out and "This lease will cost 4 SU" in out
+    assert "torch 2.13.0+cu126 sees 1 GPU(s)" in out and "This lease will cost 16 SU: 1 node x 4 h x 4 SU per node-hour" in out
     for rel in ["node/nvidia-smi.txt", "data/shakespeare_char/meta.json", "runs/char/metrics.jsonl",
                 "runs/char/samples.txt", "runs/finetune/metrics.jsonl", "runs/finetune/samples_before.txt",
                 "REPORT.md", "report.json", "notebooks/05_release_node.ipynb"]:
@@ -155,7 +155,7 @@ def test_run_all_with_two_nodes_trains_one_run_on_both_and_releases_everything(
     # the kernels that drove the nodes could not reach node 1 but through the head
     assert any("ipykernel" in line for line in kernels.read_text().splitlines())
     out = r.stdout
-    assert "This lease will cost 8 SU: 2 nodes x 4 h" in out
+    assert "This lease will cost 128 SU: 2 nodes x 4 h x 16 SU per node-hour" in out
     results = checkout / "results" / "chameleon"
     record = json.loads((results / remote.NODE_FILE).read_text())
     assert record["status"] == "released" and len(record["nodes"]) == 2
