@@ -237,6 +237,9 @@ def connect(site: str | None, project: str | None = None) -> tuple[Any, str]:
     chi = _import_chi()
     from chi import context
 
+    # python-chi reads the environment once, at import: read it again, so that credentials or a project
+    # changed since (e.g. OS_PROJECT_ID popped, as the warning above says) take effect on this run
+    context.reset()
     try:
         sites = context.list_sites()  # chi.use_site() would only print on failure
     except Exception as e:

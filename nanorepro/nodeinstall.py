@@ -7,7 +7,9 @@
    (`python3-dev python3-venv build-essential`), or the install fails naming them.
 3. torch 2.13.0 built for the newest CUDA the NVIDIA driver supports (nvidia-smi's "CUDA Version"):
    PyPI's torch is the CUDA 13.0 build, which a 560 driver (CUDA 12.6) cannot run; torch then sees no
-   GPU and `device=auto` would train on the CPU. PyTorch's own index has cu126, cu129, cu130 and cu132.
+   GPU and `device=auto` would train on the CPU. PyTorch's index has 2.13.0 for cu126 and cu130 (cu132 as
+   experimental, opt-in): the newest the driver runs is tried first, then the next lower one if pip finds
+   no wheel, and a failed install names the driver, the builds tried and the fix.
 4. After the install, torch must see every GPU nvidia-smi lists and run a bf16 matmul on each
    (`nanorepro.gpucheck` on the node), or the install fails naming the driver, the wheel and the fix.
 
@@ -18,6 +20,7 @@ detached jobs like every stage. No torch here: the hub kernel imports this.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import tomllib
@@ -33,8 +36,12 @@ SSHRunner = Any  # remote.SSHRunner, which imports this module: the probes use i
 
 TORCH_VERSION = "2.13.0"
 TORCH_INDEX = "https://download.pytorch.org/whl/{build}"
-# torch 2.13.0's CUDA builds on PyTorch's index and the CUDA version each needs from the driver
-CUDA_BUILDS: dict[str, tuple[int, int]] = {"cu126": (12, 6), "cu129": (12, 9), "cu130": (13, 0), "cu132": (13, 2)}
+# torch 2.13.0's CUDA builds on PyTorch's index (its release matrix: stable CUDA 12.6 and 13.0, experimental
+# 13.2; no 12.9) and the CUDA version each needs from the driver
+CUDA_BUILDS: dict[str, tuple[int, int]] = {"cu126": (12, 6), "cu130": (13, 0)}
+EXPERIMENTAL_BUILDS: dict[str, tuple[int, int]] = {"cu132": (13, 2)}
+EXPERIMENTAL_ENV = "NANOREPRO_TORCH_CU132"  # 1: a driver that runs CUDA 13.2 gets the experimental cu132 first
+TORCH_INSTALL_FAILED = 86  # the install command's exit code when pip found torch for none of the builds
 CUDA_IMAGE = "CC-Ubuntu24.04-CUDA"  # Python 3.12, a CUDA driver: what the node should boot
 SYSTEM_PACKAGES = ("python3-dev", "python3-venv", "build-essential")  # headers, venv, a C compiler
 VENV = ".venv"
@@ -103,25 +110,48 @@ def parse_nvidia_smi(text: str) -> tuple[str | None, tuple[int, int] | None, int
     return (driver[1] if driver else None, (int(cuda[1]), int(cuda[2])) if cuda else None, gpus)
 
 
-def torch_build(cuda: tuple[int, int], driver: str | None) -> str:
-    """The newest CUDA build of torch the driver can run (its CUDA version is at least the build's)."""
-    fits = [b for b, need in CUDA_BUILDS.items() if need <= cuda]
+def torch_builds(cuda: tuple[int, int], driver: str | None) -> list[str]:
+    """The CUDA builds of torch the driver can run (its CUDA version is at least the build's), newest first:
+    the install tries them in this order. cu132 only with $NANOREPRO_TORCH_CU132=1 (experimental)."""
+    builds = {**CUDA_BUILDS, **(EXPERIMENTAL_BUILDS if os.environ.get(EXPERIMENTAL_ENV) == "1" else {})}
+    fits = sorted((b for b, need in builds.items() if need <= cuda), key=builds.get, reverse=True)
     if not fits:
         oldest = min(CUDA_BUILDS, key=CUDA_BUILDS.get)
         raise UserError(f"the node's NVIDIA driver {driver} supports CUDA {cuda[0]}.{cuda[1]}, older than torch "
                         f"{TORCH_VERSION}'s oldest CUDA build ({oldest}, CUDA {'.'.join(map(str, CUDA_BUILDS[oldest]))})",
                         f"reserve again with image='{CUDA_IMAGE}' (a newer driver)")
-    return max(fits, key=CUDA_BUILDS.get)
+    return fits
 
 
-def install_command(build: str) -> str:
-    """The venv, torch from PyTorch's index for `build`, then nanorepro with its training extras (pip keeps
-    the torch just installed: `torch==2.13.0` is met by 2.13.0+cu126). `pip` is the venv's, found on PATH."""
-    index = TORCH_INDEX.format(build=build)
+def torch_build(cuda: tuple[int, int], driver: str | None) -> str:
+    """The newest CUDA build of torch the driver can run."""
+    return torch_builds(cuda, driver)[0]
+
+
+def install_command(builds: list[str] | str) -> str:
+    """The venv, torch from PyTorch's index for the first of `builds` that pip finds a wheel in, then
+    nanorepro with its training extras (pip keeps the torch just installed: `torch==2.13.0` is met by
+    2.13.0+cu126). `pip` is the venv's, found on PATH. Exits TORCH_INSTALL_FAILED when no build installs."""
+    builds = [builds] if isinstance(builds, str) else list(builds)
+    tries = " || ".join(
+        f"{{ echo {shlex.quote(f'nanorepro: trying torch {TORCH_VERSION} {b}')}; "
+        f"pip install -q torch=={TORCH_VERSION} --index-url {TORCH_INDEX.format(build=b)}; }}" for b in builds)
     return (f"python3 -m venv {VENV} && export PATH=\"$PWD/{VENV}/bin:$PATH\" && "
             "pip install -q --upgrade pip && "
-            f"pip install -q torch=={TORCH_VERSION} --index-url {index} && "
+            f"{{ {tries} || exit {TORCH_INSTALL_FAILED}; }} && "
             "pip install -q -e '.[train]'")
+
+
+def install_failed(facts: "NodeFacts", builds: list[str], tail: list[str]) -> UserError:
+    """The one message for a torch install that failed for every build: driver, builds tried, pip's words, fix."""
+    tried = ", ".join(f"{b} ({TORCH_INDEX.format(build=b)})" for b in builds)
+    said = next((line for line in reversed(tail) if "ERROR" in line), tail[-1] if tail else "no output")
+    driver = f"NVIDIA driver {facts.driver} (CUDA {facts.cuda[0]}.{facts.cuda[1]})" if facts.cuda else "the driver"
+    return UserError(f"pip could not install torch {TORCH_VERSION} on the node for {driver}: tried {tried}; pip said: "
+                     f"{said.strip()}",
+                     f"check that the node reaches download.pytorch.org (`curl -sI {TORCH_INDEX.format(build=builds[0])}/torch/`) "
+                     "and run setup again; if PyTorch's index has no build for this driver, reserve again with "
+                     f"image='{CUDA_IMAGE}'")
 
 
 def apt_command(packages: list[str]) -> str:

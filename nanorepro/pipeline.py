@@ -90,8 +90,9 @@ def published_losses(preset: str) -> list[tuple[float, str]]:
 
 
 def _names_the_lease(stage: Callable) -> Callable:
-    """On a Chameleon node, a stage's failure also says that the lease still runs, until when, and how to
-    release it: the node costs SUs while the user reads the error."""
+    """On a Chameleon node, a stage's failure, whatever it is (an interrupted kernel and a bug included), also
+    says that the lease still runs, until when, and how to release it: the node costs SUs while the user
+    reads the error."""
     @functools.wraps(stage)
     def run(self: "Pipeline", *args: Any, **kwargs: Any) -> Any:
         try:
@@ -99,12 +100,26 @@ def _names_the_lease(stage: Callable) -> Callable:
         except UserError as e:
             if self.target != "chameleon" or "STILL RUNNING" in e.problem:
                 raise
-            from . import chameleon
-            from .remote import read_node_record
-
-            note = chameleon.still_running(read_node_record(self.results), self.results)
-            raise UserError(f"{e.problem}. The {note}", e.fix) from e
+            raise UserError(f"{e.problem}. The {_lease_note(self.results)}", e.fix) from e
+        except BaseException as e:  # a traceback or ^C: said as it is, with the lease after it
+            if self.target == "chameleon":
+                note = f"The {_lease_note(self.results)}"
+                print(f"\n{type(e).__name__} during {stage.__name__}. {note}", flush=True)
+                e.add_note(note)
+            raise
     return run
+
+
+def _lease_note(results: Path) -> str:
+    """still_running for the node recorded in `results`, or why it cannot be said."""
+    from . import chameleon
+    from .remote import read_node_record
+
+    try:
+        return chameleon.still_running(read_node_record(results), results)
+    except Exception as e:  # the record itself is unreadable: still point at the release
+        return (f"lease recorded in {results} may still be running ({type(e).__name__} reading its record); "
+                f"release it with notebooks/05_release_node.ipynb or `{chameleon.release_command(results)}`")
 
 
 class Pipeline:

@@ -483,15 +483,15 @@ class SSHRunner:
 
         install_cmd = install_cmd or os.environ.get("NANOREPRO_INSTALL_CMD")
         started = time.time()
-        facts = build = None
+        facts = builds = None
         if not install_cmd:
             facts = nodeinstall.probe(self, image)
-            build = nodeinstall.torch_build(facts.cuda, facts.driver)
+            builds = nodeinstall.torch_builds(facts.cuda, facts.driver)
             self._print(f"node: Python {facts.python}, NVIDIA driver {facts.driver} (CUDA "
                         f"{facts.cuda[0]}.{facts.cuda[1]}), {facts.gpus} GPU(s): torch {nodeinstall.TORCH_VERSION} "
-                        f"{build}")
+                        f"{' or, if pip finds none, '.join(builds)}")
             facts = nodeinstall.install_system_packages(self, facts, image)
-            install_cmd = nodeinstall.install_command(build)
+            install_cmd = nodeinstall.install_command(builds)
         data, digest = source_tar(self.local_root)
         marker = f"{digest} {install_cmd}"
         here = _q(self.remote_dir)
@@ -506,11 +506,19 @@ class SSHRunner:
             self.ssh.check(f"cd -- {here} && tar -xzf .nanorepro-src.tar.gz && rm -f .nanorepro-src.tar.gz "
                            "&& rm -f .nanorepro-installed", "unpacking the code")
             self._print(f"installing on the node: {install_cmd}")
-            self.run_command(["sh", "-c", install_cmd], stage="setup", cwd=self.remote_dir)
+            argv = ["sh", "-c", install_cmd]
+            code = self.run_command(argv, stage="setup", cwd=self.remote_dir, check=builds is None)
+            if code:  # our own install: pip finding no torch for any build is said as one plain error
+                log = self.remote_dir / self._job(argv, "setup")[1]
+                tail = self._tail(log)
+                if code == nodeinstall.TORCH_INSTALL_FAILED:
+                    raise nodeinstall.install_failed(facts, builds, tail)
+                raise UserError(f"stage setup failed on {self.host} (exit {code}); the last lines of its log:\n"
+                                + "\n".join(tail), f"fix the cause and re-run; the whole log is {log / 'log'} on the node")
             self.ssh.check(f"printf '%s\\n' {_q(marker)} > {here}/.nanorepro-installed", "marking the install")
         report = None
         if facts is not None:
-            report = nodeinstall.check_gpus(self, facts, build)
+            report = nodeinstall.check_gpus(self, facts, builds[0])
             self._print(f"torch {report['torch']} sees {len(report['devices'])} GPU(s) and runs bf16 on each: "
                         + ", ".join(d["name"] for d in report["devices"]))
         self.ssh.check(f"mkdir -p -- {_q(self.stage_dir)}", "creating the work folder")

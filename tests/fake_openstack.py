@@ -37,6 +37,9 @@ SITES = {"uc": "CHI@UC", "tacc": "CHI@TACC"}
 NODES = {"uc": [("gpu_a100_pcie", 2), ("compute_gigaio", 1), ("compute_skylake", 2)], "tacc": [("compute_liqid", 2)]}
 POLLS_TO_DELETE = 2  # reads of a deleted lease or server before it is gone
 FMT = "%Y-%m-%dT%H:%M:%S.%f"
+# python-chi keeps its session (and token) across tests, each of which starts a fresh fake: they share the
+# tokens issued, as clients of one Keystone would
+ISSUED: set[str] = set()
 
 
 def _now() -> dt.datetime:
@@ -76,6 +79,9 @@ class FakeCloud:
         self.booked: set[str] = set()  # node types with every node reserved for the next week
         self.fip_reservable = True  # Blazar accepts virtual:floatingip reservations
         self.fip_pool: int | None = None  # on-demand floating IPs left (None: no limit)
+        self.access_token = "hub-oidc-access-token"  # what Chameleon's JupyterHub puts in OS_ACCESS_TOKEN
+        self.tokens = ISSUED  # the Keystone tokens issued (one Keystone for every fake in a test session)
+        self.scopes: list[dict] = []  # the scope each token request asked for
         # (method, path regex, when, HTTP code): answer a matching request with that error, "before" doing it,
         # "after" doing it, or "drop" the connection after doing it (a lost reply); tests/test_faults.py
         self.faults: list[tuple[str, str, str, int]] = []
@@ -195,13 +201,43 @@ class _Handler(BaseHTTPRequestHandler):
         m = re.fullmatch(r"/(\w+):5000/v3(/.*)?", path)
         if m:
             if method == "POST" and m.group(2) == "/auth/tokens":
-                return 201, cloud.token(), {"X-Subject-Token": uuid.uuid4().hex}
+                return self._token(body)
+            fed = re.fullmatch(r"/OS-FEDERATION/identity_providers/([^/]+)/protocols/([^/]+)/auth", m.group(2) or "")
+            if method == "POST" and fed:  # the hub's OIDC access token, traded for an unscoped Keystone token
+                if fed.groups() != ("chameleon", "openid"):
+                    raise KeyError(path)
+                if self.headers.get("Authorization") != f"Bearer {cloud.access_token}":
+                    return 401, {"error": {"code": 401, "title": "Unauthorized",
+                                           "message": "The request you have made requires authentication."}}
+                return self._issue(unscoped=True)
             return 200, {"version": {"id": "v3.14", "status": "stable", "links": [{"rel": "self", "href": f"{base}{path}/"}]}}
         m = re.fullmatch(r"/(\w+)/(blazar|nova|glance|neutron)(/.*)?", path)
         if not m:
             raise KeyError(path)
         site, service, rest = cloud.sites[m.group(1)], m.group(2), m.group(3) or ""
         return getattr(self, f"_{service}")(site, method, rest, q, body, f"{base}/{m.group(1)}/{service}")
+
+    # -- Keystone ------------------------------------------------------------------------------
+    def _issue(self, unscoped: bool = False) -> tuple:
+        token = uuid.uuid4().hex
+        self.cloud.tokens.add(token)
+        body = {"token": {"methods": ["token"], "expires_at": "2099-01-01T00:00:00Z", "user": {"id": "user-1",
+                "name": "tester", "domain": {"id": "default", "name": "Default"}}}} if unscoped else self.cloud.token()
+        return 201, body, {"X-Subject-Token": token}
+
+    def _token(self, body: dict) -> tuple:
+        """POST /auth/tokens: an application credential, or a token this fake issued (the OIDC path) scoped
+        to a project it knows, by name (with its domain) or id."""
+        auth = body.get("auth", {})
+        methods, scope = auth.get("identity", {}).get("methods", []), auth.get("scope", {})
+        self.cloud.scopes.append(scope)
+        if "token" in methods and auth["identity"]["token"].get("id") not in self.cloud.tokens:
+            return 404, {"error": {"code": 404, "title": "Not Found", "message": "Could not find token."}}
+        project = scope.get("project", {})
+        if "token" in methods and project.get("id") != "proj-1" and project.get("name") != "CHI-000000":
+            return 401, {"error": {"code": 401, "title": "Unauthorized",
+                                   "message": f"No project {project} for this user."}}
+        return self._issue()
 
     # -- Blazar --------------------------------------------------------------------------------
     def _blazar(self, s: Site, method: str, rest: str, q: dict, body: dict, root: str) -> tuple:

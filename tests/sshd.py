@@ -278,7 +278,13 @@ echo "python3 3.10 asked to: $*" >> "$(dirname "$0")/python3.log"; exit 1
 # pip logs what it is asked; torch is "installed" by being seen through outer.pth, and `-e .` is a real,
 # offline editable install of the copied code
 PIP = """#!/bin/sh
-echo "pip $*" >> "$(dirname "$0")/pip.log"
+D=$(dirname "$0")
+echo "pip $*" >> "$D/pip.log"
+for build in $(cat "$D/no-wheel"); do  # an index without torch 2.13.0 for that build: real pip's words and code
+  case "$*" in *"--index-url "*"/whl/$build") echo "ERROR: Could not find a version that satisfies the requirement \
+torch==2.13.0 (from versions: none)" >&2; echo "ERROR: No matching distribution found for torch==2.13.0" >&2; exit 1 ;;
+  esac
+done
 case "$*" in
   *"-e .[train]"*) exec python -m pip install -q --no-deps --no-index --no-build-isolation -e . ;;
 esac
@@ -299,7 +305,8 @@ exit 0
 
 
 def standins(bin_dir: Path, *, driver: str = "560.35.03", cuda: str = "12.6", gpus: int = 1, python: str = "real",
-             torch_sees: str = "gpus", headers: bool = True, model: str = "NVIDIA A100-SXM4-80GB") -> Path:
+             torch_sees: str = "gpus", headers: bool = True, model: str = "NVIDIA A100-SXM4-80GB",
+             no_wheel: tuple[str, ...] = ()) -> Path:
     """(Re)write the node's stand-in tools into `bin_dir` (the sshd's `path_first`): nvidia-smi for
     `driver`/`cuda`/`gpus` GPUs named `model`, python3 (the real one, or "3.10"), pip, and without `headers` a cc that lacks
     Python.h until apt-get installs python3-dev. Logs: pip.log, apt.log, python3.log."""
@@ -310,6 +317,7 @@ def standins(bin_dir: Path, *, driver: str = "560.35.03", cuda: str = "12.6", gp
     (bin_dir / "cuda").write_text(cuda)
     (bin_dir / "gpus").write_text(str(gpus))
     (bin_dir / "model").write_text(model)
+    (bin_dir / "no-wheel").write_text(" ".join(no_wheel))  # builds PyTorch's index has no torch 2.13.0 for
     (bin_dir / "torch-sees").write_text(torch_sees)
     (bin_dir / "pip.log").touch()
     ver = f"{sys.version_info.major}.{sys.version_info.minor}"

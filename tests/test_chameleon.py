@@ -533,6 +533,34 @@ def test_node_types_by_site(monkeypatch, capsys):
     assert calls == ["compute_gigaio", "gpu_a100_pcie", "gpu_a100_nvlink"]
 
 
+def hub_env(cloud, token: str) -> dict[str, str]:
+    """What Chameleon's JupyterHub puts in a kernel's environment (jupyterhub-chameleon's openstack_rc):
+    an OIDC access token, not an application credential."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
+    return {**env, "OS_AUTH_URL": cloud.env()["OS_AUTH_URL"], "OS_AUTH_TYPE": "v3oidcaccesstoken",
+            "OS_ACCESS_TOKEN": token, "OS_IDENTITY_PROVIDER": "chameleon", "OS_PROTOCOL": "openid",
+            "OS_PROJECT_DOMAIN_NAME": "chameleon", "OS_PROJECT_NAME": "CHI-000000", "OS_INTERFACE": "public",
+            "OS_IDENTITY_API_VERSION": "3", "OS_REGION_NAME": "CHI@UC",
+            "CHI_RESOURCE_API_URL": cloud.env()["CHI_RESOURCE_API_URL"]}
+
+
+def test_connect_through_the_hubs_oidc_token_scopes_the_project(cloud):
+    """The hub's path through connect(): the access token traded at Keystone's federation endpoint, then a
+    token scoped to the project connect() sets (the branch application credentials never take)."""
+    code = "from nanorepro import chameleon\nchameleon.connect(None)\n"
+    r = subprocess.run([sys.executable, "-c", code], env=hub_env(cloud, cloud.access_token), cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "site CHI@UC, project CHI-000000" in r.stdout
+    assert ("POST", "/uc:5000/v3/OS-FEDERATION/identity_providers/chameleon/protocols/openid/auth") in cloud.requests
+    assert {"project": {"name": "CHI-000000", "domain": {"name": "chameleon"}}} in cloud.scopes
+    code = ("from nanorepro import chameleon, errors\ntry:\n    chameleon.connect(None)\n"
+            "except errors.UserError as e:\n    print(e.problem, '|', e.fix)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=hub_env(cloud, "an-expired-token"), cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert "Chameleon at CHI@UC refused the credentials" in r.stdout and "restart your server" in r.stdout
+
+
 def test_a_project_that_os_project_id_overrides_is_warned_about(chi_env, cloud, capsys, monkeypatch):
     monkeypatch.setenv("OS_PROJECT_ID", "proj-1")
     monkeypatch.setattr(chi_context, "RESOURCE_API_URL", chi_env["CHI_RESOURCE_API_URL"])  # read at import
@@ -573,6 +601,29 @@ def test_a_stage_failing_on_the_node_names_the_lease_and_how_to_release_it(tmp_p
     assert "cannot reach" in e.value.problem and e.value.problem.count("STILL RUNNING") == 1
     assert f"lease nanorepro-tester (lease-1) at CHI@UC is STILL RUNNING until {end:%Y-%m-%d %H:%M} UTC" \
         in e.value.problem and f"nanorepro release --results-dir {tmp_path}" in e.value.problem
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("a bug"), OSError(28, "No space left")])
+def test_any_failure_of_a_stage_on_the_node_names_the_running_lease(tmp_path, monkeypatch, capsys, error):
+    """An interrupted kernel or a traceback in 01-04 still says what runs and how to release it."""
+    from nanorepro.pipeline import Pipeline
+
+    end = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)
+    key = tmp_path / "key"
+    key.write_text("not a key")
+    key.chmod(0o600)
+    (tmp_path / remote.NODE_FILE).write_text(json.dumps({
+        "host": "127.0.0.1", "port": 22, "key_path": str(key), "site": "CHI@UC", "lease_name": "nanorepro-tester",
+        "lease_id": "lease-1", "lease_end": end.isoformat(), "status": "ready"}))
+
+    def boom(*args, **kwargs):
+        raise error
+    pipe = Pipeline(tmp_path, "chameleon")
+    monkeypatch.setattr(pipe.runner, "run", boom)  # the stage's job on the node
+    with pytest.raises(type(error)) as e:
+        pipe.prepare_data(encodings="char")
+    note = f"lease nanorepro-tester (lease-1) at CHI@UC is STILL RUNNING until {end:%Y-%m-%d %H:%M} UTC"
+    assert note in capsys.readouterr().out and any(note in n for n in e.value.__notes__)
 
 
 # -- several nodes: one lease, N servers, one floating IP; release checks nothing is left; the estimate ---------

@@ -26,13 +26,19 @@ def test_the_driver_decides_the_torch_build():
     assert nodeinstall.parse_nvidia_smi(SMI_560) == ("560.35.03", (12, 6), 2)
     assert nodeinstall.torch_build((12, 6), "560.35.03") == "cu126"
     assert nodeinstall.torch_build((12, 8), "570.86") == "cu126"
-    assert nodeinstall.torch_build((12, 9), "575.51") == "cu129"
-    assert nodeinstall.torch_build((13, 0), "580.65.06") == "cu130"
-    assert nodeinstall.torch_build((13, 2), "595.1") == "cu132"
+    assert nodeinstall.torch_build((12, 9), "575.51") == "cu126"  # torch 2.13.0 has no cu129 build
+    assert nodeinstall.torch_builds((13, 0), "580.65.06") == ["cu130", "cu126"]  # the second if pip finds none
+    assert nodeinstall.torch_build((13, 2), "595.1") == "cu130"  # cu132 is experimental: opt-in only
     with pytest.raises(UserError, match="driver 535.104 supports CUDA 12.2, older than") as e:
         nodeinstall.torch_build((12, 2), "535.104")
     assert "CC-Ubuntu24.04-CUDA" in e.value.fix
     assert "--index-url https://download.pytorch.org/whl/cu126" in nodeinstall.install_command("cu126")
+
+
+def test_the_experimental_cu132_build_is_opt_in(monkeypatch):
+    monkeypatch.setenv(nodeinstall.EXPERIMENTAL_ENV, "1")
+    assert nodeinstall.torch_builds((13, 2), "595.1") == ["cu132", "cu130", "cu126"]
+    assert nodeinstall.torch_builds((13, 0), "580.65.06") == ["cu130", "cu126"]
 
 
 def test_requires_python_is_read_from_pyproject():
@@ -106,6 +112,31 @@ def test_driver_580_gets_cu130(node, tmp_path, clean_env):
     chameleon.setup_node("chameleon", reserved(node, tmp_path))
     assert "--index-url https://download.pytorch.org/whl/cu130" in (bin_dir / "pip.log").read_text()
     assert not (bin_dir / "apt.log").exists()  # compiler and headers were there
+
+
+def test_a_build_pip_finds_no_wheel_for_falls_back_to_the_next_lower(node, tmp_path, clean_env, capsys):
+    _, bin_dir = node
+    sshd_helper.standins(bin_dir, driver="580.65.06", cuda="13.0", no_wheel=("cu130",))
+    chameleon.setup_node("chameleon", reserved(node, tmp_path))
+    pip = (bin_dir / "pip.log").read_text()
+    assert pip.index("/whl/cu130") < pip.index("/whl/cu126")  # tried in this order
+    out = capsys.readouterr().out
+    assert "torch 2.13.0 cu130 or, if pip finds none, cu126" in out
+    assert "torch 2.13.0+cu126 sees 1 GPU(s) and runs bf16 on each" in out
+
+
+def test_no_torch_for_any_build_is_one_message_naming_driver_builds_and_fix(node, tmp_path, clean_env):
+    _, bin_dir = node
+    sshd_helper.standins(bin_dir, driver="580.65.06", cuda="13.0", no_wheel=("cu130", "cu126"))
+    state = reserved(node, tmp_path)
+    with pytest.raises(UserError) as e:
+        chameleon.setup_node("chameleon", state)
+    problem = e.value.problem
+    assert "pip could not install torch 2.13.0 on the node for NVIDIA driver 580.65.06 (CUDA 13.0): tried cu130 " \
+           "(https://download.pytorch.org/whl/cu130), cu126 (https://download.pytorch.org/whl/cu126)" in problem
+    assert "pip said: ERROR: No matching distribution found for torch==2.13.0" in problem
+    assert "STILL RUNNING until" in problem and "download.pytorch.org" in e.value.fix
+    assert "-e .[train]" not in (bin_dir / "pip.log").read_text()  # nothing installed past the failure
 
 
 def test_python_3_10_is_refused_before_anything_is_installed(node, tmp_path, clean_env):

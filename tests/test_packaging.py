@@ -27,7 +27,11 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 # Trovi's limits (trovi/settings.py: ARTIFACT_*_MAX_CHARS).
 MAX_TITLE, MAX_SHORT, MAX_LONG, MAX_TAG, MAX_AUTHOR_FIELD = 140, 200, 5000, 32, 200
 
-# Trovi rejects a tag it does not already know ("Unknown tag"). These are the ones seen in
+# Trovi rejects a tag it does not already know: its importer looks each one up in its tag table
+# (ChameleonCloud/trovi, trovi/api/serializers.py: `raise NotFound(f"Unknown tag {tag}")`; the table is data,
+# listed by GET /meta/tags, which this machine cannot reach). Chameleon's docs name "education", "experiment",
+# "reproducible research" and "appliance" as tags to browse by (technical/experiments/browsing_artifacts.rst).
+# These are the ones also seen in
 # trovi.json files of published Trovi artifacts: "reproducible research" and "experiment"
 # (grycap/im-trovi-artifact, KabilanMA/Splyce, RedPanda-88/NetPress-Reproduction,
 # grycap/grycap-imcham-trovi), "example" and "experiment pattern"
