@@ -303,10 +303,8 @@ def choose_node_type(chi: Any, site: str, node_type: str, hours: float, nodes: i
     here = [t for t, (sites, _) in A100_NODE_TYPES.items() if site in sites]
     if node_type == "auto" and not here:
         raise UserError(f"{site} has no node type with a sure A100", "use site='CHI@UC' or site='CHI@TACC'")
-    homes = (*A100_NODE_TYPES.get(node_type, ((site,), ""))[0], *ALSO_AT.get(node_type, ()))
-    if site not in homes:
-        raise UserError(f"{node_type} nodes are at {' and '.join(homes)}, not {site}",
-                        f"set site='{homes[0]}'" + (f" or node_type to one of {', '.join(here)}" if here else ""))
+    if node_type != "auto":
+        choose_node_type_name(site, node_type, here)
     if node_type != "auto" and node_type not in here:  # the user's choice runs; the GPU is checked after boot
         print(f"   note: {node_type} at {site} is not one of the node types with a sure A100 here "
               f"({', '.join(here) or 'none'}): its GPU is checked after boot and named in the record and the "
@@ -326,7 +324,8 @@ def choose_node_type(chi: Any, site: str, node_type: str, hours: float, nodes: i
     nexts = [f"{i['node_type']} from {_when(i['next_free'])}" for i in seen if i["next_free"]]
     others = _other_sites(chi, site, hours)
     where = f"at {site} for {hours:g} h" + (f"; next free: {', '.join(nexts)}" if nexts else "")
-    fix = "re-run later" + (f", or try {'; or '.join(others)}" if others else "") + ", or ask for fewer lease_hours"
+    fix = ("book the first free window with start='next_free' (00 then stops; run it again after the start), or "
+           "re-run later" + (f", or try {'; or '.join(others)}" if others else "") + ", or ask for fewer lease_hours")
     if nodes == 1:
         raise UserError(f"no A100 node ({', '.join(candidates)}) is free {where}", fix)
     small = [f"{i['node_type']} has {i['nodes']} in all" for i in seen if i["nodes"] < nodes]
@@ -334,19 +333,91 @@ def choose_node_type(chi: Any, site: str, node_type: str, hours: float, nodes: i
                     (f" ({site}: {', '.join(small)})" if small else ""), f"{fix} or fewer nodes")
 
 
+def parse_start(start: str) -> str | dt.datetime:
+    """"now", "next_free", or the aware UTC time an ISO `start` names (refused when it is past)."""
+    if start in ("now", "next_free"):
+        return start
+    try:
+        when = dt.datetime.fromisoformat(str(start))
+    except ValueError as e:
+        raise UserError(f"start={start!r} is not 'now', 'next_free' or an ISO time",
+                        "e.g. start='next_free', or start='2026-12-24T09:00' (UTC)") from e
+    when = when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when.astimezone(dt.timezone.utc)
+    if when < _utcnow():
+        raise UserError(f"start={start!r} is in the past", "use start='now', or a time to come")
+    return when
+
+
+def choose_window(chi: Any, site: str, node_type: str, hours: float, nodes: int,
+                  at: dt.datetime | None) -> tuple[str, dt.datetime | None]:
+    """(node type, start) of a lease booked ahead: at `at`, or (None) at the earliest time `nodes` hosts of a
+    matching type are free for `hours` (Blazar's allocations, as availability() reads them). A start within
+    a few minutes is now (None)."""
+    here = [t for t, (sites, _) in A100_NODE_TYPES.items() if site in sites]
+    candidates = here if node_type == "auto" else [choose_node_type_name(site, node_type, here)]
+    infos = [availability(chi, t, hours, nodes) for t in candidates]
+    for info in infos:
+        print(f"   {info['node_type']} at {site}: {info['nodes']} nodes, {nodes} free for {hours:g} h from "
+              f"{_when(info['next_free']) if info['next_free'] else 'no time known'}", flush=True)
+    known = [i for i in infos if i["next_free"] is not None]
+    if at is not None:  # the first type free by then; else Blazar decides on the first candidate
+        fits = [i for i in known if i["next_free"] <= at + dt.timedelta(minutes=5)]
+        return (fits or infos)[0]["node_type"], at
+    if not known:
+        raise UserError(f"no {nodes} host(s) of {', '.join(candidates)} at {site} have a known free window of "
+                        f"{hours:g} h", "try another site or node_type, fewer lease_hours, or start at a time you pick")
+    first = min(known, key=lambda i: i["next_free"])
+    start = first["next_free"]
+    if start.second or start.microsecond:  # Blazar counts in whole minutes: the next one, not the one it is in
+        start = start.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
+    return first["node_type"], None if start <= _utcnow() + dt.timedelta(minutes=5) else start
+
+
+def choose_node_type_name(site: str, node_type: str, here: list[str]) -> str:
+    """A node type the user named, refused only where it does not exist at `site`."""
+    homes = (*A100_NODE_TYPES.get(node_type, ((site,), ""))[0], *ALSO_AT.get(node_type, ()))
+    if site not in homes:
+        raise UserError(f"{node_type} nodes are at {' and '.join(homes)}, not {site}",
+                        f"set site='{homes[0]}'" + (f" or node_type to one of {', '.join(here)}" if here else ""))
+    return node_type
+
+
+def _not_started(record: dict[str, Any]) -> bool:
+    return bool(record.get("lease_start")) and dt.datetime.fromisoformat(record["lease_start"]) > \
+        _utcnow() + dt.timedelta(minutes=1)
+
+
+def _booked(record: dict[str, Any], state_dir: Path) -> dict[str, Any]:
+    """Say when a lease booked ahead starts, ends and costs, and stop: nothing boots before its start."""
+    start, end = (dt.datetime.fromisoformat(record[k]) for k in ("lease_start", "lease_end"))
+    hours, count = (end - start).total_seconds() / 3600, len(record.get("nodes") or [None])
+    record["status"] = "booked"
+    save_record(state_dir, record)
+    print(f"lease {record['lease_name']} ({record['lease_id']}) at {record['site']} is BOOKED: {count}x "
+          f"{record.get('node_type')} from {_when(start)} to {_when(end)}, {su_cost(hours, count, record.get('node_type')):g} "
+          f"SU. Nothing runs or costs until then. Run this notebook again after {_when(start)} to boot the "
+          f"node{'s' if count > 1 else ''}; to cancel, run 05_release_node.", flush=True)
+    return record
+
+
 # -- reserve ------------------------------------------------------------------------------------
 def reserve(target: str = "chameleon", *, site: str | None = None, node_type: str = "auto", nodes: int = 1,
             lease_hours: float = DEFAULT_LEASE_HOURS, image: str = DEFAULT_IMAGE, lease_name: str | None = None,
             server_name: str | None = None, state_dir: str | Path | None = STATE_DIR, project: str | None = None,
             key_name: str | None = None, private_key: str | None = None, public_key: str | None = None,
-            keep_on_failure: bool = False, ssh_timeout_s: float = 20 * 60) -> dict[str, Any] | None:
+            keep_on_failure: bool = False, ssh_timeout_s: float = 20 * 60, start: str = "now") -> dict[str, Any] | None:
     """Lease `nodes` A100 nodes of one type, boot `image` on each (servers `<server_name>-0..N-1`, by default
     `<lease_name>-0..`), give the head (node 0) a floating IP and wait for SSH there; the node record.
+
+    `start`: "now"; "next_free", the earliest `lease_hours` window in which `nodes` matching hosts are free; or
+    an ISO time (UTC unless it says otherwise). A lease that starts later is booked and this returns at once
+    (record status "booked"): run it again after the start to pick the lease up and boot.
 
     Re-running reuses the live lease and servers of the same names. On a failure after the lease
     exists, everything made is released (or kept, with `keep_on_failure=True`, and said so plainly).
     """
     nodes = check_nodes(nodes)
+    when = parse_start(start)
     if not _on_chameleon(target, "nothing to reserve, every stage runs on this machine"):
         return None
     if not 0 < lease_hours <= MAX_LEASE_HOURS:
@@ -399,8 +470,10 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
             raise
 
     if lease is None:
-        _note_lease(record, _new_lease(chi, record, state_dir, node_type, lease_hours, keep_on_failure, nodes))
+        _note_lease(record, _new_lease(chi, record, state_dir, node_type, lease_hours, keep_on_failure, nodes, when))
     save_record(state_dir, record)
+    if _not_started(record):
+        return _booked(record, state_dir)
 
     try:
         _boot(chi, record, state_dir, poll=_poll_s(), ssh_timeout_s=ssh_timeout_s)
@@ -443,12 +516,17 @@ def _note_lease(record: dict[str, Any], lease: dict[str, Any]) -> None:
 
 
 def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str, hours: float,
-               keep_on_failure: bool, nodes: int = 1) -> dict[str, Any]:
-    """Choose the node type, say what the lease costs, and create it. When creating fails but Blazar
-    made the lease all the same (its reply was lost), that lease is released (or kept) and the failure raised."""
+               keep_on_failure: bool, nodes: int = 1, when: str | dt.datetime = "now") -> dict[str, Any]:
+    """Choose the node type (and, for `when`="next_free", the start), say what the lease costs, and create it.
+    When creating fails but Blazar made the lease all the same (its reply was lost), that lease is released (or
+    kept) and the failure raised."""
     site, name = record["site"], record["lease_name"]
+    start = None  # now
     with _step(f"choosing an A100 node type at {site}"):
-        node_type = choose_node_type(chi, site, node_type, hours, nodes)
+        if when == "now":
+            node_type = choose_node_type(chi, site, node_type, hours, nodes)
+        else:
+            node_type, start = choose_window(chi, site, node_type, hours, nodes, None if when == "next_free" else when)
     rate, source = su_rate(node_type)
     print(f"This lease will cost {su_cost(hours, nodes, node_type):g} SU: {_plural(nodes, 'node')} x {hours:g} h x "
           f"{rate:g} SU per node-hour ({source}). Releasing early (05_release_node) stops the charge for the hours "
@@ -457,7 +535,7 @@ def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str
     with _step(f"creating lease {name} for {'one' if nodes == 1 else nodes} {node_type} node"
                f"{'' if nodes == 1 else 's'}, {hours:g} h"):
         try:
-            return create_lease(chi, name, node_type, hours, fip=True, nodes=nodes)
+            return create_lease(chi, name, node_type, hours, fip=True, nodes=nodes, start=start)
         except Exception as e:  # the reply may be lost after Blazar made it
             made, error = _lease_made_anyway(chi, name, e, state_dir), e
         except KeyboardInterrupt:
@@ -616,14 +694,18 @@ def find_lease(chi: Any, name: str) -> dict[str, Any] | None:
 
 
 def create_lease(chi: Any, name: str, node_type: str, hours: float, fip: bool = False,
-                 nodes: int = 1) -> dict[str, Any]:
+                 nodes: int = 1, start: dt.datetime | None = None) -> dict[str, Any]:
     """Ask Blazar for `nodes` `node_type` hosts (min = max = nodes) from now for `hours` (with `fip`, and one
     floating IP reserved with it, for the head,
     so that it cannot run out after the boot; a site that refuses that gets the lease without one). Blazar's
     refusal becomes a UserError (`Lease.submit()` would reduce it to "Unable to make lease")."""
     from blazarclient.exception import BlazarClientException
 
-    lease = chi.lease.Lease(name, duration=dt.timedelta(hours=hours))  # counts from now, whatever start_date says
+    if start is None:
+        lease = chi.lease.Lease(name, duration=dt.timedelta(hours=hours))  # counts from now, whatever start_date says
+    else:  # Blazar's minutes, UTC
+        lease = chi.lease.Lease(name, start_date=start.astimezone(dt.timezone.utc).replace(tzinfo=None),
+                                end_date=(start + dt.timedelta(hours=hours)).astimezone(dt.timezone.utc).replace(tzinfo=None))
     lease.add_node_reservation(amount=nodes, node_type=node_type)
     if fip:
         lease.add_fip_reservation(1)
@@ -636,7 +718,7 @@ def create_lease(chi: Any, name: str, node_type: str, hours: float, fip: bool = 
         if fip and ("floatingip" in low or "floating ip" in low):
             print(f"   the site cannot reserve a floating IP in the lease ({e}); asking without one: the node will "
                   "get one from the on-demand pool", flush=True)
-            return create_lease(chi, name, node_type, hours, nodes=nodes)
+            return create_lease(chi, name, node_type, hours, nodes=nodes, start=start)
         if "not enough" in low:
             fix = (f"{'no node is' if nodes == 1 else f'fewer than {nodes} nodes are'} free for the whole lease: "
                    f"ask for fewer lease_hours{'' if nodes == 1 else ' or nodes'}, another node_type or site, or later")
@@ -941,6 +1023,11 @@ def setup_node(target: str = "chameleon", state_dir: str | Path | None = STATE_D
         return None
     state_dir = _state_dir(state_dir)
     record = read_node_record(state_dir)
+    if record.get("status") == "booked" and _not_started(record):
+        print(f"lease {record.get('lease_name')} is booked from "
+              f"{_when(dt.datetime.fromisoformat(record['lease_start']))}: nothing to install until it starts "
+              "(run 00 again then)", flush=True)
+        return None
     runner = SSHRunner.from_state(state_dir, workdir=state_dir)
     nodes = runner.nodes
     if len(nodes) > 1:  # the nodes install at once: each line says whose it is

@@ -155,7 +155,8 @@ def _bundle(args: argparse.Namespace, extra: list[str]) -> None:
 def _reserve(args: argparse.Namespace, extra: list[str]) -> None:
     chameleon.reserve("chameleon", site=args.site, node_type=args.node_type, nodes=args.nodes, lease_hours=args.hours,
                       image=args.image, lease_name=args.lease_name, server_name=args.server_name,
-                      state_dir=args.results_dir, project=args.project, keep_on_failure=args.keep_on_failure)
+                      state_dir=args.results_dir, project=args.project, keep_on_failure=args.keep_on_failure,
+                      start=args.start)
     if not args.no_setup:
         chameleon.setup_node("chameleon", args.results_dir)
 
@@ -269,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server-name", help="servers are <server-name>-0, -1, ... (default <lease-name>-0, ...)")
     s.add_argument("--project", help="default $OS_PROJECT_NAME")
     s.add_argument("--keep-on-failure", action="store_true", help="keep the lease when a later step fails")
+    s.add_argument("--start", default="now", help="now (default), next_free (the earliest window with free nodes: "
+                   "booked, run it again after its start), or an ISO time in UTC")
     s.add_argument("--no-setup", action="store_true", help="do not install nanorepro on the node")
     s.set_defaults(func=_reserve)
 

@@ -42,8 +42,11 @@ FMT = "%Y-%m-%dT%H:%M:%S.%f"
 ISSUED: set[str] = set()
 
 
+CLOCK = [dt.timedelta(0)]  # how far the fake's clock is ahead of the real one (FakeCloud.advance)
+
+
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) + CLOCK[0]
 
 
 class Site:
@@ -76,7 +79,8 @@ class FakeCloud:
         self.lease_outcome = "ACTIVE"
         self.server_outcome = "ACTIVE"
         self.refuse_lease: str | None = None
-        self.booked: set[str] = set()  # node types with every node reserved for the next week
+        self.booked: set[str] = set()  # node types with every node reserved from an hour ago until booked_for from now
+        self.booked_for = dt.timedelta(days=2)
         self.fip_reservable = True  # Blazar accepts virtual:floatingip reservations
         self.fip_pool: int | None = None  # on-demand floating IPs left (None: no limit)
         self.access_token = "hub-oidc-access-token"  # what Chameleon's JupyterHub puts in OS_ACCESS_TOKEN
@@ -91,12 +95,23 @@ class FakeCloud:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def __enter__(self) -> "FakeCloud":
+        CLOCK[0] = dt.timedelta(0)
+        self.booked_until = _now() + self.booked_for
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        CLOCK[0] = dt.timedelta(0)
+
+    def advance(self, delta: dt.timedelta) -> None:
+        """Move the fake's clock on (a booked lease starts when it passes the lease's start)."""
+        CLOCK[0] += delta
+
+    def booking(self) -> tuple[dt.datetime, dt.datetime]:
+        """The window in which the `booked` node types are taken by someone else."""
+        return self.booked_until - self.booked_for - dt.timedelta(hours=1), self.booked_until
 
     def env(self, site: str = "CHI@UC") -> dict[str, str]:
         """The environment an application-credential openrc would set, pointed at this fake."""
@@ -258,21 +273,23 @@ class _Handler(BaseHTTPRequestHandler):
             for r in body["reservations"]:  # Blazar's floating-IP plugin checks these (check_params)
                 if r["resource_type"] == "virtual:floatingip" and not {"network_id", "amount"} <= set(r):
                     return 400, {"error_code": 400, "error_message": "Missing parameter network_id or amount"}
-            held, taken = [], {h for ids in s.held.values() for h in ids}
+            now = _now()
+            start = now if body["start_date"] == "now" else dt.datetime.strptime(body["start_date"], "%Y-%m-%d %H:%M")
+            end = dt.datetime.strptime(body["end_date"], "%Y-%m-%d %H:%M")
+            if start < now - dt.timedelta(minutes=1) or end <= start:
+                return 400, {"error_code": 400, "error_message": "Start date must be later than current date"}
+            held = []
             for r in body["reservations"]:
                 if r["resource_type"] != "physical:host" or not r.get("resource_properties"):
                     continue
                 node_type = json.loads(r["resource_properties"])[2]
-                free = [h["id"] for h in s.hosts if h["node_type"] == node_type and h["id"] not in taken
-                        and node_type not in cloud.booked]
+                free = [h["id"] for h in s.hosts if h["node_type"] == node_type and _free(cloud, s, h, start, end)]
                 if int(r.get("min", 1)) > len(free):
                     return 409, {"error_code": 409, "error_message": "Not enough hosts available"}
                 held += free[:int(r.get("min", 1))]
-            now = _now()
-            end = dt.datetime.strptime(body["end_date"], "%Y-%m-%d %H:%M")
             lease = {"id": str(uuid.uuid4()), "name": body["name"], "status": "CREATING", "user_id": "user-1",
                      "project_id": "proj-1", "created_at": now.strftime("%Y-%m-%d %H:%M:%S"),
-                     "start_date": now.strftime(FMT), "end_date": end.strftime(FMT), "degraded": False,
+                     "start_date": start.strftime(FMT), "end_date": end.strftime(FMT), "degraded": False,
                      "reservations": [{**r, "id": str(uuid.uuid4()), "status": "pending"} for r in body["reservations"]]}
             s.leases[lease["id"]] = lease
             s.polls[lease["id"]] = 0
@@ -289,14 +306,14 @@ class _Handler(BaseHTTPRequestHandler):
             if _tick_deleting(s, lease):
                 raise KeyError(rest)
             s.polls[lease["id"]] = s.polls.get(lease["id"], 0) + 1
-            if lease["status"] in ("PENDING", "STARTING") and s.polls[lease["id"]] >= cloud.polls_to_active:
+            if lease["status"] == "STARTING" and s.polls[lease["id"]] >= cloud.polls_to_active:
                 lease["status"] = cloud.lease_outcome
                 if lease["status"] == "ACTIVE":
                     _reserve_fips(s, lease)
             elif lease["status"] == "CREATING":
                 lease["status"] = "PENDING"
-            elif lease["status"] == "PENDING":
-                lease["status"] = "STARTING"
+            elif lease["status"] == "PENDING" and dt.datetime.strptime(lease["start_date"], FMT) <= _now():
+                lease["status"] = "STARTING"  # a lease booked ahead stays PENDING until its start
             return 200, {"lease": lease}
         if rest.startswith("/floatingips"):  # Blazar's policy: blazar:floatingips:* is rule:admin; users get 403
             return 403, {"error_code": 403,
@@ -473,12 +490,23 @@ def _reserve_fips(s: Site, lease: dict) -> None:
                            "tags": ["blazar", f"reservation:{r['id']}"]}
 
 
+def _free(cloud: FakeCloud, s: Site, host: dict, start: dt.datetime, end: dt.datetime) -> bool:
+    """Whether no live lease holds `host`, and no booking takes its type, in any part of [start, end)."""
+    for lease_id, ids in s.held.items():
+        lease = s.leases.get(lease_id)
+        if host["id"] in ids and lease and lease["status"] not in ("TERMINATED", "DELETED") and \
+                dt.datetime.strptime(lease["start_date"], FMT) < end and start < dt.datetime.strptime(lease["end_date"], FMT):
+            return False
+    b_start, b_end = cloud.booking()
+    return not (host["node_type"] in cloud.booked and b_start < end and start < b_end)
+
+
 def _allocation(cloud: FakeCloud, s: Site, host: dict) -> dict:
     reservations = [{"id": lease["reservations"][0]["id"], "lease_id": lease["id"], "start_date": lease["start_date"],
                      "end_date": lease["end_date"]}
                     for lease_id, ids in s.held.items() if host["id"] in ids for lease in [s.leases[lease_id]]]
     if host["node_type"] in cloud.booked:
-        start, end = _now() - dt.timedelta(hours=1), _now() + dt.timedelta(days=2)
+        start, end = cloud.booking()
         reservations.append({"id": "r-other", "lease_id": "l-other", "start_date": start.strftime(FMT),
                              "end_date": end.strftime(FMT)})
     return {"resource_id": host["id"], "reservations": reservations}

@@ -765,6 +765,43 @@ def test_what_release_cannot_remove_is_named_with_the_command_that_does(chi_here
     assert json.loads((results / remote.NODE_FILE).read_text())["status"] != "released"
 
 
+def test_a_lease_booked_ahead_is_picked_up_by_a_second_run_after_its_start(chi_here, cloud, tmp_path, monkeypatch,
+                                                                           capsys):
+    """Every A100 at CHI@UC is taken for two days: start="next_free" books the first window after that, says when
+    and what it costs, and stops; a run before the start changes nothing; a run after it boots the node."""
+    cloud.booked = {"compute_gigaio", "gpu_a100_pcie", "gpu_a100_nvlink"}
+    results = tmp_path / "results"
+    ask = dict(site="CHI@UC", lease_hours=2, state_dir=results, start="next_free")
+    record = chameleon.reserve("chameleon", **ask)
+    out = capsys.readouterr().out
+    starts = dt.datetime.fromisoformat(record["lease_start"])
+    _, free_from = cloud.booking()
+    assert record["status"] == "booked" and abs(starts.replace(tzinfo=None) - free_from) < dt.timedelta(minutes=2)
+    assert f"is BOOKED: 1x compute_gigaio from {starts:%Y-%m-%d %H:%M} UTC to " in out and ", 8 SU." in out
+    (lease,) = cloud.live()["leases"]
+    assert lease["status"] in ("CREATING", "PENDING") and not cloud.live()["servers"]
+    assert chameleon.setup_node("chameleon", results) is None  # 00's next cell: nothing to install yet
+
+    assert chameleon.reserve("chameleon", **ask)["status"] == "booked"  # before the start: the same booking
+    assert "is BOOKED" in capsys.readouterr().out and len(cloud.live()["leases"]) == 1 and not cloud.live()["servers"]
+
+    later = dt.timedelta(days=2, hours=1, minutes=5)  # after the start
+    cloud.advance(later)
+    monkeypatch.setattr(chameleon, "_utcnow", lambda: dt.datetime.now(dt.timezone.utc) + later)
+    record = chameleon.reserve("chameleon", **ask)
+    assert record["status"] == "ready" and record["lease_id"] == lease["id"]  # the booked lease, picked up
+    assert "reusing it" in capsys.readouterr().out and len(cloud.live()["servers"]) == 1
+    chameleon.release("chameleon", state_dir=results)
+    assert cloud.live() == {"leases": [], "servers": [], "fips": []}
+
+
+def test_a_start_in_the_past_or_not_a_time_is_refused_before_anything(tmp_path):
+    with pytest.raises(UserError, match="is in the past"):
+        chameleon.reserve("chameleon", state_dir=tmp_path, start="2020-01-01T00:00")
+    with pytest.raises(UserError, match="is not 'now', 'next_free' or an ISO time"):
+        chameleon.reserve("chameleon", state_dir=tmp_path, start="tomorrow")
+
+
 def test_blazar_refuses_more_hosts_than_the_site_has_free(chi_here, cloud):
     chi_mod, _ = chameleon.connect("CHI@UC")
     with pytest.raises(UserError, match="Chameleon refused the lease: .*Not enough hosts available") as e:
