@@ -9,6 +9,9 @@ home folder (the same user on one machine, but no shared files: a node's relativ
 home). `reachable_only_through_head` makes every node but the first unreachable from this process, as
 Chameleon's nodes without a floating IP are: only the head's sshd can connect to them;
 `through_head_sitecustomize` does the same in other Python processes (a notebook's kernel).
+`start_firewalled_nodes` adds each node's firewalld as on Chameleon's images (a strict firewall-cmd
+stand-in, and an LD_PRELOAD connect() gate that keeps the head shut to the other nodes, torch included,
+until its firewall admits the network).
 """
 
 from __future__ import annotations
