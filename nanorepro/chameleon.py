@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, NoReturn
 from . import nodeinstall
 from .errors import UserError
 from .files import write_text_atomic
+from .network import prepare as prepare_network
 from .fmt import duration
 from .remote import KNOWN_HOSTS, NODE_FILE, SSHRunner, check_key_file, on_each, read_node_record
 from .runner import TARGETS, resolve_target, results_path
@@ -1017,8 +1018,10 @@ def setup_node(target: str = "chameleon", state_dir: str | Path | None = STATE_D
     the driver's CUDA and checked on every GPU), and record each node's GPUs and software into
     `<state_dir>/node/` (the head) and `node-<i>/` (node i), and how its install went into its entry of
     the record's "nodes" ("setup": status, torch, GPUs, when; a record without "nodes" keeps only the
-    folder). A failure names the node(s) it happened on and says that the lease still runs, until when,
-    and how to release it. Returns the head's folder."""
+    folder). On several nodes, then their private network (network.prepare: each node's firewall admits
+    it, the head's rendezvous port answers every node), each node's interface and firewall noted in its
+    entry ("network"). A failure names the node(s) it happened on and says that the lease still runs,
+    until when, and how to release it. Returns the head's folder."""
     if not _on_chameleon(target, "nothing to install, stages use this environment"):
         return None
     state_dir = _state_dir(state_dir)
@@ -1038,10 +1041,20 @@ def setup_node(target: str = "chameleon", state_dir: str | Path | None = STATE_D
         with _step(f"installing nanorepro on {where} (a venv with torch for the node's CUDA driver: about 5 min), "
                    "then recording each node's nvidia-smi report and environment"):
             results = on_each(nodes, lambda i, node: _install(node, record.get("image"), node_folder(i), state_dir))
+        net: list[dict[str, Any]] | UserError | None = None
+        if len(nodes) > 1 and not any(isinstance(r, BaseException) for r in results):
+            with _step("admitting the lease's private network in each node's firewall, then checking that the "
+                       "head's rendezvous port answers every node"):
+                try:
+                    net = prepare_network(runner)
+                except UserError as e:
+                    net = e
     finally:
         runner.close()
-    _note_setup(state_dir, results)
+    _note_setup(state_dir, results, net)
     failed = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+    if not failed and isinstance(net, UserError):
+        raise UserError(f"{net.problem}. The {still_running(record, state_dir)}", net.fix) from net
     if not failed:
         return state_dir / node_folder(0)
     errors = [e if isinstance(e, UserError) else UserError(f"{type(e).__name__}: {e}", "retry setup_node") for _, e in failed]
@@ -1063,8 +1076,9 @@ def _install(node: SSHRunner, image: str | None, folder: str, state_dir: Path) -
     return report
 
 
-def _note_setup(state_dir: Path, results: list[Any]) -> None:
-    """Each node's install result into its entry of the record's "nodes" (when the record has them)."""
+def _note_setup(state_dir: Path, results: list[Any], net: list[dict[str, Any]] | UserError | None = None) -> None:
+    """Each node's install result into its entry of the record's "nodes" (when the record has them), and
+    its network's (network.prepare's facts, or its failure; none when it was not prepared)."""
     record = read_node_record(state_dir)
     entries = record.get("nodes")
     if not entries:
@@ -1077,4 +1091,9 @@ def _note_setup(state_dir: Path, results: list[Any]) -> None:
         else:
             entry["setup"] = {"status": "ready", "folder": node_folder(i), "at": at,
                               "torch": (result or {}).get("torch"), "gpus": len((result or {}).get("devices", [])) or None}
+        entry.pop("network", None)  # an earlier setup's facts may no longer hold
+        if isinstance(net, UserError):
+            entry["network"] = {"status": "failed", "error": net.problem, "at": at}
+        elif net is not None:
+            entry["network"] = {**net[i], "status": "ready", "at": at}
     save_record(state_dir, record)

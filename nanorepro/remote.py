@@ -15,21 +15,25 @@ A lease of several nodes (the record's "nodes", head first): only the head has a
 others are reached through it (ProxyJump, done by paramiko) at their private addresses, their host
 keys pinned in the same known_hosts. A parallel training stage runs torchrun on every node as
 detached jobs (static rendezvous at the head's private address: rank 0, which writes the run's files,
-is on the head); the head's log is streamed, and a node whose job fails stops the others' and fails
-the stage, naming it. A re-run resumes from the head's checkpoint, which rank 0 sends to the ranks
-on the other nodes (distributed.World.main_bytes).
+is on the head; NCCL and gloo on the interface that holds each node's private address, which setup
+found and admitted in the node's firewall: network.py); the head's log is streamed, and a node whose
+job fails, is killed or stops answering stops the others' within a minute and fails the stage, named
+as the cause over the nodes that failed because of it. A re-run resumes from the head's checkpoint,
+which rank 0 sends to the ranks on the other nodes (distributed.World.main_bytes).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
 import json
 import os
 import posixpath
+import re
 import shlex
 import stat
 import subprocess
@@ -54,6 +58,9 @@ JOBS = ".jobs"
 TAIL_LINES = 20
 RECONNECT_TIMEOUT_S = 600.0  # how long a dropped connection is retried before giving up
 PEER_GRACE_S = 10.0  # how long the other nodes' jobs may take to end on their own once one node's has ended
+UNREACHABLE_S = 30.0  # how long a node may not answer over SSH (while the head does) before it counts as dead
+STATUS_TIMEOUT_S = 15.0  # one look at a job on a node that may have died: a dead one never answers
+BLAME_LINES = 200  # how much of a failed node's log is searched for a lost peer (torchrun's traceback is ~30 lines)
 RDZV_PORT = 29500  # torchrun's rendezvous port on the head (its default); the record's rdzv_port or
 # $NANOREPRO_RDZV_PORT replace it (tests running side by side on one machine)
 _KNOWN_HOSTS_LOCK = threading.Lock()  # nodes connect in parallel; each adds its key to the one known_hosts file
@@ -125,6 +132,10 @@ elif [ -f {rc} ]; then echo "rc $(cat {rc})"
 else echo gone; fi
 """
 
+# The job's state and the end of its log (its last 4 KB: a progress bar redrawn with \r and no newline for days
+# makes one line of many MB), for a watcher that must still have something to show once the node has died.
+LOOK_SCRIPT = STATUS_SCRIPT + "echo '--- log'; tail -c 4096 -- {log} 2>/dev/null; true\n"
+
 # Stop a job and its process tree: TERM, then KILL what is left after 5 s. The tree, not the job's
 # process group: torchrun starts its workers in sessions of their own.
 KILL_SCRIPT = """\
@@ -142,6 +153,53 @@ done
 kill -KILL $pids 2>/dev/null
 exit 0
 """
+
+
+# What a rank's log says when it failed because a rank on another node went away (gloo's and NCCL's errors,
+# torchrun's store): such a node failed after its partner, not because of itself.
+PEER_LOST = re.compile(r"connection (reset|closed) by peer|broken pipe|remote (worker|process)|ncclRemoteError|"
+                       r"NCCL communicator was aborted|failed to recv, got 0 bytes|DistNetworkError|DistStoreError|"
+                       r"Watchdog caught collective operation timeout", re.IGNORECASE)
+_DEAD = {"gone": "lost its job (killed, or the node rebooted)", "unreachable": "does not answer over SSH"}
+
+
+def _state(out: str) -> str | int:
+    """STATUS_SCRIPT's answer as a job state: its exit code, "running" or "gone"."""
+    words = out.split()
+    if words[:1] == ["rc"]:
+        return int(words[1]) if len(words) > 1 and words[1].lstrip("-").isdigit() else 1
+    return "running" if words == ["running"] else "gone"
+
+
+def lost_peer(lines: list[str]) -> bool:
+    """Whether these log lines say that a partner rank went away (PEER_LOST)."""
+    return any(PEER_LOST.search(line) for line in lines)
+
+
+@dataclasses.dataclass
+class _Watch:
+    """What the watcher of a stage on several nodes knows (SSHRunner._watch): when each node's job was first
+    seen ended, since when each other node has not answered, which nodes it gave up on, which jobs it stopped."""
+
+    ended: dict[int, float] = dataclasses.field(default_factory=dict)
+    lost: dict[int, float] = dataclasses.field(default_factory=dict)
+    unreachable: set[int] = dataclasses.field(default_factory=set)
+    stopped: list[int] = dataclasses.field(default_factory=list)
+    tails: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # each other node's log, as last read
+
+    def see(self, states: list[str | int]) -> list[int]:
+        """Note when each job was first seen ended; the nodes whose job still runs."""
+        now = time.monotonic()
+        for i, state in enumerate(states):
+            if state != "running":
+                self.ended.setdefault(i, now)
+        return [i for i, state in enumerate(states) if state == "running"]
+
+    def dead(self, states: list[str | int]) -> list[int]:
+        """The nodes whose job cannot end well, first seen first: gone without an exit code (and not stopped
+        by the watcher), or not answering."""
+        return sorted((i for i, s in enumerate(states) if s in _DEAD and i not in self.stopped),
+                      key=self.ended.__getitem__)
 
 
 class _LogStream:
@@ -250,6 +308,7 @@ class Connection:
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._ever_connected = False
+        self.reconnects = 0  # connections made again after a drop: a watcher learns that it could not look meanwhile
         self._lock = threading.RLock()  # runners on other nodes reconnect this one, from their threads
 
     @property
@@ -309,6 +368,7 @@ class Connection:
             if transport is None or not transport.is_active():
                 if self._client is not None:
                     self.say(f"connection to {self.host} lost; reconnecting - jobs on the node keep running")
+                    self.reconnects += 1
                 self.close()
                 self._client = self._connect()
             return self._client
@@ -355,8 +415,21 @@ class Connection:
                 time.sleep(delay)
                 delay = min(delay * 2, 15.0)
 
-    def exec(self, command: str, timeout: float = 120.0) -> tuple[int, str]:
-        """Run a short shell command on the node; its exit code and combined output."""
+    def once(self, fn: Callable[[], Any]) -> Any:
+        """Call fn once: a dropped connection raises (and is closed, so that the next call connects again)
+        instead of being retried for RECONNECT_TIMEOUT_S. For a watcher that must notice a node that died."""
+        import paramiko
+
+        try:
+            return fn()
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            if not isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+                self.close()  # a half-dead transport would otherwise be reused by the next call
+            raise
+
+    def exec(self, command: str, timeout: float = 120.0, retry: bool = True) -> tuple[int, str]:
+        """Run a short shell command on the node; its exit code and combined output. Without `retry`, a
+        dropped connection raises at once (see once)."""
         def go() -> tuple[int, str]:
             chan = self.client().get_transport().open_session(timeout=self.connect_timeout_s)
             chan.settimeout(timeout)
@@ -369,11 +442,11 @@ class Connection:
             chan.close()
             return code, data.decode("utf-8", "replace")
 
-        return self.retrying("ssh", go)
+        return self.retrying("ssh", go) if retry else self.once(go)
 
-    def check(self, command: str, what: str) -> str:
+    def check(self, command: str, what: str, retry: bool = True, timeout: float = 120.0) -> str:
         """exec, with a failure as a UserError naming `what`."""
-        code, out = self.exec(command)
+        code, out = self.exec(command, timeout=timeout, retry=retry)
         if code:
             raise UserError(f"{what} failed on {self.host} (exit {code}): {out.strip()[-2000:]}",
                             "read the message above; the node may be out of disk or still booting")
@@ -394,7 +467,7 @@ class SSHRunner:
                  state_dir: Path | None = None, poll_s: float = 2.0, connect_timeout_s: float = 15.0,
                  out: Callable[[str], None] | None = None, via: "SSHRunner | None" = None,
                  name: str | None = None, private_ip: str | None = None, lease: str | None = None,
-                 rdzv_port: int = RDZV_PORT):
+                 rdzv_port: int = RDZV_PORT, iface: str | None = None):
         self._print = out or (lambda s: print(s, flush=True))
         self.ssh = Connection(host, key_path=key_path, user=user, port=port,
                               known_hosts=Path(state_dir) / KNOWN_HOSTS if state_dir else None,
@@ -409,6 +482,7 @@ class SSHRunner:
         self.name = name or host  # the node's name in messages (the server's name on Chameleon)
         self.private_ip = private_ip or host  # where the other nodes reach this one (torchrun's rendezvous)
         self.lease, self.rdzv_port = lease, int(rdzv_port)
+        self.iface = iface  # the interface holding private_ip (network.prepare finds it): NCCL's and gloo's
         self.peers: list[SSHRunner] = []  # the lease's other nodes, reached through this one (from_state)
 
     @property
@@ -444,14 +518,15 @@ class SSHRunner:
                       poll_s=poll, lease=node.get("lease_name"), **kwargs,
                       rdzv_port=node.get("rdzv_port") or int(os.environ.get("NANOREPRO_RDZV_PORT", RDZV_PORT)))
         head = cls(node["host"], port=node.get("port", 22), name=nodes[0].get("name"),
-                   private_ip=nodes[0].get("private_ip"), **common)
+                   private_ip=nodes[0].get("private_ip"), iface=(nodes[0].get("network") or {}).get("iface"), **common)
         for i, peer in enumerate(nodes[1:], start=1):
             if not peer.get("private_ip"):
                 raise UserError(f"node {i} of the record in {state_dir} has no private_ip (the reservation did "
                                 "not finish)", "re-run 00_reserve_node: it reuses the lease and servers it made")
             common["out"] = lambda s, i=i: head._print(f"[node {i}] {s}")  # the head's _print, replaced or not
             head.peers.append(cls(peer["private_ip"], port=peer.get("ssh_port", 22), name=peer.get("name"),
-                                  private_ip=peer["private_ip"], via=head, **common))
+                                  private_ip=peer["private_ip"], iface=(peer.get("network") or {}).get("iface"),
+                                  via=head, **common))
         return head
 
     def _mirror(self, workdir: Path) -> PurePosixPath:
@@ -541,15 +616,27 @@ class SSHRunner:
         and on every node of a lease of several (`torchrun --nnodes`, see run_everywhere). `every_node`:
         the same command on each node (what every rank reads from its own disk, e.g. the prepared data)."""
         if self.peers and parallel != "none":
+            self._check_network()
             endpoint, gpus = f"{self.private_ip}:{self.rdzv_port}", self.gpus  # one node type per lease
-            return self.run_everywhere([stage_argv(node._python(), args, parallel, gpus, nodes=len(self.nodes),
-                                                   node_rank=i, rdzv_endpoint=endpoint)
-                                        for i, node in enumerate(self.nodes)], stage=stage, check=check)
+            return self.run_everywhere([interface_env(node.iface) + stage_argv(
+                node._python(), args, parallel, gpus, nodes=len(self.nodes), node_rank=i, rdzv_endpoint=endpoint)
+                for i, node in enumerate(self.nodes)], stage=stage, check=check)
         if self.peers and every_node:
             return self.run_everywhere([stage_argv(node._python(), args) for node in self.nodes],
                                        stage=stage, check=check)
         gpus = self.gpus if parallel != "none" else 1
         return self.run_command(stage_argv(self._python(), args, parallel, gpus), stage=stage, check=check)
+
+    def _check_network(self) -> None:
+        """A UserError unless setup prepared the private network of every node (firewall opened, port
+        checked, interface found): without it torchrun would wait for partners that cannot reach it."""
+        missing = [i for i, node in enumerate(self.nodes) if not node.iface]
+        if missing:
+            raise UserError(f"the private network of {', '.join(self.label(i) for i in missing)} was not prepared "
+                            "for training on several nodes (its firewall opened, the head's rendezvous port "
+                            "checked, its interface recorded)",
+                            "re-run 00_reserve_node (or `nanorepro reserve`): it reuses the lease and servers and "
+                            "prepares the network during setup")
 
     @functools.cached_property
     def gpus(self) -> int:
@@ -606,10 +693,11 @@ class SSHRunner:
     # -- jobs on every node ------------------------------------------------------------------
     def run_everywhere(self, argvs: list[list[str]], *, stage: str, check: bool = True) -> int:
         """argvs[i] as a detached job on node i, started on all nodes at once; the head's log is streamed.
-        The jobs stand or fall together: once one has ended, the others get PEER_GRACE_S to end too, then
-        are stopped (a torchrun whose partner died would wait on it for torch's timeouts), and a node
-        that failed (non-zero exit, or gone) fails the stage, named with its log's last lines and the
-        lease. When every node ended with the same exit code, that is the stage's (as run_command's).
+        The jobs stand or fall together: once one has ended, the others get PEER_GRACE_S to end too (none
+        when it died: gone, or its node silent for UNREACHABLE_S), then are stopped (a torchrun whose
+        partner died would wait on it for torch's timeouts), and the node that caused it fails the stage,
+        named with its log's last lines and the lease (_blame). When every node ended with the same exit
+        code, that is the stage's (as run_command's).
         A re-run attaches when every node's job still runs; when only some do, those are stopped (they
         cannot meet new partners) and all start again."""
         nodes, cwd = self.nodes, self.stage_dir
@@ -630,80 +718,188 @@ class SSHRunner:
         return self._watch(stage, paths, check)
 
     def _watch(self, stage: str, jobs: list[PurePosixPath], check: bool) -> int:
-        """Stream the head's log and follow every node's job until all have ended (see run_everywhere)."""
-        offset, log = 0, _LogStream(lambda line: self._print(line))
-        first_end: float | None = None
-        culprits: list[int] = []  # the nodes seen failing first: the cause, not the ones failing after them
-        stopped: list[int] = []  # nodes whose jobs this runner stopped
+        """Stream the head's log and follow every node's job until all have ended (see run_everywhere).
+
+        A node whose job is gone without an exit code (killed, the node rebooted), or which has not answered
+        over SSH for UNREACHABLE_S while the head did, is dead: the other nodes' jobs are stopped at once, as
+        their ranks would wait for it for torch's timeouts (NCCL's watchdog: 10 minutes). A job that ended
+        with an exit code gives the others PEER_GRACE_S to end too. Which node is to blame is decided from
+        every node's final state, not from which was seen first (_blame)."""
+        offset, log, watch = 0, _LogStream(lambda line: self._print(line)), _Watch()
+        reconnects = self.ssh.reconnects
         while True:
             data, code, alive = self.ssh.retrying(stage, lambda: self._poll(jobs[0], offset))
             offset += len(data)
+            if self.ssh.reconnects != reconnects:  # the hub lost the head: the others' silence meant nothing
+                watch.lost.clear()
+                reconnects = self.ssh.reconnects
             states: list[str | int] = [code if code is not None else "running" if alive else "gone"]
-            states += [peer.ssh.retrying(stage, lambda: peer._status(job)) for peer, job in zip(self.peers, jobs[1:])]
+            states += [self._peer_state(stage, i, jobs[i], watch) for i in range(1, len(jobs))]
             log.feed(data, final=states[0] != "running")
-            failed = [i for i, s in enumerate(states) if s != "running" and s != 0 and i not in stopped]
-            culprits = culprits or failed
-            running = [i for i, s in enumerate(states) if s == "running"]
+            running = watch.see(states)
             if not running:
                 break
-            if first_end is None and len(running) < len(states):
-                first_end = time.monotonic()
-            if first_end is not None and time.monotonic() - first_end > PEER_GRACE_S and not stopped:
-                for i in running:
-                    self._print(f"[{stage}] stopping the job on {self.label(i)}: "
-                                + ("its partners have ended" if not culprits else f"{self.label(culprits[0])} failed"))
-                    self.nodes[i].ssh.retrying(stage, lambda: self.nodes[i]._kill(jobs[i]))
-                stopped = running
+            to_stop = [i for i in running if i not in watch.stopped]
+            dead = watch.dead(states)
+            first = min(watch.ended, key=watch.ended.__getitem__) if watch.ended else None
+            if to_stop and dead:
+                self._stop(stage, jobs, to_stop, watch, f"{self.label(dead[0])} {_DEAD[states[dead[0]]]}")
+            elif to_stop and first is not None and time.monotonic() - watch.ended[first] > PEER_GRACE_S:
+                failed = [i for i in sorted(watch.ended, key=watch.ended.__getitem__) if states[i] != 0]
+                self._stop(stage, jobs, to_stop, watch,
+                           f"{self.label(failed[0])} failed" if failed else "its partners have ended")
             time.sleep(self.poll_s)
-        if not stopped and len(set(states)) == 1 and isinstance(states[0], int):  # all ended alike
-            if states[0] and check:
+        if set(states) == {0} or (not watch.stopped and len(set(states)) == 1 and isinstance(states[0], int)):
+            if states[0] and check:  # all ended alike: the stage's own failure, not one node's
                 raise UserError(f"stage {stage} failed on all {len(states)} nodes (exit {states[0]}); the last "
                                 f"lines of {self.label(0)}'s log:\n" + "\n".join(log.tail),
                                 f"fix the cause and re-run; the whole logs are {jobs[0] / 'log'} on each node")
             return int(states[0])
-        raise self._failure(stage, jobs, states, culprits or stopped, stopped, list(log.tail))
+        raise self._failure(stage, jobs, states, watch, list(log.tail))
 
-    def _failure(self, stage: str, jobs: list[PurePosixPath], states: list[str | int], culprits: list[int],
-                 stopped: list[int], head_tail: list[str]) -> UserError:
-        """The error for a stage that failed on some nodes: which, how, their logs' last lines, the lease."""
+    def _peer_state(self, stage: str, i: int, job: PurePosixPath, watch: "_Watch") -> str | int:
+        """Node i's job state, asked once (a node that died must not hold the watcher for RECONNECT_TIMEOUT_S):
+        "running" while it may still answer, "unreachable" once it has not for UNREACHABLE_S."""
+        import paramiko
+
+        if i in watch.unreachable:
+            return "unreachable"
+        asked = time.monotonic()  # silence counts from the question: a dead node takes STATUS_TIMEOUT_S to say nothing
+        try:
+            state, watch.tails[i] = self.nodes[i]._look(job)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            now = time.monotonic()
+            if i not in watch.lost:
+                watch.lost[i] = asked
+                self._print(f"[{stage}] {self.label(i)} does not answer over SSH ({type(e).__name__}: {e}); its "
+                            f"node counts as dead once silent for {UNREACHABLE_S:.0f} s")
+            if now - watch.lost[i] < UNREACHABLE_S:
+                return "running"  # not known yet
+            watch.unreachable.add(i)
+            return "unreachable"
+        if watch.lost.pop(i, None) is not None:
+            self._print(f"[{stage}] {self.label(i)} answers again")
+        return state
+
+    def _stop(self, stage: str, jobs: list[PurePosixPath], nodes: list[int], watch: "_Watch", why: str) -> None:
+        """Stop the jobs on `nodes`; a node that cannot be reached to do so stays to be tried again (and
+        counts as dead once it has not answered for UNREACHABLE_S)."""
+        import paramiko
+
+        for i in nodes:
+            self._print(f"[{stage}] stopping the job on {self.label(i)}: {why}")
+            try:
+                if i == 0:  # the hub's link to the head: retried, as every call to the head is
+                    self._kill(jobs[0])
+                else:
+                    self.nodes[i]._kill(jobs[i], retry=False)
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                self._print(f"[{stage}] could not reach {self.label(i)} to stop its job ({type(e).__name__}: {e})")
+                watch.lost.setdefault(i, time.monotonic())
+                continue
+            watch.stopped.append(i)
+
+    def _blame(self, jobs: list[PurePosixPath], states: list[str | int], watch: "_Watch",
+               head_tail: list[str]) -> tuple[list[int], dict[int, int], dict[int, list[str] | None]]:
+        """The nodes that caused a failure (first seen first), every failed node's rank, and its log's last
+        BLAME_LINES lines (None: unreadable). Ranks, the cause first: 0 its node does not answer, 1 its job
+        is gone without an exit code, 2 a non-zero exit whose log does not say a peer was lost, 3 one whose
+        log does (a rank whose partner died fails too, often before the partner is seen gone), 4 stopped
+        by this watcher."""
+        failed = [i for i, s in enumerate(states) if s != 0]
+        tails = {i: watch.tails.get(i) if states[i] == "unreachable" else self._tail_of(i, jobs[i], head_tail)
+                 for i in failed}
+
+        def rank(i: int) -> int:
+            if states[i] == "unreachable":
+                return 0
+            if i in watch.stopped:
+                return 4
+            return 1 if states[i] == "gone" else 3 if lost_peer(tails[i] or []) else 2
+
+        ranks = {i: rank(i) for i in failed}
+        best = min(ranks.values())
+        culprits = sorted((i for i in failed if ranks[i] == best), key=lambda i: watch.ended.get(i, float("inf")))
+        return culprits, ranks, tails
+
+    def _tail_of(self, i: int, job: PurePosixPath, head_tail: list[str]) -> list[str] | None:
+        """Node i's last BLAME_LINES log lines (the head's streamed tail if its file cannot be read); None
+        when node i does not answer."""
+        import paramiko
+
+        try:
+            if i == 0:
+                return self.ssh.retrying("log", lambda: self._tail(job, BLAME_LINES, retry=False)) or head_tail
+            return self.nodes[i]._tail(job, BLAME_LINES, retry=False)
+        except (paramiko.SSHException, EOFError, OSError):
+            return head_tail if i == 0 else None
+
+    def _failure(self, stage: str, jobs: list[PurePosixPath], states: list[str | int], watch: "_Watch",
+                 head_tail: list[str]) -> UserError:
+        """The error for a stage that failed on some nodes: the cause (_blame) and how, what became of the
+        others, the cause's last log lines, the lease."""
+        culprits, ranks, tails = self._blame(jobs, states, watch, head_tail)
+
         def how(i: int) -> str:
-            return (f"exit {states[i]}" if isinstance(states[i], int) else
-                    "it stopped without an exit code (killed, or the node rebooted)" if i not in stopped else
-                    "it did not end with the other nodes' jobs")
+            return ({0: f"its node stopped answering over SSH (nothing for {UNREACHABLE_S:.0f} s while the head "
+                        "answered: it is down, rebooting, or off the network)",
+                     1: "it stopped without an exit code (killed, or the node rebooted)",
+                     2: f"exit {states[i]}", 3: f"exit {states[i]}, after losing a peer",
+                     4: "it did not end with the other nodes' jobs"})[ranks[i]]
 
         def tail(i: int) -> str:
-            lines = head_tail if i == 0 else self.nodes[i].ssh.retrying(stage, lambda: self.nodes[i]._tail(jobs[i]))
-            where = f"node {i}'s log ({jobs[i] / 'log'} on that node)"
-            return f"\nthe last lines of {where}:\n" + "\n".join(lines) if lines else f"\n{where} is empty"
+            where, lines = f"node {i}'s log ({jobs[i] / 'log'} on that node)", tails[i]
+            if lines is None:
+                return f"\n{where} cannot be read: the node does not answer"
+            when = " as last read, before the node stopped answering" if ranks[i] == 0 else ""
+            if not lines:
+                return f"\n{where} is empty"
+            return f"\nthe last lines of {where}{when}:\n" + "\n".join(lines[-TAIL_LINES:])
 
-        tails = "".join(tail(i) for i in culprits)
-        others = [i for i in stopped if i not in culprits]
+        others = [i for i in ranks if i not in culprits]
+        stopped, after = [i for i in others if ranks[i] == 4], [i for i in others if ranks[i] != 4]
         lease = f" of lease {self.lease}" if self.lease else ""
-        return UserError(f"stage {stage} failed on " + "; ".join(f"{self.label(i)}{lease}: {how(i)}" for i in culprits)
-                         + (f"; its job was stopped on {', '.join(f'node {i}' for i in others)} so that none waits "
-                            "for it" if others else "") + tails,
+        said = {i: next((line for line in reversed(tails[i] or []) if lost_peer([line])), None) for i in after}
+        problem = (f"stage {stage} failed on " + "; ".join(f"{self.label(i)}{lease}: {how(i)}" for i in culprits)
+                   + "".join(f"; node {i}'s job failed after it ({how(i)}"
+                             + (f": {said[i].strip()[:300]}" if said[i] else "") + ")" for i in after)
+                   + (f"; its job was stopped on {', '.join(f'node {i}' for i in stopped)} so that none waits "
+                      "for it" if stopped else "") + "".join(tail(i) for i in culprits))
+        down = [i for i in culprits if ranks[i] == 0]
+        names = " ".join(self.nodes[i].name for i in down)
+        return UserError(problem, (f"see whether {names} is up (the Chameleon dashboard, or `openstack server "
+                                   f"show {names}`); reboot it with `openstack server reboot --hard {names}`, or "
+                                   "release the lease and reserve again if it does not come back; " if down else "") +
                          "fix the cause (check `uptime` and `dmesg` on a node that stopped) and re-run the stage: it "
                          "starts again on every node, and training resumes from the last checkpoint, which rank 0 "
                          f"wrote on {self.label(0)}")
 
-    def _status(self, job: PurePosixPath) -> str | int:
+    def _status(self, job: PurePosixPath, retry: bool = True) -> str | int:
         """The job's exit code, "running", or "gone" (no exit code and no live process: killed, the node
-        rebooted, or never started)."""
+        rebooted, or never started). Without `retry`, a dropped connection raises (Connection.once)."""
         out = self.ssh.check(STATUS_SCRIPT.format(rc=_q(job / "rc"), pid=_q(job / "pid"),
-                                                  same_boot=_same_boot(_q(job / "boot"))), "checking a job").strip()
-        words = out.split()
-        if words[:1] == ["rc"]:
-            return int(words[1]) if len(words) > 1 and words[1].lstrip("-").isdigit() else 1
-        return "running" if words == ["running"] else "gone"
+                                                  same_boot=_same_boot(_q(job / "boot"))), "checking a job",
+                             retry=retry, timeout=120.0 if retry else STATUS_TIMEOUT_S)
+        return _state(out)
 
-    def _kill(self, job: PurePosixPath) -> None:
+    def _look(self, job: PurePosixPath) -> tuple[str | int, list[str]]:
+        """The job's state (as _status) and its log's last lines, asked once (Connection.once)."""
+        out = self.ssh.check(LOOK_SCRIPT.format(rc=_q(job / "rc"), pid=_q(job / "pid"), log=_q(job / "log"),
+                                                same_boot=_same_boot(_q(job / "boot"))), "checking a job",
+                             retry=False, timeout=STATUS_TIMEOUT_S)
+        status, _, log = out.partition("\n--- log\n")
+        lines = [line.rstrip("\r").split("\r")[-1] for line in log.splitlines()]
+        return _state(status), lines[-TAIL_LINES:]
+
+    def _kill(self, job: PurePosixPath, retry: bool = True) -> None:
         """Stop the job and everything it started (torchrun runs its workers in sessions of their own)."""
         self.ssh.check(KILL_SCRIPT.format(rc=_q(job / "rc"), pid=_q(job / "pid"),
-                                          same_boot=_same_boot(_q(job / "boot"))), "stopping a job")
+                                          same_boot=_same_boot(_q(job / "boot"))), "stopping a job", retry=retry)
 
-    def _tail(self, job: PurePosixPath) -> list[str]:
+    def _tail(self, job: PurePosixPath, lines: int = TAIL_LINES, retry: bool = True) -> list[str]:
         """The last lines of the job's log (a progress bar's last state for its line)."""
-        out = self.ssh.exec(f"tail -n {TAIL_LINES} -- {_q(job / 'log')} 2>/dev/null")[1]
+        out = self.ssh.exec(f"tail -n {int(lines)} -- {_q(job / 'log')} 2>/dev/null", retry=retry,
+                            timeout=120.0 if retry else STATUS_TIMEOUT_S)[1]
         return [line.rstrip("\r").split("\r")[-1] for line in out.splitlines()]
 
     def _poll(self, job: PurePosixPath, offset: int) -> tuple[bytes, int | None, bool]:
@@ -781,6 +977,18 @@ def stage_argv(python: str, args: list[str], parallel: str = "none", gpus: int =
                 "-m", "nanorepro", *args]
     return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={max(1, gpus)}",
             "-m", "nanorepro", *args]
+
+
+def interface_env(iface: str | None) -> list[str]:
+    """`env NCCL_SOCKET_IFNAME=<iface> GLOO_SOCKET_IFNAME=<iface>` for a stage on several nodes: both libraries
+    then talk over the private network, never the loopback (where the host name resolves to 127.0.1.1, gloo
+    would bind it and wait forever for the other nodes). A name set in $NANOREPRO_REMOTE_ENV is left to it."""
+    try:
+        mine = {pair.split("=", 1)[0] for pair in shlex.split(os.environ.get("NANOREPRO_REMOTE_ENV", ""))}
+    except ValueError:  # remote_env reports it
+        mine = set()
+    pairs = [f"{name}={iface}" for name in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME") if name not in mine]
+    return ["env", *pairs] if iface and pairs else []
 
 
 def remote_env() -> list[str]:

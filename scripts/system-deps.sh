@@ -3,10 +3,12 @@
 #   openssh-server: a private sshd on 127.0.0.1 for the runner tests
 #   chromium:       headless browser for the real-JupyterLab "Run All" test
 #   git:            the env.json tests make small repositories
+#   gcc:            the multi-node tests build a stand-in for the head's packet filter (tests/sshd.py)
+#   iproute2:       `ip`, which finds the interface holding a node's private address (the loopback here)
 # Idempotent: a second run installs nothing. Run as root (or via sudo).
 set -euo pipefail
 
-PACKAGES=(openssh-server chromium git)
+PACKAGES=(openssh-server chromium git gcc iproute2)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

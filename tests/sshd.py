@@ -9,12 +9,16 @@ home folder (the same user on one machine, but no shared files: a node's relativ
 home). `reachable_only_through_head` makes every node but the first unreachable from this process, as
 Chameleon's nodes without a floating IP are: only the head's sshd can connect to them;
 `through_head_sitecustomize` does the same in other Python processes (a notebook's kernel).
+`start_firewalled_nodes` adds each node's firewalld as on Chameleon's images (a strict firewall-cmd
+stand-in, and an LD_PRELOAD connect() gate that keeps the head shut to the other nodes, torch included,
+until its firewall admits the network).
 """
 
 from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import os
 import shlex
 import shutil
@@ -67,12 +71,12 @@ def _keygen(path: Path) -> None:
                    check=True)
 
 
-def _session_shell(dir: Path, path_first: Path | None, home: Path | None) -> Path:
+def _session_shell(dir: Path, path_first: Path | None, home: Path | None, env: dict[str, str] | None = None) -> Path:
     """A ForceCommand that runs the client's command (or the SFTP server) in `home` (with HOME set to it)
     and with `path_first` leading PATH, after the user's shell start-up files (which may put e.g.
-    pyenv's shims first) have run."""
+    pyenv's shims first) have run, with `env` exported."""
     script = dir / "session.sh"
-    lines = ["#!/bin/sh"]
+    lines = ["#!/bin/sh"] + [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
     if home is not None:
         lines.append(f"cd {shlex.quote(str(home))} || exit 1; export HOME={shlex.quote(str(home))}")
     if path_first is not None:
@@ -88,10 +92,11 @@ esac
     return script
 
 
-def start(dir: Path, timeout_s: float = 15.0, path_first: Path | None = None, home: Path | None = None) -> Sshd:
+def start(dir: Path, timeout_s: float = 15.0, path_first: Path | None = None, home: Path | None = None,
+          env: dict[str, str] | None = None) -> Sshd:
     """Start sshd listening on 127.0.0.1 only; raises RuntimeError saying what is missing. With `path_first`,
     every session's PATH starts with that folder (where a test puts stand-ins for the node's tools); with
-    `home`, every session starts there (created if missing)."""
+    `home`, every session starts there (created if missing); `env`: exported in every session."""
     if not Path(SSHD).exists() or shutil.which("ssh-keygen") is None:
         raise RuntimeError(f"{SSHD} or ssh-keygen not found: install openssh-server (bash scripts/system-deps.sh)")
     dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +116,7 @@ def start(dir: Path, timeout_s: float = 15.0, path_first: Path | None = None, ho
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
         "StrictModes no",  # keys under /tmp fail the mode check otherwise
         "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxSessions 50", "MaxStartups 50",
-        *([f"ForceCommand {_session_shell(dir, path_first, home)}"] if path_first or home else []),
+        *([f"ForceCommand {_session_shell(dir, path_first, home, env)}"] if path_first or home or env else []),
     ]) + "\n")
     if home is not None:
         home.mkdir(parents=True, exist_ok=True)
@@ -132,13 +137,16 @@ def start(dir: Path, timeout_s: float = 15.0, path_first: Path | None = None, ho
     raise RuntimeError(f"sshd did not answer on 127.0.0.1:{port} within {timeout_s} s")
 
 
-def start_nodes(dir: Path, n: int, path_first: Path | None = None) -> list[Sshd]:
-    """n sshd "nodes", node i in `dir/node<i>` with its home `dir/node<i>/home`, all accepting node 0's
-    client key (one keypair for the lease, as on Chameleon). Stops those started if one fails."""
+def start_nodes(dir: Path, n: int, path_first: Path | None = None,
+                env: list[dict[str, str]] | None = None) -> list[Sshd]:
+    """n sshd "nodes", node i in `dir/node<i>` with its home `dir/node<i>/home` (and `env[i]` exported in its
+    sessions), all accepting node 0's client key (one keypair for the lease, as on Chameleon). Stops those
+    started if one fails."""
     nodes: list[Sshd] = []
     try:
         for i in range(n):
-            nodes.append(start(dir / f"node{i}", path_first=path_first, home=dir / f"node{i}" / "home"))
+            nodes.append(start(dir / f"node{i}", path_first=path_first, home=dir / f"node{i}" / "home",
+                               env=env[i] if env else None))
             if i:
                 (nodes[i].dir / "authorized_keys").write_text(nodes[0].pub_path.read_text())
                 nodes[i].key_path, nodes[i].pub_path = nodes[0].key_path, nodes[0].pub_path
@@ -331,3 +339,215 @@ def standins(bin_dir: Path, *, driver: str = "560.35.03", cuda: str = "12.6", gp
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return bin_dir
+
+
+# -- a node's firewall ------------------------------------------------------------------------------
+# firewall-cmd of a node whose firewalld admits only SSH until told otherwise, as on Chameleon's CUDA images.
+# It parses its arguments as the real one does (argparse, the same option names, mutually exclusive groups and
+# checks, exit codes of firewall/errors.py) but models only the options below: any other is refused as an
+# unrecognized argument (exit 2), so code that needs one fails its tests instead of passing against a stub.
+# State: $NANOREPRO_TEST_FIREWALLD/state.json (firewalld running or not, runtime and permanent sources per
+# zone) and `filter`, the sources the node's packet filter admits (what the connect() gate reads), and
+# calls.log, one line per call.
+FIREWALL_CMD = '''#!{python}
+import argparse, ipaddress, json, os, sys
+from pathlib import Path
+
+STATE = Path(os.environ.get("NANOREPRO_TEST_FIREWALLD") or Path(sys.argv[0]).resolve().parent / "firewalld")
+ZONES = ["block", "dmz", "drop", "external", "home", "internal", "nm-shared", "public", "trusted", "work"]
+INVALID_ADDR, INVALID_ZONE, ZONE_CONFLICT, NOT_RUNNING, NOT_AUTHORIZED = 105, 112, 18, 252, 253
+STATE.mkdir(parents=True, exist_ok=True)
+with open(STATE / "calls.log", "a") as log:
+    log.write(" ".join(sys.argv[1:]) + "\\n")
+path = STATE / "state.json"
+state = json.loads(path.read_text()) if path.is_file() else {{
+    "running": True, "runtime": {{z: [] for z in ZONES}}, "permanent": {{z: [] for z in ZONES}}}}
+
+
+def done(message="success", code=0):
+    print(message, file=sys.stderr if code > 1 else sys.stdout)
+    sys.exit(code)
+
+
+def save():
+    path.write_text(json.dumps(state))
+    admitted = state["runtime"]["trusted"] if state["running"] else ["0.0.0.0/0"]  # stopped: nothing filters
+    (STATE / "filter").write_text("".join(s + "\\n" for s in admitted))
+
+
+parser = argparse.ArgumentParser(usage="'firewall-cmd --help' for usage information or see firewall-cmd(1) man page",
+                                 add_help=False, prog="firewall-cmd")
+parser.add_argument("-q", "--quiet", action="store_true")
+alone = parser.add_mutually_exclusive_group()
+for option in ("-h", "--help"), ("-V", "--version"), ("--state",), ("--reload",), ("--runtime-to-permanent",), \\
+        ("--get-default-zone",), ("--get-zones",):
+    alone.add_argument(*option, action="store_true")
+parser.add_argument("--permanent", action="store_true")
+parser.add_argument("--zone", default="", metavar="<zone>")
+zone_ops = parser.add_mutually_exclusive_group()
+for option in "--add-source", "--remove-source", "--query-source":
+    zone_ops.add_argument(option, metavar="<source>", action="append")
+zone_ops.add_argument("--list-sources", action="store_true")
+a = parser.parse_args()
+standalone = a.help or a.version or a.state or a.reload or a.runtime_to_permanent or a.get_default_zone or a.get_zones
+zone_op = a.add_source or a.remove_source or a.query_source or a.list_sources
+if standalone and (a.zone or a.permanent or zone_op):
+    done(parser.format_usage() + "Can't use stand-alone options with other options.", 2)
+if not standalone and not zone_op:
+    done(f"State: {{'running' if state['running'] else 'not running'}}\\n\\nNo options specified\\n"
+         + parser.format_usage()[:-1], 2)
+if a.help:
+    done("Usage: firewall-cmd [OPTIONS...]")
+if not state["running"]:
+    done("not running" if a.state else "FirewallD is not running", NOT_RUNNING)
+changes = a.reload or a.runtime_to_permanent or a.add_source or a.remove_source
+if changes and os.geteuid() != 0:  # polkit lets only the superuser change the firewall
+    done("Authorization failed.\\n    Make sure polkit agent is running or run the application as superuser.",
+         NOT_AUTHORIZED)
+if a.version:
+    done("2.1.1")
+if a.state:
+    done("running")
+if a.get_default_zone:
+    done("public")
+if a.get_zones:
+    done(" ".join(ZONES))
+if a.reload:
+    state["runtime"] = json.loads(json.dumps(state["permanent"]))
+    save(); done()
+if a.runtime_to_permanent:
+    state["permanent"] = json.loads(json.dumps(state["runtime"]))
+    save(); done()
+zone = a.zone or "public"
+if zone not in ZONES:
+    done(f"Error: INVALID_ZONE: {{zone}}", INVALID_ZONE)
+config = state["permanent" if a.permanent else "runtime"]
+if a.list_sources:
+    done(" ".join(config[zone]))
+for source in a.add_source or a.remove_source or a.query_source:
+    try:
+        ipaddress.ip_network(source, strict=False)
+    except ValueError:
+        done(f"Error: INVALID_ADDR: {{source}}", INVALID_ADDR)
+    if a.query_source:
+        done("yes" if source in config[zone] else "no", 0 if source in config[zone] else 1)
+    if a.remove_source:
+        if source not in config[zone]:
+            print(f"Warning: NOT_ENABLED: '{{source}}' is not in zone '{{zone}}'", file=sys.stderr)
+        else:
+            config[zone].remove(source)
+    elif source in config[zone]:
+        print(f"Warning: ZONE_ALREADY_SET: '{{source}}' already bound to '{{zone}}'", file=sys.stderr)
+    elif any(source in sources for sources in config.values()):
+        done(f"Error: ZONE_CONFLICT: '{{source}}' already bound to a zone", ZONE_CONFLICT)
+    else:
+        config[zone].append(source)
+save()
+done()
+'''
+
+# connect() of every process of a node but the head: a TCP connection to 127.0.0.1 (or ::ffff:127.0.0.1, ::1:
+# torch's store and gloo connect over IPv6) fails as a firewalld reject makes it fail (EHOSTUNREACH, "No route
+# to host") unless the head's packet filter admits 127.0.0.1
+# ($NANOREPRO_TEST_FILTER: the head firewall-cmd stand-in's `filter`, one CIDR a line). Loaded with
+# LD_PRELOAD, it holds for C code as for Python: torchrun's store and gloo's pairs as well as the port check.
+# (Only the head's filter is modelled: the head's ports and the other nodes' all count as the head's.)
+GATE_C = r'''
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+static int admitted(void) {
+    const char *path = getenv("NANOREPRO_TEST_FILTER");
+    FILE *f = path ? fopen(path, "r") : NULL;
+    char line[128];
+    int ok = 0;
+    if (!f) return 0;
+    while (!ok && fgets(line, sizeof line, f)) {
+        unsigned a, b, c, d, bits;
+        if (sscanf(line, "%u.%u.%u.%u/%u", &a, &b, &c, &d, &bits) == 5 && bits <= 32) {
+            uint32_t net = a << 24 | b << 16 | c << 8 | d, mask = bits ? 0xffffffffu << (32 - bits) : 0;
+            ok = (0x7f000001u & mask) == (net & mask);
+        }
+    }
+    fclose(f);
+    return ok;
+}
+
+/* 127.0.0.1, also as torch's store and gloo reach it: over IPv6, as ::ffff:127.0.0.1 (or ::1) */
+static int loopback(const struct sockaddr *addr, socklen_t len) {
+    if (addr->sa_family == AF_INET && len >= sizeof(struct sockaddr_in))
+        return ntohl(((const struct sockaddr_in *)addr)->sin_addr.s_addr) == 0x7f000001u;
+    if (addr->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
+        const struct in6_addr *a6 = &((const struct sockaddr_in6 *)addr)->sin6_addr;
+        static const unsigned char mapped[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1};
+        return memcmp(a6->s6_addr, mapped, 16) == 0 || IN6_IS_ADDR_LOOPBACK(a6);
+    }
+    return 0;
+}
+
+int connect(int fd, const struct sockaddr *addr, socklen_t len) {
+    static int (*real)(int, const struct sockaddr *, socklen_t);
+    if (!real) real = (int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "connect");
+    if (addr && loopback(addr, len) && !admitted()) {
+        errno = EHOSTUNREACH;
+        return -1;
+    }
+    return real(fd, addr, len);
+}
+'''
+
+
+def firewall_standin(bin_dir: Path) -> Path:
+    """Write the firewall-cmd stand-in into `bin_dir` (a sshd's `path_first`); its path."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / "firewall-cmd"
+    path.write_text(FIREWALL_CMD.format(python=sys.executable))
+    path.chmod(0o755)
+    return path
+
+
+def firewall_state(state_dir: Path, *, running: bool = True, trusted: tuple[str, ...] = (),
+                   permanent: tuple[str, ...] = (), other: dict[str, list[str]] | None = None) -> None:
+    """(Re)set a node's firewalld as the stand-in keeps it: by default running and admitting only SSH;
+    `trusted` sources in the runtime trusted zone, `permanent` in the permanent one, `other` zones' runtime sources."""
+    zones = ["block", "dmz", "drop", "external", "home", "internal", "nm-shared", "public", "trusted", "work"]
+    runtime = {z: list((other or {}).get(z, [])) for z in zones} | {"trusted": list(trusted)}
+    state = {"running": running, "runtime": runtime, "permanent": {z: [] for z in zones} | {"trusted": list(permanent)}}
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "state.json").write_text(json.dumps(state))
+    (state_dir / "filter").write_text("".join(f"{s}\n" for s in (trusted if running else ["0.0.0.0/0"])))
+    (state_dir / "calls.log").write_text("")
+
+
+def firewall_gate(dir: Path) -> Path:
+    """The connect() gate (GATE_C) built into `dir` as a shared library for LD_PRELOAD (needs a C compiler)."""
+    dir.mkdir(parents=True, exist_ok=True)
+    (dir / "gate.c").write_text(GATE_C)
+    lib = dir / "gate.so"
+    r = subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(lib), str(dir / "gate.c"), "-ldl"],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"cannot build the firewall gate (cc, from gcc: bash scripts/system-deps.sh): {r.stderr}")
+    return lib
+
+
+def start_firewalled_nodes(dir: Path, n: int, bin_dir: Path) -> list[Sshd]:
+    """start_nodes, each node's firewalld (the stand-in in `bin_dir`, its state in `dir/node<i>/firewalld`)
+    admitting only SSH, and every node but the head behind the head's packet filter (the gate): nothing but
+    SSH reaches the head from them until the head's firewall admits 127.0.0.1."""
+    firewall_standin(bin_dir)
+    gate = firewall_gate(dir / "gate")
+    states = [dir / f"node{i}" / "firewalld" for i in range(n)]
+    for state in states:
+        firewall_state(state)
+    env = [{"NANOREPRO_TEST_FIREWALLD": str(state)} for state in states]
+    for e in env[1:]:
+        e |= {"LD_PRELOAD": str(gate), "NANOREPRO_TEST_FILTER": str(states[0] / "filter")}
+    return start_nodes(dir, n, path_first=bin_dir, env=env)

@@ -130,10 +130,11 @@ def test_run_all_with_no_parameters_on_the_hub_leases_installs_trains_fetches_an
 def test_run_all_with_two_nodes_trains_one_run_on_both_and_releases_everything(
         tmp_path, shakespeare_path, tiktoken_offline, tiny_gpt2):
     """00 -> 05 with nodes=2 and 02 training under DDP: one lease of two hosts, node 1 reached only through
-    the head (from the notebook kernel too), installed on both and recorded per node, torchrun on both
-    nodes (world size 2), and nothing left afterwards: no lease, server or floating IP, no job on a node."""
+    the head (from the notebook kernel too), installed on both and recorded per node, each node's firewall
+    (admitting only SSH, as the image's) opened to the private network, torchrun on both nodes (world size 2)
+    through it, and nothing left afterwards: no lease, server or floating IP, no job on a node."""
     bin_dir = sshd_helper.standins(tmp_path / "node-bin", driver="560.35.03", cuda="12.6")
-    nodes = sshd_helper.start_nodes(tmp_path / "nodes", 2, path_first=bin_dir)
+    nodes = sshd_helper.start_firewalled_nodes(tmp_path / "nodes", 2, bin_dir)
     kernels = tmp_path / "guarded.log"
     checkout, shim = artifact(tmp_path, tiny_gpt2, sshd_helper.through_head_sitecustomize(nodes, kernels))
     # the README's command: one run over both nodes, its 8 micro-steps per iteration split over the ranks
@@ -161,6 +162,11 @@ def test_run_all_with_two_nodes_trains_one_run_on_both_and_releases_everything(
     assert record["status"] == "released" and len(record["nodes"]) == 2
     setup = [n["setup"] for n in record["nodes"]]  # installed on both, recorded per node
     assert [(s["status"], s["folder"]) for s in setup] == [("ready", "node"), ("ready", "node-1")]
+    assert [(n["network"]["status"], n["network"]["iface"]) for n in record["nodes"]] == [("ready", "lo")] * 2
+    for node in nodes:  # each node's firewalld admits the private network, now and after a reboot
+        firewall = json.loads((node.dir / "firewalld" / "state.json").read_text())
+        assert firewall["runtime"]["trusted"] == firewall["permanent"]["trusted"] == ["127.0.0.0/8"]
+    assert "the head's rendezvous port 127.0.0.1:" in out and "answers every node" in out
     for folder in ("node", "node-1"):
         assert (results / folder / "nvidia-smi.txt").is_file() and (results / folder / "env.json").is_file()
     assert out.count("torch 2.13.0+cu126 sees 1 GPU(s)") == 2
@@ -172,6 +178,7 @@ def test_run_all_with_two_nodes_trains_one_run_on_both_and_releases_everything(
     (job,) = (stages[1] / ".jobs").glob("train_char-*")
     script = (job / "run.sh").read_text()
     assert "--nnodes=2" in script and "--node_rank=1" in script and "--rdzv_backend=static" in script
+    assert "NCCL_SOCKET_IFNAME=lo GLOO_SOCKET_IFNAME=lo " in script
     assert (job / "rc").read_text().strip() == "0"
     assert (stages[0] / "runs" / "char" / "ckpt.pt").is_file() and not (stages[1] / "runs" / "char" / "ckpt.pt").exists()
     for rel in ["runs/char/samples.txt", "runs/finetune/metrics.jsonl", "REPORT.md", "notebooks/05_release_node.ipynb"]:

@@ -45,7 +45,7 @@ TROVI_SETUP_TYPES = {"jupyterhub", "isolated_jupyter", "source_code", "image", "
 
 # Modules the Chameleon hub kernel (1 GB, no GPU) imports: none may pull in torch.
 HUB_MODULES = ("config", "metrics", "errors", "plots", "report", "envinfo", "chameleon", "runner", "pipeline",
-               "remote", "notebooks", "cli", "references", "files", "fmt", "live", "nodeinstall")
+               "remote", "notebooks", "cli", "references", "files", "fmt", "live", "nodeinstall", "network")
 
 EXTRAS_FOR_A_FULL_RUN = ("train", "notebooks", "chameleon")
 
