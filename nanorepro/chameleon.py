@@ -371,7 +371,7 @@ def choose_window(chi: Any, site: str, node_type: str, hours: float, nodes: int,
     start = first["next_free"]
     if start.second or start.microsecond:  # Blazar counts in whole minutes: the next one, not the one it is in
         start = start.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
-    return first["node_type"], None if start <= _utcnow() + dt.timedelta(minutes=5) else start
+    return first["node_type"], None if start <= _utcnow() + dt.timedelta(minutes=1) else start
 
 
 def choose_node_type_name(site: str, node_type: str, here: list[str]) -> str:

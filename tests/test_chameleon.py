@@ -795,6 +795,30 @@ def test_a_lease_booked_ahead_is_picked_up_by_a_second_run_after_its_start(chi_h
     assert cloud.live() == {"leases": [], "servers": [], "fips": []}
 
 
+def test_a_lease_booked_ahead_by_00_is_picked_up_by_its_second_run_all(chi_env, cloud, node_sshd, tmp_path):
+    """The notebooks as a user runs them: Run All of 00 with start="next_free" books the window that opens in
+    about three minutes (every A100 at CHI@UC is taken until then) and stops before installing; Run All of 00
+    after the start picks the booked lease up, boots and installs. Real time passes: the clocks agree."""
+    from fake_openstack import _now
+
+    cloud.booked = {"compute_gigaio", "gpu_a100_pcie", "gpu_a100_nvlink"}
+    cloud.booked_until = _now() + dt.timedelta(seconds=150)
+    results = tmp_path / "results"
+    params = dict(target="chameleon", results_dir=str(results), site="CHI@UC", lease_hours=2, start="next_free")
+    text = outputs(papermill("00_reserve_node.ipynb", tmp_path / "00a.ipynb", **params))
+    record = json.loads((results / remote.NODE_FILE).read_text())
+    starts = dt.datetime.fromisoformat(record["lease_start"])
+    assert record["status"] == "booked" and f"is BOOKED: 1x compute_gigaio from {starts:%Y-%m-%d %H:%M} UTC" in text
+    assert "nothing to install until it starts" in text and not cloud.live()["servers"]
+    time.sleep(max(0.0, (starts - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 2)  # until it starts
+    text = outputs(papermill("00_reserve_node.ipynb", tmp_path / "00b.ipynb", **params))
+    record = json.loads((results / remote.NODE_FILE).read_text())
+    assert "reusing it" in text and "node ready in" in text and record["status"] == "ready"
+    assert record["lease_start"] == starts.isoformat() and len(cloud.live()["servers"]) == 1
+    papermill("05_release_node.ipynb", tmp_path / "05.ipynb", target="chameleon", results_dir=str(results))
+    assert cloud.live() == {"leases": [], "servers": [], "fips": []}
+
+
 def test_a_start_in_the_past_or_not_a_time_is_refused_before_anything(tmp_path):
     with pytest.raises(UserError, match="is in the past"):
         chameleon.reserve("chameleon", state_dir=tmp_path, start="2020-01-01T00:00")
