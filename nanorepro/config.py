@@ -220,7 +220,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Tuned on a 2-core CPU (benchmarks/tuning-log.md), additions to nanoGPT's recipes: Muon (optim.py),
     # rotary positions, QK-norm and relu^2 (model.py), bf16 where the CPU has it and it is faster
-    # (dtype=fast). Measured figures: README "Benchmarks".
+    # (dtype=fast). Measured figures: benchmarks/RESULTS.md.
     # quick: nanoGPT's CPU target, val <= 1.88, as fast as possible: two narrow layers, twice the CPU
     # recipe's batch (it amortises Muon's per-step cost), 300 steps, one evaluation at the end.
     "shakespeare-char-cpu-quick": dict(
