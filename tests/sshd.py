@@ -115,7 +115,7 @@ def start(dir: Path, timeout_s: float = 15.0, path_first: Path | None = None, ho
         f"AuthorizedKeysFile {auth}", f"AllowUsers {user}", "PermitRootLogin prohibit-password",
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
         "StrictModes no",  # keys under /tmp fail the mode check otherwise
-        "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxSessions 50", "MaxStartups 50",
+        "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxSessions=50", "MaxStartups=50",  # keyword=value, as sshd_config allows
         *([f"ForceCommand {_session_shell(dir, path_first, home, env)}"] if path_first or home or env else []),
     ]) + "\n")
     if home is not None:
