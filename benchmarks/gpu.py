@@ -204,7 +204,7 @@ def preflight(dry: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
     names = [torch.cuda.get_device_name(i) for i in range(seen)]
     env["gpus"] = names
-    listed = re.findall(r"GPU \d+: (.+?) \(UUID", smi)
+    listed = nodeinstall.gpu_models(smi)
     model = names[0] if names else (listed[0] if listed else "none")
     known = memory.peak_flops(model, "bfloat16") is not None
     restricted = "CUDA_VISIBLE_DEVICES" in os.environ  # fewer than nvidia-smi lists, on purpose

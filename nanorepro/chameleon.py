@@ -479,7 +479,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
     try:
         _boot(chi, record, state_dir, poll=_poll_s(), ssh_timeout_s=ssh_timeout_s)
         with _step("checking each node's GPUs (nvidia-smi -L), before anything is installed"):
-            check_gpus(record, state_dir, need=EXPECTED_GPU if node_type == "auto" else None)
+            check_gpu_models(record, state_dir, need=EXPECTED_GPU if node_type == "auto" else None)
     except KeyboardInterrupt:
         print("\ninterrupted: " + still_running(record, state_dir), flush=True)
         raise
@@ -621,7 +621,7 @@ def _boot(chi: Any, record: dict[str, Any], state_dir: Path, *, poll: float, ssh
         wait_for_ssh(record["host"], record["port"], ssh_timeout_s, poll)
 
 
-def check_gpus(record: dict[str, Any], state_dir: Path, need: str | None) -> None:
+def check_gpu_models(record: dict[str, Any], state_dir: Path, need: str | None) -> None:
     """Every node's GPUs as `nvidia-smi -L` lists them, into the record (the node entries' "gpu_models",
     the record's "gpu_model"). A node without an NVIDIA GPU is refused; with `need` (node_type="auto": the
     presets' A100), so is a node whose GPUs are another model. A user's own node_type runs with what it has."""
@@ -635,7 +635,7 @@ def check_gpus(record: dict[str, Any], state_dir: Path, need: str | None) -> Non
         if isinstance(result, BaseException):
             raise result
         code, out = result
-        models = re.findall(r"^GPU \d+: (.+?) \(UUID", out, re.M)
+        models = nodeinstall.gpu_models(out)
         entry["gpu_models"] = models
         where = f"node {i} ({entry['name']}, server {entry.get('server_id')})"
         if code != 0 or not models:

@@ -102,11 +102,16 @@ def parse_probe(text: str) -> NodeFacts:
                      headers=values.get("headers") == "yes")
 
 
+def gpu_models(text: str) -> list[str]:
+    """The model of each GPU `nvidia-smi -L` lists ("GPU 0: NVIDIA A100-SXM4-80GB (UUID: ...)")."""
+    return re.findall(r"^GPU \d+: (.+?) \(UUID", text, re.M)
+
+
 def parse_nvidia_smi(text: str) -> tuple[str | None, tuple[int, int] | None, int]:
     """(driver version, the CUDA version it supports, GPUs listed) from `nvidia-smi; nvidia-smi -L`."""
     driver = re.search(r"Driver Version:\s*([\d.]+)", text)
     cuda = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", text)
-    gpus = sum(1 for line in text.splitlines() if re.match(r"GPU \d+: ", line))
+    gpus = len(gpu_models(text))
     return (driver[1] if driver else None, (int(cuda[1]), int(cuda[2])) if cuda else None, gpus)
 
 
