@@ -184,8 +184,8 @@ class StrictCuda:
             device = torch.device(device)
         elif isinstance(device, int):
             device = torch.device("cuda", device)
-        index = device.index if device.index is not None else self.current_device()
-        if device.type != "cuda" or index >= len(self.gpus):  # torch: default_generators[idx]
+        index = device.index if device.index is not None else self.current_device()  # the type is not checked
+        if index >= len(self.gpus):  # torch: default_generators[idx]
             raise IndexError("tuple index out of range")
         return index
 

@@ -241,13 +241,20 @@ class _Handler(BaseHTTPRequestHandler):
         return 201, body, {"X-Subject-Token": token}
 
     def _token(self, body: dict) -> tuple:
-        """POST /auth/tokens: an application credential, or a token this fake issued (the OIDC path) scoped
-        to a project it knows, by name (with its domain) or id."""
+        """POST /auth/tokens: the application credential of `env()`, or a token this fake issued (the OIDC path)
+        scoped to a project it knows, by name (with its domain) or id; anything else is refused, as Keystone does."""
         auth = body.get("auth", {})
         methods, scope = auth.get("identity", {}).get("methods", []), auth.get("scope", {})
         self.cloud.scopes.append(scope)
+        unauthorized = 401, {"error": {"code": 401, "title": "Unauthorized",
+                                       "message": "The request you have made requires authentication."}}
+        if methods not in (["token"], ["application_credential"]):  # no password, no other method: as the hub and openrc
+            return unauthorized
         if "token" in methods and auth["identity"]["token"].get("id") not in self.cloud.tokens:
             return 404, {"error": {"code": 404, "title": "Not Found", "message": "Could not find token."}}
+        cred = auth["identity"].get("application_credential", {})
+        if "application_credential" in methods and (cred.get("id"), cred.get("secret")) != ("fake-cred", "fake-secret"):
+            return unauthorized
         project = scope.get("project", {})
         if "token" in methods and project.get("id") != "proj-1" and project.get("name") != "CHI-000000":
             return 401, {"error": {"code": 401, "title": "Unauthorized",

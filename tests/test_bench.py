@@ -328,20 +328,19 @@ def test_gpu_preflight_names_the_torch_build_the_driver_can_run():
                             "13.0")["ok"] is True
 
 
-def test_gpu_preflight_fails_in_seconds_without_nvidia_smi_or_a_compiler(tmp_path, monkeypatch):
+def test_gpu_preflight_fails_before_any_work_without_nvidia_smi_or_a_compiler(tmp_path, monkeypatch):
     """No nvidia-smi: one failed check and exit 2 before anything is prepared or trained."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("bash", "dirname"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
     env = {**os.environ, "PATH": str(bin_dir)}
-    started = time.monotonic()
     r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "preflight failed: nothing was trained" in r.stderr, r.stdout + r.stderr
     assert "nvidia-smi: FAILED: nvidia-smi is not on PATH" in r.stdout and "Traceback" not in r.stderr
     assert "C compiler and Python headers: FAILED" in r.stdout and "python3-dev" in r.stdout
-    assert not (tmp_path / "o" / "data").exists() and time.monotonic() - started < 60
+    assert not (tmp_path / "o" / "data").exists()  # nothing prepared, nothing trained
     monkeypatch.setenv("CC", "/bin/false")
     assert _gpu_script().compiler_check()["ok"] is False
 
