@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import torch
 
 from nanorepro.config import resolve
-from nanorepro.model import GPT
+from nanorepro.gpt.model import GPT
 
 # name -> (n_layer, n_embd, block_size, batch_size); n_head = n_layer's usual match below
 SHAPES = {

@@ -38,7 +38,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # nanorepro from this checkout, installed or not
 
-from nanorepro import memory, nodeinstall  # noqa: E402 (torch-free: the preflight stays fast)
+from nanorepro import memory  # noqa: E402
+from nanorepro.cloud import nodeinstall  # noqa: E402 (torch-free: the preflight stays fast)
 from nanorepro.config import resolve  # noqa: E402
 
 A100_TARGET = 1.4697  # nanoGPT README: the baby GPT's best val loss on one A100

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The CPU figures (issues 7 and 14), measured side by side with upstream nanoGPT on this machine.
+# The CPU figures, measured side by side with upstream nanoGPT on this machine.
 # Run on a quiet machine (nothing else using the cores): the bench records the load average, the CPU's
 # kind (AVX-512, native bf16, AMX) and the CPUs it may use. On one core of a busy machine:
 #   OMP_NUM_THREADS=1 taskset -c 0 benchmarks/side_by_side.sh [NANOGPT_DIR] [INPUT_TXT]

@@ -5,7 +5,7 @@ no GPU) imports the light modules only (config, metrics, plots, report, chameleo
 In a Jupyter kernel it also makes a UserError show as its one line (problem and fix), as the CLI does.
 """
 
-from .errors import one_line_in_notebooks
+from nanorepro.errors import one_line_in_notebooks
 
 __version__ = "0.1.0"
 

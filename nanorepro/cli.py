@@ -14,24 +14,27 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__, chameleon, compare, config, data, fmt, memory, notebooks, openwebtext, report
-from .config import PRESETS, PRETRAINED
-from .errors import UserError
-from .files import write_text_atomic
+from nanorepro import __version__, compare, config, fmt, memory, notebooks
+from nanorepro.cloud import chameleon
+from nanorepro.config import PRESETS, PRETRAINED
+from nanorepro.data import dataset, openwebtext
+from nanorepro.errors import UserError
+from nanorepro.files import write_text_atomic
+from nanorepro.results import report
 
 
 def _prepare(args: argparse.Namespace, extra: list[str]) -> None:
     if args.dataset == "openwebtext":
         meta = openwebtext.prepare(args.source or openwebtext.DEFAULT_SOURCE, name=args.name or "openwebtext",
                                    data_root=args.data_root, num_proc=args.num_proc, text_column=args.text_column)
-        print(data.summary(meta))
+        print(dataset.summary(meta))
         return
     if args.source or args.num_proc:
         raise UserError("--source and --num-proc are for --dataset openwebtext", "use --input FILE for a text file")
     encodings = ("char", "gpt2") if args.encoding == "all" else (args.encoding,)
-    for meta in data.prepare(input_path=args.input, name=args.name or "shakespeare", encodings=encodings,
+    for meta in dataset.prepare(input_path=args.input, name=args.name or "shakespeare", encodings=encodings,
                              data_root=args.data_root, cache_dir=args.cache_dir, url=args.url):
-        print(data.summary(meta))
+        print(dataset.summary(meta))
 
 
 def _compare_gpt2(args: argparse.Namespace, extra: list[str]) -> None:
@@ -54,7 +57,7 @@ def _estimate(args: argparse.Namespace, extra: list[str]) -> None:
     if world > 1 and cfg.parallel == "none":
         cfg = config.resolve(args.preset, {**overrides, "parallel": "ddp"})
         print(f"parallel=none: estimated as parallel=ddp over {world} processes (torchrun; --parallel=fsdp to shard)")
-    vocab, source = data.vocab_size_of(cfg.data_root, cfg.dataset)
+    vocab, source = dataset.vocab_size_of(cfg.data_root, cfg.dataset)
     shape = cfg.model_config(vocab)
     dtype, why = (cfg.dtype, f"dtype {cfg.dtype}") if cfg.dtype not in ("auto", "fast") else memory.dtype_for(
         args.gpu, args.preset in config.GPU_PRESETS or bool(args.gpu_memory_gib))
@@ -90,7 +93,7 @@ def _estimate(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> None:
-    from . import train
+    from nanorepro.gpt import train
 
     if args.config:  # resolved and checked where the stage was launched (pipeline.Pipeline.train)
         if args.preset or args.out_dir or extra:
@@ -119,7 +122,7 @@ def _read_text(path: str, option: str) -> str:
 
 
 def _sample(args: argparse.Namespace, extra: list[str]) -> None:
-    from . import sample
+    from nanorepro.gpt import sample
 
     prompt = _read_text(args.prompt_file, "--prompt-file") if args.prompt_file else args.prompt
     texts = sample.sample(run_dir=args.run, model=args.model, prompt=prompt, num_samples=args.num_samples,
@@ -167,7 +170,7 @@ def _release(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _bench(args: argparse.Namespace, extra: list[str]) -> None:
-    from . import bench
+    from nanorepro.gpt import bench
 
     overrides = config.parse_overrides(extra)
     if args.device:
@@ -188,13 +191,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every command and its options. Long but flat: one block of declarations per command, in the
-    order `nanorepro --help` lists them, so a command's options read in one place."""
+    """Every command and its options, in the order `nanorepro --help` lists them; each group's options read
+    in one place below."""
     p = _Parser(prog="nanorepro", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"nanorepro {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_data_and_training_commands, _results_commands, _chameleon_commands, _scaling_commands):
+        add(sub)
+    return p
 
+
+def _data_and_training_commands(sub: argparse._SubParsersAction) -> None:
+    """prepare, train, sample."""
     s = sub.add_parser("prepare", help="Tiny Shakespeare (bundled, or --input) into token files")
     s.add_argument("--input", help="a local UTF-8 text file instead of Tiny Shakespeare (or $NANOREPRO_INPUT)")
     s.add_argument("--url", help="download Tiny Shakespeare from this mirror (sha256-checked, cached) "
@@ -238,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="also write the samples to this file")
     s.set_defaults(func=_sample)
 
+
+
+def _results_commands(sub: argparse._SubParsersAction) -> None:
+    """run-notebooks (the main job), report, bundle."""
     s = sub.add_parser("run-notebooks", help="run notebooks/ in order with papermill (the main job)")
     s.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="a notebook parameter, e.g. -p char_max_iters 200 (repeatable)")
@@ -256,7 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--with-checkpoints", action="store_true", help="also pack each run's ckpt.pt (large)")
     s.set_defaults(func=_bundle)
 
-    # the Chameleon node
+
+
+def _chameleon_commands(sub: argparse._SubParsersAction) -> None:
+    """reserve and release a Chameleon node."""
     s = sub.add_parser("reserve", help="lease an A100 node on Chameleon, boot it, install nanorepro (see 00_reserve_node)")
     s.add_argument("--results-dir", default=chameleon.STATE_DIR, help="where the node record goes")
     s.add_argument("--site", help="CHI@UC or CHI@TACC (default $OS_REGION_NAME)")
@@ -284,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--project")
     s.set_defaults(func=_release)
 
-    # scaling out: GPT-2 sizes, memory, speed
+
+
+def _scaling_commands(sub: argparse._SubParsersAction) -> None:
+    """Scaling out: GPT-2 sizes, memory, speed."""
     s = sub.add_parser("compare-gpt2",
                        help="fine-tune several GPT-2 sizes with one recipe: a table and overlaid loss curves")
     s.add_argument("--models", nargs="+", default=list(PRETRAINED),
@@ -325,7 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", help="the input.txt the dataset was prepared from (for nanoGPT's prepare.py)")
     s.add_argument("--keep", action="store_true", help="keep the temp folder with the runs and logs")
     s.set_defaults(func=_bench)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

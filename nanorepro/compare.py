@@ -14,12 +14,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import metrics, plots
-from .config import PRESETS, PRETRAINED, pretrained_config
-from .errors import UserError
-from .fmt import markdown_table
-from .pipeline import Pipeline
-from .report import summarize_run
+from nanorepro import metrics
+from nanorepro.config import PRESETS, PRETRAINED, pretrained_config
+from nanorepro.errors import UserError
+from nanorepro.fmt import markdown_table
+from nanorepro.pipeline import Pipeline
+from nanorepro.results import plots
+from nanorepro.results.report import summarize_run
 
 DEFAULT_PRESET = "finetune-shakespeare"  # nanoGPT's recipe (batch 1 x 32 accumulation, 20 iters, lr 3e-5)
 TABLE_FILE, JSON_FILE = "COMPARE.md", "compare.json"

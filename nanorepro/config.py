@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .files import load_json, write_text_atomic
+from nanorepro.errors import UserError
+from nanorepro.files import load_json, write_text_atomic
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .files import read_json, write_text_atomic
-from .fmt import utc_timestamp
+from nanorepro import __version__
+from nanorepro.files import read_json, write_text_atomic
+from nanorepro.fmt import utc_timestamp
 
 PACKAGES = ("nanorepro", "torch", "transformers", "tiktoken", "numpy", "datasets", "matplotlib")
 _TIMEOUT_S = 10

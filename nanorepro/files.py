@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from .errors import UserError
+from nanorepro.errors import UserError
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:

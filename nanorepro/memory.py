@@ -20,9 +20,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, GPTConfig
-from .errors import UserError, WontFit
-from .fmt import GiB, human_bytes
+from nanorepro.config import Config, GPTConfig
+from nanorepro.errors import UserError, WontFit
+from nanorepro.fmt import GiB, human_bytes
 
 OVERHEAD_BYTES = GiB // 2  # CUDA context / interpreter and torch runtime, not in the tensors above
 # Dense bf16 tensor-core peak FLOP/s by GPU name (fp32 runs use TF32: half of it): the one table

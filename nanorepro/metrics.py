@@ -19,9 +19,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import faults
-from .errors import UserError
-from .files import write_text_atomic
+from nanorepro import faults
+from nanorepro.errors import UserError
+from nanorepro.files import write_text_atomic
 
 # The line train.py prints at each evaluation, as nanoGPT's train.py does: what the live curve follows in
 # a stage's output and what the bench reads from either implementation.

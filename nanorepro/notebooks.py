@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import config
-from .errors import UserError
-from .files import project_root
-from .runner import TARGETS, results_path
+from nanorepro import config
+from nanorepro.cloud.runner import TARGETS, results_path
+from nanorepro.errors import UserError
+from nanorepro.files import project_root
 
 # The notebooks' own defaults: target "auto" (a Chameleon node on Chameleon's JupyterHub, this machine
 # elsewhere), results/<target>, and presets for it (small CPU ones here: the README's main job finishes

@@ -17,11 +17,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from . import config, live, metrics, report
-from .errors import ModelUnavailable, UserError, WontFit
-from .fmt import markdown_table
-from .references import load_references
-from .runner import get_runner, resolve_target, results_path
+from nanorepro import config, metrics
+from nanorepro.cloud.runner import get_runner, resolve_target, results_path
+from nanorepro.errors import ModelUnavailable, UserError, WontFit
+from nanorepro.fmt import markdown_table
+from nanorepro.results import live, report
+from nanorepro.results.references import load_references
 
 # preset "auto": the A100 recipe on a Chameleon node, the laptop one here
 AUTO_PRESETS = {"char": {"chameleon": "shakespeare-char", "local": "shakespeare-char-cpu"},
@@ -112,11 +113,11 @@ def _names_the_lease(stage: Callable) -> Callable:
 
 def _lease_note(results: Path) -> str:
     """still_running for the node recorded in `results`, or why it cannot be said."""
-    from . import chameleon
-    from .remote import read_node_record
+    from nanorepro.cloud import chameleon
+    from nanorepro.cloud.node import NodeRecord
 
     try:
-        return chameleon.still_running(read_node_record(results), results)
+        return chameleon.still_running(NodeRecord.read(results) or NodeRecord(), results)
     except Exception as e:  # the record itself is unreadable: still point at the release
         return (f"lease recorded in {results} may still be running ({type(e).__name__} reading its record); "
                 f"release it with notebooks/05_release_node.ipynb or `{chameleon.release_command(results)}`")

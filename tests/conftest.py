@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nanorepro import data
+from nanorepro.data import dataset
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,7 +32,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def shakespeare_path(tmp_path_factory) -> Path:
     """Tiny Shakespeare's input.txt, written (sha256-checked) from the package's bundled copy."""
-    return data.shakespeare_file(tmp_path_factory.mktemp("tinyshakespeare"))
+    return dataset.shakespeare_file(tmp_path_factory.mktemp("tinyshakespeare"))
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +42,7 @@ def tiktoken_offline(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("tiktoken_cache")
     mp = pytest.MonkeyPatch()
     mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
-    assert data.install_gpt2_bpe() == cache
+    assert dataset.install_gpt2_bpe() == cache
     yield cache
     mp.undo()
 
@@ -51,7 +51,7 @@ def tiktoken_offline(tmp_path_factory) -> Path:
 def char_data_root(tmp_path_factory, shakespeare_path) -> Path:
     """A data root holding shakespeare_char, prepared once from the bundled copy's input.txt."""
     root = tmp_path_factory.mktemp("data_char")
-    data.prepare(input_path=shakespeare_path, encodings=("char",), data_root=root)
+    dataset.prepare(input_path=shakespeare_path, encodings=("char",), data_root=root)
     return root
 
 
@@ -59,7 +59,7 @@ def char_data_root(tmp_path_factory, shakespeare_path) -> Path:
 def gpt2_data_root(tmp_path_factory, shakespeare_path, tiktoken_offline) -> Path:
     """A data root holding shakespeare_gpt2, prepared once from the bundled copy's input.txt."""
     root = tmp_path_factory.mktemp("data_gpt2")
-    data.prepare(input_path=shakespeare_path, encodings=("gpt2",), data_root=root)
+    dataset.prepare(input_path=shakespeare_path, encodings=("gpt2",), data_root=root)
     return root
 
 

@@ -253,7 +253,7 @@ esac
 """
 
 # python3 whose `-m venv` makes a venv without pip that sees this test's packages (torch, numpy) and whose
-# `python -m nanorepro.gpucheck` reports what `torch-sees` says: "gpus" (the torch that pip was asked
+# `python -m nanorepro.gpt.gpucheck` reports what `torch-sees` says: "gpus" (the torch that pip was asked
 # for, on every GPU) or anything else (the real check, with this machine's CPU torch).
 PYTHON3 = """#!/bin/sh
 D=$(dirname "$0")
@@ -264,7 +264,7 @@ if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
   cat > "$3/bin/python" <<'END'
 #!/bin/sh
 D={dir}
-if [ "$1 $2" = "-m nanorepro.gpucheck" ] && [ "$(cat $D/torch-sees)" = gpus ]; then
+if [ "$1 $2" = "-m nanorepro.gpt.gpucheck" ] && [ "$(cat $D/torch-sees)" = gpus ]; then
   build=$(grep -o 'whl/cu[0-9]*' $D/pip.log | tail -n 1 | cut -d/ -f2)
   echo '{{"torch": "2.13.0+'$build'", "cuda": "stand-in", "devices": [{{"index": 0, "name": "NVIDIA A100-SXM4-80GB", "bf16_matmul": true}}]}}'
   exit 0

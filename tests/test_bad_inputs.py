@@ -21,9 +21,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanorepro import chameleon, cli, config, data, metrics, remote, runner, sample
+from nanorepro import cli, config, metrics
+from nanorepro.cloud import chameleon, runner, ssh
+from nanorepro.data import dataset
 from nanorepro.errors import UserError
-from nanorepro.train import train
+from nanorepro.gpt import sample
+from nanorepro.gpt.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 CUDA = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"  # a GPU that is not there
@@ -129,16 +132,16 @@ CASES = [
      r"batch_size=True is not a valid int"),
     ("api-unknown-field", "api", lambda c: config.from_dict({"lr": 0.1}), r"unknown config field 'lr'"),
     ("api-unknown-preset", "api", lambda c: config.resolve("Tiny"), r"unknown preset 'Tiny'"),
-    ("api-input-not-utf8", "api", lambda c: data.prepare(input_path=c.latin1, data_root=c.tmp), r"is not UTF-8 text"),
+    ("api-input-not-utf8", "api", lambda c: dataset.prepare(input_path=c.latin1, data_root=c.tmp), r"is not UTF-8 text"),
     ("api-cuda-without-gpu", "api", lambda c: train(tiny_cfg(c, device=CUDA)), CUDA_SAYS),
     ("api-model-too-large", "api", lambda c: train(tiny_cfg(c, n_layer=96, n_head=96, n_embd=12288)),
      r"needs .* but this machine's RAM has"),
-    ("api-characters-outside-the-vocabulary", "api", lambda c: data.Codec("char", 3, ["a", "b", "c"]).encode("abz"),
+    ("api-characters-outside-the-vocabulary", "api", lambda c: dataset.Codec("char", 3, ["a", "b", "c"]).encode("abz"),
      r"characters not in the dataset's vocabulary: 'z'"),
     ("api-sample-zero-samples", "api", lambda c: sample.sample(model="gpt2", num_samples=0), r"must be >= 1"),
     ("api-unknown-target", "api", lambda c: runner.get_runner("aws", c.tmp), r"unknown target 'aws'"),
     ("api-reserve-unknown-target", "api", lambda c: chameleon.reserve("aws"), r"unknown target 'aws'"),
-    ("api-ssh-key-readable-by-others", "api", lambda c: remote.check_key_file(c.loose_key),
+    ("api-ssh-key-readable-by-others", "api", lambda c: ssh.check_key_file(c.loose_key),
      r"SSH private key .* is readable by other users \(mode 644\) \(fix: chmod 600 "),
 ]
 assert len(CASES) >= 20 and len({c[0] for c in CASES}) == len(CASES)

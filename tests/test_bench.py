@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from nanorepro import bench, cli, config, hardware
+from nanorepro import cli, config
 from nanorepro.errors import UserError
+from nanorepro.gpt import bench, hardware
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -188,7 +189,8 @@ def test_nanogpt_args_are_python_literals_of_the_config_types():
 
 
 def test_fast_dtype_resolves_to_a_real_dtype_and_says_why(char_data_root, tmp_path):
-    from nanorepro import metrics, train
+    from nanorepro import metrics
+    from nanorepro.gpt import train
 
     cfg = config.resolve("tiny", {"dtype": "fast"})
     dtype, attention, why = hardware.fast_cpu_dtype(cfg.model_config(65), cfg.batch_size, budget_s=0.2)

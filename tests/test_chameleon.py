@@ -20,10 +20,11 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-
 import sshd as sshd_helper
 from fake_openstack import FakeCloud
-from nanorepro import chameleon, remote
+
+from nanorepro.cloud import chameleon, remote
+from nanorepro.cloud.node import NODE_FILE, NodeRecord
 from nanorepro.errors import UserError
 
 chi = pytest.importorskip("chi", reason="python-chi is part of the test environment (pip install -e '.[chameleon]')")
@@ -156,7 +157,7 @@ def test_launch_server_uses_submits_idempotent_path_and_finds_the_id(monkeypatch
     monkeypatch.setattr(chi.server, "Server", server_cls)
     monkeypatch.setattr(chi.server, "get_server_id", mock.create_autospec(GET_SERVER_ID,
                                                                           side_effect=lambda name: next(ids)))
-    record = {"server_name": "s", "reservation_id": "res-1", "image": "CC-Ubuntu22.04-CUDA", "key_name": "k"}
+    record = NodeRecord(server_name="s", reservation_id="res-1", image="CC-Ubuntu22.04-CUDA", key_name="k")
     assert chameleon.launch_server(chi, record, "sharednet1", poll=0, timeout_s=5) == "srv-9"
     server_cls.assert_called_once_with("s", reservation_id="res-1", image_name="CC-Ubuntu22.04-CUDA",
                                        key_name="k", network_name="sharednet1")
@@ -234,8 +235,8 @@ def test_wait_for_ssh_reads_the_banner_and_gives_up_clearly():
 
 def test_still_running_says_until_when_and_how_to_release(tmp_path):
     end = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=3, minutes=1)
-    msg = chameleon.still_running({"lease_name": "l", "lease_id": "id-1", "site": "CHI@UC",
-                                   "lease_end": end.isoformat()}, tmp_path / "my results")
+    msg = chameleon.still_running(NodeRecord(lease_name="l", lease_id="id-1", site="CHI@UC",
+                                              lease_end=end.isoformat()), tmp_path / "my results")
     assert "STILL RUNNING until" in msg and f"{end:%Y-%m-%d %H:%M} UTC" in msg and "(3.0 h more, about 3 SU)" in msg
     assert msg.index("notebooks/05_release_node.ipynb") < msg.index("python3 -m nanorepro release")  # 05 first
     assert f"&& python3 -m nanorepro release --results-dir '{tmp_path}/my results'`" in msg
@@ -304,7 +305,7 @@ def test_notebooks_on_target_local_reserve_and_release_nothing(tmp_path):
     assert "nothing to reserve" in outputs(nb) and "nothing to install" in outputs(nb)
     nb = papermill("05_release_node.ipynb", tmp_path / "05.ipynb", results_dir=str(tmp_path / "r"))
     assert "nothing to release" in outputs(nb)
-    assert not (tmp_path / "r" / remote.NODE_FILE).exists()
+    assert not (tmp_path / "r" / NODE_FILE).exists()
 
 
 def test_reserve_twice_then_release_through_the_notebooks(chi_env, cloud, node_sshd, tmp_path):
@@ -316,11 +317,11 @@ def test_reserve_twice_then_release_through_the_notebooks(chi_env, cloud, node_s
            "published rates" in text
     assert re.search(r"-> creating lease nanorepro-tester .*\n   done in [\d.]+ s", text)
     assert "node ready in" in text
-    record = json.loads((results / remote.NODE_FILE).read_text())
+    record = json.loads((results / NODE_FILE).read_text())
     assert record["status"] == "ready" and record["host"] == "127.0.0.1" and record["port"] == node_sshd.port
     assert record["node_type"] == "compute_gigaio" and record["site"] == "CHI@UC"
     assert record["key_path"] == str(node_sshd.key_path.resolve())
-    assert node_sshd.key_path.read_text().splitlines()[1] not in (results / remote.NODE_FILE).read_text()
+    assert node_sshd.key_path.read_text().splitlines()[1] not in (results / NODE_FILE).read_text()
     assert (results / "node" / "nvidia-smi.txt").is_file()
     assert json.loads((results / "node" / "env.json").read_text())["python"]
     # the cloud holds one lease, one server on its reservation, one floating IP bound to it
@@ -354,7 +355,7 @@ def test_reserve_twice_then_release_through_the_notebooks(chi_env, cloud, node_s
     nb = papermill("05_release_node.ipynb", tmp_path / "05.ipynb", target="chameleon", results_dir=str(results))
     assert "nothing left" in outputs(nb)
     assert cloud.live() == {"leases": [], "servers": [], "fips": []}
-    assert json.loads((results / remote.NODE_FILE).read_text())["status"] == "released"
+    assert json.loads((results / NODE_FILE).read_text())["status"] == "released"
     nb = papermill("05_release_node.ipynb", tmp_path / "05b.ipynb", target="chameleon", results_dir=str(results))
     assert "already released" in outputs(nb)
     with pytest.raises(UserError, match="was released"):
@@ -378,7 +379,7 @@ def test_a_failure_after_the_lease_exists_releases_everything(failure, chi_env, 
     assert "were released: nothing is left running" in message
     assert sum(1 for m, p in cloud.requests if m == "POST" and p.endswith("/leases")) == 1
     assert cloud.live() == {"leases": [], "servers": [], "fips": []}
-    assert json.loads((results / remote.NODE_FILE).read_text())["status"] == "released"
+    assert json.loads((results / NODE_FILE).read_text())["status"] == "released"
 
 
 def test_keep_on_failure_says_the_lease_still_runs_and_how_to_release_it(chi_env, cloud, tmp_path):
@@ -547,14 +548,14 @@ def hub_env(cloud, token: str) -> dict[str, str]:
 def test_connect_through_the_hubs_oidc_token_scopes_the_project(cloud):
     """The hub's path through connect(): the access token traded at Keystone's federation endpoint, then a
     token scoped to the project connect() sets (the branch application credentials never take)."""
-    code = "from nanorepro import chameleon\nchameleon.connect(None)\n"
+    code = "from nanorepro.cloud import chameleon\nchameleon.connect(None)\n"
     r = subprocess.run([sys.executable, "-c", code], env=hub_env(cloud, cloud.access_token), cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "site CHI@UC, project CHI-000000" in r.stdout
     assert ("POST", "/uc:5000/v3/OS-FEDERATION/identity_providers/chameleon/protocols/openid/auth") in cloud.requests
     assert {"project": {"name": "CHI-000000", "domain": {"name": "chameleon"}}} in cloud.scopes
-    code = ("from nanorepro import chameleon, errors\ntry:\n    chameleon.connect(None)\n"
+    code = ("from nanorepro import errors\nfrom nanorepro.cloud import chameleon\ntry:\n    chameleon.connect(None)\n"
             "except errors.UserError as e:\n    print(e.problem, '|', e.fix)\n")
     r = subprocess.run([sys.executable, "-c", code], env=hub_env(cloud, "an-expired-token"), cwd=REPO,
                        capture_output=True, text=True, timeout=120)
@@ -593,7 +594,7 @@ def test_a_stage_failing_on_the_node_names_the_lease_and_how_to_release_it(tmp_p
     key = tmp_path / "key"
     key.write_text("not a key")
     key.chmod(0o600)
-    (tmp_path / remote.NODE_FILE).write_text(json.dumps({
+    (tmp_path / NODE_FILE).write_text(json.dumps({
         "host": "127.0.0.1", "port": sshd_helper._free_port(), "key_path": str(key), "site": "CHI@UC",
         "lease_name": "nanorepro-tester", "lease_id": "lease-1", "lease_end": end.isoformat(), "status": "ready"}))
     with pytest.raises(UserError) as e:
@@ -612,7 +613,7 @@ def test_any_failure_of_a_stage_on_the_node_names_the_running_lease(tmp_path, mo
     key = tmp_path / "key"
     key.write_text("not a key")
     key.chmod(0o600)
-    (tmp_path / remote.NODE_FILE).write_text(json.dumps({
+    (tmp_path / NODE_FILE).write_text(json.dumps({
         "host": "127.0.0.1", "port": 22, "key_path": str(key), "site": "CHI@UC", "lease_name": "nanorepro-tester",
         "lease_id": "lease-1", "lease_end": end.isoformat(), "status": "ready"}))
 
@@ -694,7 +695,8 @@ def test_two_nodes_one_lease_one_floating_ip_on_the_head_then_all_released_and_c
     assert "compute_gigaio at CHI@UC: 1 nodes, 1 free" in before  # one host: not enough for two
     out = capsys.readouterr().out
     assert "2 nodes ready in" in out and "2x gpu_a100_pcie (4x A100 PCIe each" in out
-    assert record == json.loads((results / remote.NODE_FILE).read_text())
+    record = record.to_dict()  # what reserve returns is what it wrote
+    assert record == json.loads((results / NODE_FILE).read_text())
     live = cloud.live()
     (lease,) = live["leases"]
     (hosts,) = [r for r in lease["reservations"] if r["resource_type"] == "physical:host"]
@@ -703,7 +705,8 @@ def test_two_nodes_one_lease_one_floating_ip_on_the_head_then_all_released_and_c
     assert sorted(servers) == ["nanorepro-tester-0", "nanorepro-tester-1"]
     assert {s["reservation"] for s in servers.values()} == {hosts["id"]}
     assert record["nodes"] == [{"name": name, "server_id": servers[name]["id"], "private_ip": "127.0.0.1",
-                                "ssh_port": node_sshd.port, "gpu_models": ["NVIDIA A100-SXM4-80GB"]}
+                                "ssh_port": node_sshd.port, "gpu_models": ["NVIDIA A100-SXM4-80GB"],
+                                "setup": None, "network": None}
                                for name in ("nanorepro-tester-0", "nanorepro-tester-1")]  # each node's GPUs checked
     head = servers["nanorepro-tester-0"]
     assert record["server_id"] == head["id"] and record["server_name"] == "nanorepro-tester-0"
@@ -717,7 +720,7 @@ def test_two_nodes_one_lease_one_floating_ip_on_the_head_then_all_released_and_c
     assert "set nodes=2" in e.value.fix and posts(cloud, "/leases") == 1 and len(cloud.live()["servers"]) == 2
 
     capsys.readouterr()
-    assert chameleon.release("chameleon", state_dir=results)["status"] == "released"
+    assert chameleon.release("chameleon", state_dir=results).status == "released"
     out = capsys.readouterr().out
     assert "deleting servers nanorepro-tester-0, nanorepro-tester-1" in out
     assert "nothing left: no server (2 deleted), floating IP or lease" in out
@@ -741,7 +744,7 @@ def test_a_crash_between_server_launches_still_releases_everything(chi_here, clo
     monkeypatch.setattr(chameleon, "launch_server", launch_server)
     with pytest.raises(Crash):
         chameleon.reserve("chameleon", site="CHI@UC", nodes=2, lease_hours=2, state_dir=results)
-    record = json.loads((results / remote.NODE_FILE).read_text())
+    record = json.loads((results / NODE_FILE).read_text())
     assert [n["server_id"] for n in record["nodes"]] == [launched[0], None] and record["status"] == "reserving"
     assert len(cloud.live()["servers"]) == 2 and len(cloud.live()["leases"]) == 1
 
@@ -762,7 +765,7 @@ def test_what_release_cannot_remove_is_named_with_the_command_that_does(chi_here
         chameleon.release("chameleon", state_dir=results)
     for server_id in server_ids:
         assert f"`openstack server delete {server_id}`" in e.value.fix
-    assert json.loads((results / remote.NODE_FILE).read_text())["status"] != "released"
+    assert json.loads((results / NODE_FILE).read_text())["status"] != "released"
 
 
 def test_a_lease_booked_ahead_is_picked_up_by_a_second_run_after_its_start(chi_here, cloud, tmp_path, monkeypatch,
@@ -774,22 +777,22 @@ def test_a_lease_booked_ahead_is_picked_up_by_a_second_run_after_its_start(chi_h
     ask = dict(site="CHI@UC", lease_hours=2, state_dir=results, start="next_free")
     record = chameleon.reserve("chameleon", **ask)
     out = capsys.readouterr().out
-    starts = dt.datetime.fromisoformat(record["lease_start"])
+    starts = dt.datetime.fromisoformat(record.lease_start)
     _, free_from = cloud.booking()
-    assert record["status"] == "booked" and abs(starts.replace(tzinfo=None) - free_from) < dt.timedelta(minutes=2)
+    assert record.status == "booked" and abs(starts.replace(tzinfo=None) - free_from) < dt.timedelta(minutes=2)
     assert f"is BOOKED: 1x compute_gigaio from {starts:%Y-%m-%d %H:%M} UTC to " in out and ", 8 SU." in out
     (lease,) = cloud.live()["leases"]
     assert lease["status"] in ("CREATING", "PENDING") and not cloud.live()["servers"]
     assert chameleon.setup_node("chameleon", results) is None  # 00's next cell: nothing to install yet
 
-    assert chameleon.reserve("chameleon", **ask)["status"] == "booked"  # before the start: the same booking
+    assert chameleon.reserve("chameleon", **ask).status == "booked"  # before the start: the same booking
     assert "is BOOKED" in capsys.readouterr().out and len(cloud.live()["leases"]) == 1 and not cloud.live()["servers"]
 
     later = dt.timedelta(days=2, hours=1, minutes=5)  # after the start
     cloud.advance(later)
     monkeypatch.setattr(chameleon, "_utcnow", lambda: dt.datetime.now(dt.timezone.utc) + later)
     record = chameleon.reserve("chameleon", **ask)
-    assert record["status"] == "ready" and record["lease_id"] == lease["id"]  # the booked lease, picked up
+    assert record.status == "ready" and record.lease_id == lease["id"]  # the booked lease, picked up
     assert "reusing it" in capsys.readouterr().out and len(cloud.live()["servers"]) == 1
     chameleon.release("chameleon", state_dir=results)
     assert cloud.live() == {"leases": [], "servers": [], "fips": []}
@@ -806,13 +809,13 @@ def test_a_lease_booked_ahead_by_00_is_picked_up_by_its_second_run_all(chi_env, 
     results = tmp_path / "results"
     params = dict(target="chameleon", results_dir=str(results), site="CHI@UC", lease_hours=2, start="next_free")
     text = outputs(papermill("00_reserve_node.ipynb", tmp_path / "00a.ipynb", **params))
-    record = json.loads((results / remote.NODE_FILE).read_text())
+    record = json.loads((results / NODE_FILE).read_text())
     starts = dt.datetime.fromisoformat(record["lease_start"])
     assert record["status"] == "booked" and f"is BOOKED: 1x compute_gigaio from {starts:%Y-%m-%d %H:%M} UTC" in text
     assert "nothing to install until it starts" in text and not cloud.live()["servers"]
     time.sleep(max(0.0, (starts - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 2)  # until it starts
     text = outputs(papermill("00_reserve_node.ipynb", tmp_path / "00b.ipynb", **params))
-    record = json.loads((results / remote.NODE_FILE).read_text())
+    record = json.loads((results / NODE_FILE).read_text())
     assert "reusing it" in text and "node ready in" in text and record["status"] == "ready"
     assert record["lease_start"] == starts.isoformat() and len(cloud.live()["servers"]) == 1
     papermill("05_release_node.ipynb", tmp_path / "05.ipynb", target="chameleon", results_dir=str(results))
@@ -838,14 +841,16 @@ def test_blazar_refuses_more_hosts_than_the_site_has_free(chi_here, cloud):
 
 
 def test_estimate_for_two_nodes_of_four_a100s_prints_tokens_days_and_service_units(tmp_path, monkeypatch, capsys):
-    from nanorepro import cli as nanorepro_cli, config, data, memory
+    from nanorepro import cli as nanorepro_cli
+    from nanorepro import config, memory
+    from nanorepro.data import dataset
 
     monkeypatch.chdir(tmp_path)  # no prepared data here: GPT-2's vocabulary, as on the hub
     argv = ["estimate", "--preset", "train-gpt2", "--nodes", "2", "--gpus", "4", "--gpu", "A100"]
     assert nanorepro_cli.main(argv) == 0
     out = capsys.readouterr().out
     cfg = config.resolve("train-gpt2", {"parallel": "ddp"})
-    shape = cfg.model_config(data.GPT2_VOCAB_SIZE)
+    shape = cfg.model_config(dataset.GPT2_VOCAB_SIZE)
     secs = memory.estimate_seconds(cfg, shape, "A100", 8, "bfloat16", nodes=2)
     tokens = cfg.max_iters * cfg.tokens_per_iter
     assert "estimated as parallel=ddp over 8 processes" in out and "ddp x8" in out

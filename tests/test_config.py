@@ -90,7 +90,7 @@ def test_cli_refuses_bad_field_in_one_line_without_traceback(tmp_path):
 
 
 def test_light_modules_do_not_import_torch():
-    code = ("import sys, nanorepro, nanorepro.config, nanorepro.metrics, nanorepro.runner, nanorepro.pipeline, "
+    code = ("import sys, nanorepro, nanorepro.config, nanorepro.metrics, nanorepro.cloud.runner, nanorepro.pipeline, "
             "nanorepro.notebooks, nanorepro.cli; nanorepro.cli.build_parser(); print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"

@@ -11,11 +11,12 @@ import pytest
 import torch
 from cuda_standin import COVERED, Gpu, ReachedCuda, strict_cuda  # noqa: F401 (strict_cuda: a fixture)
 
-from nanorepro import bench, checkpoint, envinfo, gpucheck, hardware
+from nanorepro import envinfo
 from nanorepro.config import GPTConfig, resolve
-from nanorepro.distributed import World
 from nanorepro.errors import UserError, WontFit
-from nanorepro.train import cuda_free_bytes, train
+from nanorepro.gpt import bench, checkpoint, gpucheck, hardware
+from nanorepro.gpt.distributed import World
+from nanorepro.gpt.train import cuda_free_bytes, train
 
 REPO = Path(__file__).resolve().parent.parent
 T4 = Gpu(name="Tesla T4", capability=(7, 5), total_memory=15 * 2**30, free_memory=14 * 2**30)
@@ -109,7 +110,7 @@ def test_a_torchrun_rank_takes_its_local_gpu_before_joining(char_data_root, tmp_
 
 
 def test_sampling_on_a_gpu_gets_as_far_as_moving_the_model(char_data_root, tmp_path, strict_cuda):
-    from nanorepro.sample import sample
+    from nanorepro.gpt.sample import sample
 
     train(tiny(char_data_root, tmp_path / "r", max_iters=2, eval_interval=2, device="cpu"))
     cuda = strict_cuda(n=1)
@@ -135,7 +136,7 @@ def test_bench_resolves_the_gpu_and_launches_its_run_on_it(char_data_root, tmp_p
 
 def test_the_fit_check_refuses_a_run_the_gpu_cannot_hold(strict_cuda, tmp_path):
     """gpt2-xl's fine-tune on a 15 GiB T4: WontFit before any weight is loaded, naming the GPU."""
-    from nanorepro import train as train_mod
+    from nanorepro.gpt import train as train_mod
 
     strict_cuda(n=1, gpu=T4)
     hardware.use_device("cuda:0")
@@ -157,7 +158,7 @@ def test_the_fit_check_counts_what_the_caching_allocator_holds_free(strict_cuda)
 
 
 def test_a_checkpoint_saves_and_restores_the_rng_of_the_run_s_own_gpu(strict_cuda, tmp_path):
-    from nanorepro.model import GPT
+    from nanorepro.gpt.model import GPT
 
     cuda = strict_cuda(n=2)
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=8))

@@ -1,4 +1,4 @@
-"""nanorepro.data: exact token counts, the bundled copies (no network), the verified download, bad input,
+"""nanorepro.data.dataset: exact token counts, the bundled copies (no network), the verified download, bad input,
 atomic writes, batches."""
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanorepro import data
+from nanorepro.data import dataset
 from nanorepro.errors import UserError
+from nanorepro.gpt.batches import Batches
 
 
 def _read_bin(path: Path) -> np.ndarray:
@@ -36,22 +37,22 @@ def _entries(folder: Path) -> list[str]:
 def test_char_counts_and_roundtrip(char_data_root, shakespeare_path):
     text = shakespeare_path.read_text(encoding="utf-8")
     folder = char_data_root / "shakespeare_char"
-    meta = data.load_meta(folder)
+    meta = dataset.load_meta(folder)
     assert (meta["name"], meta["encoding"], meta["dtype"]) == ("shakespeare", "char", "uint16")
     assert meta["vocab_size"] == 65 and len(meta["itos"]) == 65
     assert (meta["train_tokens"], meta["val_tokens"]) == (1_003_854, 111_540)
-    assert meta["source_sha256"] == data.SHAKESPEARE_SHA256
+    assert meta["source_sha256"] == dataset.SHAKESPEARE_SHA256
     assert meta["source"] == str(shakespeare_path.resolve())
     assert sorted(os.listdir(folder)) == ["meta.json", "train.bin", "val.bin"]  # no temp files left
     train, val = _read_bin(folder / "train.bin"), _read_bin(folder / "val.bin")
     assert (len(train), len(val)) == (1_003_854, 111_540)
     assert int(max(train.max(), val.max())) == 64
-    codec = data.Codec.from_meta(meta)
+    codec = dataset.Codec.from_meta(meta)
     assert codec.vocab_size == 65
     assert codec.decode(train) + codec.decode(val) == text
     assert codec.decode(val).startswith(text[1_003_854:1_003_900])
     assert codec.encode(text[:100]) == train[:100].tolist()
-    assert data.summary(meta) == (f"shakespeare_char: char, vocab 65, train 1,003,854 tokens, "
+    assert dataset.summary(meta) == (f"shakespeare_char: char, vocab 65, train 1,003,854 tokens, "
                                   f"val 111,540 tokens -> {folder}")
     with pytest.raises(UserError, match="not in the dataset's vocabulary"):
         codec.encode("café")
@@ -60,18 +61,18 @@ def test_char_counts_and_roundtrip(char_data_root, shakespeare_path):
 def test_gpt2_counts_and_roundtrip(gpt2_data_root, shakespeare_path):
     text = shakespeare_path.read_text(encoding="utf-8")
     folder = gpt2_data_root / "shakespeare_gpt2"
-    meta = data.load_meta(folder)
+    meta = dataset.load_meta(folder)
     assert (meta["encoding"], meta["vocab_size"], meta["dtype"]) == ("gpt2", 50257, "uint16")
     assert "itos" not in meta
     assert (meta["train_tokens"], meta["val_tokens"]) == (301_966, 36_059)
     train, val = _read_bin(folder / "train.bin"), _read_bin(folder / "val.bin")
     assert (len(train), len(val)) == (301_966, 36_059)
-    codec = data.Codec.from_meta(meta)
+    codec = dataset.Codec.from_meta(meta)
     # split by characters first, then each part encoded: each part decodes back to its own text
     assert codec.decode(train) == text[:1_003_854]
     assert codec.decode(val) == text[1_003_854:]
     assert codec.encode("<|endoftext|>") == [50256]
-    assert data.summary(meta).startswith("shakespeare_gpt2: gpt2, vocab 50,257, train 301,966 tokens, val 36,059")
+    assert dataset.summary(meta).startswith("shakespeare_gpt2: gpt2, vocab 50,257, train 301,966 tokens, val 36,059")
 
 
 # ---------------------------------------------------------------------------- the bundled copies, offline
@@ -103,10 +104,10 @@ def test_prepare_without_input_uses_the_bundled_copies_and_no_network(tmp_path, 
         "shakespeare_char: char, vocab 65, train 1,003,854 tokens, val 111,540 tokens -> data/shakespeare_char",
         "shakespeare_gpt2: gpt2, vocab 50,257, train 301,966 tokens, val 36,059 tokens -> data/shakespeare_gpt2"]
     for enc in ("char", "gpt2"):
-        meta = data.load_meta(tmp_path / "data" / f"shakespeare_{enc}")
-        assert (meta["source"], meta["source_sha256"]) == (data.BUNDLED_SOURCE, data.SHAKESPEARE_SHA256)
+        meta = dataset.load_meta(tmp_path / "data" / f"shakespeare_{enc}")
+        assert (meta["source"], meta["source_sha256"]) == (dataset.BUNDLED_SOURCE, dataset.SHAKESPEARE_SHA256)
     # tiktoken read GPT-2's files from nanorepro's cache, named as tiktoken names its downloads
-    names = sorted(hashlib.sha1(url.encode()).hexdigest() for url, _ in data.GPT2_BPE_FILES.values())
+    names = sorted(hashlib.sha1(url.encode()).hexdigest() for url, _ in dataset.GPT2_BPE_FILES.values())
     assert _entries(tmp_path / "cache" / "tiktoken") == names
     # the same again: reused, nothing read
     r = subprocess.run([sys.executable, "-c", _NO_NETWORK, "prepare"], cwd=tmp_path,
@@ -120,38 +121,38 @@ def test_bundled_gpt2_files_are_the_ones_tiktoken_checks(monkeypatch):
     seen: dict[str, str] = {}
     monkeypatch.setattr(openai_public, "data_gym_to_mergeable_bpe_ranks", lambda **kw: seen.update(kw) or {})
     openai_public.gpt2()  # tiktoken's own recipe for "gpt2": the URLs and sha256s it reads and checks
-    assert sorted(data.GPT2_BPE_FILES.values()) == sorted([(seen["vocab_bpe_file"], seen["vocab_bpe_hash"]),
+    assert sorted(dataset.GPT2_BPE_FILES.values()) == sorted([(seen["vocab_bpe_file"], seen["vocab_bpe_hash"]),
                                                            (seen["encoder_json_file"], seen["encoder_json_hash"])])
-    for name, (_, sha256) in data.GPT2_BPE_FILES.items():
-        assert hashlib.sha256(data.bundled(name, sha256)).hexdigest() == sha256
+    for name, (_, sha256) in dataset.GPT2_BPE_FILES.items():
+        assert hashlib.sha256(dataset.bundled(name, sha256)).hexdigest() == sha256
 
 
 def test_bundled_copy_is_checked_and_the_cache_repaired(tmp_path, monkeypatch):
-    text = data.shakespeare_text()
+    text = dataset.shakespeare_text()
     assert len(text) == 1_115_394 and text.startswith("First Citizen:\n")
     with pytest.raises(UserError, match="does not match sha256") as err:
-        data.bundled(data.SHAKESPEARE_BUNDLED, "0" * 64)
+        dataset.bundled(dataset.SHAKESPEARE_BUNDLED, "0" * 64)
     assert "reinstall" in err.value.fix
-    path = data.shakespeare_file(tmp_path)
+    path = dataset.shakespeare_file(tmp_path)
     assert path == tmp_path / "tinyshakespeare" / "input.txt" and path.read_text(encoding="utf-8") == text
     path.write_bytes(path.read_bytes()[:-1])  # a changed copy is written again
-    assert data.shakespeare_file(tmp_path).read_text(encoding="utf-8") == text
+    assert dataset.shakespeare_file(tmp_path).read_text(encoding="utf-8") == text
 
     # tiktoken's files: in the user's TIKTOKEN_CACHE_DIR when set, a damaged one replaced
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tk"))
-    assert data.install_gpt2_bpe() == tmp_path / "tk"
-    vocab_url, vocab_sha = data.GPT2_BPE_FILES["gpt2-vocab.bpe.gz"]
+    assert dataset.install_gpt2_bpe() == tmp_path / "tk"
+    vocab_url, vocab_sha = dataset.GPT2_BPE_FILES["gpt2-vocab.bpe.gz"]
     vocab = tmp_path / "tk" / hashlib.sha1(vocab_url.encode()).hexdigest()
     vocab.write_bytes(b"not the vocabulary")
-    data.install_gpt2_bpe()
+    dataset.install_gpt2_bpe()
     assert hashlib.sha256(vocab.read_bytes()).hexdigest() == vocab_sha
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # the user turned tiktoken's cache off: left alone
-    assert data.install_gpt2_bpe() is None
+    assert dataset.install_gpt2_bpe() is None
 
 
 def test_input_and_url_together_are_refused(tmp_path, shakespeare_path):
     with pytest.raises(UserError, match="both an input file and a URL") as err:
-        data.prepare(input_path=shakespeare_path, url="http://127.0.0.1:9/input.txt", data_root=tmp_path)
+        dataset.prepare(input_path=shakespeare_path, url="http://127.0.0.1:9/input.txt", data_root=tmp_path)
     assert "--input" in err.value.fix and not (tmp_path / "shakespeare_char").exists()
 
 
@@ -159,23 +160,23 @@ def test_rerun_reuses_and_new_source_rewrites(tmp_path, capsys):
     src = tmp_path / "a.txt"
     src.write_text("abcdefghij" * 20, encoding="utf-8")
     root = tmp_path / "data"
-    (first,) = data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+    (first,) = dataset.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
     mtime = (root / "toy_char" / "train.bin").stat().st_mtime_ns
     capsys.readouterr()
     time.sleep(0.01)
-    (again,) = data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+    (again,) = dataset.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
     assert "reusing" in capsys.readouterr().out
     assert again["created"] == first["created"]
     assert (root / "toy_char" / "train.bin").stat().st_mtime_ns == mtime
 
     src.write_text("zyxwvutsrq" * 30, encoding="utf-8")  # same path, new content: must not be reused
-    (third,) = data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+    (third,) = dataset.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
     assert "reusing" not in capsys.readouterr().out
     assert third["itos"] == sorted("zyxwvutsrq") and third["train_tokens"] == 270
-    assert data.load_meta(root / "toy_char")["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert dataset.load_meta(root / "toy_char")["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
 
     (root / "toy_char" / "val.bin").write_bytes(b"\0\0")  # damaged bins are not reused either
-    data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+    dataset.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
     assert "reusing" not in capsys.readouterr().out
     assert len(_read_bin(root / "toy_char" / "val.bin")) == 30
 
@@ -184,7 +185,7 @@ def test_failed_write_leaves_folder_incomplete(tmp_path, monkeypatch):
     src = tmp_path / "a.txt"
     src.write_text("hello world, " * 20, encoding="utf-8")
     root = tmp_path / "data"
-    data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+    dataset.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
     src.write_text("another text! " * 20, encoding="utf-8")
     real_replace = os.replace
 
@@ -193,16 +194,16 @@ def test_failed_write_leaves_folder_incomplete(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real_replace(a, b)
 
-    monkeypatch.setattr(data.os, "replace", failing_replace)
+    monkeypatch.setattr(dataset.os, "replace", failing_replace)
     with pytest.raises(UserError, match="No space left"):
-        data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+        dataset.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
     # the old meta.json is gone, so the half-rewritten folder cannot pass as complete
     assert _entries(root / "toy_char") == ["train.bin", "val.bin"]
     with pytest.raises(UserError, match="nanorepro prepare"):
-        data.load_meta(root / "toy_char")
-    monkeypatch.setattr(data.os, "replace", real_replace)
-    (meta,) = data.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
-    assert data.load_meta(root / "toy_char")["itos"] == meta["itos"] == sorted(set("another text! "))
+        dataset.load_meta(root / "toy_char")
+    monkeypatch.setattr(dataset.os, "replace", real_replace)
+    (meta,) = dataset.prepare(input_path=src, name="toy", encodings=("char",), data_root=root)
+    assert dataset.load_meta(root / "toy_char")["itos"] == meta["itos"] == sorted(set("another text! "))
 
 
 # ---------------------------------------------------------------------------- the download
@@ -253,25 +254,25 @@ def server(shakespeare_path):
 
 def test_download_verifies_and_reuses_cache(server, tmp_path, capsys, monkeypatch):
     cache = tmp_path / "cache"
-    path = data.fetch_shakespeare(cache_dir=cache, url=server.url)
+    path = dataset.fetch_shakespeare(cache_dir=cache, url=server.url)
     assert path.parent.parent == cache
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == data.SHAKESPEARE_SHA256
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == dataset.SHAKESPEARE_SHA256
     assert server.requests == ["/input.txt"]
     assert "download input.txt" in capsys.readouterr().err  # the tqdm bar
-    assert data.fetch_shakespeare(cache_dir=cache, url=server.url) == path
+    assert dataset.fetch_shakespeare(cache_dir=cache, url=server.url) == path
     assert len(server.requests) == 1  # served from the cache
 
     # through prepare, with the cache from $NANOREPRO_CACHE: still no request
     monkeypatch.setenv("NANOREPRO_CACHE", str(cache))
-    (meta,) = data.prepare(encodings=("char",), data_root=tmp_path / "data", url=server.url)
+    (meta,) = dataset.prepare(encodings=("char",), data_root=tmp_path / "data", url=server.url)
     assert len(server.requests) == 1
     assert (meta["source"], meta["train_tokens"]) == (server.url, 1_003_854)
 
     # a cached copy changed on disk is re-verified and downloaded again
     path.write_bytes(path.read_bytes()[:-1])
-    assert data.fetch_shakespeare(cache_dir=cache, url=server.url) == path
+    assert dataset.fetch_shakespeare(cache_dir=cache, url=server.url) == path
     assert len(server.requests) == 2
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == data.SHAKESPEARE_SHA256
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == dataset.SHAKESPEARE_SHA256
     assert _entries(cache) == ["input.txt"]
 
 
@@ -281,33 +282,33 @@ def test_bad_download_is_refused_and_not_cached(server, tmp_path, mode, message)
     cache = tmp_path / "cache"
     server.mode = mode
     with pytest.raises(UserError, match=message) as err:
-        data.fetch_shakespeare(cache_dir=cache, url=server.url)
+        dataset.fetch_shakespeare(cache_dir=cache, url=server.url)
     assert "NANOREPRO_INPUT" in err.value.fix
     assert _entries(cache) == []  # neither the bad file nor a temp file is left behind
     server.mode = "ok"
-    path = data.fetch_shakespeare(cache_dir=cache, url=server.url)  # a later call must download again
+    path = dataset.fetch_shakespeare(cache_dir=cache, url=server.url)  # a later call must download again
     assert len(server.requests) == 2
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == data.SHAKESPEARE_SHA256
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == dataset.SHAKESPEARE_SHA256
 
 
 def test_download_errors(server, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     with pytest.raises(UserError, match="404"):
-        data.fetch_shakespeare(cache_dir=cache, url=server.url.replace("input.txt", "nope.txt"))
+        dataset.fetch_shakespeare(cache_dir=cache, url=server.url.replace("input.txt", "nope.txt"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
     with pytest.raises(UserError, match="could not download"):
-        data.fetch_shakespeare(cache_dir=cache, url=f"http://127.0.0.1:{closed_port}/input.txt")
+        dataset.fetch_shakespeare(cache_dir=cache, url=f"http://127.0.0.1:{closed_port}/input.txt")
     server.mode = "slow"  # answers after 3 s: only a timeout shorter than that gives "timed out"
     timeouts = []
     urlopen = urllib.request.urlopen
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **kw: timeouts.append(kw["timeout"]) or urlopen(*a, **kw))
     with pytest.raises(UserError, match="timed out"):
-        data.fetch_shakespeare(cache_dir=cache, url=server.url, timeout=0.3)
+        dataset.fetch_shakespeare(cache_dir=cache, url=server.url, timeout=0.3)
     assert timeouts == [0.3]  # the caller's timeout reaches the socket
     with pytest.raises(UserError, match="could not download"):
-        data.fetch_shakespeare(cache_dir=cache, url="not a url")
+        dataset.fetch_shakespeare(cache_dir=cache, url="not a url")
     assert _entries(cache) == []
 
 
@@ -318,9 +319,9 @@ def test_env_var_and_input_path(tmp_path, monkeypatch):
     a.write_text("aaaa bbbb\n" * 10, encoding="utf-8")
     b.write_text("xyz\n" * 30, encoding="utf-8")
     monkeypatch.setenv("NANOREPRO_INPUT", str(a))
-    (meta,) = data.prepare(name="fromenv", encodings=("char",), data_root=tmp_path / "d")
+    (meta,) = dataset.prepare(name="fromenv", encodings=("char",), data_root=tmp_path / "d")
     assert meta["source"] == str(a.resolve()) and meta["itos"] == ["\n", " ", "a", "b"]
-    (meta,) = data.prepare(input_path=b, name="fromarg", encodings=("char",), data_root=tmp_path / "d")
+    (meta,) = dataset.prepare(input_path=b, name="fromarg", encodings=("char",), data_root=tmp_path / "d")
     assert meta["source"] == str(b.resolve()) and meta["itos"] == ["\n", "x", "y", "z"]  # the argument wins
 
 
@@ -328,13 +329,13 @@ def test_user_text_both_encodings(tmp_path, tiktoken_offline):
     text = "Über allen Gipfeln ist Ruh — 静かな夜.\nIn allen Wipfeln spürest du kaum einen Hauch. 🌲\n" * 5
     src = tmp_path / "poem.txt"
     src.write_text(text, encoding="utf-8")
-    metas = data.prepare(input_path=src, name="poem", data_root=tmp_path / "data")
+    metas = dataset.prepare(input_path=src, name="poem", data_root=tmp_path / "data")
     assert [m["encoding"] for m in metas] == ["char", "gpt2"]
     n = int(len(text) * 0.9)
     for meta in metas:
         folder = tmp_path / "data" / f"poem_{meta['encoding']}"
-        assert data.load_meta(folder)["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
-        codec = data.Codec.from_meta(meta)
+        assert dataset.load_meta(folder)["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+        codec = dataset.Codec.from_meta(meta)
         assert codec.decode(_read_bin(folder / "train.bin")) == text[:n]
         assert codec.decode(_read_bin(folder / "val.bin")) == text[n:]
     char, gpt2 = metas
@@ -352,11 +353,11 @@ def test_char_vocab_limit(tmp_path):
     ok, too_big = tmp_path / "ok.txt", tmp_path / "big.txt"
     ok.write_text(_distinct_chars(65_535), encoding="utf-8")
     too_big.write_text(_distinct_chars(65_536), encoding="utf-8")
-    (meta,) = data.prepare(input_path=ok, name="ok", encodings=("char",), data_root=tmp_path)
+    (meta,) = dataset.prepare(input_path=ok, name="ok", encodings=("char",), data_root=tmp_path)
     assert meta["vocab_size"] == 65_535
     assert int(_read_bin(tmp_path / "ok_char" / "train.bin").max()) < 65_535
     with pytest.raises(UserError, match="65,536 distinct characters") as err:
-        data.prepare(input_path=too_big, name="big", encodings=("char",), data_root=tmp_path)
+        dataset.prepare(input_path=too_big, name="big", encodings=("char",), data_root=tmp_path)
     assert "gpt2" in err.value.fix
     assert not (tmp_path / "big_char").exists()
 
@@ -376,26 +377,26 @@ def test_bad_input(tmp_path, content, kwargs, message):
     if content is not None:
         src.write_bytes(content)
     with pytest.raises(UserError, match=message) as err:
-        data.prepare(input_path=src, data_root=tmp_path / "data", **{"encodings": ("char",), **kwargs})
+        dataset.prepare(input_path=src, data_root=tmp_path / "data", **{"encodings": ("char",), **kwargs})
     assert err.value.fix
     assert not (tmp_path / "data").exists() or _entries(tmp_path / "data") == []
 
 
 def test_input_is_a_directory(tmp_path):
     with pytest.raises(UserError, match="not a file"):
-        data.prepare(input_path=tmp_path, encodings=("char",), data_root=tmp_path / "data")
+        dataset.prepare(input_path=tmp_path, encodings=("char",), data_root=tmp_path / "data")
 
 
 def test_unprepared_dataset(tmp_path):
     with pytest.raises(UserError, match="not a prepared dataset") as err:
-        data.load_meta(tmp_path / "shakespeare_nope")
+        dataset.load_meta(tmp_path / "shakespeare_nope")
     assert "nanorepro prepare" in err.value.fix
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "meta.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(UserError, match="cannot read"):
-        data.load_meta(tmp_path / "broken")
+        dataset.load_meta(tmp_path / "broken")
     with pytest.raises(UserError, match="unknown encoding"):
-        data.Codec("bytes", 256)
+        dataset.Codec("bytes", 256)
 
 
 def _run_cli(args: list[str], cwd: Path, repo_root: Path, **env) -> subprocess.CompletedProcess:
@@ -434,7 +435,7 @@ def test_cli_prepare_and_tiktoken_without_files(tmp_path, repo_root):
 
 
 def test_import_does_not_load_torch_or_tiktoken(repo_root):
-    code = ("import sys, nanorepro.data; "
+    code = ("import sys, nanorepro.data.dataset; "
             "bad = [m for m in ('torch', 'tiktoken') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(repo_root)},
                        capture_output=True, text=True, timeout=60)
@@ -447,7 +448,7 @@ def test_batches(char_data_root):
     import torch
 
     folder = char_data_root / "shakespeare_char"
-    b = data.Batches(folder, block_size=8, batch_size=4)
+    b = Batches(folder, block_size=8, batch_size=4)
 
     def get(split, generator):
         return b.read(split, b.draw(split, generator))
@@ -474,7 +475,7 @@ def test_windows_cover_the_split_once_in_order(char_data_root):
     import torch
 
     folder = char_data_root / "shakespeare_char"
-    b = data.Batches(folder, block_size=256, batch_size=8)
+    b = Batches(folder, block_size=256, batch_size=8)
     val = _read_bin(folder / "val.bin").astype(np.int64)
     rng = torch.get_rng_state()
     windows = b.windows("val")
@@ -490,18 +491,18 @@ def test_windows_cover_the_split_once_in_order(char_data_root):
 def test_batches_refuse_bad_data(char_data_root, tmp_path):
     folder = shutil.copytree(char_data_root / "shakespeare_char", tmp_path / "shakespeare_char")
     with pytest.raises(UserError, match="block_size 111540 is not shorter than the val split"):
-        data.Batches(folder, block_size=111_540, batch_size=2)
+        Batches(folder, block_size=111_540, batch_size=2)
     with pytest.raises(UserError, match="must be >= 1"):
-        data.Batches(folder, block_size=0, batch_size=2)
+        Batches(folder, block_size=0, batch_size=2)
     with open(folder / "train.bin", "r+b") as f:
         f.truncate(1000)
     with pytest.raises(UserError, match="train.bin has 1,000 bytes") as err:
-        data.Batches(folder, block_size=8, batch_size=2)
+        Batches(folder, block_size=8, batch_size=2)
     assert "nanorepro prepare" in err.value.fix
     (folder / "val.bin").unlink()
     (folder / "train.bin").unlink()
     with pytest.raises(UserError, match="missing"):
-        data.Batches(folder, block_size=8, batch_size=2)
+        Batches(folder, block_size=8, batch_size=2)
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     assert meta["train_tokens"] == 1_003_854  # the shared fixture's folder was not touched
-    assert data.load_meta(char_data_root / "shakespeare_char")["train_tokens"] == 1_003_854
+    assert dataset.load_meta(char_data_root / "shakespeare_char")["train_tokens"] == 1_003_854

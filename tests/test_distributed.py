@@ -24,12 +24,12 @@ import pytest
 import torch
 
 from nanorepro import metrics
+from nanorepro.cloud.remote import stage_argv
 from nanorepro.config import resolve
 from nanorepro.errors import UserError
-from nanorepro.model import GPT
-from nanorepro.remote import stage_argv
-from nanorepro.sample import sample
-from nanorepro.train import train
+from nanorepro.gpt.model import GPT
+from nanorepro.gpt.sample import sample
+from nanorepro.gpt.train import train
 
 TOL = 1e-4  # absolute, on every logged train and eval loss
 TIMEOUT_S = 180  # a hung process group fails the test instead of the suite
@@ -273,7 +273,7 @@ def test_bf16_fsdp_gathers_in_bf16_and_reduces_in_fp32(monkeypatch):
     import torch.distributed.device_mesh as device_mesh
     import torch.distributed.fsdp as fsdp
 
-    from nanorepro import distributed
+    from nanorepro.gpt import distributed
 
     shard_calls = []
     monkeypatch.setattr(device_mesh, "init_device_mesh", lambda *a, **k: "mesh")
@@ -293,7 +293,7 @@ def test_bf16_fsdp_gathers_in_bf16_and_reduces_in_fp32(monkeypatch):
 def test_resuming_on_another_number_of_ranks_gives_each_rank_its_own_rng(char_data_root, tmp_path):
     """A checkpoint from 2 ranks (or one process) resumed on 3: without care every rank would restore the
     same state and draw the same dropout masks. Each draws its own, the same way on every resume."""
-    from nanorepro import checkpoint, distributed, optim
+    from nanorepro.gpt import checkpoint, distributed, optim
 
     cfg = resolve("tiny", {"data_root": str(char_data_root), "out_dir": str(tmp_path / "r"), "max_iters": 2,
                            "eval_interval": 2, "dropout": 0.1})

@@ -26,11 +26,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanorepro import checkpoint, data, metrics, report
+from nanorepro import metrics
 from nanorepro.config import Config, resolve
+from nanorepro.data import dataset
 from nanorepro.errors import UserError
-from nanorepro.model import GPT
-from nanorepro.train import train
+from nanorepro.gpt import checkpoint
+from nanorepro.gpt.model import GPT
+from nanorepro.gpt.train import train
+from nanorepro.results import report
 
 REPO = Path(__file__).resolve().parent.parent
 # one torch thread per process: two processes fighting over 2 cores run ~100x slower
@@ -243,7 +246,7 @@ def test_checkpoint_from_another_vocabulary_is_refused_and_kept(char_data_root, 
     train(tiny(char_data_root, run, max_iters=10))
     before = sha(run / "ckpt.pt")
     (tmp_path / "other.txt").write_text(text, encoding="utf-8")
-    data.prepare(input_path=tmp_path / "other.txt", name="shakespeare", encodings=("char",), data_root=tmp_path / "d")
+    dataset.prepare(input_path=tmp_path / "other.txt", name="shakespeare", encodings=("char",), data_root=tmp_path / "d")
     with pytest.raises(UserError, match=r"was trained on another vocabulary \(char, 65 tokens\) than dataset") as e:
         train(tiny(tmp_path / "d", run, max_iters=20))
     assert "new --out-dir" in e.value.fix and "\n" not in str(e.value)

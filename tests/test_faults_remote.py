@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+import sshd as sshd_helper
 import torch
 
-import sshd as sshd_helper
 from nanorepro import metrics
 from nanorepro.errors import UserError
 
@@ -39,7 +39,7 @@ def nanorepro(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     """A loopback sshd 'node' with nanorepro installed from a snapshot of the package (as test_remote.py)."""
-    from nanorepro.remote import SSHRunner
+    from nanorepro.cloud.remote import SSHRunner
 
     try:
         server = sshd_helper.start(tmp_path_factory.mktemp("sshd"),
@@ -79,12 +79,12 @@ def test_a_node_reboot_fails_the_stage_clearly_and_a_rerun_resumes_training(node
         (job / "boot").write_text("a-boot-before-this-one\n")  # ...and it was recorded in another boot
         rebooted.append(job)
 
-    runner._print = lambda line: (lines.append(line), reboot(line))
+    runner.say = lambda line: (lines.append(line), reboot(line))
     try:
         with pytest.raises(UserError) as e:
             runner.run(args, stage="train r")
     finally:
-        runner._print = lines.append
+        runner.say = lines.append
         stranger.kill()
         stranger.wait()
     assert rebooted, "the training stage never reached iteration 100"
@@ -167,7 +167,7 @@ def test_a_cloud_failure_after_resources_exist_releases_them_and_says_so(cloud_e
 
 def test_ssh_never_answering_releases_everything(cloud_env, tmp_path):
     cloud, env = cloud_env
-    code = ("from nanorepro import chameleon, errors\n"
+    code = ("from nanorepro import errors\nfrom nanorepro.cloud import chameleon\n"
             "try:\n"
             f"    chameleon.reserve('chameleon', site='CHI@UC', lease_hours=2, state_dir={str(tmp_path)!r}, "
             "ssh_timeout_s=0.5)\n"

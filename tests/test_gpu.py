@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from nanorepro import memory, metrics, optim
+from nanorepro import memory, metrics
 from nanorepro.config import GPTConfig, resolve
-from nanorepro.model import GPT
+from nanorepro.gpt import optim
+from nanorepro.gpt.model import GPT
 
 pytestmark = pytest.mark.gpu
 
@@ -89,7 +90,7 @@ def losses(records: list[dict]) -> list[tuple]:
 
 
 def test_auto_dtype_is_bf16_only_where_this_gpu_computes_it_natively():
-    from nanorepro import hardware
+    from nanorepro.gpt import hardware
 
     native = torch.cuda.get_device_capability() >= (8, 0)
     assert native == torch.cuda.is_bf16_supported(including_emulation=False)
@@ -97,7 +98,7 @@ def test_auto_dtype_is_bf16_only_where_this_gpu_computes_it_natively():
 
 
 def test_a_named_gpu_becomes_current_and_its_peak_count_starts_afresh():
-    from nanorepro import hardware
+    from nanorepro.gpt import hardware
 
     last = torch.cuda.device_count() - 1
     big = torch.empty(256 * 2**20, dtype=torch.uint8, device=f"cuda:{last}")
@@ -128,8 +129,8 @@ def test_bf16_fsdp_with_accumulation_trains_on_nccl(tmp_path, char_data_root):
 
 
 def test_sampling_on_a_gpu_runs_under_autocast_and_only_real_tokens(tmp_path, char_data_root, monkeypatch):
-    from nanorepro import hardware
-    from nanorepro.sample import sample
+    from nanorepro.gpt import hardware
+    from nanorepro.gpt.sample import sample
 
     train(tmp_path, char_data_root, "--vocab_size=128")  # padded past the 65 characters
     seen = []

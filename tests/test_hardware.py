@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from nanorepro import config, hardware
+from nanorepro import config
 from nanorepro.errors import UserError
+from nanorepro.gpt import hardware
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_a_gpu_preset_on_a_cpu_refuses_in_one_line_unless_the_cpu_is_asked_for(c
 
 FAULTS_PER_STEP = """
 import resource, sys, torch
-from nanorepro import hardware
+from nanorepro.gpt import hardware
 kept = hardware.keep_freed_memory() if sys.argv[1] == "keep" else None
 def step():  # activation-sized blocks (4-8 MiB) allocated, written and freed in turn, as a step does
     xs = [torch.empty(n).fill_(1.0) for n in (2 << 20, 1 << 20, 2 << 20)]

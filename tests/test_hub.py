@@ -17,9 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import sshd as sshd_helper
-from nanorepro import metrics, remote, runner
+
+from nanorepro import metrics
+from nanorepro.cloud import remote, runner
+from nanorepro.cloud.node import NODE_FILE
 
 pytest.importorskip("chi", reason="python-chi is part of the test environment (pip install -e '.[chameleon]')")
 from fake_openstack import FakeCloud  # noqa: E402
@@ -106,7 +108,7 @@ def test_run_all_with_no_parameters_on_the_hub_leases_installs_trains_fetches_an
         node.stop()
     results = checkout / "results" / "chameleon"  # the results folder follows the target
     assert not (checkout / "results" / "local").exists()
-    record = json.loads((results / remote.NODE_FILE).read_text())
+    record = json.loads((results / NODE_FILE).read_text())
     assert record["status"] == "released" and record["site"] == "CHI@UC" and record["image"] == "CC-Ubuntu24.04-CUDA"
     assert record["project"] == "CHI-000000"  # the hub's project
     pip = (bin_dir / "pip.log").read_text()  # the driver-matched torch
@@ -158,7 +160,7 @@ def test_run_all_with_two_nodes_trains_one_run_on_both_and_releases_everything(
     out = r.stdout
     assert "This lease will cost 128 SU: 2 nodes x 4 h x 16 SU per node-hour" in out
     results = checkout / "results" / "chameleon"
-    record = json.loads((results / remote.NODE_FILE).read_text())
+    record = json.loads((results / NODE_FILE).read_text())
     assert record["status"] == "released" and len(record["nodes"]) == 2
     setup = [n["setup"] for n in record["nodes"]]  # installed on both, recorded per node
     assert [(s["status"], s["folder"]) for s in setup] == [("ready", "node"), ("ready", "node-1")]

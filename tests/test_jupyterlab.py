@@ -11,9 +11,15 @@ import json
 from pathlib import Path
 
 import pytest
-
-from jupyterlab_harness import (chromium, jupyter_lab, run_all_cells, save_notebook, show_first, start_run_all,
-                                wait_run_all)
+from jupyterlab_harness import (
+    chromium,
+    jupyter_lab,
+    run_all_cells,
+    save_notebook,
+    show_first,
+    start_run_all,
+    wait_run_all,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

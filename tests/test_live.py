@@ -8,9 +8,10 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from nanorepro import live, metrics
+from nanorepro import metrics
+from nanorepro.cloud.remote import SSHRunner
 from nanorepro.pipeline import Pipeline, published_losses
-from nanorepro.remote import SSHRunner
+from nanorepro.results import live
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -109,16 +110,16 @@ def test_pipeline_train_draws_the_curve_while_the_stage_streams(notebook, tmp_pa
 
 
 def test_the_curve_follows_a_node_jobs_streamed_log(notebook, tmp_path):
-    """SSHRunner's log streaming (its real _follow loop; SFTP reads faked) feeds the same curve."""
+    """SSHRunner's log streaming (its real follow loop; SFTP reads faked) feeds the same curve."""
     chunks = [b"char: 0.8M parameters\nstep 0: train loss 4.17", b"42, val loss 4.1801\r\nchar:  12%|#2 | 250/2000\r",
               b"step 250: train loss 2.0, val loss 2.1\n", b"char: finished at iter 500\n"]
     runner = SSHRunner("node.example", key_path=tmp_path / "key", workdir="results/x", poll_s=0)
     polls = iter([(c, None, True) for c in chunks] + [(b"", 0, True)])
-    runner._poll = lambda job, offset: next(polls)
+    runner.jobs.poll = lambda job, offset: next(polls)
     runner.ssh.retrying = lambda what, fn: fn()
     curve = live.LossCurve("t")
     with live.following(curve):
-        code, _ = runner._follow("train char", PurePosixPath("job"))
+        code, _ = runner.jobs.follow("train char", PurePosixPath("job"))
     assert code == 0 and sorted(curve.points) == [0, 250]
     assert curve.points[0] == (4.1742, 4.1801)
     assert [kind for kind, _ in notebook] == ["display", "update"]
@@ -133,8 +134,8 @@ def test_published_losses_are_the_presets_claims():
 def test_a_local_stage_passes_progress_bars_through_for_redrawing(tmp_path, monkeypatch, capsys):
     """A progress bar's \r reaches the notebook as \r (redrawn in place, not one line per update), and
     the error message's tail keeps only the bar's last state."""
+    from nanorepro.cloud.runner import LocalRunner
     from nanorepro.errors import UserError
-    from nanorepro.runner import LocalRunner
 
     child = tmp_path / "fake-python"
     child.write_text("#!/bin/sh\nprintf 'bar 1%%\\rbar 50%%\\rbar 100%%\\nstep 0: train loss 1.0, val loss 2.0\\n'\n"

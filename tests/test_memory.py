@@ -5,18 +5,20 @@ refusals that name the largest setting that fits, and the time estimate."""
 from __future__ import annotations
 
 import contextlib
-import re
 import dataclasses
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from nanorepro import data, memory, metrics
+from nanorepro import memory, metrics
 from nanorepro.config import GPTConfig, resolve
-from nanorepro.model import GPT, load_pretrained
-from nanorepro.train import train
+from nanorepro.data import dataset
+from nanorepro.gpt.model import GPT
+from nanorepro.gpt.pretrained import load_pretrained
+from nanorepro.gpt.train import train
 
 GIB = 2**30
 
@@ -122,7 +124,7 @@ def test_fsdp_is_suggested_when_the_states_alone_do_not_fit():
 
 
 def test_train_refuses_before_loading_the_model(gpt2_data_root, wider_gpt2, tmp_path, monkeypatch):
-    import nanorepro.train as train_module
+    import nanorepro.gpt.train as train_module
 
     def never(*args):
         raise AssertionError("the model was loaded")
@@ -178,9 +180,9 @@ def test_the_baby_gpt_is_estimated_with_its_own_vocabulary_before_anything_is_pr
 
 def test_a_prepared_dataset_s_vocabulary_is_what_it_was_prepared_with(char_data_root, gpt2_data_root):
     for root, name in ((char_data_root, "shakespeare_char"), (gpt2_data_root, "shakespeare_gpt2")):
-        vocab, source = data.vocab_size_of(root, name)
-        assert vocab == data.DATASET_VOCAB[name] and source.startswith("prepared in")
-    assert data.vocab_size_of("/nonexistent", "mytext_char")[0] == data.GPT2_VOCAB_SIZE
+        vocab, source = dataset.vocab_size_of(root, name)
+        assert vocab == dataset.DATASET_VOCAB[name] and source.startswith("prepared in")
+    assert dataset.vocab_size_of("/nonexistent", "mytext_char")[0] == dataset.GPT2_VOCAB_SIZE
 
 
 def test_fsdp_ranks_with_several_micro_steps_hold_whole_gradients():

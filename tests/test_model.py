@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanorepro import optim
 from nanorepro.config import Config, GPTConfig, resolve
 from nanorepro.errors import UserError
-from nanorepro.model import GPT, load_pretrained
+from nanorepro.gpt import optim
+from nanorepro.gpt.model import GPT
+from nanorepro.gpt.pretrained import load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -285,7 +286,7 @@ _OFFLINE_SCRIPT = textwrap.dedent("""
     import json, socket
     import transformers
     from nanorepro.errors import UserError
-    from nanorepro.model import load_pretrained
+    from nanorepro.gpt.pretrained import load_pretrained
     connects, downloads = [], []
     _connect = socket.socket.connect
     def connect(self, address):

@@ -31,15 +31,18 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-
 import sshd as sshd_helper
+import torch
 from sshd import alive, processes_in
 from test_distributed import assert_close, losses  # the same losses, the same comparison
-from nanorepro import chameleon, metrics, network, remote
+
+from nanorepro import metrics
+from nanorepro.cloud import chameleon, jobs, multinode, network, remote, ssh
+from nanorepro.cloud.jobs import job_for
+from nanorepro.cloud.node import NODE_FILE
+from nanorepro.cloud.remote import SSHRunner
 from nanorepro.errors import UserError
 from nanorepro.pipeline import Pipeline
-from nanorepro.remote import SSHRunner
 
 TOL = 1e-4
 LEASE = "nanorepro-tester"
@@ -70,7 +73,7 @@ def reserved(nodes, state: Path, remote_dir: str = "nanorepro") -> Path:
     head = nodes[0]
     state.mkdir(parents=True, exist_ok=True)
     end = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=3, minutes=1)
-    (state / remote.NODE_FILE).write_text(json.dumps({
+    (state / NODE_FILE).write_text(json.dumps({
         "host": head.host, "port": head.port, "user": head.user, "key_path": str(head.key_path),
         "remote_dir": remote_dir, "site": "CHI@UC", "lease_name": LEASE, "lease_id": "lease-1",
         "lease_end": end.isoformat(), "status": "ready", "rdzv_port": sshd_helper._free_port(),
@@ -85,7 +88,7 @@ def stage_dir(node, state: Path, remote_dir: str = "nanorepro") -> Path:
 
 
 def record_of(state: Path) -> dict:
-    return json.loads((state / remote.NODE_FILE).read_text())
+    return json.loads((state / NODE_FILE).read_text())
 
 
 def parallel_install(tmp: Path) -> str:
@@ -130,7 +133,7 @@ def test_node_1_is_reachable_only_through_the_head(nodes, tmp_path):
         assert runner.peers[0].ssh.address == f"{other.user}@127.0.0.1:{other.port} (through 127.0.0.1)"
     finally:
         runner.close()
-    known = (state / remote.KNOWN_HOSTS).read_text()  # both host keys pinned, in the one known_hosts
+    known = (state / ssh.KNOWN_HOSTS).read_text()  # both host keys pinned, in the one known_hosts
     for server in nodes:
         host_key = (server.dir / "host_ed25519.pub").read_text().split()[1]
         assert f"[127.0.0.1]:{server.port} ssh-ed25519 {host_key}" in known
@@ -141,7 +144,7 @@ def test_a_changed_host_key_of_an_inner_node_is_refused(nodes, tmp_path):
 
     state = reserved(nodes, tmp_path / "results")
     other = paramiko.Ed25519Key.from_private_key_file(str(nodes[0].key_path))  # any key but node 1's
-    (state / remote.KNOWN_HOSTS).write_text(f"[127.0.0.1]:{nodes[1].port} {other.get_name()} {other.get_base64()}\n")
+    (state / ssh.KNOWN_HOSTS).write_text(f"[127.0.0.1]:{nodes[1].port} {other.get_name()} {other.get_base64()}\n")
     runner = SSHRunner.from_state(state)
     try:
         assert runner.ssh.check("echo ok", "test").strip() == "ok"  # the head's key is new: pinned
@@ -155,7 +158,7 @@ def test_an_old_record_without_nodes_is_one_node(nodes, tmp_path):
     state = reserved(nodes, tmp_path / "results")
     record = record_of(state)
     del record["nodes"]
-    (state / remote.NODE_FILE).write_text(json.dumps(record))
+    (state / NODE_FILE).write_text(json.dumps(record))
     runner = SSHRunner.from_state(state)
     assert runner.nodes == [runner] and runner.peers == []
     assert remote.stage_argv("py", ["train"], "ddp", 4)[:4] == ["py", "-m", "torch.distributed.run", "--standalone"]
@@ -207,7 +210,7 @@ def test_a_closed_firewall_that_cannot_be_opened_fails_setup_naming_the_node_and
     monkeypatch.setenv("NANOREPRO_INSTALL_CMD", marker.split(" ", 1)[1])
     state = tmp_path / "closed"  # the same lease and installed code, its own record
     state.mkdir()
-    for name in (remote.NODE_FILE, remote.KNOWN_HOSTS):
+    for name in (NODE_FILE, ssh.KNOWN_HOSTS):
         shutil.copy(installed / name, state / name)
     head_state, tool = firewalld(nodes[0]), nodes[0].dir.parent / "bin" / "firewall-cmd"
     saved = {name: (head_state / name).read_bytes() for name in ("state.json", "filter")}
@@ -251,7 +254,6 @@ def test_a_closed_firewall_that_cannot_be_opened_fails_setup_naming_the_node_and
 def test_the_stand_in_firewall_holds_torch_s_own_connections_until_the_head_admits_the_network(installed, nodes):
     """The gate is no Python-only stub: torch's store client (C++, over IPv6) on node 1 is refused by the head's
     shut firewall as a real node's would be, and gets through once the head's trusted zone admits 127.0.0.0/8."""
-    import datetime
 
     from torch.distributed import TCPStore
 
@@ -371,7 +373,7 @@ def test_a_node_whose_install_fails_is_named_with_the_lease(nodes, tmp_path, mon
 
 # -- stages on every node --------------------------------------------------------------------------
 def test_a_stage_that_fails_on_one_node_stops_the_other(installed, nodes, fast, monkeypatch):
-    monkeypatch.setattr(remote, "PEER_GRACE_S", 1.0)
+    monkeypatch.setattr(multinode, "PEER_GRACE_S", 1.0)
     lines: list[str] = []
     runner = SSHRunner.from_state(installed, out=lines.append)
     argvs = [[sys.executable, "-c", "import time\nprint('head waiting', flush=True)\ntime.sleep(600)"],
@@ -428,16 +430,16 @@ def test_a_rerun_attaches_to_jobs_running_on_every_node_and_restarts_a_partial_r
     argvs = [[sys.executable, "-c", code, str(i)] for i in range(2)]
     try:
         # the kernel that started the jobs died: start them as run_everywhere does, then walk away
-        jobs = [node._job(argv, "beat") for node, argv in zip(runner.nodes, argvs)]
-        for node, (cmd, job) in zip(runner.nodes, jobs):
-            assert node._launch(cmd, job, node.stage_dir) == "started"
+        started = [job_for(argv, "beat") for argv in argvs]
+        for node, (cmd, job) in zip(runner.nodes, started):
+            assert node.jobs.launch(cmd, job, node.stage_dir) == "started"
         assert runner.run_everywhere(argvs, stage="beat") == 0
         assert "[beat] already running on all 2 nodes: attaching to it" in lines
         assert "done 0" in lines and lines.count("beat 0") <= 1
         # only node 1's job still runs (node 0's ended): it cannot meet a new partner, so it is stopped
         lines.clear()
         node1 = runner.peers[0]
-        assert node1._launch(*jobs[1], node1.stage_dir) == "started"
+        assert node1.jobs.launch(*started[1], node1.stage_dir) == "started"
         assert runner.run_everywhere(argvs, stage="beat") == 0
         assert any(line.startswith("[beat] stopping what is left of an earlier run on node 1 (") for line in lines)
         assert any(line.startswith("[beat] started on 2 nodes") for line in lines) and "done 0" in lines
@@ -563,7 +565,7 @@ def test_a_node_that_stops_answering_stops_the_job_on_the_others_and_is_named(tm
     nothing ever answers, as a hung kernel does). After UNREACHABLE_S of silence the head's job is stopped and
     the stage fails naming node 1, not after RECONNECT_TIMEOUT_S (cut to 120 s here, so that a watcher waiting
     for the dead node fails this test instead of hanging it)."""
-    monkeypatch.setattr(remote, "RECONNECT_TIMEOUT_S", 120.0)
+    monkeypatch.setattr(ssh, "RECONNECT_TIMEOUT_S", 120.0)
     monkeypatch.setenv("NANOREPRO_SSH_POLL_S", "0.2")
     servers = sshd_helper.start_nodes(tmp_path / "nodes", 2)
     lines: list[str] = []
@@ -605,11 +607,11 @@ def test_a_node_that_stops_answering_stops_the_job_on_the_others_and_is_named(tm
             server.stop()
     with capsys.disabled():  # for the record (-s), never asserted: timings here are noisy
         print(f"\nnode 1 {death}: the stage failed {took:.1f} s after it died (UNREACHABLE_S = "
-              f"{remote.UNREACHABLE_S:.0f} s, STATUS_TIMEOUT_S = {remote.STATUS_TIMEOUT_S:.0f} s)")
+              f"{multinode.UNREACHABLE_S:.0f} s, STATUS_TIMEOUT_S = {jobs.STATUS_TIMEOUT_S:.0f} s)")
     problem = e.value.problem
     assert problem.startswith(f"stage hang failed on node 1 ({LEASE}-1, {servers[1].user}@127.0.0.1:{servers[1].port} "
                               f"(through 127.0.0.1)) of lease {LEASE}: its node stopped answering over SSH (nothing "
-                              f"for {remote.UNREACHABLE_S:.0f} s while the head answered")
+                              f"for {multinode.UNREACHABLE_S:.0f} s while the head answered")
     assert "; its job was stopped on node 0 so that none waits for it" in problem
     assert ("the last lines of node 1's log (nanorepro/work/results/.jobs/hang-" in problem and "on that node) as last "
             "read, before the node stopped answering:\nrank 1 waits for its peer" in problem)

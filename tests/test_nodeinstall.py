@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-
 import sshd as sshd_helper
-from nanorepro import chameleon, nodeinstall, remote
+
+from nanorepro.cloud import chameleon, nodeinstall, remote
+from nanorepro.cloud.node import NODE_FILE
 from nanorepro.errors import UserError
 
 SMI_560 = """+-----------------------------------------------------------------------------------------+
@@ -68,7 +69,7 @@ def reserved(node, tmp_path: Path) -> Path:
     state = tmp_path / "results"
     state.mkdir()
     end = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=3, minutes=1)
-    (state / remote.NODE_FILE).write_text(json.dumps({
+    (state / NODE_FILE).write_text(json.dumps({
         "host": srv.host, "port": srv.port, "user": srv.user, "key_path": str(srv.key_path),
         "remote_dir": str(tmp_path / "node home"), "site": "CHI@UC", "lease_name": "nanorepro-tester",
         "lease_id": "lease-1", "lease_end": end.isoformat(), "image": "CC-Ubuntu24.04-CUDA", "status": "ready"}))

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanorepro import data, openwebtext
+from nanorepro.data import dataset, openwebtext
 from nanorepro.errors import UserError
+from nanorepro.gpt.batches import Batches
 
 SHARD_DOCS = 1500  # 7,222 documents: 5 train shards and 1 val shard
 
@@ -44,7 +45,7 @@ def expected(docs, tiktoken_offline) -> dict[str, np.ndarray]:
     import datasets
 
     split = datasets.Dataset.from_dict({"text": docs}).train_test_split(test_size=0.0005, seed=2357, shuffle=True)
-    enc = data.gpt2_encoding()
+    enc = dataset.gpt2_encoding()
     return {name: np.array([t for d in split[part]["text"] for t in enc.encode_ordinary(d) + [enc.eot_token]],
                            dtype=np.uint16) for name, part in (("train", "train"), ("val", "test"))}
 
@@ -67,10 +68,10 @@ def test_token_files_are_nanogpts_split_encoded_document_by_document(prepared, e
     for split in ("train", "val"):
         np.testing.assert_array_equal(np.fromfile(out / f"{split}.bin", dtype=np.uint16), expected[split])
     assert prepared["documents"] == {"train": len(docs) - math.ceil(0.0005 * len(docs)), "val": math.ceil(0.0005 * len(docs))}
-    meta = data.load_meta(out)  # the layout training reads
+    meta = dataset.load_meta(out)  # the layout training reads
     assert (meta["encoding"], meta["vocab_size"], meta["train_tokens"]) == ("gpt2", 50257, len(expected["train"]))
     assert out.name == "openwebtext_gpt2" and sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
-    batches = data.Batches(out, block_size=64, batch_size=2)
+    batches = Batches(out, block_size=64, batch_size=2)
     x, y = batches.read("val", batches.draw("val"))
     assert x.shape == (2, 64) and (x[:, 1:] == y[:, :-1]).all()
 

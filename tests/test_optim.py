@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from nanorepro import hardware, optim
-from nanorepro.model import GPT
 from nanorepro.config import GPTConfig
+from nanorepro.gpt import hardware, optim
+from nanorepro.gpt.model import GPT
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:

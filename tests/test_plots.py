@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanorepro import metrics, plots
+from nanorepro import metrics
 from nanorepro.config import resolve
 from nanorepro.errors import UserError
-from nanorepro.train import train
+from nanorepro.gpt.train import train
+from nanorepro.results import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

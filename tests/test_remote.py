@@ -3,6 +3,7 @@ stages, live progress, copy-back, failures, a dropped connection and re-attachin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -11,14 +12,15 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
-
 import sshd as sshd_helper
-from nanorepro import remote
+
+from nanorepro.cloud import jobs, ssh
+from nanorepro.cloud.node import NODE_FILE
+from nanorepro.cloud.remote import SSHRunner
 from nanorepro.errors import UserError
-from nanorepro.remote import SSHRunner
 
 REPO = Path(__file__).resolve().parent.parent
 # The node's folder: spaces, a quote and a ';' must survive every remote command.
@@ -206,8 +208,8 @@ def test_rerun_attaches_to_a_job_that_is_still_running(node, server, tmp_path):
     argv = [sys.executable, "-c", code]
     cmd = " ".join(shlex.quote(a) for a in argv)
     # the kernel that started the job died: start it the way run_command does, then walk away
-    job = remote.PurePosixPath(remote.JOBS) / f"heart-{remote.hashlib.sha1(cmd.encode()).hexdigest()[:8]}"
-    assert runner._launch(cmd, job, runner.stage_dir) == "started"
+    job = PurePosixPath(jobs.JOBS) / f"heart-{hashlib.sha1(cmd.encode()).hexdigest()[:8]}"
+    assert runner.jobs.launch(cmd, job, runner.stage_dir) == "started"
     out = Lines()
     fresh = make_runner(server, base, out=out)
     try:
@@ -231,7 +233,7 @@ def test_from_state_reads_the_node_record_and_never_copies_the_key(node, server,
     state.mkdir()
     record = {"host": server.host, "port": server.port, "user": server.user, "key_path": str(server.key_path),
               "remote_dir": str(base / ODD_DIR), "site": "CHI@UC", "lease_id": "l-1", "server_id": "s-1"}
-    (state / remote.NODE_FILE).write_text(json.dumps(record))
+    (state / NODE_FILE).write_text(json.dumps(record))
     out = Lines()
     r = SSHRunner.from_state(state, workdir=Path("results/x"), out=out, poll_s=0.1)
     try:
@@ -240,7 +242,7 @@ def test_from_state_reads_the_node_record_and_never_copies_the_key(node, server,
     finally:
         r.close()
     assert "nanorepro 0.1.0" in out.text
-    assert (state / remote.KNOWN_HOSTS).is_file()  # the node's host key is pinned for later connections
+    assert (state / ssh.KNOWN_HOSTS).is_file()  # the node's host key is pinned for later connections
     key = server.key_path.read_text().strip().splitlines()[1]
     for path in [*tmp_path.rglob("*")]:
         if path.is_file():
@@ -250,7 +252,7 @@ def test_from_state_reads_the_node_record_and_never_copies_the_key(node, server,
 def test_missing_record_key_and_unreachable_node_are_user_errors(server, tmp_path):
     with pytest.raises(UserError, match="run 00_reserve_node"):
         SSHRunner.from_state(tmp_path)
-    (tmp_path / remote.NODE_FILE).write_text(json.dumps({"host": "127.0.0.1", "key_path": str(tmp_path / "nokey")}))
+    (tmp_path / NODE_FILE).write_text(json.dumps({"host": "127.0.0.1", "key_path": str(tmp_path / "nokey")}))
     with pytest.raises(UserError, match="does not exist"):
         SSHRunner.from_state(tmp_path).run(["--version"], stage="v")
     closed_port = sshd_helper._free_port()
@@ -265,7 +267,7 @@ def test_a_changed_host_key_is_refused(server, tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     other = paramiko.Ed25519Key.from_private_key_file(str(server.key_path))  # any key but the host's
-    (state / remote.KNOWN_HOSTS).write_text(f"[127.0.0.1]:{server.port} {other.get_name()} {other.get_base64()}\n")
+    (state / ssh.KNOWN_HOSTS).write_text(f"[127.0.0.1]:{server.port} {other.get_name()} {other.get_base64()}\n")
     r = SSHRunner(server.host, key_path=server.key_path, user=server.user, port=server.port, state_dir=state)
     with pytest.raises(UserError, match="host key of 127.0.0.1 changed"):
         r.ssh.check("true", "test")

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from nanorepro import data, metrics, report
+from nanorepro import metrics
 from nanorepro.cli import main
 from nanorepro.config import resolve
+from nanorepro.data import dataset
 from nanorepro.errors import UserError
-from nanorepro.train import train, train_seeds
+from nanorepro.gpt.train import train, train_seeds
+from nanorepro.results import report
 
 SEEDS = (1337, 1338, 1339)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,7 +39,7 @@ def results(tmp_path_factory, char_data_root, shakespeare_path) -> Path:
           preset="shakespeare-char-cpu")
     small_txt = res / "small.txt"
     small_txt.write_text(shakespeare_path.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
-    data.prepare(input_path=small_txt, encodings=("char",), data_root=res / "data_small")
+    dataset.prepare(input_path=small_txt, encodings=("char",), data_root=res / "data_small")
     train(resolve("tiny", {**common, "data_root": str(res / "data_small"), "out_dir": str(runs / "small")}),
           preset="tiny")
     return res
@@ -297,9 +299,9 @@ def test_bad_references_and_arguments_are_user_errors(tmp_path):
 
 def test_reporting_never_imports_torch(results, repo_root, tmp_path):
     code = ("import sys; from pathlib import Path; "
-            "import nanorepro.report, nanorepro.plots, nanorepro.envinfo; "
+            "import nanorepro.results.report, nanorepro.results.plots, nanorepro.envinfo; "
             "assert 'torch' not in sys.modules, 'import pulled in torch'; "
-            f"nanorepro.report.report([Path({str(seed_runs(results)[0])!r})], Path({str(tmp_path / 'o')!r})); "
+            f"nanorepro.results.report.report([Path({str(seed_runs(results)[0])!r})], Path({str(tmp_path / 'o')!r})); "
             "nanorepro.envinfo.capture(); "
             "assert 'torch' not in sys.modules, 'reporting pulled in torch'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True)

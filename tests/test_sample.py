@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from nanorepro.config import resolve
-from nanorepro.train import train
+from nanorepro.gpt.train import train
 
 
 def cli(*args, cwd):
@@ -44,8 +44,8 @@ def test_sampling_autocasts_where_training_would_and_not_on_a_cpu_by_default(cha
     autocast as training's do. Asked for explicitly, a CPU shows the same path; by default it stays fp32."""
     import torch
 
-    from nanorepro.model import GPT
-    from nanorepro.sample import sample
+    from nanorepro.gpt.model import GPT
+    from nanorepro.gpt.sample import sample
 
     train(resolve("tiny", {"data_root": str(char_data_root), "out_dir": str(tmp_path / "run"), "max_iters": 2}))
     seen = []
@@ -65,8 +65,8 @@ def test_a_padded_vocabulary_never_yields_ids_the_tokenizer_lacks(char_data_root
     tokens, even where the extra ids are as likely as any (made so here: every logit 0)."""
     import torch
 
-    from nanorepro import checkpoint
-    from nanorepro.sample import sample
+    from nanorepro.gpt import checkpoint
+    from nanorepro.gpt.sample import sample
 
     run = tmp_path / "run"
     train(resolve("tiny", {"data_root": str(char_data_root), "out_dir": str(run), "max_iters": 2, "vocab_size": 80}))

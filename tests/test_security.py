@@ -21,12 +21,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import sshd as sshd_helper
 import torch
 
-import sshd as sshd_helper
-from nanorepro import remote
+from nanorepro.cloud import remote, ssh
 from nanorepro.errors import UserError
-from nanorepro.checkpoint import load as load_checkpoint
+from nanorepro.gpt.checkpoint import load as load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "nanorepro"
@@ -183,7 +183,7 @@ def test_the_private_key_is_refused_when_others_can_read_it(node, tmp_path):
         r.close()
     key.chmod(0o640)
     with pytest.raises(UserError, match="readable by other users"):
-        remote.check_key_file(key)
+        ssh.check_key_file(key)
 
 
 def test_reserve_refuses_a_loose_key_before_any_lease(tmp_path):

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from nanorepro import metrics
-from nanorepro.checkpoint import load_model
 from nanorepro.config import resolve
 from nanorepro.errors import UserError
-from nanorepro.sample import sample
-from nanorepro.train import lr_at, train
+from nanorepro.gpt.checkpoint import load_model
+from nanorepro.gpt.sample import sample
+from nanorepro.gpt.train import lr_at, train
 
 
 def tiny(root: Path, out: Path, **kw):
@@ -68,7 +68,8 @@ def test_run_writes_config_env_metrics_and_a_loadable_checkpoint(char_data_root,
 
 def test_a_cpu_run_has_malloc_keep_its_freed_activations(char_data_root, tmp_path, monkeypatch):
     """Before the model is built (test_hardware shows what it saves: the page faults of every step)."""
-    from nanorepro import hardware, train as train_mod
+    from nanorepro.gpt import hardware
+    from nanorepro.gpt import train as train_mod
     calls = []
     monkeypatch.setattr(hardware, "keep_freed_memory", lambda: calls.append("kept") or True)
     monkeypatch.setattr(train_mod, "_build_model", lambda *a: calls.append("built") or pytest.fail("stop here"))
@@ -329,8 +330,8 @@ def test_gpus_only_emulating_bf16_get_float16_and_a_grad_scaler():
 def test_float16_runs_checkpoint_the_grad_scaler_and_resume_with_it(char_data_root, tmp_path):
     """fp16's loss scale and growth tracker are in ckpt.pt and restored: a resume does not restart at
     65536 and skip steps while the scale backs off (CPU autocast and GradScaler stand in for a GPU's)."""
-    from nanorepro import checkpoint, distributed
-    from nanorepro.model import GPT
+    from nanorepro.gpt import checkpoint, distributed
+    from nanorepro.gpt.model import GPT
 
     cfg = tiny(char_data_root, tmp_path / "run", max_iters=6, eval_interval=3, dtype="float16")
     train(cfg)

@@ -19,12 +19,13 @@ import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
-from . import __version__, envinfo, metrics, plots
-from .config import GPT2_SIZES, PRESETS, resolve
-from .errors import UserError
-from .files import read_json, sha256_file, write_atomic, write_text_atomic
-from .fmt import duration, markdown_table, utc_timestamp
-from .references import DATA_METRICS, load_references
+from nanorepro import __version__, envinfo, metrics
+from nanorepro.config import GPT2_SIZES, PRESETS, resolve
+from nanorepro.errors import UserError
+from nanorepro.files import read_json, sha256_file, write_atomic, write_text_atomic
+from nanorepro.fmt import duration, markdown_table, utc_timestamp
+from nanorepro.results import plots
+from nanorepro.results.references import DATA_METRICS, load_references
 
 # Fields a run may change and still be "the published recipe": where files go, which seed,
 # which device/precision/compiler runs it, how often it prints. Everything else must match the preset.

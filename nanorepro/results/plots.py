@@ -15,10 +15,10 @@ from typing import Any, Iterable
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from . import metrics
-from .errors import UserError
-from .files import read_json
-from .references import load_references
+from nanorepro import metrics
+from nanorepro.errors import UserError
+from nanorepro.files import read_json
+from nanorepro.results.references import load_references
 
 X_AXES = {"iter": "iteration", "elapsed": "wall time"}
 PNG_FILES = {"iter": "loss_vs_iter.png", "elapsed": "loss_vs_time.png"}

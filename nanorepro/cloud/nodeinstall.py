@@ -11,7 +11,7 @@
    experimental, opt-in): the newest the driver runs is tried first, then the next lower one if pip finds
    no wheel, and a failed install names the driver, the builds tried and the fix.
 4. After the install, torch must see every GPU nvidia-smi lists and run a bf16 matmul on each
-   (`nanorepro.gpucheck` on the node), or the install fails naming the driver, the wheel and the fix.
+   (`nanorepro.gpt.gpucheck` on the node), or the install fails naming the driver, the wheel and the fix.
 
 The probes are short shell commands over the runner's SSH connection; the long steps (apt, pip) are
 detached jobs like every stage. No torch here: the hub kernel imports this.
@@ -30,9 +30,9 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
-from .errors import UserError
+from nanorepro.errors import UserError
 
-SSHRunner = Any  # remote.SSHRunner, which imports this module: the probes use its ssh, run_command and _print
+SSHRunner = Any  # remote.SSHRunner, which imports this module: the probes use its ssh, run_command and say
 
 TORCH_VERSION = "2.13.0"
 TORCH_INDEX = "https://download.pytorch.org/whl/{build}"
@@ -192,7 +192,7 @@ def install_system_packages(runner: SSHRunner, facts: NodeFacts, image: str | No
     missing = facts.missing_packages
     if not missing:
         return facts
-    runner._print(f"the node lacks {', '.join(missing)} (torch.compile builds C code against Python.h): installing")
+    runner.say(f"the node lacks {', '.join(missing)} (torch.compile builds C code against Python.h): installing")
     code = runner.run_command(["sh", "-c", apt_command(missing)], stage="system packages", check=False)
     after = parse_probe(runner.ssh.check(PROBE, "probing the node's Python"))
     still = after.missing_packages
@@ -208,7 +208,7 @@ def install_system_packages(runner: SSHRunner, facts: NodeFacts, image: str | No
 def check_gpus(runner: SSHRunner, facts: NodeFacts, build: str) -> dict:
     """torch on the node must see every GPU nvidia-smi lists and run a bf16 matmul on each; its report."""
     code, out = runner.ssh.exec(f"cd -- {shlex.quote(str(runner.remote_dir))} && "
-                                f"{VENV}/bin/python -m nanorepro.gpucheck", timeout=600)
+                                f"{VENV}/bin/python -m nanorepro.gpt.gpucheck", timeout=600)
     report = None
     for line in reversed(out.splitlines()):
         if line.startswith("{"):

@@ -1,11 +1,11 @@
-"""Data: Tiny Shakespeare (bundled, or downloaded) and text files into token files (char or GPT-2 BPE), batches.
+"""A dataset: Tiny Shakespeare (bundled, or downloaded) and text files into token files (char or GPT-2 BPE).
 
 Tiny Shakespeare and GPT-2's BPE files ship inside the package (`bundled/`, gzipped, checked against
 their published sha256 when read), so preparing needs no network; `url=` downloads a mirror instead.
 `prepare` writes `<data_root>/<name>_<encoding>/{train.bin, val.bin, meta.json}` as nanoGPT's
 shakespeare_char and shakespeare prepare.py do (first 90% of the characters train; uint16 ids), with
 the vocabulary as JSON, not a pickle. meta.json is written last: a folder with one is complete.
-Only `Batches` needs torch (imported when used); tiktoken is imported only for the gpt2 encoding.
+No torch here (batches are gpt/batches.py); tiktoken is imported only for the gpt2 encoding.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import fmt
-from .errors import ModelUnavailable, UserError
-from .files import sha256_file, write_atomic, write_text_atomic
+from nanorepro import fmt
+from nanorepro.errors import ModelUnavailable, UserError
+from nanorepro.files import sha256_file, write_atomic, write_text_atomic
 
 CANONICAL_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -66,7 +66,7 @@ def one_line(e: BaseException, limit: int = 200) -> str:
 def bundled(name: str, sha256: str) -> bytes:
     """The decompressed bytes of a file shipped in nanorepro/bundled/, checked against `sha256`."""
     try:
-        raw = gzip.decompress((importlib.resources.files(__package__) / BUNDLED / name).read_bytes())
+        raw = gzip.decompress((importlib.resources.files("nanorepro") / BUNDLED / name).read_bytes())
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise UserError(f"the bundled {name} cannot be read: {one_line(e)}", "reinstall nanorepro") from e
     if hashlib.sha256(raw).hexdigest() != sha256:
@@ -411,64 +411,3 @@ class Codec:
         if self.encoding == "gpt2":
             return self._enc.decode(ids)
         return "".join(self.itos[i] for i in ids)
-
-
-class Batches:
-    """Random (x, y) training batches from a prepared folder, as nanoGPT's get_batch. Each split's memmap
-    is opened once (nanoGPT reopens it per batch against a leak; copying rows out here keeps none)."""
-
-    def __init__(self, data_dir: str | Path, block_size: int, batch_size: int, device: str = "cpu"):
-        self.meta = load_meta(data_dir)
-        if int(block_size) < 1 or int(batch_size) < 1:
-            raise UserError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}",
-                            "set positive block_size and batch_size")
-        self.block_size, self.batch_size, self.device = int(block_size), int(batch_size), str(device)
-        self._data: dict[str, np.memmap] = {}
-        for split in ("train", "val"):
-            path = Path(data_dir) / f"{split}.bin"
-            expected = int(self.meta[f"{split}_tokens"])
-            size = path.stat().st_size if path.is_file() else None
-            if size != 2 * expected:
-                found = "is missing" if size is None else f"has {size:,} bytes ({size // 2:,} tokens)"
-                raise UserError(f"{path} {found}, but meta.json says {expected:,} (truncated or changed)",
-                                "re-run `nanorepro prepare` to rewrite the dataset")
-            if self.block_size >= expected:
-                raise UserError(f"block_size {self.block_size} is not shorter than the {split} split "
-                                f"({expected:,} tokens)", "use a smaller block_size or a longer text")
-            self._data[split] = np.memmap(path, dtype=np.uint16, mode="r")
-        self._offsets = np.arange(self.block_size + 1)
-
-    # draw, then read: distributed ranks all draw every batch (one shared stream) and read their own
-    def draw(self, split: str, generator=None):
-        """The start offsets of one random batch, without reading it."""
-        import torch
-
-        return torch.randint(len(self._split(split)) - self.block_size, (self.batch_size,), generator=generator)
-
-    def windows(self, split: str) -> list:
-        """Start offsets of every non-overlapping window of the split (block_size tokens and their targets),
-        in order, in batches of batch_size (the last one may be shorter): the whole split, once."""
-        import torch
-
-        starts = torch.arange(0, len(self._split(split)) - self.block_size, self.block_size)
-        return list(starts.split(self.batch_size))
-
-    def _split(self, split: str) -> np.memmap:
-        if split not in self._data:
-            raise UserError(f"unknown split {split!r}", "use 'train' or 'val'")
-        return self._data[split]
-
-    def read(self, split: str, ix):
-        """(x, y), int64 of shape (batch_size, block_size), for the start offsets `ix` drawn by `draw`;
-        y is x shifted by one token."""
-        import torch
-
-        data = self._data[split]
-        # one fancy-index read of all rows (block_size + 1 long) instead of 2*batch_size slices
-        rows = torch.from_numpy(data[ix.numpy()[:, None] + self._offsets].astype(np.int64))
-        x, y = rows[:, :-1], rows[:, 1:]
-        if self.device.startswith("cuda"):
-            # pinned host memory lets the copy overlap with compute
-            return (x.contiguous().pin_memory().to(self.device, non_blocking=True),
-                    y.contiguous().pin_memory().to(self.device, non_blocking=True))
-        return x.contiguous().to(self.device), y.contiguous().to(self.device)

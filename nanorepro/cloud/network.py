@@ -25,11 +25,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
-from .remote import on_each
+from nanorepro.cloud.jobs import on_each
+from nanorepro.errors import UserError
 
 if TYPE_CHECKING:
-    from .remote import SSHRunner
+    from nanorepro.cloud.remote import SSHRunner
 
 PORT_CHECK_S = 15.0  # how long each node keeps trying the head's rendezvous port (the listener may start late)
 FIREWALLD_NOT_RUNNING = 252  # firewall-cmd's exit code when firewalld is not running (firewall/errors.py)
@@ -189,7 +189,7 @@ def prepare(head: "SSHRunner") -> list[dict[str, Any]]:
         iface, cidr = find_interface(node)
         try:
             firewall: str | UserError = open_firewall(node, cidr)
-            node._print(f"private network {cidr} on {iface}; {firewall}")
+            node.say(f"private network {cidr} on {iface}; {firewall}")
         except UserError as e:  # the port check still runs: it says what the failure means
             firewall = e
         return {"iface": iface, "cidr": cidr, "firewall": firewall}
@@ -216,8 +216,8 @@ def prepare(head: "SSHRunner") -> list[dict[str, Any]]:
                          f"--add-source={results[0]['cidr']}` and `sudo firewall-cmd --runtime-to-permanent` on each "
                          "node, then re-run 00_reserve_node (it reuses the lease and servers)")
         elif said.startswith("in use"):
-            head._print(f"note: port {head.rdzv_port} is in use on the head ({said}): a training still running there?")
+            head.say(f"note: port {head.rdzv_port} is in use on the head ({said}): a training still running there?")
     if problems:
         raise UserError("the nodes cannot train together: " + "; ".join(problems), "; ".join(dict.fromkeys(fixes)))
-    head._print(f"the head's rendezvous port {head.private_ip}:{head.rdzv_port} answers every node")
+    head.say(f"the head's rendezvous port {head.private_ip}:{head.rdzv_port} answers every node")
     return results

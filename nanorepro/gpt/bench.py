@@ -37,10 +37,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__, config as config_mod, data, envinfo, fmt, hardware, metrics
-from .config import Config
-from .errors import UserError
-from .files import sha256_file
+from nanorepro import __version__, envinfo, fmt, metrics
+from nanorepro import config as config_mod
+from nanorepro.config import Config
+from nanorepro.data import dataset
+from nanorepro.errors import UserError
+from nanorepro.files import sha256_file
+from nanorepro.gpt import hardware
 
 NANOGPT_FILES = ("train.py", "model.py", "configurator.py", "data/shakespeare_char/prepare.py")
 # nanoGPT's command-line knobs that nanorepro's Config shares, by the same names
@@ -85,8 +88,8 @@ def _input_text(meta: dict[str, Any], input_path: str | None) -> Path:
     """A local file holding the exact text our dataset was made from (sha256 checked)."""
     want = meta.get("source_sha256")
     candidates = [Path(input_path or meta.get("source") or "")]
-    if not input_path and want == data.SHAKESPEARE_SHA256:
-        candidates.append(data.shakespeare_file())
+    if not input_path and want == dataset.SHAKESPEARE_SHA256:
+        candidates.append(dataset.shakespeare_file())
     for path in candidates:
         if path.is_file() and sha256_file(path) == want:
             return path
@@ -107,7 +110,7 @@ def prepare_nanogpt(checkout: str | Path, data_dir: Path, workdir: Path, input_p
         shutil.copy2(checkout / f, dest / f)
     prep = dest / "data" / "shakespeare_char"
     # prepare.py downloads input.txt only when it is absent: give it ours
-    shutil.copyfile(_input_text(data.load_meta(data_dir), input_path), prep / "input.txt")
+    shutil.copyfile(_input_text(dataset.load_meta(data_dir), input_path), prep / "input.txt")
     done = subprocess.run([sys.executable, "prepare.py"], cwd=prep, capture_output=True, text=True)
     if done.returncode != 0:
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
@@ -305,7 +308,7 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
         raise UserError("eval_interval must exceed warmup", "leave eval_interval unset for throughput runs")
     device, dtype = hardware.pick_device(cfg.device, cfg.dtype, hardware.gpu_required_by(preset))
     data_dir = Path(cfg.data_root) / cfg.dataset
-    meta = data.load_meta(data_dir)
+    meta = dataset.load_meta(data_dir)
     n_params, flops = flops_per_iter(cfg, meta["vocab_size"])
     other_cfg = (config_mod.resolve(nanogpt_preset, {**overrides, **runs_cfg, "grow_from_layers": 0})
                  if nanogpt_preset else cfg)
@@ -314,7 +317,7 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
 
     workdir = Path(tempfile.mkdtemp(prefix="nanorepro-bench-"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    pkg_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
     load_before = os.getloadavg()
     main_thread = threading.current_thread() is threading.main_thread()

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, hardware
-from .errors import UserError
-from .model import load_pretrained
+from nanorepro.data import dataset
+from nanorepro.errors import UserError
+from nanorepro.gpt import checkpoint, hardware
+from nanorepro.gpt.pretrained import load_pretrained
 
 
 def sample(run_dir: str | Path | None = None, model: str | None = None, prompt: str = "\n",
@@ -29,10 +30,10 @@ def sample(run_dir: str | Path | None = None, model: str | None = None, prompt: 
     autocast = hardware.StepContext(torch.device(dev).type, hardware.resolve_dtype(dev, dtype))  # float32: none
     if run_dir is not None:
         net, cfg = checkpoint.load_model(Path(run_dir))
-        codec = data.Codec.from_meta(data.load_meta(Path(data_root or cfg.data_root) / cfg.dataset))
+        codec = dataset.Codec.from_meta(dataset.load_meta(Path(data_root or cfg.data_root) / cfg.dataset))
     elif model is not None:
         net, _ = load_pretrained(model)
-        codec = data.Codec.from_meta({"encoding": "gpt2", "vocab_size": data.GPT2_VOCAB_SIZE})
+        codec = dataset.Codec.from_meta({"encoding": "gpt2", "vocab_size": dataset.GPT2_VOCAB_SIZE})
     else:
         raise UserError("nothing to sample from", "give a run folder (--run) or a model name (--model)")
     net.eval().to(dev)

@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
-from . import distributed, faults, optim
-from .config import Config, GPTConfig
-from .distributed import World
-from .errors import UserError
-from .files import write_atomic
-from .model import GPT
+from nanorepro import faults
+from nanorepro.config import Config, GPTConfig
+from nanorepro.errors import UserError
+from nanorepro.files import write_atomic
+from nanorepro.gpt import distributed, optim
+from nanorepro.gpt.distributed import World
+from nanorepro.gpt.model import GPT
 
 CKPT_FILE = "ckpt.pt"
 # Fields that fix the network's shape: a checkpoint only resumes into the same ones (dropout may change).

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import hardware
+from nanorepro.gpt import hardware
 
 
 def _adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:

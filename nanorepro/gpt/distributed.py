@@ -30,8 +30,8 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.distributed as dist
 
-from .config import Config
-from .errors import UserError
+from nanorepro.config import Config
+from nanorepro.errors import UserError
 
 PARALLEL = ("none", "ddp", "fsdp")
 # How long the error path waits for the other ranks before leaving anyway: a rank that failed alone

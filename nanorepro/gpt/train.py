@@ -22,11 +22,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__, checkpoint, data, distributed, envinfo, faults, fmt, hardware, memory, metrics, optim
-from .config import PRETRAINED, Config, GPTConfig, from_dict, validate
-from .distributed import World
-from .errors import Interrupted, UserError, WontFit
-from .model import GPT, load_pretrained, require_pretrained
+from nanorepro import __version__, envinfo, faults, fmt, memory, metrics
+from nanorepro.config import PRETRAINED, Config, GPTConfig, from_dict, validate
+from nanorepro.data import dataset
+from nanorepro.errors import Interrupted, UserError, WontFit
+from nanorepro.gpt import checkpoint, distributed, hardware, optim
+from nanorepro.gpt.batches import Batches
+from nanorepro.gpt.distributed import World
+from nanorepro.gpt.model import GPT
+from nanorepro.gpt.pretrained import load_pretrained, require_pretrained
 
 
 def lr_at(it: int, cfg: Config) -> float:
@@ -79,7 +83,7 @@ class _Run:
     model: GPT
     wrapped: torch.nn.Module  # what the step calls: the model, DDP around it, or FSDP-sharded
     optimizer: Any
-    batches: data.Batches
+    batches: Batches
     batch_gen: torch.Generator  # the training batches' own stream: exact resume
     scaler: torch.amp.GradScaler  # float16's loss scaling (disabled otherwise), checkpointed with the run
     iter_num: int = 0
@@ -125,7 +129,7 @@ def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
     dtype = hardware.resolve_dtype(device, cfg.dtype)
     device_type = torch.device(device).type
     data_dir = Path(cfg.data_root) / cfg.dataset
-    meta = data.load_meta(data_dir)
+    meta = dataset.load_meta(data_dir)
     out = Path(cfg.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +152,7 @@ def _setup(cfg: Config, world: World, preset: str | None, say) -> _Run:
     say(_check_memory(cfg, model_cfg, ckpt["iter_num"] if ckpt else None, device, dtype, world))
     model = _build_model(cfg, model_cfg, ckpt)  # only now are weights loaded
     cfg = dataclasses.replace(cfg, **model.config.to_dict())  # config.json records the network trained
-    batches = data.Batches(data_dir, cfg.block_size, cfg.batch_size, device=device)
+    batches = Batches(data_dir, cfg.block_size, cfg.batch_size, device=device)
     model.to(device)
     wrapped = distributed.wrap(model, world, device, dtype, cfg.activation_checkpointing)  # FSDP: before the optimizer
     if world.active:
@@ -241,33 +245,11 @@ def _loop(run: _Run, say) -> dict[str, Any]:
             # grow: the evaluation and checkpoint at grow_iter are of the network as it stood, so a run
             # resumed from that checkpoint grows here the same way
             if cfg.grow_from_layers and iter_num == cfg.grow_iter:
-                if cfg.grow_by == "copy":
-                    model.stack(cfg.grow_from_layers)
-                model.active_layers = cfg.n_layer
+                _grow(model, cfg)
                 note(f"step {iter_num}: all {cfg.n_layer} blocks train from here on (the first "
                      f"{cfg.grow_from_layers} until now{', copied into the others' if cfg.grow_by == 'copy' else ''})")
 
-            # forward and backward over the micro-steps, gradients accumulated (this rank's share of them)
-            mine = world.micro_steps(cfg.gradient_accumulation_steps)  # all of them in a single process
-            for k in range(cfg.gradient_accumulation_steps):
-                ix = run.batches.draw("train", run.batch_gen)  # every rank draws every micro-batch: one shared stream
-                if k not in mine:
-                    continue
-                x, y = run.batches.read("train", ix)
-                with distributed.sync_gradients(run.wrapped, world, last=k == mine[-1]):
-                    with autocast:
-                        _, loss = step_model(x, y)
-                        loss = loss / len(mine)
-                    loss_acc += loss.detach()
-                    scaler.scale(loss).backward()
-
-            # clip the gradient, step the optimizer
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            _step(run, step_model, autocast, loss_acc)
             faults.hit("step")
             iter_num += 1
             window_iters += 1
@@ -293,6 +275,37 @@ def _loop(run: _Run, say) -> dict[str, Any]:
                        "config": cfg.to_dict()})  # what a later launch must match to count as this run
     say(f"{run.out}: {status} at iter {iter_num}, best val loss {best_val:.4f}, {total:.1f} s")
     return {"out_dir": str(run.out), "best_val_loss": best_val, "iter": iter_num, "elapsed_s": total, "skipped": False}
+
+
+def _step(run: _Run, step_model: torch.nn.Module, autocast: hardware.StepContext, loss_acc: torch.Tensor) -> None:
+    """One optimizer step: forward and backward over the micro-steps with gradients accumulated (this rank's
+    share of them), the gradient clipped, the optimizer stepped. The micro-steps' losses are added to loss_acc."""
+    cfg, world, optimizer, scaler = run.cfg, run.world, run.optimizer, run.scaler
+    mine = world.micro_steps(cfg.gradient_accumulation_steps)  # all of them in a single process
+    for k in range(cfg.gradient_accumulation_steps):
+        ix = run.batches.draw("train", run.batch_gen)  # every rank draws every micro-batch: one shared stream
+        if k not in mine:
+            continue
+        x, y = run.batches.read("train", ix)
+        with distributed.sync_gradients(run.wrapped, world, last=k == mine[-1]):
+            with autocast:
+                _, loss = step_model(x, y)
+                loss = loss / len(mine)
+            loss_acc += loss.detach()
+            scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _grow(model: GPT, cfg: Config) -> None:
+    """All n_layer blocks train from here on; with grow_by="copy" the trained ones are copied into the rest first."""
+    if cfg.grow_by == "copy":
+        model.stack(cfg.grow_from_layers)
+    model.active_layers = cfg.n_layer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +451,7 @@ def _check_memory(cfg: Config, model_cfg: GPTConfig, start_iter: int | None, dev
 
 
 @torch.no_grad()
-def _evaluate(step_model: torch.nn.Module, batches: data.Batches, cfg: Config, world: World,
+def _evaluate(step_model: torch.nn.Module, batches: Batches, cfg: Config, world: World,
               autocast: hardware.StepContext, device: str, iter_num: int) -> dict[str, float]:
     """Mean loss over `eval_iters` batches of each split, drawn from a generator seeded by the iteration
     (so a resumed run evaluates on the same batches), split over the ranks; with eval_whole_val, the val

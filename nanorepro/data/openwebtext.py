@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from . import fmt
-from .data import GPT2_VOCAB_SIZE, check_name, complete_meta, gpt2_encoding, one_line
-from .errors import ModelUnavailable, UserError
-from .files import write_atomic, write_text_atomic
+from nanorepro import fmt
+from nanorepro.data.dataset import GPT2_VOCAB_SIZE, check_name, complete_meta, gpt2_encoding, one_line
+from nanorepro.errors import ModelUnavailable, UserError
+from nanorepro.files import write_atomic, write_text_atomic
 
 DEFAULT_SOURCE = "Skylion007/openwebtext"  # nanoGPT's "openwebtext"
 VAL_FRACTION = 0.0005

@@ -13,9 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import UserError
-from .files import project_root
-from .remote import SSHRunner
+from nanorepro.cloud.remote import SSHRunner
+from nanorepro.errors import UserError
+from nanorepro.files import project_root
 
 TARGETS = ("auto", "local", "chameleon")
 # Set by Chameleon's JupyterHub in every user server: any JupyterHub, OpenStack credentials, and the
@@ -56,7 +56,7 @@ class LocalRunner:
         cmd = [sys.executable, "-m", "nanorepro", *args]
         tail: collections.deque[str] = collections.deque(maxlen=20)
         # the child runs this very package, installed or not (the hub imports it through notebooks/nanorepro)
-        package_parent = str(Path(__file__).resolve().parents[1])
+        package_parent = str(Path(__file__).resolve().parents[2])
         pythonpath = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
         with subprocess.Popen(cmd, cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

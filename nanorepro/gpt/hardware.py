@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import memory
-from .config import GPU_PRESETS, ON_GPU_NODE, GPTConfig
-from .errors import UserError
-from .model import GPT
+from nanorepro import memory
+from nanorepro.config import GPU_PRESETS, ON_GPU_NODE, GPTConfig
+from nanorepro.errors import UserError
+from nanorepro.gpt.model import GPT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # bf16 must beat float32 by this factor to be picked: a tie is not worth the lower precision.

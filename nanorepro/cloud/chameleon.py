@@ -39,13 +39,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
-from . import nodeinstall
-from .errors import UserError
-from .files import write_text_atomic
-from .network import prepare as prepare_network
-from .fmt import duration
-from .remote import KNOWN_HOSTS, NODE_FILE, SSHRunner, check_key_file, on_each, read_node_record
-from .runner import TARGETS, resolve_target, results_path
+from nanorepro.cloud import nodeinstall
+from nanorepro.cloud.jobs import on_each
+from nanorepro.cloud.network import prepare as prepare_network
+from nanorepro.cloud.node import NODE_FILE, NodeEntry, NodeRecord
+from nanorepro.cloud.poll import poll_until
+from nanorepro.cloud.remote import SSHRunner
+from nanorepro.cloud.runner import TARGETS, resolve_target, results_path
+from nanorepro.cloud.ssh import KNOWN_HOSTS, check_key_file
+from nanorepro.errors import UserError
+from nanorepro.fmt import duration
 
 # The A100 node types on Chameleon's bare-metal sites (the sites that have them, the GPUs of one node), in the
 # order "auto" tries them; from Chameleon's hardware pages (technical/baremetal/composable_hardware, 2026-07).
@@ -163,31 +166,23 @@ def _ssh_ports(nodes: int) -> list[int]:
     return ports
 
 
-def save_record(state_dir: Path, record: dict[str, Any]) -> None:
-    """Write the node record atomically: it is what release() trusts after a crash."""
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    record["updated"] = _utcnow().isoformat(timespec="seconds")
-    write_text_atomic(state_dir / NODE_FILE, json.dumps(record, indent=2) + "\n")
-
-
 def release_command(state_dir: Path) -> str:
     """A command that releases the lease wherever this checkout is, the hub included (which installs nothing:
     there is no `nanorepro` command there, but the package runs from the project folder)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return f"cd {shlex.quote(str(root))} && python3 -m nanorepro release --results-dir {shlex.quote(str(state_dir))}"
 
 
-def still_running(record: dict[str, Any], state_dir: Path) -> str:
+def still_running(record: NodeRecord, state_dir: Path) -> str:
     """The plain statement that a lease still runs, until when, and how to release it: notebook 05 first
     (what a hub user has at hand), then a terminal command that works on the hub too."""
     left = ""
-    if record.get("lease_end"):
-        end = dt.datetime.fromisoformat(record["lease_end"])
+    if record.lease_end:
+        end = dt.datetime.fromisoformat(record.lease_end)
         hours = max((end - _utcnow()).total_seconds() / 3600, 0)
-        count = len(record.get("nodes") or [None])
-        left = f" until {_when(end)} ({hours:.1f} h more, about {su_cost(hours, count, record.get('node_type')):.0f} SU)"
-    return (f"lease {record.get('lease_name')} ({record.get('lease_id')}) at {record.get('site')} is STILL RUNNING"
+        count = len(record.nodes or [None])
+        left = f" until {_when(end)} ({hours:.1f} h more, about {su_cost(hours, count, record.node_type):.0f} SU)"
+    return (f"lease {record.lease_name} ({record.lease_id}) at {record.site} is STILL RUNNING"
             f"{left}; release it with notebooks/05_release_node.ipynb (target='chameleon', "
             f"results_dir={str(state_dir)!r}), or in a terminal: `{release_command(state_dir)}`")
 
@@ -383,19 +378,19 @@ def choose_node_type_name(site: str, node_type: str, here: list[str]) -> str:
     return node_type
 
 
-def _not_started(record: dict[str, Any]) -> bool:
-    return bool(record.get("lease_start")) and dt.datetime.fromisoformat(record["lease_start"]) > \
+def _not_started(record: NodeRecord) -> bool:
+    return bool(record.lease_start) and dt.datetime.fromisoformat(record.lease_start) > \
         _utcnow() + dt.timedelta(minutes=1)
 
 
-def _booked(record: dict[str, Any], state_dir: Path) -> dict[str, Any]:
+def _booked(record: NodeRecord, state_dir: Path) -> NodeRecord:
     """Say when a lease booked ahead starts, ends and costs, and stop: nothing boots before its start."""
-    start, end = (dt.datetime.fromisoformat(record[k]) for k in ("lease_start", "lease_end"))
-    hours, count = (end - start).total_seconds() / 3600, len(record.get("nodes") or [None])
-    record["status"] = "booked"
-    save_record(state_dir, record)
-    print(f"lease {record['lease_name']} ({record['lease_id']}) at {record['site']} is BOOKED: {count}x "
-          f"{record.get('node_type')} from {_when(start)} to {_when(end)}, {su_cost(hours, count, record.get('node_type')):g} "
+    start, end = (dt.datetime.fromisoformat(t) for t in (record.lease_start, record.lease_end))
+    hours, count = (end - start).total_seconds() / 3600, len(record.nodes or [None])
+    record.status = "booked"
+    record.write(state_dir)
+    print(f"lease {record.lease_name} ({record.lease_id}) at {record.site} is BOOKED: {count}x "
+          f"{record.node_type} from {_when(start)} to {_when(end)}, {su_cost(hours, count, record.node_type):g} "
           f"SU. Nothing runs or costs until then. Run this notebook again after {_when(start)} to boot the "
           f"node{'s' if count > 1 else ''}; to cancel, run 05_release_node.", flush=True)
     return record
@@ -406,7 +401,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
             lease_hours: float = DEFAULT_LEASE_HOURS, image: str = DEFAULT_IMAGE, lease_name: str | None = None,
             server_name: str | None = None, state_dir: str | Path | None = STATE_DIR, project: str | None = None,
             key_name: str | None = None, private_key: str | None = None, public_key: str | None = None,
-            keep_on_failure: bool = False, ssh_timeout_s: float = 20 * 60, start: str = "now") -> dict[str, Any] | None:
+            keep_on_failure: bool = False, ssh_timeout_s: float = 20 * 60, start: str = "now") -> NodeRecord | None:
     """Lease `nodes` A100 nodes of one type, boot `image` on each (servers `<server_name>-0..N-1`, by default
     `<lease_name>-0..`), give the head (node 0) a floating IP and wait for SSH there; the node record.
 
@@ -428,21 +423,21 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
     user = os.environ.get("OS_USERNAME") or os.environ.get("USER") or "user"
     lease_name = lease_name or f"nanorepro-{user}"
     ports = _ssh_ports(nodes)
-    old = read_node_record(state_dir)
-    if old and old.get("status") != "released" and old.get("lease_name") not in (None, lease_name):
-        raise UserError(f"{state_dir} already holds the node of lease {old.get('lease_name')}",
+    old = NodeRecord.read(state_dir)
+    if old and old.status != "released" and old.lease_name not in (None, lease_name):
+        raise UserError(f"{state_dir} already holds the node of lease {old.lease_name}",
                         f"release it first (`{release_command(state_dir)}`) or use another results_dir")
     started = time.monotonic()
 
     with _step(f"connecting to {site or os.environ.get('OS_REGION_NAME')}"):
         chi, site = connect(site, project)
-    record: dict[str, Any] = {
-        "site": site, "project": project or os.environ.get("OS_PROJECT_NAME") or os.environ.get("OS_PROJECT_ID"),
-        "lease_name": lease_name, "server_name": f"{server_name or lease_name}-0", "image": image,
-        "status": "reserving", "user": os.environ.get("NANOREPRO_SSH_USER", "cc"), "port": ports[0],
-        "remote_dir": os.environ.get("NANOREPRO_REMOTE_DIR", "nanorepro"),
-        "nodes": _node_entries(server_name or lease_name, ports, nodes),
-    }
+    record = NodeRecord(
+        site=site, project=project or os.environ.get("OS_PROJECT_NAME") or os.environ.get("OS_PROJECT_ID"),
+        lease_name=lease_name, server_name=f"{server_name or lease_name}-0", image=image,
+        status="reserving", user=os.environ.get("NANOREPRO_SSH_USER", "cc"), port=ports[0],
+        remote_dir=os.environ.get("NANOREPRO_REMOTE_DIR", "nanorepro"),
+        nodes=_node_entries(server_name or lease_name, ports, nodes),
+    )
 
     with _step(f"looking for a live lease named {lease_name}"):
         lease = find_lease(chi, lease_name)
@@ -450,21 +445,21 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
     if lease:
         _note_lease(record, lease)
     if lease and lease["status"] == "ERROR":
-        save_record(state_dir, record)
+        record.write(state_dir)
         raise UserError(f"lease {lease_name} at {site} is in ERROR from an earlier try; until released it may "
                         "still hold a node and count against the allocation",
                         f"release it (`{release_command(state_dir)}` or 05_release_node), then run this again")
     if lease and _lease_hosts(lease) not in (None, nodes):
         held = _lease_hosts(lease)
-        record["nodes"] = _node_entries(server_name or lease_name, ports, held)  # what release() looks for
-        save_record(state_dir, record)
+        record.nodes = _node_entries(server_name or lease_name, ports, held)  # what release() looks for
+        record.write(state_dir)
         raise UserError(f"lease {lease_name} at {site} holds {_plural(held, 'node')}, not the nodes={nodes} asked "
                         f"for. The {still_running(record, state_dir)}",
                         f"set nodes={held} to use it, or release it first to lease {_plural(nodes, 'node')}")
 
     with _step("checking the image and the SSH key"):
         try:
-            record.update(_check_image_and_key(chi, image, key_name, private_key, public_key))
+            record.update(**_check_image_and_key(chi, image, key_name, private_key, public_key))
         except UserError as e:
             if lease:  # from an earlier run: say it runs, whatever went wrong now
                 raise UserError(f"{e.problem}. The {still_running(record, state_dir)}", e.fix) from e
@@ -472,7 +467,7 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
 
     if lease is None:
         _note_lease(record, _new_lease(chi, record, state_dir, node_type, lease_hours, keep_on_failure, nodes, when))
-    save_record(state_dir, record)
+    record.write(state_dir)
     if _not_started(record):
         return _booked(record, state_dir)
 
@@ -486,27 +481,26 @@ def reserve(target: str = "chameleon", *, site: str | None = None, node_type: st
     except Exception as e:
         _release_after_failure(chi, record, state_dir, e, keep=keep_on_failure)
 
-    record["status"] = "ready"
-    save_record(state_dir, record)
-    what = f"{record['node_type']} ({record['gpus']})" if nodes == 1 else \
-        f"{nodes}x {record['node_type']} ({record['gpus']} each; the others reached through the head at " \
-        f"{', '.join(str(n['private_ip']) for n in record['nodes'][1:])})"
+    record.status = "ready"
+    record.write(state_dir)
+    what = f"{record.node_type} ({record.gpus})" if nodes == 1 else \
+        f"{nodes}x {record.node_type} ({record.gpus} each; the others reached through the head at " \
+        f"{', '.join(str(n.private_ip) for n in record.nodes[1:])})"
     print(f"{'node' if nodes == 1 else f'{nodes} nodes'} ready in {duration(time.monotonic() - started)}: "
-          f"ssh {record['user']}@{record['host']}"
-          f"{' -p ' + str(record['port']) if record['port'] != 22 else ''} -i {record['key_path']}\n"
+          f"ssh {record.user}@{record.host}"
+          f"{' -p ' + str(record.port) if record.port != 22 else ''} -i {record.key_path}\n"
           f"{what} at {site}, lease {lease_name} until "
-          f"{_when(dt.datetime.fromisoformat(record['lease_end']))}. When done: 05_release_node "
+          f"{_when(dt.datetime.fromisoformat(record.lease_end))}. When done: 05_release_node "
           f"or `{release_command(state_dir)}`", flush=True)
     return record
 
 
-def _node_entries(base: str, ports: list[int], count: int) -> list[dict[str, Any]]:
-    """The record's "nodes", head first, before their servers exist: names and SSH ports."""
-    return [{"name": f"{base}-{i}", "server_id": None, "private_ip": None, "ssh_port": ports[min(i, len(ports) - 1)]}
-            for i in range(count)]
+def _node_entries(base: str, ports: list[int], count: int) -> list[NodeEntry]:
+    """The record's nodes, head first, before their servers exist: names and SSH ports."""
+    return [NodeEntry(name=f"{base}-{i}", ssh_port=ports[min(i, len(ports) - 1)]) for i in range(count)]
 
 
-def _note_lease(record: dict[str, Any], lease: dict[str, Any]) -> None:
+def _note_lease(record: NodeRecord, lease: dict[str, Any]) -> None:
     """The lease's id, dates, node type and GPUs, into the node record."""
     node_type = _lease_node_type(lease)
     fips = [r["id"] for r in _reservations(lease) if r.get("resource_type") == "virtual:floatingip"]
@@ -516,12 +510,12 @@ def _note_lease(record: dict[str, Any], lease: dict[str, Any]) -> None:
                   gpus=A100_NODE_TYPES.get(node_type, ((), None))[1])
 
 
-def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str, hours: float,
+def _new_lease(chi: Any, record: NodeRecord, state_dir: Path, node_type: str, hours: float,
                keep_on_failure: bool, nodes: int = 1, when: str | dt.datetime = "now") -> dict[str, Any]:
     """Choose the node type (and, for `when`="next_free", the start), say what the lease costs, and create it.
     When creating fails but Blazar made the lease all the same (its reply was lost), that lease is released (or
     kept) and the failure raised."""
-    site, name = record["site"], record["lease_name"]
+    site, name = record.site, record.lease_name
     start = None  # now
     with _step(f"choosing an A100 node type at {site}"):
         if when == "now":
@@ -532,7 +526,7 @@ def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str
     print(f"This lease will cost {su_cost(hours, nodes, node_type):g} SU: {_plural(nodes, 'node')} x {hours:g} h x "
           f"{rate:g} SU per node-hour ({source}). Releasing early (05_release_node) stops the charge for the hours "
           "left.", flush=True)
-    save_record(state_dir, record)  # the name is on record before Blazar hears it: release() finds it
+    record.write(state_dir)  # the name is on record before Blazar hears it: release() finds it
     with _step(f"creating lease {name} for {'one' if nodes == 1 else nodes} {node_type} node"
                f"{'' if nodes == 1 else 's'}, {hours:g} h"):
         try:
@@ -544,11 +538,11 @@ def _new_lease(chi: Any, record: dict[str, Any], state_dir: Path, node_type: str
                   f"`{release_command(state_dir)}`", flush=True)
             raise
     _note_lease(record, made)
-    save_record(state_dir, record)
+    record.write(state_dir)
     _release_after_failure(chi, record, state_dir, error, keep_on_failure)
 
 
-def _release_after_failure(chi: Any, record: dict[str, Any], state_dir: Path, error: Exception,
+def _release_after_failure(chi: Any, record: NodeRecord, state_dir: Path, error: Exception,
                            keep: bool) -> NoReturn:
     """After a failure once the lease exists: release everything (or keep it, saying so), then raise
     the failure with what is left running, if anything."""
@@ -563,12 +557,12 @@ def _release_after_failure(chi: Any, record: dict[str, Any], state_dir: Path, er
         raise UserError(f"{problem}; releasing failed too ({type(e2).__name__}: {e2}). The "
                         f"{still_running(record, state_dir)}", fix) from error
     if left:
-        raise UserError(f"{problem}; after releasing, still left at {record['site']}: "
+        raise UserError(f"{problem}; after releasing, still left at {record.site}: "
                         f"{', '.join(what for what, _ in left)}. The {still_running(record, state_dir)}",
                         f"{fix}; remove what is left: {'; '.join(f'`{command}`' for _, command in left)}") from error
-    record["status"] = "released"
-    save_record(state_dir, record)
-    raise UserError(f"{problem}. The lease, server{'s' if len(record.get('nodes') or []) > 1 else ''} and floating "
+    record.status = "released"
+    record.write(state_dir)
+    raise UserError(f"{problem}. The lease, server{'s' if len(record.nodes or []) > 1 else ''} and floating "
                     "IP were released: nothing is left running",
                     f"{fix}; then run this notebook again") from error
 
@@ -591,37 +585,37 @@ def _lease_made_anyway(chi: Any, name: str, error: BaseException, state_dir: Pat
     return made
 
 
-def _boot(chi: Any, record: dict[str, Any], state_dir: Path, *, poll: float, ssh_timeout_s: float) -> None:
+def _boot(chi: Any, record: NodeRecord, state_dir: Path, *, poll: float, ssh_timeout_s: float) -> None:
     """Everything after the lease exists: ACTIVE, a server per node, the head's floating IP, SSH on the head
     (the other nodes have no public address: the head reaches them)."""
-    with _step(f"waiting for lease {record['lease_name']} to become ACTIVE"):
-        lease = wait_lease(chi, record["lease_id"], LEASE_TIMEOUT_S, poll)
-    record["reservation_id"] = _node_reservation(lease)["id"]
-    save_record(state_dir, record)
+    with _step(f"waiting for lease {record.lease_name} to become ACTIVE"):
+        lease = wait_lease(chi, record.lease_id, LEASE_TIMEOUT_S, poll)
+    record.reservation_id = _node_reservation(lease)["id"]
+    record.write(state_dir)
 
-    nodes = record["nodes"]
+    nodes = record.nodes
     for node in nodes:  # all submitted before any is waited for: they build side by side
-        with _step(f"launching server {node['name']} with {record['image']}"):
-            node["server_id"] = launch_server(chi, record, NETWORK, poll, SERVER_TIMEOUT_S, name=node["name"])
-            record["server_id"] = nodes[0]["server_id"]
-            save_record(state_dir, record)
+        with _step(f"launching server {node.name} with {record.image}"):
+            node.server_id = launch_server(chi, record, NETWORK, poll, SERVER_TIMEOUT_S, name=node.name)
+            record.server_id = nodes[0].server_id
+            record.write(state_dir)
     servers = "servers" if len(nodes) > 1 else "server"
     with _step(f"waiting for the {servers} to build (bare-metal A100 nodes take 10-30 min)"):
         for node in nodes:
-            wait_server(chi, node["server_id"], node["name"], SERVER_TIMEOUT_S, poll)
-            node["private_ip"] = private_ip(chi, node["server_id"])
-            if node["private_ip"] is None and len(nodes) > 1:
-                raise UserError(f"server {node['name']} has no address on {NETWORK}",
+            wait_server(chi, node.server_id, node.name, SERVER_TIMEOUT_S, poll)
+            node.private_ip = private_ip(chi, node.server_id)
+            if node.private_ip is None and len(nodes) > 1:
+                raise UserError(f"server {node.name} has no address on {NETWORK}",
                                 "the nodes reach each other over it: reserve again")
-        save_record(state_dir, record)
+        record.write(state_dir)
 
     with _step("attaching a floating IP"):
         attach_floating_ip(chi, record, state_dir)
-    with _step(f"waiting for SSH on {record['host']}:{record['port']}"):
-        wait_for_ssh(record["host"], record["port"], ssh_timeout_s, poll)
+    with _step(f"waiting for SSH on {record.host}:{record.port}"):
+        wait_for_ssh(record.host, record.port, ssh_timeout_s, poll)
 
 
-def check_gpu_models(record: dict[str, Any], state_dir: Path, need: str | None) -> None:
+def check_gpu_models(record: NodeRecord, state_dir: Path, need: str | None) -> None:
     """Every node's GPUs as `nvidia-smi -L` lists them, into the record (the node entries' "gpu_models",
     the record's "gpu_model"). A node without an NVIDIA GPU is refused; with `need` (node_type="auto": the
     presets' A100), so is a node whose GPUs are another model. A user's own node_type runs with what it has."""
@@ -631,25 +625,25 @@ def check_gpu_models(record: dict[str, Any], state_dir: Path, need: str | None) 
     finally:
         runner.close()
     bad = []
-    for i, (entry, result) in enumerate(zip(record["nodes"], listings)):
+    for i, (entry, result) in enumerate(zip(record.nodes, listings)):
         if isinstance(result, BaseException):
             raise result
         code, out = result
         models = nodeinstall.gpu_models(out)
-        entry["gpu_models"] = models
-        where = f"node {i} ({entry['name']}, server {entry.get('server_id')})"
+        entry.gpu_models = models
+        where = f"node {i} ({entry.name}, server {entry.server_id})"
         if code != 0 or not models:
             bad.append(f"{where} shows no NVIDIA GPU (nvidia-smi -L: {out.strip()[:120] or f'exit {code}'})")
         elif need and not all(need in m for m in models):
             bad.append(f"{where} has {', '.join(sorted(set(models)))}, not an {need}")
-    record["gpu_model"] = (record["nodes"][0].get("gpu_models") or [None])[0]
-    save_record(state_dir, record)
+    record.gpu_model = (record.nodes[0].gpu_models or [None])[0]
+    record.write(state_dir)
     if bad:
-        types = ", ".join(t for t, (sites, _) in A100_NODE_TYPES.items() if record["site"] in sites)
+        types = ", ".join(t for t, (sites, _) in A100_NODE_TYPES.items() if record.site in sites)
         raise UserError("; ".join(bad), f"reserve again (a new lease may get another host), or name a node type "
                         f"whose hosts all have an {EXPECTED_GPU}: node_type one of {types or 'none at this site'}")
-    models = sorted({m for entry in record["nodes"] for m in entry["gpu_models"]})
-    found = ", ".join(f"{len(e['gpu_models'])}x {e['gpu_models'][0]}" for e in record["nodes"])
+    models = sorted({m for entry in record.nodes for m in entry.gpu_models})
+    found = ", ".join(f"{len(e.gpu_models)}x {e.gpu_models[0]}" for e in record.nodes)
     other = "" if all(EXPECTED_GPU in m for m in models) else \
         f": not an {EXPECTED_GPU}, the published figures were measured on one (the report says so)"
     print(f"   {found}{other}", flush=True)
@@ -758,27 +752,25 @@ def _lease_node_type(lease: dict[str, Any]) -> str | None:
 
 def wait_lease(chi: Any, lease_id: str, timeout_s: float, poll: float) -> dict[str, Any]:
     """Poll until ACTIVE; ERROR (which python-chi's wait returns on) and time-outs are errors."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        lease = chi.blazar().lease.get(lease_id)
-        status = lease["status"]
-        if status == "ACTIVE":
-            return lease
-        if status in ("ERROR", "TERMINATED", "TERMINATING", "DELETING", "DELETED"):
-            raise UserError(f"lease {lease['name']} went to {status} instead of ACTIVE",
+    def active(lease: dict[str, Any]) -> bool:
+        if lease["status"] in ("ERROR", "TERMINATED", "TERMINATING", "DELETING", "DELETED"):
+            raise UserError(f"lease {lease['name']} went to {lease['status']} instead of ACTIVE",
                             "the site could not start it (often a node failed its checks): reserve again, "
                             "or try another node_type or site")
-        if time.monotonic() > deadline:
-            raise UserError(f"lease {lease['name']} is still {status} after {duration(timeout_s)}",
-                            "the site is slow to start leases: run this notebook again later (it reuses the lease)")
-        time.sleep(poll)
+        return lease["status"] == "ACTIVE"
+
+    lease, ok = poll_until(lambda: chi.blazar().lease.get(lease_id), active, timeout_s, poll)
+    if not ok:
+        raise UserError(f"lease {lease['name']} is still {lease['status']} after {duration(timeout_s)}",
+                        "the site is slow to start leases: run this notebook again later (it reuses the lease)")
+    return lease
 
 
-def launch_server(chi: Any, record: dict[str, Any], network: str, poll: float, timeout_s: float,
+def launch_server(chi: Any, record: NodeRecord, network: str, poll: float, timeout_s: float,
                   name: str | None = None) -> str:
     """Create the server `name` (default the record's server_name) on the reservation (or find the one of
     that name); its id."""
-    name = name or record["server_name"]
+    name = name or record.server_name
     existing = chi.server.get_server_id(name)
     if existing:
         status = chi.nova().servers.get(existing).status
@@ -789,8 +781,8 @@ def launch_server(chi: Any, record: dict[str, Any], network: str, poll: float, t
         chi.server.delete_server(existing)
         _wait_gone(lambda: _server_exists(chi, existing), timeout_s, poll)
     try:  # Server() calls Glance and Nova; show="widget" raises outside IPython after creating the server
-        server = chi.server.Server(name, reservation_id=record["reservation_id"], image_name=record["image"],
-                                   key_name=record["key_name"], network_name=network)
+        server = chi.server.Server(name, reservation_id=record.reservation_id, image_name=record.image,
+                                   key_name=record.key_name, network_name=network)
         server.submit(wait_for_active=False, show=None, idempotent=True)
     except Exception as e:
         raise UserError(f"Nova refused to create server {name}: {e}",
@@ -819,36 +811,35 @@ def private_ip(chi: Any, server_id: str) -> str | None:
 
 
 def wait_server(chi: Any, server_id: str, name: str, timeout_s: float, poll: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        server = chi.nova().servers.get(server_id)
-        if server.status == "ACTIVE":
-            return
+    """Poll until the server is ACTIVE; ERROR (with Nova's fault) and time-outs are errors."""
+    def active(server: Any) -> bool:
         if server.status == "ERROR":
             fault = (getattr(server, "fault", None) or {}).get("message", "no reason given")
             raise UserError(f"server {name} failed to build: {fault}",
                             "bare-metal builds sometimes fail on a bad node: reserve again (a new lease may get "
                             "another node)")
-        if time.monotonic() > deadline:
-            raise UserError(f"server {name} is still {server.status} after {duration(timeout_s)}",
-                            "run this notebook again to keep waiting (it reuses the lease and server)")
-        time.sleep(poll)
+        return server.status == "ACTIVE"
+
+    server, ok = poll_until(lambda: chi.nova().servers.get(server_id), active, timeout_s, poll)
+    if not ok:
+        raise UserError(f"server {name} is still {server.status} after {duration(timeout_s)}",
+                        "run this notebook again to keep waiting (it reuses the lease and server)")
 
 
-def attach_floating_ip(chi: Any, record: dict[str, Any], state_dir: Path) -> None:
+def attach_floating_ip(chi: Any, record: NodeRecord, state_dir: Path) -> None:
     """Give the server a public address: the one it has, the one recorded, or a new one."""
-    server = chi.nova().servers.get(record["server_id"])
+    server = chi.nova().servers.get(record.server_id)
     attached = [a["addr"] for addrs in server.addresses.values() for a in addrs
                 if a.get("OS-EXT-IPS:type") == "floating"]
     if attached:
         fip = next((f for f in chi.network.list_floating_ips() if f["floating_ip_address"] == attached[0]), {})
-        record.update(floating_ip=attached[0], floating_ip_id=fip.get("id", record.get("floating_ip_id")))
+        record.update(floating_ip=attached[0], floating_ip_id=fip.get("id", record.floating_ip_id))
         print(f"   already has {attached[0]}")
     else:
         fips = chi.network.list_floating_ips()
-        fip = next((f for f in fips if f["id"] == record.get("floating_ip_id") and not f.get("port_id")), None)
-        tag = f"reservation:{record.get('fip_reservation_id')}"
-        if fip is None and record.get("fip_reservation_id"):  # the one reserved in the lease
+        fip = next((f for f in fips if f["id"] == record.floating_ip_id and not f.get("port_id")), None)
+        tag = f"reservation:{record.fip_reservation_id}"
+        if fip is None and record.fip_reservation_id:  # the one reserved in the lease
             fip = next((f for f in fips if tag in (f.get("tags") or []) and not f.get("port_id")), None)
             if fip is None:
                 print("   the lease's reserved floating IP is not there: taking one from the on-demand pool")
@@ -857,117 +848,113 @@ def attach_floating_ip(chi: Any, record: dict[str, Any], state_dir: Path) -> Non
             try:
                 fip = chi.neutron().create_floatingip(
                     {"floatingip": {"floating_network_id": public,
-                                    "description": f"nanorepro {record['server_name']}"}})["floatingip"]
+                                    "description": f"nanorepro {record.server_name}"}})["floatingip"]
             except Exception as e:  # neutronclient's 409 "No more IP addresses available"
-                raise UserError(f"no floating IP could be had from {record['site']}'s public pool "
+                raise UserError(f"no floating IP could be had from {record.site}'s public pool "
                                 f"({type(e).__name__}: {e})",
                                 "the pool runs dry at busy times: reserve again later (a new lease reserves its "
                                 "address where the site supports it)") from e
         record.update(floating_ip=fip["floating_ip_address"], floating_ip_id=fip["id"])
-        save_record(state_dir, record)  # recorded before it is bound, so a crash cannot leak it
-        chi.server.associate_floating_ip(record["server_id"], fip["floating_ip_address"])
+        record.write(state_dir)  # recorded before it is bound, so a crash cannot leak it
+        chi.server.associate_floating_ip(record.server_id, fip["floating_ip_address"])
         print(f"   {fip['floating_ip_address']}")
-    if record.get("host") != record["floating_ip"]:
+    if record.host != record.floating_ip:
         (Path(state_dir) / KNOWN_HOSTS).unlink(missing_ok=True)  # a new address or node: a new host key
-    record["host"] = record["floating_ip"]
-    save_record(state_dir, record)
+    record.host = record.floating_ip
+    record.write(state_dir)
 
 
 def wait_for_ssh(host: str, port: int, timeout_s: float, poll: float) -> None:
     """Until something on host:port speaks SSH (python-chi's check_connectivity returns None)."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while True:
+    def knock() -> str | None:
+        """None when an SSH server answers, else what happened instead."""
         try:
             with socket.create_connection((host, port), timeout=5) as sock:
                 sock.settimeout(5)
-                if sock.recv(64).startswith(b"SSH-"):
-                    return
-                last = "not an SSH server"
+                return None if sock.recv(64).startswith(b"SSH-") else "not an SSH server"
         except OSError as e:
-            last = f"{type(e).__name__}: {e}"
-        if time.monotonic() > deadline:
-            raise UserError(f"the node at {host} does not answer SSH on port {port} after {duration(timeout_s)} "
-                            f"({last})", "it may still be booting: run this notebook again to keep waiting "
-                            "(it reuses the lease and server). On bare metal the image's own firewall decides, not security groups: "
-                            "Chameleon's CC images let SSH in, a custom image must too")
-        time.sleep(poll)
+            return f"{type(e).__name__}: {e}"
+
+    last, ok = poll_until(knock, lambda said: said is None, timeout_s, poll)
+    if not ok:
+        raise UserError(f"the node at {host} does not answer SSH on port {port} after {duration(timeout_s)} ({last})",
+                        "it may still be booting: run this notebook again to keep waiting (it reuses the lease and "
+                        "server). On bare metal the image's own firewall decides, not security groups: Chameleon's "
+                        "CC images let SSH in, a custom image must too")
 
 
 def _wait_gone(exists: Callable[[], bool], timeout_s: float, poll: float) -> None:
     """Poll until exists() is false or the time is up (the caller then checks what is left)."""
-    deadline = time.monotonic() + timeout_s
-    while exists() and time.monotonic() < deadline:
-        time.sleep(poll)
+    poll_until(exists, lambda there: not there, timeout_s, poll)
 
 # -- release ------------------------------------------------------------------------------------
 def release(target: str = "chameleon", *, state_dir: str | Path | None = STATE_DIR, site: str | None = None,
             lease_name: str | None = None, server_name: str | None = None,
-            project: str | None = None) -> dict[str, Any] | None:
+            project: str | None = None) -> NodeRecord | None:
     """Delete every server, the floating IP and the lease recorded in `state_dir` (or named: `lease_name`, and
     `server_name` or `<lease_name>-<i>` for the servers), then check that none of them is left."""
     if not _on_chameleon(target, "nothing was reserved, nothing to release"):
         return None
     state_dir = _state_dir(state_dir)
-    record = read_node_record(state_dir)
-    if record.get("status") == "released" and not lease_name:
-        print(f"the node recorded in {state_dir} was already released ({record.get('updated')}); nothing to do")
+    record = NodeRecord.read(state_dir) or NodeRecord()
+    if record.status == "released" and not lease_name:
+        print(f"the node recorded in {state_dir} was already released ({record.updated}); nothing to do")
         return record
-    record.update({k: v for k, v in dict(lease_name=lease_name, server_name=server_name, site=site).items() if v})
-    if not record.get("lease_name") and not record.get("server_name"):
+    record.update(**{k: v for k, v in dict(lease_name=lease_name, server_name=server_name, site=site).items() if v})
+    if not record.lease_name and not record.server_name:
         print(f"no node recorded in {state_dir / NODE_FILE}: nothing to release "
               "(pass lease_name= and site= to release a lease by name)")
         return None
     started = time.monotonic()
-    with _step(f"connecting to {record.get('site') or os.environ.get('OS_REGION_NAME')}"):
-        chi, record["site"] = connect(record.get("site"), project or record.get("project"))
+    with _step(f"connecting to {record.site or os.environ.get('OS_REGION_NAME')}"):
+        chi, record.site = connect(record.site, project or record.project)
     try:
         left = _release(chi, record, poll=_poll_s(), timeout_s=RELEASE_TIMEOUT_S)
     except Exception as e:
         raise UserError(f"releasing failed ({type(e).__name__}: {e}). The {still_running(record, state_dir)}",
                         f"retry `{release_command(state_dir)}`; if it keeps failing delete the lease in the "
-                        f"Chameleon GUI ({record['site']}: Reservations > Leases)") from e
+                        f"Chameleon GUI ({record.site}: Reservations > Leases)") from e
     if left:
-        raise UserError(f"still left at {record['site']} after {duration(RELEASE_TIMEOUT_S)}: "
+        raise UserError(f"still left at {record.site} after {duration(RELEASE_TIMEOUT_S)}: "
                         f"{', '.join(what for what, _ in left)}",
                         f"retry `{release_command(state_dir)}` in a few minutes, or remove them: "
                         f"{'; '.join(f'`{command}`' for _, command in left)} (or in the Chameleon GUI)")
-    record["status"] = "released"
+    record.status = "released"
     if state_dir.is_dir():
-        save_record(state_dir, record)
+        record.write(state_dir)
     print(f"released in {duration(time.monotonic() - started)}, and checked: no server, floating IP or lease of "
-          f"{record.get('lease_name')} is left at {record['site']}", flush=True)
+          f"{record.lease_name} is left at {record.site}", flush=True)
     return record
 
 
-def _server_matcher(record: dict[str, Any]) -> Callable[[Any], bool]:
+def _server_matcher(record: NodeRecord) -> Callable[[Any], bool]:
     """Whether a Nova server is one of the record's: by id, by name, or named `<lease>-<i>` / `<server_name>-<i>`
     (a crash may come before an id is recorded; a release by name has no record)."""
-    nodes = record.get("nodes") or []
-    ids = {n.get("server_id") for n in nodes} | {record.get("server_id")}
-    names = {n.get("name") for n in nodes} | {record.get("server_name")}
-    bases = [re.escape(b) for b in (record.get("lease_name"), record.get("server_name")) if b]
+    nodes = record.nodes or []
+    ids = {n.server_id for n in nodes} | {record.server_id}
+    names = {n.name for n in nodes} | {record.server_name}
+    bases = [re.escape(b) for b in (record.lease_name, record.server_name) if b]
     numbered = re.compile(rf"(?:{'|'.join(bases)})-\d+") if bases else None
     return lambda s: s.id in ids - {None} or s.name in names - {None} or bool(numbered and numbered.fullmatch(s.name))
 
 
-def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float) -> list[tuple[str, str]]:
+def _release(chi: Any, record: NodeRecord, *, poll: float, timeout_s: float) -> list[tuple[str, str]]:
     """Delete what the record names (and what carries its names); what is still left afterwards, each with
     the command that removes it."""
     from blazarclient.exception import BlazarClientException
     from chi.exception import CHIValueError
     from novaclient.exceptions import NotFound
 
-    lease_name, ours = record.get("lease_name"), _server_matcher(record)
+    lease_name, ours = record.lease_name, _server_matcher(record)
     servers = {s.id: s for s in chi.nova().servers.list() if ours(s)}
     addresses = {a["addr"] for s in servers.values() for addrs in s.addresses.values() for a in addrs
                  if a.get("OS-EXT-IPS:type") == "floating"}
-    if record.get("floating_ip"):
-        addresses.add(record["floating_ip"])
+    if record.floating_ip:
+        addresses.add(record.floating_ip)
     # an address reserved in the lease goes back with the lease: not deallocated here
     addresses -= {f["floating_ip_address"] for f in chi.network.list_floating_ips() if "blazar" in (f.get("tags") or [])}
     leases = {lease["id"]: lease["status"] for lease in chi.blazar().lease.list()
-              if (lease["name"] == lease_name and lease["status"] in LIVE) or lease["id"] == record.get("lease_id")}
+              if (lease["name"] == lease_name and lease["status"] in LIVE) or lease["id"] == record.lease_id}
 
     names = ", ".join(sorted(s.name for s in servers.values()))
     with _step(f"deleting server{'s' if len(servers) > 1 else ''} {names}" if servers else "no server to delete"):
@@ -994,7 +981,7 @@ def _release(chi: Any, record: dict[str, Any], *, poll: float, timeout_s: float)
     with _step("checking nothing is left"):
         left = [(f"server {s.name} ({s.id})", f"openstack server delete {s.id}") for s in chi.nova().servers.list()
                 if (s.id in servers or ours(s)) and s.status != "DELETED"]
-        reserved = f"reservation:{record.get('fip_reservation_id')}"
+        reserved = f"reservation:{record.fip_reservation_id}"
         left += [(f"floating IP {f['floating_ip_address']}", f"openstack floating ip delete {f['id']}")
                  for f in chi.network.list_floating_ips()
                  if f["floating_ip_address"] in addresses or reserved in (f.get("tags") or [])]
@@ -1025,22 +1012,22 @@ def setup_node(target: str = "chameleon", state_dir: str | Path | None = STATE_D
     if not _on_chameleon(target, "nothing to install, stages use this environment"):
         return None
     state_dir = _state_dir(state_dir)
-    record = read_node_record(state_dir)
-    if record.get("status") == "booked" and _not_started(record):
-        print(f"lease {record.get('lease_name')} is booked from "
-              f"{_when(dt.datetime.fromisoformat(record['lease_start']))}: nothing to install until it starts "
+    record = NodeRecord.read(state_dir) or NodeRecord()
+    if record.status == "booked" and _not_started(record):
+        print(f"lease {record.lease_name} is booked from "
+              f"{_when(dt.datetime.fromisoformat(record.lease_start))}: nothing to install until it starts "
               "(run 00 again then)", flush=True)
         return None
     runner = SSHRunner.from_state(state_dir, workdir=state_dir)
     nodes = runner.nodes
     if len(nodes) > 1:  # the nodes install at once: each line says whose it is
         for i, node in enumerate(nodes):
-            node._print = lambda s, i=i: print(f"[node {i}] {s}", flush=True)
+            node.say = lambda s, i=i: print(f"[node {i}] {s}", flush=True)
     where = runner.host if len(nodes) == 1 else f"{len(nodes)} nodes in parallel"
     try:
         with _step(f"installing nanorepro on {where} (a venv with torch for the node's CUDA driver: about 5 min), "
                    "then recording each node's nvidia-smi report and environment"):
-            results = on_each(nodes, lambda i, node: _install(node, record.get("image"), node_folder(i), state_dir))
+            results = on_each(nodes, lambda i, node: _install(node, record.image, node_folder(i), state_dir))
         net: list[dict[str, Any]] | UserError | None = None
         if len(nodes) > 1 and not any(isinstance(r, BaseException) for r in results):
             with _step("admitting the lease's private network in each node's firewall, then checking that the "
@@ -1079,21 +1066,21 @@ def _install(node: SSHRunner, image: str | None, folder: str, state_dir: Path) -
 def _note_setup(state_dir: Path, results: list[Any], net: list[dict[str, Any]] | UserError | None = None) -> None:
     """Each node's install result into its entry of the record's "nodes" (when the record has them), and
     its network's (network.prepare's facts, or its failure; none when it was not prepared)."""
-    record = read_node_record(state_dir)
-    entries = record.get("nodes")
+    record = NodeRecord.read(state_dir)
+    entries = record.nodes if record else []
     if not entries:
         return
     at = _utcnow().isoformat(timespec="seconds")
     for i, (entry, result) in enumerate(zip(entries, results)):
         if isinstance(result, BaseException):
             problem = result.problem if isinstance(result, UserError) else f"{type(result).__name__}: {result}"
-            entry["setup"] = {"status": "failed", "error": problem, "at": at}
+            entry.setup = {"status": "failed", "error": problem, "at": at}
         else:
-            entry["setup"] = {"status": "ready", "folder": node_folder(i), "at": at,
-                              "torch": (result or {}).get("torch"), "gpus": len((result or {}).get("devices", [])) or None}
-        entry.pop("network", None)  # an earlier setup's facts may no longer hold
+            entry.setup = {"status": "ready", "folder": node_folder(i), "at": at,
+                           "torch": (result or {}).get("torch"), "gpus": len((result or {}).get("devices", [])) or None}
+        entry.network = None  # an earlier setup's facts may no longer hold
         if isinstance(net, UserError):
-            entry["network"] = {"status": "failed", "error": net.problem, "at": at}
+            entry.network = {"status": "failed", "error": net.problem, "at": at}
         elif net is not None:
-            entry["network"] = {**net[i], "status": "ready", "at": at}
-    save_record(state_dir, record)
+            entry.network = {**net[i], "status": "ready", "at": at}
+    record.write(state_dir)

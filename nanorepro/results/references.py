@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .files import load_json
+from nanorepro.errors import UserError
+from nanorepro.files import load_json
 
 REFERENCES_FILE = Path(__file__).with_name("references.json")
 RUN_METRICS = {"best_val_loss", "wall_time_s"}
@@ -16,7 +16,7 @@ DATA_METRICS = {"input_chars", "vocab_size", "train_tokens", "val_tokens"}
 def load_references(path: Path | None = None) -> dict[str, Any]:
     """references.json (or another file of the same shape), checked so a typo fails loudly."""
     path = Path(path) if path else REFERENCES_FILE
-    refs = load_json(path, "references", "restore nanorepro/references.json from git")
+    refs = load_json(path, "references", "restore nanorepro/results/references.json from git")
     sources = refs.get("sources", {})
     for c in refs.get("claims", []):
         missing = [k for k in ("id", "description", "metric", "value", "tolerance", "source") if k not in c]

@@ -1,5 +1,5 @@
 """What torch sees of the GPUs, as one JSON line: run on a node after the install
-(`python -m nanorepro.gpucheck`) to prove the wheel matches the driver before hours are spent training.
+(`python -m nanorepro.gpt.gpucheck`) to prove the wheel matches the driver before hours are spent training.
 
 For each visible GPU: its name and whether a bf16 matmul runs on it (and its error if not). The caller
 (nodeinstall.check_gpus) compares the count with nvidia-smi's.

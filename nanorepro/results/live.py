@@ -18,8 +18,7 @@ from typing import Any, Iterator
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from . import metrics
-
+from nanorepro import metrics
 
 
 def in_notebook() -> bool:

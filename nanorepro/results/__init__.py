@@ -1,0 +1,1 @@
+"""Runs into verdicts and pictures: published references, loss curves, live progress, the report. Torch-free."""
