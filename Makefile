@@ -1,25 +1,28 @@
 # The README's two commands: `make reproduce` (the main job) and `make test`.
-# Both create .venv and install what they need; torch is pinned to 2.13.0 (a CPU build on a
-# machine without CUDA wheels at hand; the same pin gives the CUDA build on a GPU node).
+# Both create .venv and install what they need from uv.lock (`uv sync --locked`, hashes checked; uv itself is
+# bootstrapped from PyPI when missing), and torch of the lock's version beside it: TORCH_BACKEND=cpu takes the
+# CPU wheel pip's configuration offers on this machine, else PyTorch's CPU index (nanorepro/envlock.py).
 VENV ?= .venv
 PYTHON ?= python3
+TORCH_BACKEND ?= cpu
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | cksum | cut -d' ' -f1)
 ARGS ?=
 # Another UTF-8 text to use instead of Tiny Shakespeare (which ships with the package; nothing is downloaded).
 INPUT ?=
 
-.PHONY: install reproduce test clean-results
+.PHONY: install lock reproduce test clean-results
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[train,notebooks,chameleon,test]'
+$(STAMP): pyproject.toml uv.lock
+	$(PYTHON) -m nanorepro.envlock install --python $(PYTHON) --venv $(VENV) --extra all --torch-backend $(TORCH_BACKEND)
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# After changing a pin in pyproject.toml: uv.lock and environment.yml anew (commit both).
+lock:
+	$(PYTHON) -m nanorepro.envlock lock
 
 # Run every notebook in order on this machine's CPU with small settings (papermill).
 reproduce: $(STAMP)

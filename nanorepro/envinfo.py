@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nanorepro import __version__
+from nanorepro import __version__, envlock
 from nanorepro.files import read_json, write_text_atomic
 from nanorepro.fmt import utc_timestamp
 
@@ -91,6 +91,16 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def lock_status() -> dict[str, Any]:
+    """uv.lock's sha256 and whether this environment matches it (envlock.status); a lock that cannot be read is
+    recorded as such rather than stopping the run."""
+    try:
+        return envlock.status()
+    except Exception as e:  # a damaged uv.lock must not stop a run from being recorded
+        return {"file": envlock.LOCK, "sha256": None, "matches": None, "differences": [], "different": 0,
+                "note": f"uv.lock could not be read: {type(e).__name__}: {e}"}
+
+
 def git_info(root: Path | None = None) -> dict[str, Any]:
     """Commit, dirty flag and branch of the checkout the package runs from; nulls when it is not one."""
     root = Path(root) if root else Path(__file__).resolve().parent.parent
@@ -126,6 +136,7 @@ def capture(cfg_dict: dict[str, Any] | None = None, seeds: list[int] | None = No
         },
         "torch": tinfo,
         "packages": package_versions(),
+        "lock": lock_status(),
         "nanorepro": {"version": __version__, **git_info()},
         "config": cfg_dict,
         "seeds": seeds,
@@ -146,11 +157,11 @@ def read(path: Path) -> dict[str, Any]:
 
 
 def summary(info: dict[str, Any]) -> str:
-    """One line: device, OS, Python, torch, commit."""
+    """One line: device, OS, Python, torch, commit, and the lock."""
     hw = info.get("hardware", {})
     dev = f"{hw.get('gpu_count')}x {hw.get('gpu_model')}" if hw.get("gpu_count") else f"CPU {hw.get('cpu_model')}"
     pk, git = info.get("packages", {}), info.get("nanorepro", {})
     commit = (git.get("commit") or "no git")[:10] + ("+dirty" if git.get("dirty") else "")
     return (f"{dev}, {hw.get('cpu_count')} cores, {info.get('os', {}).get('system')} "
             f"{info.get('os', {}).get('release')}, Python {info.get('python', {}).get('version')}, "
-            f"torch {pk.get('torch')}, nanorepro {git.get('version')} ({commit})")
+            f"torch {pk.get('torch')}, nanorepro {git.get('version')} ({commit}); {envlock.describe(info.get('lock'))}")

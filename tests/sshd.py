@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from nanorepro import envlock
+
 SSHD = "/usr/sbin/sshd"
 
 
@@ -253,8 +255,8 @@ esac
 """
 
 # python3 whose `-m venv` makes a venv without pip that sees this test's packages (torch, numpy) and whose
-# `python -m nanorepro.gpt.gpucheck` reports what `torch-sees` says: "gpus" (the torch that pip was asked
-# for, on every GPU) or anything else (the real check, with this machine's CPU torch).
+# `python -m nanorepro.gpt.gpucheck` reports what `torch-sees` says: "gpus" (the torch build uv installed, on
+# every GPU) or anything else (the real check, with this machine's CPU torch).
 PYTHON3 = """#!/bin/sh
 D=$(dirname "$0")
 if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
@@ -265,7 +267,7 @@ if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
 #!/bin/sh
 D={dir}
 if [ "$1 $2" = "-m nanorepro.gpt.gpucheck" ] && [ "$(cat $D/torch-sees)" = gpus ]; then
-  build=$(grep -o 'whl/cu[0-9]*' $D/pip.log | tail -n 1 | cut -d/ -f2)
+  build=$(grep -o 'whl/cu[0-9]*' $D/uv.log | tail -n 1 | cut -d/ -f2)
   echo '{{"torch": "2.13.0+'$build'", "cuda": "stand-in", "devices": [{{"index": 0, "name": "NVIDIA A100-SXM4-80GB", "bf16_matmul": true}}]}}'
   exit 0
 fi
@@ -299,6 +301,49 @@ esac
 exit 0
 """
 
+# uv: the real uv (this machine's, the version uv.lock needs) for all it can do offline, from the cache that
+# `make install` filled: `uv lock --check`, `uv sync --locked` of the lock's packages into the node's venv, its
+# argument checks. Only the network step stands in: torch from PyTorch's index (`uv pip install torch==...
+# --torch-backend=B`). For it the real uv is asked (offline, --dry-run, verbose) which of PyTorch's indexes it
+# reads for B, with the node's driver as uv would read it from /sys/module/nvidia/version
+# (UV_CUDA_DRIVER_VERSION: the stand-in nvidia-smi's driver); uv reads them all and takes the newest build
+# of the version asked for among them, so of the builds PyTorch's index holds for torch 2.13.0 (cpu, cu126,
+# cu130, cu132, less `no-wheel`) the newest that uv reads is "installed": logged in uv.log, said as uv says it,
+# and seen by the node's python through outer.pth (this machine's torch). None: uv's error and exit code.
+UV = """#!{python}
+import os, re, subprocess, sys
+from pathlib import Path
+from packaging.version import Version
+
+D = Path(sys.argv[0]).resolve().parent
+REAL = {real!r}
+args = sys.argv[1:]
+with open(D / "uv.log", "a") as log:
+    log.write("uv " + " ".join(args) + "\\n")
+env = dict(os.environ, UV_OFFLINE="1", UV_CACHE_DIR={cache!r}, UV_CUDA_DRIVER_VERSION=(D / "driver").read_text())
+backend = next((a.split("=", 1)[1] for a in args if a.startswith("--torch-backend=")), None)
+if args[:2] != ["pip", "install"] or backend is None:
+    os.execve(REAL, [REAL, *args], env)
+want = next(a for a in args if a.startswith("torch=="))
+version = want.split("==", 1)[1]
+r = subprocess.run([REAL, *args, "--dry-run", "-v"], env=env, capture_output=True, text=True)
+if r.returncode == 2:  # uv refused the arguments themselves
+    sys.stderr.write(r.stderr); sys.exit(2)
+read = set(re.findall(r"https://download\\.pytorch\\.org/whl/([^/]+)/torch/", r.stderr))
+held = {{"cpu", "cu126", "cu130", "cu132"}} - set((D / "no-wheel").read_text().split())
+found = sorted(read & held, key=lambda b: Version(version + "+" + b.replace(".", "")))
+if not read or version != "2.13.0" or not found:
+    print("error: No solution found when resolving dependencies", file=sys.stderr)  # uv's words, not on a terminal
+    print(f"  cause: Because there is no version of {{want}} and you require {{want}}, we can conclude that your "
+          "requirements are unsatisfiable.", file=sys.stderr)
+    sys.exit(1)
+build = found[-1]
+with open(D / "uv.log", "a") as log:
+    log.write(f"installed torch {{version}}+{{build}} from https://download.pytorch.org/whl/{{build}} "
+              f"(uv read {{', '.join(sorted(read))}})\\n")
+print(f"Installed 1 package in 1ms\\n + torch=={{version}}+{{build}}", file=sys.stderr)
+"""
+
 # a C compiler that cannot find Python.h until apt-get installed python3-dev
 CC = """#!/bin/sh
 D=$(dirname "$0")
@@ -316,20 +361,27 @@ def standins(bin_dir: Path, *, driver: str = "560.35.03", cuda: str = "12.6", gp
              torch_sees: str = "gpus", headers: bool = True, model: str = "NVIDIA A100-SXM4-80GB",
              no_wheel: tuple[str, ...] = ()) -> Path:
     """(Re)write the node's stand-in tools into `bin_dir` (the sshd's `path_first`): nvidia-smi for
-    `driver`/`cuda`/`gpus` GPUs named `model`, python3 (the real one, or "3.10"), pip, and without `headers` a cc that lacks
-    Python.h until apt-get installs python3-dev. Logs: pip.log, apt.log, python3.log."""
+    `driver`/`cuda`/`gpus` GPUs named `model`, python3 (the real one, or "3.10"), pip, uv (the real one but for
+    PyTorch's index, which holds torch 2.13.0 for cpu, cu126, cu130 and cu132 less `no_wheel`), and without
+    `headers` a cc that lacks Python.h until apt-get installs python3-dev. Logs: pip.log, uv.log, apt.log,
+    python3.log."""
     bin_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("pip.log", "apt.log", "python3.log", "apt-installed", "cc", "apt-get"):
+    for name in ("pip.log", "uv.log", "apt.log", "python3.log", "apt-installed", "cc", "apt-get"):
         (bin_dir / name).unlink(missing_ok=True)
     (bin_dir / "driver").write_text(driver)
     (bin_dir / "cuda").write_text(cuda)
     (bin_dir / "gpus").write_text(str(gpus))
     (bin_dir / "model").write_text(model)
-    (bin_dir / "no-wheel").write_text(" ".join(no_wheel))  # builds PyTorch's index has no torch 2.13.0 for
+    (bin_dir / "no-wheel").write_text(" ".join(no_wheel))  # builds PyTorch's index lacks torch 2.13.0 for
     (bin_dir / "torch-sees").write_text(torch_sees)
     (bin_dir / "pip.log").touch()
+    (bin_dir / "uv.log").touch()
     ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    scripts = {"nvidia-smi": NVIDIA_SMI, "pip": PIP,
+    uv = envlock.find_uv()
+    if uv is None:
+        raise RuntimeError(f"uv {envlock.UV_VERSION} is neither on PATH nor in .uv/: run `make install`, which bootstraps it")
+    cache = subprocess.run([uv, "cache", "dir"], capture_output=True, text=True, check=True).stdout.strip()
+    scripts = {"nvidia-smi": NVIDIA_SMI, "pip": PIP, "uv": UV.format(python=sys.executable, real=uv, cache=cache),
                "python3": PYTHON3_10 if python == "3.10" else PYTHON3.format(
                    real=shlex.quote(sys.executable), site=shlex.quote(site.getsitepackages()[0]), ver=ver,
                    dir=shlex.quote(str(bin_dir)))}

@@ -1,6 +1,6 @@
 """Run All on Chameleon's JupyterHub with the defaults: 00 -> 05 through papermill with no parameters, in the
 environment the hub sets (JUPYTERHUB_*, OS_*, the keypair), pointed at the fake OpenStack and a loopback-sshd
-node whose nvidia-smi reports driver 560 and whose pip and python3 are stand-ins (tests/sshd.py); and with
+node whose nvidia-smi reports driver 560 and whose python3 and uv are stand-ins (tests/sshd.py); and with
 nodes=2, two such nodes, the second reachable only through the first, training one run under DDP.
 
 Two things stand in for the A100: the node's torch (this machine's CPU build) is reported as seeing the GPU
@@ -111,8 +111,9 @@ def test_run_all_with_no_parameters_on_the_hub_leases_installs_trains_fetches_an
     record = json.loads((results / NODE_FILE).read_text())
     assert record["status"] == "released" and record["site"] == "CHI@UC" and record["image"] == "CC-Ubuntu24.04-CUDA"
     assert record["project"] == "CHI-000000"  # the hub's project
-    pip = (bin_dir / "pip.log").read_text()  # the driver-matched torch
-    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in pip
+    uv = (bin_dir / "uv.log").read_text()  # the lock synced on the node, and the driver-matched torch beside it
+    assert "uv sync --locked --python python3 --extra train " in uv
+    assert "installed torch 2.13.0+cu126 from https://download.pytorch.org/whl/cu126" in uv
     out = r.stdout
     assert "torch 2.13.0+cu126 sees 1 GPU(s)" in out and "This lease will cost 16 SU: 1 node x 4 h x 4 SU per node-hour" in out
     for rel in ["node/nvidia-smi.txt", "data/shakespeare_char/meta.json", "runs/char/metrics.jsonl",

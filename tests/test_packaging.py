@@ -21,6 +21,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from nanorepro import envlock
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
@@ -182,27 +184,73 @@ def _environment_pip(env: dict) -> list[str]:
     return pips[0]
 
 
-def test_environment_yml_matches_pyproject(pyproject):
-    env = yaml.safe_load((REPO / "environment.yml").read_text(encoding="utf-8"))
+def _uv() -> str:
+    uv = envlock.find_uv(REPO)
+    assert uv, f"uv {envlock.UV_VERSION} is neither on PATH nor in .uv/: run `make install`, which bootstraps it"
+    return uv
+
+
+def test_every_runtime_dependency_is_pinned(pyproject):
+    project = pyproject["project"]
+    every = list(project["dependencies"]) + [r for rs in project["optional-dependencies"].values() for r in rs]
+    assert len(_pins(every)) == len(every), "every dependency in pyproject.toml is pinned with =="
+
+
+def test_uv_lock_is_in_step_with_pyproject():
+    r = subprocess.run([_uv(), "lock", "--check"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, "uv.lock is stale: run `make lock`\n" + r.stdout + r.stderr
+
+
+def test_a_changed_pin_without_a_new_lock_fails_naming_make_lock(tmp_path):
+    """What CI's `make test` does first (`make install`) in a clone whose pin moved while uv.lock did not: it stops
+    before fetching anything, naming the pin and the command that refreshes the lock."""
+    for name in ("pyproject.toml", "uv.lock", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, tmp_path)
+    shutil.copytree(REPO / "nanorepro", tmp_path / "nanorepro", ignore=shutil.ignore_patterns("__pycache__"))
+    text = (tmp_path / "pyproject.toml").read_text()
+    assert '"tqdm==4.70.1"' in text
+    (tmp_path / "pyproject.toml").write_text(text.replace('"tqdm==4.70.1"', '"tqdm==4.70.0"'))
+    r = subprocess.run([sys.executable, "-m", "nanorepro.envlock", "install", "--venv", str(tmp_path / "venv")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert ("nanorepro: uv.lock is out of step with pyproject.toml (tqdm: pyproject.toml ==4.70.0, uv.lock ==4.70.1) "
+            "(fix: refresh it with `make lock`") in r.stderr
+    assert not (tmp_path / "venv").exists() and not (tmp_path / ".uv").exists()  # nothing installed or fetched
+    assert envlock.stale_pins(REPO) == []
+
+
+def test_the_lock_records_nothing_of_this_machine():
+    text = (REPO / "uv.lock").read_text(encoding="utf-8")
+    assert "file://" not in text and "/opt/" not in text and "download.pytorch.org" not in text
+    lock = envlock.read_lock(REPO / "uv.lock")
+    sources = {tuple(p["source"]) for p in lock["package"]}
+    assert sources == {("registry",), ("editable",)}, sources  # PyPI, and nanorepro itself
+    assert {p["source"]["registry"] for p in lock["package"] if "registry" in p["source"]} == {"https://pypi.org/simple"}
+    assert all(w.get("hash", "").startswith("sha256:") for p in lock["package"] for w in p.get("wheels", []))
+    assert envlock.torch_version(lock) == "2.13.0"
+
+
+def test_uv_bootstrap_requirement_pins_the_uv_pyproject_requires(pyproject):
+    assert pyproject["tool"]["uv"]["required-version"] == f"=={envlock.UV_VERSION}"
+    text = (REPO / envlock.UV_REQUIREMENTS).read_text()
+    assert text.startswith(f"uv=={envlock.UV_VERSION} \\\n") and text.count("--hash=sha256:") >= 10
+
+
+def test_environment_yml_is_generated_from_the_lock():
+    text = (REPO / "environment.yml").read_text(encoding="utf-8")
+    assert text == envlock.environment_yml(_uv(), REPO), "environment.yml is stale: run `make lock`"
+    env = yaml.safe_load(text)
     assert "python=3.11" in env["dependencies"]
     pip = _environment_pip(env)
     editable = [p for p in pip if p.startswith("-e ")]
     assert len(editable) == 1, pip
     extras = set(Requirement("nanorepro" + editable[0][len("-e ."):]).extras)
     assert extras == set(EXTRAS_FOR_A_FULL_RUN), extras
-
-    project = pyproject["project"]
-    wanted = list(project["dependencies"])
-    for extra in EXTRAS_FOR_A_FULL_RUN:
-        wanted += project["optional-dependencies"][extra]
-    every_pin = list(project["dependencies"]) + [r for rs in project["optional-dependencies"].values() for r in rs]
-    py_pins, env_pins = _pins(every_pin), _pins(pip)
-    assert len(_pins(wanted)) == len(wanted), "every runtime dependency in pyproject.toml is pinned with =="
-
-    disagree = {n: (py_pins[n], v) for n, v in env_pins.items() if n in py_pins and py_pins[n] != v}
-    assert not disagree, f"pyproject.toml vs environment.yml: {disagree}"
-    missing = sorted(set(_pins(wanted)) - set(env_pins))
-    assert not missing, f"pinned in pyproject.toml but not in environment.yml: {missing}"
+    locked = envlock.locked_versions(envlock.read_lock(REPO / "uv.lock"))
+    pins = [Requirement(p) for p in pip if not p.startswith("-")]
+    assert all(len(r.specifier) == 1 and next(iter(r.specifier)).version in locked[r.name] for r in pins)
+    assert {"torch", "numpy", "transformers", "python-chi", "jupyterlab", "filelock"} <= {r.name for r in pins}
+    assert "pytest" not in {r.name for r in pins}  # the test extra is not part of it
 
 
 def test_no_root_requirements_txt():
@@ -238,7 +286,7 @@ def test_notebook_is_clean_and_parameterised(path):
 # --------------------------------------------------------------------------- a fresh clone needs nothing else
 
 MAX_FILE_BYTES = 1 << 20  # the project's limit for any committed file
-SKIP_DIRS = {".git", ".venv", "results", "build", "dist", "data", "runs", "cache", "__pycache__", ".pytest_cache",
+SKIP_DIRS = {".git", ".venv", ".uv", "results", "build", "dist", "data", "runs", "cache", "__pycache__", ".pytest_cache",
              ".ipynb_checkpoints"}
 
 

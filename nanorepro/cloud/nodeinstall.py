@@ -5,15 +5,17 @@
 2. A C compiler and the Python headers: `torch.compile`'s Triton builds its launcher in C, so a node
    without `python3-dev` fails at the first compiled step. Missing ones are installed with apt
    (`python3-dev python3-venv build-essential`), or the install fails naming them.
-3. torch 2.13.0 built for the newest CUDA the NVIDIA driver supports (nvidia-smi's "CUDA Version"):
-   PyPI's torch is the CUDA 13.0 build, which a 560 driver (CUDA 12.6) cannot run; torch then sees no
-   GPU and `device=auto` would train on the CPU. PyTorch's index has 2.13.0 for cu126 and cu130 (cu132 as
-   experimental, opt-in): the newest the driver runs is tried first, then the next lower one if pip finds
-   no wheel, and a failed install names the driver, the builds tried and the fix.
+3. Everything from uv.lock, as on a laptop and in CI (`python3 -m nanorepro.envlock install --extra train`:
+   `uv sync --locked`, hashes checked), and beside it torch 2.13.0 built for the newest CUDA the NVIDIA driver
+   supports (nvidia-smi's "CUDA Version"): PyPI's torch is the CUDA 13.0 build, which a 560 driver (CUDA 12.6)
+   cannot run; torch then sees no GPU and `device=auto` would train on the CPU. PyTorch's index has 2.13.0 for
+   cu126 and cu130 (cu132 as experimental, opt-in). uv picks the build itself (`--torch-backend=auto`) where
+   its pick is ours (see uv_backends); otherwise the newest build the driver runs is tried first, then the next
+   lower one if uv finds no wheel, and a failed install names the driver, the builds tried and the fix.
 4. After the install, torch must see every GPU nvidia-smi lists and run a bf16 matmul on each
    (`nanorepro.gpt.gpucheck` on the node), or the install fails naming the driver, the wheel and the fix.
 
-The probes are short shell commands over the runner's SSH connection; the long steps (apt, pip) are
+The probes are short shell commands over the runner's SSH connection; the long steps (apt, uv) are
 detached jobs like every stage. No torch here: the hub kernel imports this.
 """
 
@@ -30,6 +32,7 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
+from nanorepro import envlock
 from nanorepro.errors import UserError
 
 SSHRunner = Any  # remote.SSHRunner, which imports this module: the probes use its ssh, run_command and say
@@ -41,7 +44,7 @@ TORCH_INDEX = "https://download.pytorch.org/whl/{build}"
 CUDA_BUILDS: dict[str, tuple[int, int]] = {"cu126": (12, 6), "cu130": (13, 0)}
 EXPERIMENTAL_BUILDS: dict[str, tuple[int, int]] = {"cu132": (13, 2)}
 EXPERIMENTAL_ENV = "NANOREPRO_TORCH_CU132"  # 1: a driver that runs CUDA 13.2 gets the experimental cu132 first
-TORCH_INSTALL_FAILED = 86  # the install command's exit code when pip found torch for none of the builds
+TORCH_INSTALL_FAILED = envlock.TORCH_INSTALL_FAILED  # the install's exit code when no build of torch installed
 CUDA_IMAGE = "CC-Ubuntu24.04-CUDA"  # Python 3.12, a CUDA driver: what the node should boot
 SYSTEM_PACKAGES = ("python3-dev", "python3-venv", "build-essential")  # headers, venv, a C compiler
 VENV = ".venv"
@@ -133,27 +136,43 @@ def torch_build(cuda: tuple[int, int], driver: str | None) -> str:
     return torch_builds(cuda, driver)[0]
 
 
+def uv_backends(builds: list[str]) -> list[str]:
+    """What the node asks uv for (`--torch-backend`), in order, for our table's `builds` (torch_builds).
+
+    uv's own choice (`auto`) reads the driver (/sys/module/nvidia/version), reads every PyTorch index whose CUDA
+    the driver can run and takes the newest build of torch 2.13.0 among them. For a CUDA 12 driver (560 to 579)
+    those are cu129 ... cu120 (CUDA 12's minor-version compatibility), of which only cu126 has 2.13.0: uv picks
+    cu126, as our table does, for a 575 driver (CUDA 12.9) too, since cu129 and cu128 have no 2.13.0. So the
+    CUDA 12 line is left to uv. For a CUDA 13 driver (580 and later) uv counts cu132 as runnable and takes
+    2.13.0+cu132, the experimental build that needs CUDA 13.2 and that we give only on request
+    ($NANOREPRO_TORCH_CU132=1): there our builds are passed explicitly (cu130, then cu126). Drivers older than
+    560 never get here: torch_builds refuses them before anything is installed, where uv would take cu126 on
+    minor-version compatibility alone."""
+    return ["auto"] if builds[0] == "cu126" else list(builds)
+
+
 def install_command(builds: list[str] | str) -> str:
-    """The venv, torch from PyTorch's index for the first of `builds` that pip finds a wheel in, then
-    nanorepro with its training extras (pip keeps the torch just installed: `torch==2.13.0` is met by
-    2.13.0+cu126). `pip` is the venv's, found on PATH. Exits TORCH_INSTALL_FAILED when no build installs."""
+    """The venv, then nanorepro with its training extras from uv.lock and torch beside it for the first of
+    uv_backends(builds) that installs (envlock), run in the copied checkout. Exits TORCH_INSTALL_FAILED when no
+    build installs."""
     builds = [builds] if isinstance(builds, str) else list(builds)
-    tries = " || ".join(
-        f"{{ echo {shlex.quote(f'nanorepro: trying torch {TORCH_VERSION} {b}')}; "
-        f"pip install -q torch=={TORCH_VERSION} --index-url {TORCH_INDEX.format(build=b)}; }}" for b in builds)
-    return (f"python3 -m venv {VENV} && export PATH=\"$PWD/{VENV}/bin:$PATH\" && "
-            "pip install -q --upgrade pip && "
-            f"{{ {tries} || exit {TORCH_INSTALL_FAILED}; }} && "
-            "pip install -q -e '.[train]'")
+    backends = " ".join(f"--torch-backend {b}" for b in uv_backends(builds))
+    return (f"python3 -m venv {VENV} && "
+            f"python3 -m nanorepro.envlock install --python python3 --venv {VENV} --extra train {backends}")
+
+
+def _tried(builds: list[str]) -> str:
+    return ", ".join(f"auto (uv's pick for the driver, {builds[0]} by our table)" if b == "auto"
+                     else f"{b} ({TORCH_INDEX.format(build=b)})" for b in uv_backends(builds))
 
 
 def install_failed(facts: "NodeFacts", builds: list[str], tail: list[str]) -> UserError:
-    """The one message for a torch install that failed for every build: driver, builds tried, pip's words, fix."""
-    tried = ", ".join(f"{b} ({TORCH_INDEX.format(build=b)})" for b in builds)
-    said = next((line for line in reversed(tail) if "ERROR" in line), tail[-1] if tail else "no output")
+    """The one message for a torch install that failed for every build: driver, builds tried, uv's words, fix."""
+    said = next((line for line in reversed(tail) if re.search(r"error|No solution|Because|not a CUDA build", line)),
+                tail[-1] if tail else "no output")
     driver = f"NVIDIA driver {facts.driver} (CUDA {facts.cuda[0]}.{facts.cuda[1]})" if facts.cuda else "the driver"
-    return UserError(f"pip could not install torch {TORCH_VERSION} on the node for {driver}: tried {tried}; pip said: "
-                     f"{said.strip()}",
+    return UserError(f"uv could not install torch {TORCH_VERSION} on the node for {driver}: tried {_tried(builds)}; "
+                     f"uv said: {said.strip()}",
                      f"check that the node reaches download.pytorch.org (`curl -sI {TORCH_INDEX.format(build=builds[0])}/torch/`) "
                      "and run setup again; if PyTorch's index has no build for this driver, reserve again with "
                      f"image='{CUDA_IMAGE}'")
@@ -220,8 +239,9 @@ def check_gpus(runner: SSHRunner, facts: NodeFacts, build: str) -> dict:
     wheel = f"torch {TORCH_VERSION} from {TORCH_INDEX.format(build=build)}"
     driver = f"NVIDIA driver {facts.driver} (CUDA {facts.cuda[0]}.{facts.cuda[1]})" if facts.cuda else "the driver"
     fix = (f"the driver and the wheel disagree: reserve again with image='{CUDA_IMAGE}', or install the torch build "
-           "for the driver's CUDA by hand (`.venv/bin/pip install torch==2.13.0 --index-url "
-           "https://download.pytorch.org/whl/cuXXX`) and run setup again")
+           "for the driver's CUDA by hand (in the node's code folder: `uv pip install --python .venv/bin/python "
+           "torch==2.13.0 --torch-backend=cuXXX`, uv being .uv/bin/uv there unless the node has it on PATH) and run "
+           "setup again")
     if report is None:
         raise UserError(f"the GPU check failed on the node (exit {code}) with {wheel}, {driver}: "
                         f"{out.strip()[-500:]}", fix)

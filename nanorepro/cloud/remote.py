@@ -67,7 +67,7 @@ def source_files(root: Path) -> list[Path]:
                              cwd=root, capture_output=True, check=True, timeout=60).stdout
         names = sorted({n for n in out.decode().split("\0") if n})
     except (OSError, subprocess.SubprocessError):
-        names = ["pyproject.toml", "README.md", "LICENSE"]
+        names = ["pyproject.toml", "README.md", "LICENSE", "uv.lock", "scripts/uv-requirements.txt"]  # the lock
         names += [str(p.relative_to(root)) for p in (root / "nanorepro").rglob("*")
                   if p.is_file() and "__pycache__" not in p.parts]
     return [root / n for n in names if (root / n).is_file() and not n.startswith("results/")]  # outputs, not code
@@ -200,7 +200,7 @@ class SSHRunner:
             builds = nodeinstall.torch_builds(facts.cuda, facts.driver)
             self.say(f"node: Python {facts.python}, NVIDIA driver {facts.driver} (CUDA "
                         f"{facts.cuda[0]}.{facts.cuda[1]}), {facts.gpus} GPU(s): torch {nodeinstall.TORCH_VERSION} "
-                        f"{' or, if pip finds none, '.join(builds)}")
+                        f"{' or, if uv finds none, '.join(builds)}")
             facts = nodeinstall.install_system_packages(self, facts, image)
             install_cmd = nodeinstall.install_command(builds)
         data, digest = source_tar(self.local_root)

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
-from nanorepro import __version__, envinfo, metrics
+from nanorepro import __version__, envinfo, envlock, metrics
 from nanorepro.config import GPT2_SIZES, PRESETS, resolve
 from nanorepro.errors import UserError
 from nanorepro.files import read_json, sha256_file, write_atomic, write_text_atomic
@@ -181,6 +181,8 @@ def summarize_run(run_dir: Path, base: Path | None = None) -> dict[str, Any]:
         "data_meta": data_meta,
         "config": cfg,
         "env": env,
+        # uv.lock's sha256 and whether the run's environment matched it (envlock.status, in env.json)
+        "lock": env.get("lock") if env else None,
     }
 
 
@@ -506,13 +508,14 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     for r in runs:
         e = r["env"]
         if not e:
-            rows.setdefault(("no env.json",) + ("",) * 7, []).append(f"`{r['name']}`")
+            rows.setdefault(("no env.json",) + ("",) * 8, []).append(f"`{r['name']}`")
             continue
         hw, pk, git = e.get("hardware", {}), e.get("packages", {}), e.get("nanorepro", {})
         mem = hw.get("memory_total_bytes")
         commit = (git.get("commit") or "not a git checkout")[:12] + (" (dirty)" if git.get("dirty") else "")
         gpu = f"{hw.get('gpu_count')}x {hw.get('gpu_model')}" if hw.get("gpu_count") else "none"
-        key = (e.get("hostname", ""), f"{hw.get('cpu_model')} ({hw.get('cpu_count')} cores)",
+        key = (e.get("hostname", ""), lock_text(e.get("lock")),
+               f"{hw.get('cpu_model')} ({hw.get('cpu_count')} cores)",
                f"{mem / 2**30:.0f} GiB" if mem else "–", gpu,
                f"driver {hw.get('driver_version') or '–'}, CUDA {hw.get('cuda_version') or '–'}",
                e.get("os", {}).get("platform", ""),
@@ -520,11 +523,18 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
                f"{pk.get('transformers')}, tiktoken {pk.get('tiktoken')}, numpy {pk.get('numpy')}",
                f"{git.get('version')} @ {commit}")
         rows.setdefault(key, []).append(f"`{r['name']}`")
-    L.append(markdown_table(["runs", "host", "CPU", "memory", "GPU", "driver / CUDA", "OS", "software", "nanorepro"],
+    L.append(markdown_table(["runs", "host", "packages", "CPU", "memory", "GPU", "driver / CUDA", "OS", "software",
+                             "nanorepro"],
                     [[", ".join(names), *key] for key, names in rows.items()]) + "\n")
     if rep["warnings"]:
         L += ["## Warnings\n", *[f"- {w}" for w in rep["warnings"]], ""]
     return "\n".join(L)
+
+
+def lock_text(lock: dict[str, Any] | None) -> str:
+    """The packages column: uv.lock's hash and 'matches the lock', or what differed (marked)."""
+    text = envlock.describe(lock)
+    return text.replace("differs from the lock", "**differs from the lock**")
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -565,6 +575,8 @@ def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path |
     caught = [str(m.message) for m in w]
     for m in w:
         warnings.warn(m.message, stacklevel=2)  # pass on: a torn metrics line must stay visible
+    caught += [f"`{r['name']}` ran in an environment that differs from its uv.lock: {lock_text(r['lock'])}"
+               for r in runs if (r["lock"] or {}).get("matches") is False]
 
     pipeline_stages = _pipeline_stages(dirs, out_dir)
     claims = [judge(c, runs, refs.get("sources", {}), pipeline_stages, _prepared_datasets(out_dir))
