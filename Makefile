@@ -28,10 +28,22 @@ lock:
 reproduce: $(STAMP)
 	$(BIN)/nanorepro run-notebooks $(if $(INPUT),-p input_path $(abspath $(INPUT))) $(ARGS)
 
-# The whole test suite, offline; installs the Debian packages its end-to-end tests drive.
+# The whole test suite, offline; first the Debian packages its end-to-end tests drive, installed
+# (make system-deps) only when one is missing.
 test: $(STAMP)
-	bash scripts/system-deps.sh
+	@bash scripts/system-deps.sh --check || $(MAKE) system-deps
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The fast tier of the tests (tests/tiers.py), for the inner loop of development: no sshd, browser, papermill,
+# torchrun or training past a few steps, and no Debian package beyond what a checkout has (git). Under 2
+# minutes on 2 cores; `make test` runs everything.
+.PHONY: check system-deps
+check: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'not slow and not gpu' $(ARGS)
+
+# The Debian packages the tests need (openssh-server, chromium, git, gcc, iproute2); needs root or sudo.
+system-deps:
+	bash scripts/system-deps.sh
 
 clean-results:
 	rm -rf results

@@ -6,9 +6,15 @@
 #   gcc:            the multi-node tests build a stand-in for the head's packet filter (tests/sshd.py)
 #   iproute2:       `ip`, which finds the interface holding a node's private address (the loopback here)
 # Idempotent: a second run installs nothing. Run as root (or via sudo).
+# `--check`: install nothing; exit 1 naming what is missing, 0 when all is there (cheap: `make test` runs
+# this first and `make system-deps`, the install, only when something is missing).
 set -euo pipefail
 
 PACKAGES=(openssh-server chromium git gcc iproute2)
+case "${1:-}" in
+    ""|--check) ;;
+    *) echo "usage: $0 [--check]" >&2; exit 2 ;;
+esac
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -21,6 +27,10 @@ done
 if [ ${#missing[@]} -eq 0 ]; then
     echo "system-deps: all present (${PACKAGES[*]})"
     exit 0
+fi
+if [ "${1:-}" = "--check" ]; then
+    echo "system-deps: missing ${missing[*]}"
+    exit 1
 fi
 
 SUDO=""

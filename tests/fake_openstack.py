@@ -81,6 +81,7 @@ class FakeCloud:
         self.refuse_lease: str | None = None
         self.booked: set[str] = set()  # node types with every node reserved from an hour ago until booked_for from now
         self.booked_for = dt.timedelta(days=2)
+        self.booked_after_first_look: dt.timedelta | None = None  # set: the booking ends that long after it is first read
         self.fip_reservable = True  # Blazar accepts virtual:floatingip reservations
         self.fip_pool: int | None = None  # on-demand floating IPs left (None: no limit)
         self.access_token = "hub-oidc-access-token"  # what Chameleon's JupyterHub puts in OS_ACCESS_TOKEN
@@ -111,6 +112,9 @@ class FakeCloud:
 
     def booking(self) -> tuple[dt.datetime, dt.datetime]:
         """The window in which the `booked` node types are taken by someone else."""
+        with self.lock:
+            if self.booked_after_first_look is not None:
+                self.booked_until, self.booked_after_first_look = _now() + self.booked_after_first_look, None
         return self.booked_until - self.booked_for - dt.timedelta(hours=1), self.booked_until
 
     def env(self, site: str = "CHI@UC") -> dict[str, str]:

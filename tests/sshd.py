@@ -46,6 +46,7 @@ class Sshd:
     proc: subprocess.Popen
     dir: Path
     home: Path | None = None  # where sessions start (None: the user's own home)
+    bin_dir: Path | None = None  # the folder leading every session's PATH (`path_first`: the node's stand-in tools)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -124,7 +125,7 @@ def start(dir: Path, timeout_s: float = 15.0, path_first: Path | None = None, ho
         home.mkdir(parents=True, exist_ok=True)
     log = open(dir / "sshd.log", "wb")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    server = Sshd("127.0.0.1", port, user, client_key, Path(f"{client_key}.pub"), proc, dir, home)
+    server = Sshd("127.0.0.1", port, user, client_key, Path(f"{client_key}.pub"), proc, dir, home, path_first)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -230,6 +231,34 @@ def processes_in(dirs: list[Path]) -> list[int]:
         if any(cwd.is_relative_to(d.resolve()) for d in dirs) and alive(int(proc.name)):
             found.append(int(proc.name))
     return found
+
+
+def jobs_left(server: Sshd, marker: str) -> list[int]:
+    """Live processes started through `server`'s sessions (they have `marker`, a NAME=value the sessions export,
+    in their environment) that no session holds any more: jobs left running on the node (setsid, nohup)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+
+    def in_a_session(pid: int) -> bool:
+        while pid > 1:
+            if pid == server.proc.pid:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    left = []
+    for pid in parents:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in environ and not in_a_session(pid) and alive(pid):
+            left.append(pid)
+    return left
 
 
 def cheap_install() -> str:

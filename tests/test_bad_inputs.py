@@ -205,6 +205,7 @@ def test_bad_input_gets_one_line_with_the_fix_and_no_result(name, through, what,
     assert not looks_finished(ctx.tmp)
 
 
+@pytest.mark.slow
 def test_real_processes_print_one_line_and_a_traceback_only_with_debug(tmp_path):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("na\u00efve\n".encode("latin-1"))

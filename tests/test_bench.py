@@ -63,6 +63,7 @@ def tiny(data_root: Path, **more) -> dict:
     return {"data_root": str(data_root), **more}
 
 
+@pytest.mark.slow
 def test_a_throughput_run_writes_no_checkpoint(char_data_root, tmp_path, capsys):
     """Its last evaluation "improves" on nothing: a checkpoint there would be ~19 GB for gpt2-xl's shape."""
     bench.bench("tiny", tiny(char_data_root), iters=3, warmup=1, out=tmp_path / "b.json", keep=True)
@@ -72,6 +73,7 @@ def test_a_throughput_run_writes_no_checkpoint(char_data_root, tmp_path, capsys)
     assert json.loads((run / "config.json").read_text())["save_checkpoint"] is False
 
 
+@pytest.mark.slow
 def test_cli_bench_writes_a_well_formed_record(char_data_root, tmp_path, capsys):
     out = tmp_path / "b.json"
     code = cli.main(["bench", "--preset", "tiny", "--iters", "3", "--warmup", "1", "--out", str(out),
@@ -111,6 +113,7 @@ def test_mfu_is_nanogpts_estimate():
         assert run["tokens_per_s"] == 64 * 256 / dt
 
 
+@pytest.mark.slow
 def test_target_loss_stops_the_run_at_the_first_evaluation_reaching_it(char_data_root, tmp_path):
     # 5000 iterations would take minutes: the bench must stop the run once the target is met
     rec = bench.bench("tiny", tiny(char_data_root, max_iters=5000, lr_decay_iters=5000, eval_interval=5),
@@ -126,6 +129,7 @@ def test_target_loss_stops_the_run_at_the_first_evaluation_reaching_it(char_data
     assert f"val <= 3.9 in {t['wall_s']:.1f} s" in rec["summary_line"]
 
 
+@pytest.mark.slow
 def test_side_by_side_alternates_and_gives_a_ratio_per_pair(char_data_root, shakespeare_path, tmp_path):
     upstream = fake_nanogpt(tmp_path / "nanoGPT")
     rec = bench.bench("tiny", tiny(char_data_root), iters=3, warmup=1, nanogpt=upstream, pairs=2,
@@ -258,6 +262,7 @@ def _gpu_script():
     return module
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run_runs_every_step_on_the_cpu(tmp_path):
     """benchmarks/gpu.sh is one command for whoever has a GPU; the dry run keeps it from rotting."""
     r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(tmp_path)],
@@ -272,6 +277,7 @@ def test_gpu_script_dry_run_runs_every_step_on_the_cpu(tmp_path):
     assert "| claim | measured | expected | verdict |" in r.stdout
 
 
+@pytest.mark.slow
 def test_gpu_script_reports_a_missed_target_as_missed(tmp_path):
     """The verdict comes from the figures: the run exits 0, but val 0.5 is never reached."""
     r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--dry-run", "--steps", "gpu-fast",
@@ -296,6 +302,7 @@ def test_a_step_past_its_budget_is_killed_with_everything_it_started(tmp_path):
     assert row["verdict"] == "not measured" and "past its 1 s budget" in row["measured"]
 
 
+@pytest.mark.slow
 def test_bench_stopped_by_sigterm_stops_the_run_it_started(char_data_root, tmp_path):
     gpu = _gpu_script()
     proc = subprocess.Popen([sys.executable, "-m", "nanorepro", "bench", "--preset", "tiny", "--iters", "100000",
@@ -363,6 +370,7 @@ def test_the_gpu_tests_need_only_the_train_and_test_extras(tmp_path):
     assert r.returncode == 0 and "tests collected" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_runs_log_at_the_presets_interval_and_times_each_logging_window(char_data_root, tmp_path):
     """The bench no longer forces log_interval=1 (a host sync and a record every step biases 15-40 ms
     GPU steps): the run logs as it would for a user, each record giving its window's mean step time."""
@@ -420,6 +428,7 @@ def test_a_run_that_starts_shallower_is_timed_only_once_every_block_trains():
                     nanogpt="/nonexistent")
 
 
+@pytest.mark.slow
 def test_a_throughput_run_of_a_growing_config_times_the_whole_network(char_data_root, tmp_path):
     """A throughput run turns the growth off whole: leaving grow_by=copy without grow_from_layers would be
     refused by validation (the tuned preset's case), and a shallow start would time a smaller network."""

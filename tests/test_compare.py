@@ -27,6 +27,7 @@ def sizes(tmp_path_factory, tiny_gpt2):
     return [str(tiny_gpt2), str(base / "gpt2-b"), str(base / "gpt2-huge")]
 
 
+@pytest.mark.slow
 def test_sizes_are_fine_tuned_with_one_recipe_and_compared(sizes, tmp_path, shakespeare_path, tiktoken_offline,
                                                           monkeypatch):
     monkeypatch.setenv(memory.LIMIT_ENV, "0.8")  # the two small ones fit (~0.6 GiB with runtime), the huge one not

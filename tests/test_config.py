@@ -81,6 +81,7 @@ def test_config_round_trips_through_json(tmp_path):
     assert config.Config.load(tmp_path / "config.json") == cfg
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_field_in_one_line_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "nanorepro", "train", "--preset", "tiny", "--max_iters=-5"],
                        capture_output=True, text=True, cwd=tmp_path)
@@ -117,6 +118,7 @@ def test_help_fields_shows_allowed_values_and_meaning_from_the_source_validate_c
                 config.resolve("tiny", {f.name: "bogus"})
 
 
+@pytest.mark.slow
 def test_a_run_config_file_is_what_train_reads(tmp_path):
     cfg = config.resolve("tiny", {"max_iters": 0, "out_dir": str(tmp_path / "run"), "data_root": str(tmp_path)})
     cfg.save(tmp_path / "config.json")

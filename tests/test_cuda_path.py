@@ -121,6 +121,7 @@ def test_sampling_on_a_gpu_gets_as_far_as_moving_the_model(char_data_root, tmp_p
                               ("get_device_properties", "cuda:0")]
 
 
+@pytest.mark.slow
 def test_bench_resolves_the_gpu_and_launches_its_run_on_it(char_data_root, tmp_path, strict_cuda):
     """bench's own process picks cuda:0 and its dtype, then starts `nanorepro train --device=cuda` (a
     real child, which sees no GPU here: its refusal is the proof it was launched on the GPU path)."""

@@ -414,6 +414,7 @@ def test_cli_missing_input_is_one_line(tmp_path, repo_root):
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow
 def test_cli_prepare_and_tiktoken_without_files(tmp_path, repo_root):
     src = tmp_path / "in.txt"
     src.write_text("to be or not to be, that is the question\n" * 5, encoding="utf-8")

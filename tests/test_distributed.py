@@ -136,6 +136,7 @@ def test_a_single_process_resumes_an_fsdp_checkpoint(runs, char_data_root):
     assert_close(losses(runs / "fsdp-at-10"), losses(runs / "single"))
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_rank_at_one_iteration_with_a_checkpoint(tmp_path, char_data_root):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanorepro",
@@ -159,6 +160,7 @@ def test_sigterm_stops_every_rank_at_one_iteration_with_a_checkpoint(tmp_path, c
     assert [r["iter"] for r in metrics.of_kind(records, "train")] == list(range(1, 151)) and metrics.finished(records)
 
 
+@pytest.mark.slow
 def test_uneven_gradient_accumulation_and_parallel_none_under_torchrun_are_refused(tmp_path, char_data_root):
     r = nanorepro(tmp_path / "a", char_data_root, "--parallel=ddp", "--gradient_accumulation_steps=3", nproc=2)
     assert r.returncode != 0 and "cannot be split evenly over 2 processes" in r.stderr

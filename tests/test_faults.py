@@ -71,6 +71,7 @@ SITES = {"ckpt-write": (1, 2), "ckpt-renamed": (1, 2), "eval": (1, 4), "step": (
 MAX_ITERS, INTERVAL = 300, 10
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_never_corrupts_or_loses_more_than_one_interval(char_data_root, tmp_path):
     seed = int(os.environ.get("NANOREPRO_FAULT_SEED") or random.SystemRandom().randrange(10**6))
     rng = random.Random(seed)
@@ -169,6 +170,7 @@ def small_disk(tmp_path):
         d.close()
 
 
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(char_data_root, small_disk):
     disk = small_disk(4 << 20)
     run = disk.path / "run"
@@ -193,6 +195,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(char_data_r
     assert metrics.finished(records)
 
 
+@pytest.mark.slow
 def test_disk_full_while_preparing_data_leaves_no_folder_a_later_step_trusts(shakespeare_path, small_disk, tmp_path):
     disk = small_disk(1 << 20)  # Tiny Shakespeare's train.bin alone is 2 MB
     small = tmp_path / "small.txt"
@@ -214,6 +217,7 @@ def test_disk_full_while_preparing_data_leaves_no_folder_a_later_step_trusts(sha
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_truncated_train_bin_is_refused_and_prepare_repairs_it(char_data_root, shakespeare_path, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(char_data_root / "shakespeare_char", root / "shakespeare_char")

@@ -26,6 +26,8 @@ import torch
 from nanorepro import metrics
 from nanorepro.errors import UserError
 
+pytestmark = pytest.mark.slow  # the loopback node, and nanorepro end to end in processes of its own
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -37,15 +39,11 @@ def nanorepro(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 
 # -- the remote runner: the node reboots under a training stage ---------------------------------------
 @pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    """A loopback sshd 'node' with nanorepro installed from a snapshot of the package (as test_remote.py)."""
+def node(loopback_node, tmp_path_factory):
+    """The loopback 'node' with nanorepro installed from a snapshot of the package (as test_remote.py)."""
     from nanorepro.cloud.remote import SSHRunner
 
-    try:
-        server = sshd_helper.start(tmp_path_factory.mktemp("sshd"),
-                                   path_first=sshd_helper.standins(tmp_path_factory.mktemp("node-bin")))
-    except RuntimeError as e:
-        pytest.fail(str(e))
+    server = loopback_node
     base, src = tmp_path_factory.mktemp("node"), tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src)
@@ -57,7 +55,6 @@ def node(tmp_path_factory):
     runner.setup(install_cmd=sshd_helper.cheap_install())
     yield runner, lines, base / "node home" / "results" / "x"
     runner.close()
-    server.stop()
 
 
 def test_a_node_reboot_fails_the_stage_clearly_and_a_rerun_resumes_training(node, char_data_root, monkeypatch):

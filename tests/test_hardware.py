@@ -45,6 +45,7 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env})
 
 
+@pytest.mark.slow
 def test_a_gpu_preset_on_a_cpu_refuses_in_one_line_unless_the_cpu_is_asked_for(char_data_root, tmp_path):
     small = [f"--data_root={char_data_root}", "--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--n_layer=1",
              "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--compile=false"]
@@ -78,6 +79,7 @@ print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_freed_activations_are_reused_without_faulting_their_pages_in_again():
     """Without it, glibc hands freed blocks back to the kernel and the next step faults their pages in

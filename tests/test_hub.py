@@ -92,20 +92,17 @@ def test_the_hub_environment_means_chameleon_and_elsewhere_local(monkeypatch):
     assert runner.results_path(None, "auto").name == "chameleon"
 
 
+@pytest.mark.slow
 def test_run_all_with_no_parameters_on_the_hub_leases_installs_trains_fetches_and_releases(
-        tmp_path, shakespeare_path, tiktoken_offline, tiny_gpt2):
+        tmp_path, shakespeare_path, tiktoken_offline, tiny_gpt2, loopback_node):
     checkout, shim = artifact(tmp_path, tiny_gpt2)
-    bin_dir = sshd_helper.standins(tmp_path / "node-bin", driver="560.35.03", cuda="12.6")
-    node = sshd_helper.start(tmp_path / "sshd", path_first=bin_dir)
-    try:
-        with FakeCloud() as cloud:
-            r = run_all(checkout, shim, hub_env(cloud, node, tmp_path / "node home"))
-            assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
-            live = cloud.live()
-            assert live == {"leases": [], "servers": [], "fips": []}  # released: nothing left
-            assert sum(1 for m, p in cloud.requests if m == "POST" and p.endswith("/leases")) == 1
-    finally:
-        node.stop()
+    node, bin_dir = loopback_node, sshd_helper.standins(loopback_node.bin_dir, driver="560.35.03", cuda="12.6")
+    with FakeCloud() as cloud:
+        r = run_all(checkout, shim, hub_env(cloud, node, tmp_path / "node home"))
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+        live = cloud.live()
+        assert live == {"leases": [], "servers": [], "fips": []}  # released: nothing left
+        assert sum(1 for m, p in cloud.requests if m == "POST" and p.endswith("/leases")) == 1
     results = checkout / "results" / "chameleon"  # the results folder follows the target
     assert not (checkout / "results" / "local").exists()
     record = json.loads((results / NODE_FILE).read_text())
@@ -130,6 +127,7 @@ def test_run_all_with_no_parameters_on_the_hub_leases_installs_trains_fetches_an
     assert (tmp_path / "node home" / "results" / "chameleon" / "runs" / "char" / "ckpt.pt").is_file()
 
 
+@pytest.mark.slow
 def test_run_all_with_two_nodes_trains_one_run_on_both_and_releases_everything(
         tmp_path, shakespeare_path, tiktoken_offline, tiny_gpt2):
     """00 -> 05 with nodes=2 and 02 training under DDP: one lease of two hosts, node 1 reached only through

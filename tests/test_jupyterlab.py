@@ -21,6 +21,8 @@ from jupyterlab_harness import (
     wait_run_all,
 )
 
+pytestmark = pytest.mark.slow  # a browser, JupyterLab and its kernels (tests/tiers.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -100,8 +102,8 @@ def test_run_all_shows_the_training_live_and_the_answer_first(lab, shakespeare_p
     common = dict(target="local", results_dir=str(results))
     nbs = {name: server.root_dir / f"{tmp_path.name}-{name}.ipynb" for name in ("01", "02", "04")}
     with_parameters(REPO / "notebooks" / "01_prepare_data.ipynb", nbs["01"], **common, input_path=str(shakespeare_path))
-    with_parameters(REPO / "notebooks" / "02_train_char.ipynb", nbs["02"], **common, char_max_iters=300,
-                    char_overrides={"eval_interval": 100, "eval_iters": 10})
+    with_parameters(REPO / "notebooks" / "02_train_char.ipynb", nbs["02"], **common, char_max_iters=150,
+                    char_overrides={"eval_interval": 50, "eval_iters": 10})
     with_parameters(REPO / "notebooks" / "04_results.ipynb", nbs["04"], **common)
 
     run_all_cells(page, server, nbs["01"].name, timeout_s=120)
@@ -109,7 +111,7 @@ def test_run_all_shows_the_training_live_and_the_answer_first(lab, shakespeare_p
     start_run_all(page, server, nbs["02"].name)
     page.wait_for_function(_FIGURE_WHILE_BUSY_JS, timeout=300_000, polling=250)  # live: before training ends
     text = wait_run_all(page, nbs["02"].name, timeout_s=600)
-    assert "step 300: train loss" in text
+    assert "step 150: train loss" in text
     shot_02 = show_first(page, ".jp-NotebookPanel .jp-OutputArea-output img", tmp_path / "02_train_char.png")
     saved = save_notebook(page, nbs["02"])
     figures = [o for c in saved["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]

@@ -315,6 +315,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "endpoint-unreachable"])
 def test_pretrained_name_not_available_offline_fails_fast(tmp_path, offline):
     # A fresh process: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when first imported.

@@ -11,6 +11,8 @@ import pytest
 
 from nanorepro import metrics
 
+pytestmark = pytest.mark.slow  # every test runs notebooks through papermill's kernels (tests/tiers.py)
+
 
 def run_notebooks(*params: str, env: dict | None = None, only: list[str] | None = None) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "nanorepro", "run-notebooks"]

@@ -147,6 +147,7 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
                           cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_reads_json_lines_and_refuses_bad_sources_in_one_line(tmp_path, docs, tiktoken_offline):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs[:400]), encoding="utf-8")

@@ -28,13 +28,8 @@ ODD_DIR = "node home/it's; odd"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    try:
-        srv = sshd_helper.start(tmp_path_factory.mktemp("sshd"))
-    except RuntimeError as e:
-        pytest.fail(str(e))
-    yield srv
-    srv.stop()
+def server(loopback_node):
+    return loopback_node  # the session's loopback sshd (conftest.py)
 
 
 class Lines:

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from nanorepro.config import resolve
 from nanorepro.gpt.train import train
 
@@ -12,6 +14,7 @@ def cli(*args, cwd):
                           cwd=cwd, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
 
 
+@pytest.mark.slow
 def test_sample_cli_from_a_run_with_a_prompt_file(char_data_root, tmp_path):
     train(resolve("tiny", {"data_root": str(char_data_root), "out_dir": str(tmp_path / "run"), "max_iters": 5}))
     (tmp_path / "prompt.txt").write_text("JULIET:\n")
@@ -24,6 +27,7 @@ def test_sample_cli_from_a_run_with_a_prompt_file(char_data_root, tmp_path):
     assert "wrote 2 sample(s)" in r.stdout
 
 
+@pytest.mark.slow
 def test_sample_cli_from_a_local_gpt2_folder(tiny_gpt2, tiktoken_offline, tmp_path):
     r = cli("--model", str(tiny_gpt2), "--prompt", "To be or not", "--max-new-tokens", "8", "--top-k", "5",
             "--temperature", "1.2", cwd=tmp_path)
@@ -31,6 +35,7 @@ def test_sample_cli_from_a_local_gpt2_folder(tiny_gpt2, tiktoken_offline, tmp_pa
     assert r.stdout.startswith("To be or not")
 
 
+@pytest.mark.slow
 def test_sample_cli_refuses_bad_settings_in_one_line(tmp_path):
     for args, needle in [(["--run", str(tmp_path / "none")], "has no config.json and ckpt.pt"),
                          (["--model", "gpt5"], "unknown pretrained model 'gpt5'"),

@@ -114,12 +114,9 @@ def test_a_booby_trapped_checkpoint_is_refused_without_running_its_payload(tmp_p
 
 # -- remote commands -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def node(tmp_path_factory):
-    """A loopback sshd 'node' with the package installed, as in test_remote.py."""
-    try:
-        server = sshd_helper.start(tmp_path_factory.mktemp("sshd"))
-    except RuntimeError as e:
-        pytest.fail(str(e))
+def node(loopback_node, tmp_path_factory):
+    """The loopback 'node' with the package installed, as in test_remote.py."""
+    server = loopback_node
     base, src = tmp_path_factory.mktemp("node"), tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src)
@@ -131,7 +128,6 @@ def node(tmp_path_factory):
     runner.setup(install_cmd=sshd_helper.cheap_install())
     yield runner, lines, base, server
     runner.close()
-    server.stop()
 
 
 def _pwned(base: Path) -> list[Path]:
@@ -186,6 +182,7 @@ def test_the_private_key_is_refused_when_others_can_read_it(node, tmp_path):
         ssh.check_key_file(key)
 
 
+@pytest.mark.slow
 def test_reserve_refuses_a_loose_key_before_any_lease(tmp_path):
     pytest.importorskip("chi", reason="python-chi is part of the test environment")
     from fake_openstack import FakeCloud
@@ -229,6 +226,7 @@ def _texts(path: Path):
                     yield f"{path}:{m.name}", tar.extractfile(m).read()
 
 
+@pytest.mark.slow
 def test_secrets_in_the_environment_never_reach_notebooks_logs_or_results(tmp_path, shakespeare_path,
                                                                         tiktoken_offline, tiny_gpt2):
     key = tmp_path / "id_ed25519"

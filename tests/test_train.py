@@ -131,6 +131,7 @@ def test_a_growing_run_trains_its_later_blocks_from_grow_iter_on_and_resumes_acr
     assert other_evals[15] == evals[15] and other_evals[20] != evals[20]  # the same network until it grows
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(char_data_root, tmp_path):
     """SIGKILL mid-run (after at least one checkpoint), then resume: same curve as an uninterrupted run."""
     args = ["--preset", "tiny", f"--data_root={char_data_root}", "--max_iters=300", "--eval_interval=20",
@@ -237,6 +238,7 @@ def test_a_run_without_checkpoints_finishes_and_writes_none(char_data_root, tmp_
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
+@pytest.mark.slow
 def test_missing_data_and_absent_gpu_are_one_line_errors(tmp_path, char_data_root):
     r = subprocess.run([sys.executable, "-m", "nanorepro", "train", "--preset", "tiny",
                         f"--data_root={tmp_path / 'nothing'}"], capture_output=True, text=True, cwd=tmp_path)
@@ -279,6 +281,7 @@ def test_pretrained_init_needs_gpt2_encoded_data(char_data_root, tiny_gpt2, tmp_
         train(tiny(char_data_root, tmp_path / "x", init_from=str(tiny_gpt2)))
 
 
+@pytest.mark.slow
 def test_unavailable_pretrained_model_exits_3_quickly(gpt2_data_root, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     r = subprocess.run([sys.executable, "-m", "nanorepro", "train", "--preset", "finetune-shakespeare",
@@ -289,6 +292,7 @@ def test_unavailable_pretrained_model_exits_3_quickly(gpt2_data_root, tmp_path):
     assert "not available offline" in r.stderr and "HF_HUB_OFFLINE is set" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_save_a_checkpoint_and_say_how_to_resume(char_data_root, tmp_path, sig, code):
     args = ["--preset", "tiny", f"--data_root={char_data_root}", "--max_iters=400", "--eval_interval=100",
