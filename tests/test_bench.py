@@ -337,6 +337,7 @@ def test_gpu_preflight_names_the_torch_build_the_driver_can_run():
                             "13.0")["ok"] is True
 
 
+@pytest.mark.slow  # by measurement: gpu.sh in a process of its own: ~3 s
 def test_gpu_preflight_fails_before_any_work_without_nvidia_smi_or_a_compiler(tmp_path, monkeypatch):
     """No nvidia-smi: one failed check and exit 2 before anything is prepared or trained."""
     bin_dir = tmp_path / "bin"
@@ -354,6 +355,7 @@ def test_gpu_preflight_fails_before_any_work_without_nvidia_smi_or_a_compiler(tm
     assert _gpu_script().compiler_check()["ok"] is False
 
 
+@pytest.mark.slow  # by measurement: resolves the extras: ~4 s
 def test_the_gpu_tests_need_only_the_train_and_test_extras(tmp_path):
     """A node with `pip install -e '.[train,test]'` collects them: no python-chi, papermill, jupyter, paramiko."""
     code = textwrap.dedent("""

@@ -539,6 +539,7 @@ def hub_env(cloud, token: str) -> dict[str, str]:
             "CHI_RESOURCE_API_URL": cloud.env()["CHI_RESOURCE_API_URL"]}
 
 
+@pytest.mark.slow  # by measurement: python-chi in processes of its own: ~9 s
 def test_connect_through_the_hubs_oidc_token_scopes_the_project(cloud):
     """The hub's path through connect(): the access token traded at Keystone's federation endpoint, then a
     token scoped to the project connect() sets (the branch application credentials never take)."""

@@ -95,6 +95,7 @@ def _no_network_env(tmp_path: Path, repo_root: Path) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(repo_root), "NANOREPRO_CACHE": str(tmp_path / "cache")}
 
 
+@pytest.mark.slow  # by measurement: a nanorepro process of its own: ~3 s
 def test_prepare_without_input_uses_the_bundled_copies_and_no_network(tmp_path, repo_root):
     r = subprocess.run([sys.executable, "-c", _NO_NETWORK, "prepare", "--encoding", "all"], cwd=tmp_path,
                        env=_no_network_env(tmp_path, repo_root), capture_output=True, text=True, timeout=120)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from nanorepro import __version__, envinfo
 
@@ -114,6 +115,7 @@ def test_no_torch_import_and_no_environment_values(repo_root):
     assert json.loads(out.stdout)["hardware"]["cpu_count"] == os.cpu_count()
 
 
+@pytest.mark.slow  # by measurement: imports torch in a process of its own: ~3 s
 def test_torch_details_when_the_caller_already_imported_it(repo_root):
     code = ("import json, torch; from nanorepro import envinfo; t = envinfo.capture()['torch']; "
             "assert t['version'] == torch.__version__, t; assert t['cuda_available'] == torch.cuda.is_available(); "

@@ -104,6 +104,7 @@ def _train(python: Path | str, out: Path, data_root: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # by measurement: two training runs and a report: ~15 s
 def test_the_report_says_per_run_whether_it_ran_as_locked(tmp_path, char_data_root):
     runs = tmp_path / "runs"
     locked = _train(sys.executable, runs / "locked", char_data_root)
@@ -133,6 +134,7 @@ def test_the_installer_needs_nothing_but_the_standard_library():
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
+@pytest.mark.slow  # by measurement: a pip install attempt: ~4 s
 def test_uv_missing_and_not_installable_is_one_message_naming_the_fix(tmp_path, monkeypatch):
     """No uv on PATH, and pip finds no uv wheel (no index, an empty wheel folder): the bootstrap stops saying what
     to install by hand, before anything else is tried."""

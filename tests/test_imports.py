@@ -9,6 +9,7 @@ and no module imports one that (directly or not) imports it back.
 
 import ast
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -140,16 +141,46 @@ def test_every_module_sits_in_a_layer():
 TORCH_FREE = sorted(m for m in modules() if not m.startswith("gpt") and m != "__main__")
 
 
-@pytest.mark.parametrize("module", TORCH_FREE)
-def test_only_gpt_imports_torch(module):
+def test_only_gpt_imports_torch():
     """Everything outside gpt/ is what the Chameleon hub kernel (1 GB, no GPU) may import: no torch, nor the
-    heavy libraries beside it, even when imported on its own."""
-    name = "nanorepro" if module == "__init__" else f"nanorepro.{module}"
-    code = (f"import sys, importlib; importlib.import_module({name!r}); "
-            "heavy = sorted(m for m in ('torch', 'transformers', 'tiktoken', 'datasets') if m in sys.modules); "
-            "print(heavy); sys.exit(1 if heavy else 0)")
+    heavy libraries beside it, each module imported on its own. One process does them all (a process per module
+    costs ~1.4 s each): before each module the package is dropped from sys.modules, so every module is imported
+    afresh with its own dependencies, and the check after it names the module that brought a heavy one in."""
+    names = ["nanorepro" if m == "__init__" else f"nanorepro.{m}" for m in TORCH_FREE]
+    code = ("import sys, importlib, json\n"
+            "HEAVY = ('torch', 'transformers', 'tiktoken', 'datasets')\n"
+            "found = {}\n"
+            f"for name in {names!r}:\n"
+            "    for m in [m for m in sys.modules if m == 'nanorepro' or m.startswith('nanorepro.')]:\n"
+            "        del sys.modules[m]\n"
+            "    importlib.import_module(name)\n"
+            "    heavy = sorted(m for m in HEAVY if m in sys.modules)\n"
+            "    if heavy:\n"
+            "        found[name] = heavy\n"
+            "        break\n"
+            "print(json.dumps(found))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, f"{name} imports {r.stdout.strip()} {r.stderr[-2000:]}"
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout) == {}, f"imports a heavy library: {r.stdout.strip()}"
+    assert len(names) > 30  # the walk found the package
+
+
+def test_the_torch_check_names_the_module_that_imports_torch(tmp_path):
+    """The check above, shown failing: a torch-free module that imports torch is named."""
+    pkg = tmp_path / "nanorepro"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "light.py").write_text("import json\n")
+    (pkg / "heavy.py").write_text("from nanorepro import light\nimport torch\n")
+    (tmp_path / "torch.py").write_text("")  # found first (the check runs in PACKAGE.parent): no real torch to load
+    global PACKAGE, TORCH_FREE
+    saved = PACKAGE, TORCH_FREE
+    PACKAGE, TORCH_FREE = pkg, ["__init__", "light", "heavy"] + ["light"] * 30
+    try:
+        with pytest.raises(AssertionError, match=r"nanorepro\.heavy.*torch"):
+            test_only_gpt_imports_torch()
+    finally:
+        PACKAGE, TORCH_FREE = saved
 
 
 def test_no_lazy_torch_in_torch_free_modules():

@@ -147,6 +147,7 @@ def test_time_estimate_for_nanogpts_gpt2_run_is_about_four_days():
     assert memory.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
 
 
+@pytest.mark.slow  # by measurement: a nanorepro process of its own: ~3 s
 def test_estimate_command_is_torch_free(tmp_path):
     code = ("import sys; from nanorepro.cli import main; "
             "rc = main(['estimate', '--preset', 'finetune-shakespeare', '--gpu', 'A100', '--gpu-memory-gib', '40']); "
@@ -160,6 +161,7 @@ def test_estimate_command_is_torch_free(tmp_path):
     assert r.returncode == 4 and "--batch_size=2 --gradient_accumulation_steps=16" in r.stderr
 
 
+@pytest.mark.slow  # by measurement: a nanorepro process per case: ~3 s each
 @pytest.mark.parametrize("gpu, dtype", [(None, "bfloat16"), ("A100", "bfloat16"), ("H100", "bfloat16"),
                                         ("Tesla T4", "float16"), ("V100", "float16")])
 def test_the_baby_gpt_is_estimated_with_its_own_vocabulary_before_anything_is_prepared(tmp_path, gpu, dtype):

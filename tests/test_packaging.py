@@ -325,6 +325,7 @@ def test_licence_is_an_spdx_expression_with_its_files(pyproject):
     assert not setuptools.specifier.contains("76.9") and setuptools.specifier.contains("77.0")
 
 
+@pytest.mark.slow  # by measurement: builds a wheel: ~2 s
 def test_wheel_builds_without_warnings_and_ships_the_bundled_data(tmp_path):
     # a copy, so the build's scratch folders never land in the checkout
     src = tmp_path / "src"

@@ -297,6 +297,7 @@ def test_bad_references_and_arguments_are_user_errors(tmp_path):
         report.report([], tmp_path)
 
 
+@pytest.mark.slow  # by measurement: a nanorepro process of its own: ~2.3 s
 def test_reporting_never_imports_torch(results, repo_root, tmp_path):
     code = ("import sys; from pathlib import Path; "
             "import nanorepro.results.report, nanorepro.results.plots, nanorepro.envinfo; "

@@ -155,6 +155,7 @@ def suite(pytester, tmp_path, monkeypatch):
     return pytester
 
 
+@pytest.mark.slow  # by measurement: an inner pytest session: ~9 s
 def test_a_test_of_the_fast_tier_that_does_a_slow_thing_fails_naming_it(suite):
     assert "conftest.loopback_node" in SLOW_FIXTURES
     result = suite.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", "-rE")

@@ -88,6 +88,7 @@ def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(char_data_root
     assert losses(tmp_path / "part" / "metrics.jsonl") == losses(tmp_path / "full" / "metrics.jsonl")
 
 
+@pytest.mark.slow  # by measurement: evaluates the whole val split: ~3 s
 def test_eval_whole_val_is_the_mean_loss_over_every_window_of_the_val_split(char_data_root, tmp_path):
     train(tiny(char_data_root, tmp_path / "run", max_iters=10, eval_whole_val=True))
     model, cfg = load_model(tmp_path / "run")
@@ -102,6 +103,7 @@ def test_eval_whole_val_is_the_mean_loss_over_every_window_of_the_val_split(char
     assert evals[10]["val_loss"] == pytest.approx(total / n, abs=1e-5)
 
 
+@pytest.mark.slow  # by measurement: three runs per case: ~2.4 s each
 @pytest.mark.parametrize("grow_by, stop_at", [("zero", 10), ("copy", 10), ("copy", 15)])
 def test_a_growing_run_trains_its_later_blocks_from_grow_iter_on_and_resumes_across_it(char_data_root, tmp_path,
                                                                                        grow_by, stop_at):

@@ -3,8 +3,9 @@
 `slow`: a test that starts sshd (a loopback node), a browser, a Jupyter kernel or server (papermill, the
 notebooks) or torchrun, or that trains more than FEW_STEPS optimizer steps in one run. The others are the
 fast tier, which `make check` runs (`-m 'not slow and not gpu'`); `make test` runs both. Also slow, by
-measurement: a test that takes seconds because it runs nanorepro end to end in processes of its own (a
-nanorepro process imports torch: ~2.5 s of CPU before it does anything), so that the fast tier stays under
+measurement: a test that takes 2 s or more on 2 cores (`pytest --durations`), mostly because it runs
+nanorepro in processes of its own (a process importing torch spends ~2.5 s of CPU before it does anything),
+builds a wheel or runs an inner pytest; each is marked with its figure, so that the fast tier stays under
 2 minutes on 2 cores. A test is marked with @pytest.mark.slow (or its module's `pytestmark`); one that uses
 a fixture in SLOW_FIXTURES (its own or through another fixture) is marked when collected.
 
