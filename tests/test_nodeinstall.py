@@ -32,7 +32,7 @@ def test_the_driver_decides_the_torch_build():
     assert nodeinstall.torch_build((12, 6), "560.35.03") == "cu126"
     assert nodeinstall.torch_build((12, 8), "570.86") == "cu126"
     assert nodeinstall.torch_build((12, 9), "575.51") == "cu126"  # torch 2.13.0 has no cu129 build
-    assert nodeinstall.torch_builds((13, 0), "580.65.06") == ["cu130", "cu126"]  # the second if pip finds none
+    assert nodeinstall.torch_builds((13, 0), "580.65.06") == ["cu130", "cu126"]  # the second if uv finds none
     assert nodeinstall.torch_build((13, 2), "595.1") == "cu130"  # cu132 is experimental: opt-in only
     with pytest.raises(UserError, match="driver 535.104 supports CUDA 12.2, older than") as e:
         nodeinstall.torch_build((12, 2), "535.104")
@@ -164,7 +164,7 @@ def test_a_build_uv_finds_no_wheel_for_falls_back_to_the_next_lower(node, tmp_pa
     uv = uv_log(bin_dir)
     assert uv.index("--torch-backend=cu130") < uv.index("--torch-backend=cu126")  # tried in this order
     out = capsys.readouterr().out
-    assert "torch 2.13.0 cu130 or, if pip finds none, cu126" in out
+    assert "torch 2.13.0 cu130 or, if uv finds none, cu126" in out
     assert "torch 2.13.0+cu126 sees 1 GPU(s) and runs bf16 on each" in out
 
 
