@@ -150,6 +150,8 @@ class Config:
                                   "(exact, the same windows each time) instead of eval_iters random batches")
     eval_at_start: bool = _field(True, "evaluate the untrained model at step 0 too (nanoGPT does); False saves "
                                  "one evaluation where only the time to a target loss matters")
+    target_val_loss: float | None = _field(None, "the best val loss this run is meant to reach (our presets' promise): "
+                                           "a finished run above it says so at its end and in the report; None: no target")
     log_interval: int = _field(10, "steps between progress lines")
     eval_only: bool = _field(False, "evaluate once and stop")
     always_save_checkpoint: bool = _field(True, "False: save only when the val loss improves (nanoGPT)")
@@ -230,7 +232,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_layer=2, n_head=4, n_embd=128, dropout=0.0, optimizer="muon",
         rope=True, qk_norm=True, relu_squared=True,
         learning_rate=5e-3, max_iters=300, lr_decay_iters=300, min_lr=1e-5,
-        beta2=0.99, warmup_iters=20, device="cpu", dtype="fast", compile=False,
+        beta2=0.99, warmup_iters=20, device="cpu", dtype="fast", compile=False, target_val_loss=1.88,
     ),
     # tuned: the baby GPT's 1.4697 on a CPU: its context (256) at a third of its parameters, no dropout
     # (it costs more per step on a CPU and slows learning; the cosine schedule ends as overfitting starts).
@@ -244,7 +246,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope=True, qk_norm=True, relu_squared=True,
         learning_rate=3e-3, max_iters=1500, lr_decay_iters=1500, min_lr=3e-5,
         beta2=0.99, warmup_iters=50, device="cpu", dtype="fast", compile=False,
-        grow_from_layers=2, grow_iter=150, grow_by="copy",
+        grow_from_layers=2, grow_iter=150, grow_by="copy", target_val_loss=1.4697,
     ),
     # gpu-fast: the baby GPT's network and batch with the CPU presets' Muon and architecture options,
     # aiming at its val 1.4697 in ~30 s of training on one A100/H100 (benchmarks/gpu.sh). A candidate:
@@ -256,7 +258,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_layer=6, n_head=6, n_embd=384, dropout=0.2, optimizer="muon",
         rope=True, qk_norm=True, relu_squared=True,
         learning_rate=3e-3, max_iters=2000, lr_decay_iters=2000, min_lr=3e-5,
-        beta2=0.99, warmup_iters=50, compile=True,
+        beta2=0.99, warmup_iters=50, compile=True, target_val_loss=1.4697,
     ),
     # config/finetune_shakespeare.py: gpt2-xl, 20 iterations at a constant 3e-5
     "finetune-shakespeare": dict(
@@ -343,6 +345,8 @@ def validate(cfg: Config) -> Config:
         for name in names:
             if not ok(getattr(cfg, name)):
                 raise UserError(f"{name} must be {rule}, got {getattr(cfg, name)}", fix.format(name))
+    if cfg.target_val_loss is not None and not cfg.target_val_loss > 0:
+        raise UserError(f"target_val_loss must be > 0, got {cfg.target_val_loss}", "give a loss in nats, or None")
     if cfg.vocab_size is not None and cfg.vocab_size <= 0:
         raise UserError(f"vocab_size must be > 0, got {cfg.vocab_size}", "leave vocab_size unset to read it from the data")
     for name in ("optimizer", "dtype", "parallel", "device", "grow_by"):

@@ -6,7 +6,8 @@ Records, one per line, each with a `kind`:
 - `eval` : iter, train_loss, val_loss, lr, elapsed_s, best_val_loss.
 - `stage`: name, status (finished | not run | failed), reason, elapsed_s, plus stage-specific values;
   also the pipeline's record of its stages, `stages.jsonl` in the results folder.
-- `end`  : iter, best_val_loss, elapsed_s, status (finished | evaluated | interrupted), peak_memory_bytes.
+- `end`  : iter, best_val_loss, elapsed_s, status (finished | evaluated | interrupted), peak_memory_bytes,
+  and `target` ({val_loss, reached}, target_verdict) when the config sets target_val_loss.
 No torch here: the hub kernel reads these.
 """
 
@@ -101,3 +102,17 @@ def best_val_loss(records: list[dict[str, Any]]) -> float | None:
 
 def finished(records: list[dict[str, Any]]) -> bool:
     return any(r.get("kind") == "end" and r.get("status") == "finished" for r in records)
+
+
+def target_verdict(target: float | None, best_val: float) -> dict[str, Any] | None:
+    """Whether a run's best val loss reached its config's target_val_loss (None: no target set)."""
+    if target is None:
+        return None
+    return {"val_loss": target, "reached": bool(best_val <= target)}  # NaN (a diverged run): not reached
+
+
+def missed_text(target: dict[str, Any], best_val: float | None, preset: str | None) -> str:
+    """What a run that missed its target says at its end (the training output, the report's warnings)."""
+    whose = f"its preset's ({preset})" if preset else "its"
+    best = "none" if best_val is None else f"{best_val:.4f}"
+    return f"missed {whose} target: best val loss {best}, above target_val_loss={target['val_loss']}"

@@ -58,8 +58,12 @@ class Summary(dict):
         if self.get("status") != "finished":
             return f"**{self.get('run')}**: {self.get('status')}" + (f" ({self['reason']})" if self.get("reason") else "")
         wall = f", {self['elapsed_s']:.1f} s" if self.get("elapsed_s") is not None else ""
+        target = self.get("target")
+        verdict = "" if not target else (f" Reached its target, {target['val_loss']}." if target["reached"] else
+                                         f" **Missed its target, {target['val_loss']}**: what its preset promises "
+                                         "was not met by this run.")
         return (f"**{self['run']}**: finished at iteration {self['iters']}{wall}; validation loss "
-                f"{_loss(self.get('first_val_loss'))} at the start, best {_loss(self.get('best_val_loss'))}.")
+                f"{_loss(self.get('first_val_loss'))} at the start, best {_loss(self.get('best_val_loss'))}.{verdict}")
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(self._repr_markdown_().replace("**", ""))
@@ -231,7 +235,8 @@ class Pipeline:
                        first_val_loss=evals[0]["val_loss"] if evals else None,
                        final_val_loss=evals[-1]["val_loss"] if evals else None,
                        iters=evals[-1]["iter"] if evals else 0,
-                       elapsed_s=ends[-1]["elapsed_s"] if ends else None)
+                       elapsed_s=ends[-1]["elapsed_s"] if ends else None,
+                       target=ends[-1].get("target") if ends else None)
 
     @_names_the_lease
     def sample(self, run: str | None = None, model: str | None = None, out: str | None = None,

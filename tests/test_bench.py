@@ -212,6 +212,27 @@ def test_fast_dtype_resolves_to_a_real_dtype_and_says_why(char_data_root, tmp_pa
     assert meta["threads"] == __import__("torch").get_num_threads()
 
 
+def test_fast_dtype_is_timed_once_per_cpu_torch_and_shape(tmp_path, monkeypatch):
+    """The cached choice is the timed one; another batch size is timed again; a corrupt cache is timed over."""
+    timed = []
+    real = hardware.fast_cpu_dtype
+
+    def timing(model_cfg, batch_size):
+        timed.append(batch_size)
+        return real(model_cfg, batch_size, budget_s=0.1)
+
+    monkeypatch.setattr(hardware, "fast_cpu_dtype", timing)
+    model_cfg = config.resolve("tiny").model_config(65)
+    first = hardware.fast_cpu_dtype_cached(model_cfg, 4, tmp_path)
+    again = hardware.fast_cpu_dtype_cached(model_cfg, 4, tmp_path)
+    assert timed == [4] and again[:2] == first[:2]
+    assert again[2] == f"{first[2]}; measured by an earlier launch on this CPU ({tmp_path / hardware.DTYPE_CACHE_FILE})"
+    hardware.fast_cpu_dtype_cached(model_cfg, 8, tmp_path)
+    assert timed == [4, 8] and len(json.loads((tmp_path / hardware.DTYPE_CACHE_FILE).read_text())) == 2
+    (tmp_path / hardware.DTYPE_CACHE_FILE).write_text("{not json")
+    assert hardware.fast_cpu_dtype_cached(model_cfg, 4, tmp_path)[:2] == first[:2] and timed == [4, 8, 4]
+
+
 def test_step_context_autocasts_and_picks_the_attention_kernel():
     import torch
     import torch.nn.functional as F

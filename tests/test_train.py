@@ -419,3 +419,39 @@ def test_a_finished_fine_tune_relaunched_as_it_was_is_skipped(tmp_path, tiny_gpt
                                                "block_size": 32})
     train(cfg)
     assert train(cfg)["skipped"] is True
+
+
+def test_a_run_that_misses_its_target_says_so_at_its_end_and_in_the_report(char_data_root, tmp_path, capsys):
+    """target_val_loss (our presets set it to what they promise): a finished run above it ends saying so, its
+    end record holds the verdict, and the report warns and marks the run; a run that reached it says nothing."""
+    from nanorepro.pipeline import Pipeline
+    from nanorepro.results import report
+
+    runs = tmp_path / "results" / "runs"
+    missed = train(tiny(char_data_root, runs / "missed", max_iters=6, target_val_loss=0.5))
+    said = capsys.readouterr()
+    reached = train(tiny(char_data_root, runs / "reached", max_iters=6, target_val_loss=9.0))
+    quiet = capsys.readouterr()
+    best = missed["best_val_loss"]
+    assert missed["target"] == {"val_loss": 0.5, "reached": False} and best > 0.5
+    assert reached["target"] == {"val_loss": 9.0, "reached": True}
+    line = f"missed its preset's (tiny) target: best val loss {best:.4f}, above target_val_loss=0.5"
+    assert line in said.out + said.err
+    assert "missed" not in quiet.out + quiet.err
+    end = metrics.of_kind(metrics.read(runs / "missed" / metrics.METRICS_FILE), "end")[-1]
+    assert end["target"] == {"val_loss": 0.5, "reached": False}
+    # what notebook 02 shows under its training cell (Pipeline.train returns this summary)
+    pipe = Pipeline(tmp_path / "results", "local")
+    assert "**Missed its target, 0.5**" in pipe.summary("missed")._repr_markdown_()
+    assert "Reached its target, 9.0." in pipe.summary("reached")._repr_markdown_()
+
+    rep = report.report([runs / "missed", runs / "reached"], tmp_path / "report")
+    assert [w for w in rep["warnings"] if "target" in w] == [f"`missed` {line}"]
+    md = (tmp_path / "report" / "REPORT.md").read_text()
+    assert "finished, **missed its target 0.5**" in md and "finished, target 9.0 reached" in md
+
+
+def test_target_val_loss_must_be_a_positive_loss(char_data_root, tmp_path):
+    with pytest.raises(UserError, match=r"target_val_loss must be > 0, got -1.0"):
+        tiny(char_data_root, tmp_path / "run", target_val_loss=-1)
+    assert tiny(char_data_root, tmp_path / "run", target_val_loss="none").target_val_loss is None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import json
 import os
 import platform
 import time
@@ -17,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from nanorepro import memory
 from nanorepro.config import GPU_PRESETS, ON_GPU_NODE, GPTConfig
 from nanorepro.errors import UserError
+from nanorepro.files import write_text_atomic
 from nanorepro.gpt.model import GPT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -185,6 +188,39 @@ def _step_seconds(model: torch.nn.Module, x: torch.Tensor, ctx: StepContext) -> 
     loss.backward()
     model.zero_grad(set_to_none=True)
     return time.thread_time() - t
+
+
+DTYPE_CACHE_FILE = "cpu-dtype.json"  # in the cache folder: what dtype=fast chose, per CPU, torch and shape
+
+
+def fast_cpu_dtype_cached(model_cfg: GPTConfig, batch_size: int, cache_dir: Path) -> tuple[str, str, str]:
+    """fast_cpu_dtype, remembered in `cache_dir`: the timing costs a launch ~1.5 s, and its answer depends
+    only on the CPU (its model name and features), torch's version, the network and the batch, which
+    are the key. A cache that cannot be read or written is ignored (the timing runs, as without one)."""
+    key = json.dumps({"cpu": cpu_model_name(), "features": cpu_features(), "torch": torch.__version__,
+                      "model": dataclasses.asdict(model_cfg), "batch_size": batch_size}, sort_keys=True)
+    path = Path(cache_dir) / DTYPE_CACHE_FILE
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(hit := known.get(key), list) and len(hit) == 3:
+        return hit[0], hit[1], f"{hit[2]}; measured by an earlier launch on this CPU ({path})"
+    dtype, attention, why = fast_cpu_dtype(model_cfg, batch_size)
+    if isinstance(known, dict):
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps({**known, key: [dtype, attention, why]}, indent=1) + "\n")
+    return dtype, attention, why
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform module says."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
 
 
 def fast_cpu_dtype(model_cfg: GPTConfig, batch_size: int, budget_s: float = 2.0) -> tuple[str, str, str]:

@@ -268,13 +268,23 @@ def _loop(run: _Run, say) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
                 window_t, window_iters = time.perf_counter(), 0
 
-    total = time.perf_counter() - t_origin
+    return _end(run, iter_num, best_val, time.perf_counter() - t_origin, log, say)
+
+
+def _end(run: _Run, iter_num: int, best_val: float, total: float, log, say) -> dict[str, Any]:
+    """The run's end record and last line, saying whether it reached its target (target_val_loss); its summary."""
+    cfg = run.cfg
     status = "finished" if not cfg.eval_only else "evaluated"
-    log(metrics_path, {"kind": "end", "iter": iter_num, "best_val_loss": best_val,
-                       "elapsed_s": total, "status": status, "peak_memory_bytes": peak_memory_bytes(device),
-                       "config": cfg.to_dict()})  # what a later launch must match to count as this run
+    target = metrics.target_verdict(cfg.target_val_loss, best_val) if status == "finished" else None
+    verdict = {"target": target} if target else {}
+    log(run.out / metrics.METRICS_FILE, {"kind": "end", "iter": iter_num, "best_val_loss": best_val, "elapsed_s": total,
+                                         "status": status, "peak_memory_bytes": peak_memory_bytes(run.device),
+                                         **verdict, "config": cfg.to_dict()})  # what a later launch must match
     say(f"{run.out}: {status} at iter {iter_num}, best val loss {best_val:.4f}, {total:.1f} s")
-    return {"out_dir": str(run.out), "best_val_loss": best_val, "iter": iter_num, "elapsed_s": total, "skipped": False}
+    if target and not target["reached"]:
+        say(f"{run.out}: {metrics.missed_text(target, best_val, cfg.preset)}")
+    return {"out_dir": str(run.out), "best_val_loss": best_val, "iter": iter_num, "elapsed_s": total, "skipped": False,
+            **verdict}
 
 
 def _step(run: _Run, step_model: torch.nn.Module, autocast: hardware.StepContext, loss_acc: torch.Tensor) -> None:
@@ -325,7 +335,7 @@ def _stop_now(world: World, received: bool, iter_num: int, log_interval: int) ->
 
 
 # fields that change how a run is watched or where it lives, not what it trains
-_NOT_THE_RESULT = ("out_dir", "data_root", "log_interval", "compile", "save_checkpoint")
+_NOT_THE_RESULT = ("out_dir", "data_root", "log_interval", "compile", "save_checkpoint", "target_val_loss")
 
 
 def _finished_already(out: Path, cfg: Config) -> bool:
@@ -371,7 +381,7 @@ def _settle_dtype(cfg: Config, model_cfg: GPTConfig, dtype: str, world: World, s
     """(dtype, attention kernel): `fast` timed on this CPU (hardware.fast_cpu_dtype); muon + float16 refused."""
     attention = "default"  # the SDPA kernel PyTorch picks; "math" where dtype=fast found it faster
     if dtype == "fast":
-        dtype, attention, why = hardware.fast_cpu_dtype(model_cfg, cfg.batch_size)
+        dtype, attention, why = hardware.fast_cpu_dtype_cached(model_cfg, cfg.batch_size, dataset.default_cache_dir())
         if world.any(dtype != "bfloat16"):  # every rank must autocast alike
             dtype, attention = "float32", "default"
         say(f"dtype=fast -> {dtype}{', math attention' if attention == 'math' else ''}: {why}")

@@ -183,6 +183,9 @@ def summarize_run(run_dir: Path, base: Path | None = None) -> dict[str, Any]:
         "env": env,
         # uv.lock's sha256 and whether the run's environment matched it (envlock.status, in env.json)
         "lock": env.get("lock") if env else None,
+        # the config's target_val_loss and whether the finished run reached it
+        "target": (metrics.target_verdict(cfg["target_val_loss"], best["val_loss"] if best else math.nan)
+                   if cfg.get("target_val_loss") is not None and status == "finished" else None),
     }
 
 
@@ -488,6 +491,9 @@ def _markdown(rep: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     rows = []
     for r in runs:
         status = r["status"] + (f" ({r['reason']})" if r["reason"] else "")
+        if r["target"]:
+            status += (f", target {r['target']['val_loss']} reached" if r["target"]["reached"]
+                       else f", **missed its target {r['target']['val_loss']}**")
         rows.append([f"`{r['name']}`", r["preset"] or "–", r["seed"], status, _fmt(r["best_val_loss"]),
                      _units_text(r["best_val_units"]), f"{_fmt(r['last_iter'])} / {_fmt(r['max_iters'])}",
                      duration(r["wall_time_s"]), _fmt(r["tokens_per_s"], 0), r["device"]])
@@ -577,6 +583,8 @@ def report(run_dirs: list[Path], out_dir: Path | None = None, references: Path |
         warnings.warn(m.message, stacklevel=2)  # pass on: a torn metrics line must stay visible
     caught += [f"`{r['name']}` ran in an environment that differs from its uv.lock: {lock_text(r['lock'])}"
                for r in runs if (r["lock"] or {}).get("matches") is False]
+    caught += [f"`{r['name']}` {metrics.missed_text(r['target'], r['best_val_loss'], r['preset'])}"
+               for r in runs if r["target"] and not r["target"]["reached"]]
 
     pipeline_stages = _pipeline_stages(dirs, out_dir)
     claims = [judge(c, runs, refs.get("sources", {}), pipeline_stages, _prepared_datasets(out_dir))
