@@ -34,8 +34,8 @@ nanorepro bench --preset shakespeare-char-cpu-quick --nanogpt "$NANOGPT" --nanog
 fi
 
 if [[ $STEPS == *3* ]]; then
-# 3. Time to the baby GPT's A100 result, val <= 1.4697, with the tuned preset, against nanoGPT's CPU recipe
-#    (the tuned preset's goal: at most 2.3x its time; the run stops at the first evaluation reaching it)
+# 3. Time to the baby GPT's A100 result with a margin, val <= 1.4650, with the tuned preset, against nanoGPT's
+#    CPU recipe (the goal: at most 2.3x its time; the run stops at the first evaluation reaching it)
 nanorepro bench --preset shakespeare-char-cpu-tuned --nanogpt "$NANOGPT" --nanogpt-preset shakespeare-char-cpu \
-  --target-loss 1.4697 --pairs 1 "${input[@]}" --out results/bench/cpu-tuned-vs-nanogpt.json
+  --target-loss 1.4650 --pairs 1 "${input[@]}" --out results/bench/cpu-tuned-vs-nanogpt.json
 fi
