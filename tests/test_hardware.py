@@ -101,3 +101,34 @@ def test_freed_activations_are_reused_without_faulting_their_pages_in_again():
     assert kept[0] == "True" and returned[0] == "False"
     assert returned[1] > 1000  # the measurement sees the faults: 7,137 measured
     assert kept[1] < 30  # 0 measured
+
+
+# torch.cpu.get_capabilities() of the three CPU kinds the team's machines have been, cut to what matters
+ZEN4 = {"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bw": True, "avx512_bf16": True,
+        "amx_bf16": False, "avx10_1": False}
+XEON_NO_BF16 = {"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bw": True,
+                "avx512_bf16": False, "amx_bf16": False, "avx10_1": False}
+AVX2_ONLY = {"architecture": "x86_64", "avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}
+
+
+@pytest.mark.parametrize("caps, onednn, native", [
+    (ZEN4, True, True),
+    (XEON_NO_BF16, True, False),  # oneDNN says "supported" and emulates: ~9x slower than float32
+    (AVX2_ONLY, False, False),
+    ({**XEON_NO_BF16, "amx_bf16": True}, True, True),
+    ({"architecture": "arm64", "neon": True, "bf16": True}, True, True),
+    ({"architecture": "arm64", "neon": True, "bf16": False}, True, False),
+    (ZEN4, False, False),  # no oneDNN kernels, whatever the flags
+])
+def test_native_bf16_needs_the_cpus_own_bf16_flag_as_well_as_onednns_word(caps, onednn, native):
+    assert hardware.native_bf16_from(caps, onednn) is native
+
+
+def test_the_bf16_flags_are_names_torch_reports():
+    caps = torch.cpu.get_capabilities()
+    arm = {"bf16", "sve_bf16"}
+    names = {"x86_64": {"avx512_bf16", "avx10_1", "amx_bf16"}, "arm64": arm, "aarch64": arm}
+    expected = names.get(caps["architecture"], set())
+    assert expected <= set(caps) and expected <= set(hardware.BF16_FLAGS)
+    if not any(caps.get(flag) is True for flag in hardware.BF16_FLAGS):
+        assert not hardware.cpu_has_native_bf16()
