@@ -183,6 +183,43 @@ def test_time_to_target_ratio_counts_a_miss_by_nanogpt_as_its_whole_run():
     assert s["nanorepro"]["time_to_target_s_median"] == 25.0 and s["nanogpt"]["target_reached"] == "1/2"
 
 
+def test_the_compute_floor_counts_the_steps_to_the_target_at_their_depth():
+    """The tuned preset trains 2 of its 4 blocks for its first 150 steps: those count at 2 blocks."""
+    cfg = config.resolve("shakespeare-char-cpu-tuned")
+    assert (cfg.grow_from_layers, cfg.grow_iter, cfg.n_layer, cfg.n_embd, cfg.block_size) == (2, 150, 4, 256, 256)
+
+    def per_token(layers):  # 6N (blocks with their 2 LayerNorm gains, the tied head, ln_f; rope: no position
+        return 6 * (layers * (12 * 256 * 256 + 2 * 256) + 65 * 256 + 256) + 12 * layers * 256 * 256  # table) + 12 L C T
+
+    tokens = 8 * 256
+    assert bench.training_flops(cfg, 65, 100) == 100 * per_token(2) * tokens
+    assert bench.training_flops(cfg, 65, 1500) == (150 * per_token(2) + 1350 * per_token(4)) * tokens
+    flat = config.resolve("shakespeare-char-cpu-tuned", {"grow_from_layers": 0, "grow_by": "zero"})
+    assert bench.training_flops(flat, 65, 1500) == 1500 * per_token(4) * tokens
+
+    reached = {"target": {"reached": True, "iter": 1500, "wall_s": 500.0}}
+    assert bench.compute_floor_s(reached, cfg, 65, 2e11) == pytest.approx(bench.training_flops(cfg, 65, 1500) / 2e11)
+    assert bench.compute_floor_s(reached, cfg, 65, None) is None  # no peak known: no floor
+    assert bench.compute_floor_s({"target": {"reached": False, "iter": None}}, cfg, 65, 2e11) is None
+    assert bench.compute_floor_s({}, cfg, 65, 2e11) is None  # a throughput run has no target
+
+
+def test_the_compute_floor_is_compared_with_nanogpts_time_in_each_pair():
+    def run(impl, pair, t, floor=None):
+        return {"impl": impl, "pair": pair, "wall_s": t + 1, "peak_memory_mb": 1.0, "ms_per_iter": None,
+                "target": {"reached": True, "wall_s": t, "loss": 1.465, "iter": 1500}, "compute_floor_s": floor}
+
+    rec = {"target_loss": 1.465, "preset": "shakespeare-char-cpu-tuned", "device": "cpu", "host": "h", "dtype": "float32",
+           "runs": [run("nanorepro", 1, 500.0, 200.0), run("nanogpt", 1, 100.0),
+                    run("nanogpt", 2, 80.0), run("nanorepro", 2, 450.0, 200.0)]}
+    rec["summary"] = bench._summary(rec)
+    assert [p["compute_floor_ratio"] for p in rec["summary"]["pairs"]] == [2.0, 2.5]
+    assert rec["summary"]["nanorepro"]["compute_floor_s_median"] == 200.0
+    assert rec["summary"]["nanogpt"]["compute_floor_s_median"] is None  # nanoGPT's runs get none
+    assert "at the peak, with no evaluation or start-up, at least 2.00, 2.50" in bench.summary_line(rec)
+    assert "200.0 s at the peak" in bench._run_line({**rec["runs"][0], "label": "nanorepro-1", "cpu_s": 1.0})
+
+
 def test_nanogpt_args_are_python_literals_of_the_config_types():
     cfg = config.resolve("shakespeare-char-cpu", {"dtype": "float32"})
     args = dict(a[2:].split("=", 1) for a in bench.nanogpt_args(cfg, "cpu", Path("/tmp/o")))

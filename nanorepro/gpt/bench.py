@@ -6,7 +6,9 @@ From each run the bench takes per-iteration times after `warmup` (evaluations le
 logging window, at the preset's own log_interval: the run syncs and logs as often as for a user),
 tokens/s and MFU (nanoGPT's 6N + 12LHQT FLOPs per token) against the device's peak (a data sheet's
 for known GPUs, a timed matmul on CPUs), peak memory, and with a target loss the wall time from
-launch to the first evaluation at or below it (the run is then stopped).
+launch to the first evaluation at or below it (the run is then stopped), and the compute floor: how
+long the training steps to that evaluation would take at the peak, which no code for the same
+recipe can beat on that device.
 
 Side by side (`nanogpt=PATH`): nanoGPT is never vendored. Its files are copied from the user's
 checkout into a temp folder, whose data/shakespeare_char is made by nanoGPT's own prepare.py from
@@ -67,6 +69,27 @@ def flops_per_iter(cfg: Config, vocab_size: int) -> tuple[int, float]:
     """(non-embedding parameter count, training FLOPs per iteration), as nanoGPT's estimate_mfu counts them."""
     model_cfg = cfg.model_config(vocab_size)
     return model_cfg.non_embedding_params, model_cfg.flops_per_token() * cfg.tokens_per_iter
+
+
+def training_flops(cfg: Config, vocab_size: int, iters: int) -> float:
+    """FLOPs of a run's first `iters` optimizer steps, as flops_per_iter counts them; a run that starts with
+    fewer blocks (grow_from_layers) counts its steps before grow_iter at that depth."""
+    model_cfg = cfg.model_config(vocab_size)
+    full = model_cfg.flops_per_token() * cfg.tokens_per_iter
+    if not cfg.grow_from_layers:
+        return iters * full
+    shallow = dataclasses.replace(model_cfg, n_layer=cfg.grow_from_layers).flops_per_token() * cfg.tokens_per_iter
+    early = min(iters, cfg.grow_iter)
+    return early * shallow + (iters - early) * full
+
+
+def compute_floor_s(run: dict[str, Any], cfg: Config, vocab_size: int, peak: float | None) -> float | None:
+    """The least time the training steps up to the run's target could take at the device's peak (MFU 100%,
+    no evaluation, no start-up): a goal below it needs a recipe with fewer FLOPs, not faster code."""
+    target = run.get("target") or {}
+    if not (target.get("reached") and peak):
+        return None
+    return training_flops(cfg, vocab_size, target["iter"]) / peak
 
 
 def nanogpt_args(cfg: Config, device: str, out_dir: Path) -> list[str]:
@@ -342,7 +365,8 @@ def bench(preset: str | None = None, overrides: dict[str, Any] | None = None, it
                     run_cfg = other_cfg
                 peak, peak_src = peak_for(run["dtype"] or dtype)
                 run = _summarise(run, warmup, run_cfg, flops_per_iter(run_cfg, meta["vocab_size"])[1], peak)
-                run.update(pair=pair + 1, peak_flops=peak, peak_source=peak_src)
+                run.update(pair=pair + 1, peak_flops=peak, peak_source=peak_src,
+                           compute_floor_s=compute_floor_s(run, run_cfg, meta["vocab_size"], peak))
                 results.append(run)
                 print(_run_line(run), flush=True)
     finally:
@@ -446,6 +470,7 @@ def _summary(record: dict[str, Any]) -> dict[str, Any]:
             "cpu_s_median": statistics.median([r.get("cpu_s") or 0 for r in runs]),
             "target_reached": (f"{len(tt)}/{len(runs)}" if record["target_loss"] is not None else None),
             "time_to_target_s_median": median(tt),
+            "compute_floor_s_median": median([r["compute_floor_s"] for r in runs if r.get("compute_floor_s")]),
         }
     pairs = []
     for p in sorted({r["pair"] for r in record["runs"]}):
@@ -465,6 +490,8 @@ def _summary(record: dict[str, Any]) -> dict[str, Any]:
             tb = b["target"]["wall_s"] if b["target"]["reached"] else b["wall_s"]
             pair["nanogpt_reached_target"] = b["target"]["reached"]
             pair["time_to_target_ratio"] = (ta / tb) if ta is not None else None
+            if a.get("compute_floor_s"):  # the ratio no code could beat with this recipe on this device
+                pair["compute_floor_ratio"] = a["compute_floor_s"] / tb
         same = _same_progress(a.get("evals") or [], b.get("evals") or [])
         if same:
             pair["same_progress"] = same
@@ -486,6 +513,8 @@ def _run_line(run: dict[str, Any]) -> str:
         t = run["target"]
         parts.append(f"val <= {t['loss']} at iter {t['iter']} after {t['wall_s']:.1f} s" if t["reached"]
                      else f"val <= {t['loss']} not reached")
+    if run.get("compute_floor_s"):
+        parts.append(f"{run['compute_floor_s']:.1f} s at the peak")
     parts.append(f"wall {run['wall_s']:.1f} s (CPU {run['cpu_s'] or 0:.1f} s), "
                  f"peak mem {run['peak_memory_mb'] or 0:.0f} MB")
     return ", ".join(parts)
@@ -518,6 +547,10 @@ def summary_line(record: dict[str, Any]) -> str:
         tt = [p["time_to_target_ratio"] for p in s.get("pairs", []) if p.get("time_to_target_ratio") is not None]
         if tt:
             parts.append("time to target ours/nanoGPT " + ", ".join(f"{r:.2f}" for r in tt))
+        floors = [p["compute_floor_ratio"] for p in s.get("pairs", []) if p.get("compute_floor_ratio") is not None]
+        if floors:
+            parts.append("at the peak, with no evaluation or start-up, at least "
+                         + ", ".join(f"{r:.2f}" for r in floors))
         same = [p["same_progress"] for p in s.get("pairs", []) if p.get("same_progress")]
         if same:
             parts.append(f"time to nanoGPT's best val ({same[0]['val_loss']:.4f}) ours/nanoGPT "
