@@ -1,5 +1,6 @@
 # The README's two commands: `make reproduce` (the main job) and `make test`.
-# Both create .venv and install what they need from uv.lock (`uv sync --locked`, hashes checked; uv itself is
+# Both create .venv and install what they need from uv.lock (`uv sync --locked`, hashes checked, modules compiled
+# to .pyc so that no launch compiles them from source; uv itself is
 # bootstrapped from PyPI when missing), and torch of the lock's version beside it: TORCH_BACKEND=cpu takes the
 # CPU wheel pip's configuration offers on this machine, else PyTorch's CPU index (nanorepro/envlock.py).
 VENV ?= .venv
@@ -16,7 +17,7 @@ INPUT ?=
 install: $(STAMP)
 
 $(STAMP): pyproject.toml uv.lock
-	$(PYTHON) -m nanorepro.envlock install --python $(PYTHON) --venv $(VENV) --extra all --torch-backend $(TORCH_BACKEND)
+	$(PYTHON) -m nanorepro.envlock install --python $(PYTHON) --venv $(VENV) --extra all --torch-backend $(TORCH_BACKEND) --compile-bytecode
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -469,6 +469,9 @@ def test_same_progress_compares_the_time_each_side_took_to_nanogpts_best_validat
     # nanoGPT's best (1.90, first at 60 s), ours first at or below it at 30 s
     assert pair["same_progress"] == {"val_loss": 1.90, "nanogpt_s": 60.0, "nanogpt_iter": 500,
                                      "nanorepro_s": 30.0, "nanorepro_iter": 300, "ratio": 0.5}
+    # a throughput run (no target) evaluates one batch at each end: no progress compared
+    (pair,) = bench._summary({"target_loss": None, "runs": [ours, theirs]})["pairs"]
+    assert "same_progress" not in pair
     slow = run("nanorepro", [(100, 2.5, 50.0), (200, 1.95, 70.0)])
     (pair,) = bench._summary({"target_loss": 1.47, "runs": [slow, theirs]})["pairs"]
     assert pair["same_progress"]["ratio"] is None and pair["same_progress"]["nanorepro_s"] is None

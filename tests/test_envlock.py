@@ -150,3 +150,29 @@ def test_uv_missing_and_not_installable_is_one_message_naming_the_fix(tmp_path, 
     assert e.value.problem.startswith("uv is missing and could not be installed from PyPI (")
     assert "No matching distribution found for uv==0.13.10" in e.value.problem
     assert f"install uv {envlock.UV_VERSION} yourself" in e.value.fix and "make install" in e.value.fix
+
+
+def test_make_install_compiles_bytecode_in_both_uv_commands(tmp_path, monkeypatch):
+    """`make install` asks for .pyc files at install (else a launch where Python may not write them compiles
+    torch's modules from source every time); a node's install does not ask, and gets none."""
+    makefile = (REPO / "Makefile").read_text()
+    assert "-m nanorepro.envlock install" in makefile and "--compile-bytecode" in makefile.split("envlock install")[1].split("\n")[0]
+    version = envlock.torch_version(envlock.read_lock(REPO / envlock.LOCK))
+    ran: list[list[str]] = []
+    monkeypatch.setattr(envlock, "check_pins", lambda root: None)
+    monkeypatch.setattr(envlock, "ensure_uv", lambda root, python: "uv")
+    monkeypatch.setattr(envlock, "check_lock", lambda uv, root: None)
+    monkeypatch.setattr(envlock, "pip_offered_wheel", lambda python, version, label: None)
+    monkeypatch.setattr(envlock, "_installed_torch", lambda venv: f"{version}+cpu")
+    monkeypatch.setattr(envlock, "_run", lambda cmd, cwd, env: (ran.append(cmd), (0, f" + torch=={version}+cpu\n"))[1])
+    monkeypatch.setattr(envlock.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0))
+    for asked in (True, False):
+        ran.clear()
+        envlock.install(tmp_path / "venv", ["all"], ["cpu"], sys.executable, root=REPO, compile_bytecode=asked)
+        sync, torch_install = ran
+        assert sync[1:3] == ["sync", "--locked"] and torch_install[1:3] == ["pip", "install"]
+        assert [("--compile-bytecode" in cmd) for cmd in ran] == [asked, asked]
+    asked_for = []  # the command line's flag reaches install()
+    monkeypatch.setattr(envlock, "install", lambda *a, compile_bytecode: asked_for.append(compile_bytecode))
+    assert envlock.main(["install", "--compile-bytecode"]) == 0 and envlock.main(["install"]) == 0
+    assert asked_for == [True, False]

@@ -492,7 +492,8 @@ def _summary(record: dict[str, Any]) -> dict[str, Any]:
             pair["time_to_target_ratio"] = (ta / tb) if ta is not None else None
             if a.get("compute_floor_s"):  # the ratio no code could beat with this recipe on this device
                 pair["compute_floor_ratio"] = a["compute_floor_s"] / tb
-        same = _same_progress(a.get("evals") or [], b.get("evals") or [])
+        # a throughput run evaluates on eval_iters=1 batch at its two ends: too noisy to compare progress on
+        same = _same_progress(a.get("evals") or [], b.get("evals") or []) if record["target_loss"] is not None else None
         if same:
             pair["same_progress"] = same
         pairs.append(pair)
