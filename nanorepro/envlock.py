@@ -328,8 +328,8 @@ def install_torch(uv: str, venv: Path, version: str, backends: list[str], python
 
 def _bytecode(compile_bytecode: bool) -> list[str]:
     # uv installs no .pyc files unless asked, so until Python writes them itself (never where it may not:
-    # PYTHONDONTWRITEBYTECODE, a read-only venv) each launch compiles ~1,800 modules of torch and the rest
-    # from source: 5 s of a 2-core machine's 8 s start-up, against ~30 s once at install
+    # PYTHONDONTWRITEBYTECODE, a read-only venv) each launch compiles ~1,700 modules of torch and the rest
+    # from source: 5 s of the quick preset's 8 s start-up on a 2-core machine, against ~16 s once at install
     return ["--compile-bytecode"] if compile_bytecode else []
 
 

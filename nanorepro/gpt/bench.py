@@ -84,8 +84,8 @@ def training_flops(cfg: Config, vocab_size: int, iters: int) -> float:
 
 
 def compute_floor_s(run: dict[str, Any], cfg: Config, vocab_size: int, peak: float | None) -> float | None:
-    """The least time the training steps up to the run's target could take at the device's peak (MFU 100%,
-    no evaluation, no start-up): a goal below it needs a recipe with fewer FLOPs, not faster code."""
+    """The least time the training steps up to the run's target could take at the device's peak (MFU 100%; no
+    optimizer, evaluation or start-up): a goal below it needs a recipe with fewer FLOPs, not faster code."""
     target = run.get("target") or {}
     if not (target.get("reached") and peak):
         return None
