@@ -158,13 +158,21 @@ def test_make_install_compiles_bytecode_in_both_uv_commands(tmp_path, monkeypatc
     makefile = (REPO / "Makefile").read_text()
     assert "-m nanorepro.envlock install" in makefile and "--compile-bytecode" in makefile.split("envlock install")[1].split("\n")[0]
     version = envlock.torch_version(envlock.read_lock(REPO / envlock.LOCK))
+    real_uv, real_run = envlock.find_uv(), subprocess.run
+    assert real_uv, f"uv {envlock.UV_VERSION} is neither on PATH nor in .uv/: run `make install`, which bootstraps it"
     ran: list[list[str]] = []
+
+    def uv(cmd, cwd, env):  # the real uv's parser judges every argument (exit 2 on one it rejects); nothing installs
+        ran.append(cmd)
+        parsed = real_run([real_uv, *cmd[1:], "--help"], capture_output=True, text=True)
+        return parsed.returncode, f" + torch=={version}+cpu\n" if parsed.returncode == 0 else parsed.stderr
+
     monkeypatch.setattr(envlock, "check_pins", lambda root: None)
     monkeypatch.setattr(envlock, "ensure_uv", lambda root, python: "uv")
     monkeypatch.setattr(envlock, "check_lock", lambda uv, root: None)
     monkeypatch.setattr(envlock, "pip_offered_wheel", lambda python, version, label: None)
     monkeypatch.setattr(envlock, "_installed_torch", lambda venv: f"{version}+cpu")
-    monkeypatch.setattr(envlock, "_run", lambda cmd, cwd, env: (ran.append(cmd), (0, f" + torch=={version}+cpu\n"))[1])
+    monkeypatch.setattr(envlock, "_run", uv)
     monkeypatch.setattr(envlock.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0))
     for asked in (True, False):
         ran.clear()

@@ -74,11 +74,10 @@ def flops_per_iter(cfg: Config, vocab_size: int) -> tuple[int, float]:
 def training_flops(cfg: Config, vocab_size: int, iters: int) -> float:
     """FLOPs of a run's first `iters` optimizer steps, as flops_per_iter counts them; a run that starts with
     fewer blocks (grow_from_layers) counts its steps before grow_iter at that depth."""
-    model_cfg = cfg.model_config(vocab_size)
-    full = model_cfg.flops_per_token() * cfg.tokens_per_iter
+    full = flops_per_iter(cfg, vocab_size)[1]
     if not cfg.grow_from_layers:
         return iters * full
-    shallow = dataclasses.replace(model_cfg, n_layer=cfg.grow_from_layers).flops_per_token() * cfg.tokens_per_iter
+    shallow = flops_per_iter(dataclasses.replace(cfg, n_layer=cfg.grow_from_layers), vocab_size)[1]
     early = min(iters, cfg.grow_iter)
     return early * shallow + (iters - early) * full
 
